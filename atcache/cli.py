@@ -1,0 +1,157 @@
+"""The `atcache` command line: a thin typer layer that parses options and calls the stage modules."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from atcache.env import prepare_ultralytics
+from atcache.errors import AtcacheError
+
+app = typer.Typer(
+    name="atcache",
+    help="Attention-transfer distillation for YOLO with the teacher run once: cached attention maps in Zarr.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _friendly(fn):
+    """Run a command; an AtcacheError (or Ctrl-C) becomes one line on stderr and exit code 2 (130), no traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except AtcacheError as e:
+            typer.echo(f"atcache: error: {e}", err=True)
+            raise typer.Exit(2)
+        except KeyboardInterrupt:
+            typer.echo("atcache: interrupted; finished chunks are kept, rerun with --resume to continue", err=True)
+            raise typer.Exit(130)
+
+    return wrapper
+
+
+def _parse_layers(text: str) -> tuple[int, ...]:
+    try:
+        layers = tuple(int(x) for x in text.replace(" ", "").split(",") if x)
+    except ValueError:
+        raise AtcacheError(f"--layers {text!r} is not a comma-separated list of layer indices, e.g. 6,8,13,16,19,22")
+    if not layers:
+        raise AtcacheError("--layers is empty; give at least one layer index")
+    return layers
+
+
+def _parse_shard(text: str) -> tuple[int, int]:
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise AtcacheError(f"--shard {text!r} is not of the form i/n (e.g. 0/4)")
+    if not (n >= 1 and 0 <= i < n):
+        raise AtcacheError(f"--shard {text} is out of range; use i/n with 0 <= i < n")
+    return i, n
+
+
+@app.command("make-demo-data")
+@_friendly
+def make_demo_data_cmd(
+    out: Annotated[Path, typer.Option(help="Folder that receives VOCdevkit/.")] = Path("data/demo"),
+    images: Annotated[int, typer.Option(help="Number of images over all VOC years and sets.")] = 400,
+    size: Annotated[int, typer.Option(help="Long side of the images in pixels (varies down to 0.75x).")] = 160,
+    seed: Annotated[int, typer.Option(help="Seed; the same arguments write the same files.")] = 0,
+):
+    """Write a deterministic synthetic dataset in real VOCdevkit format (20 VOC classes, XML annotations)."""
+    from atcache.synthetic import make_demo_data
+
+    if images < 5 or size < 16:
+        raise AtcacheError("--images must be at least 5 and --size at least 16")
+    devkit = make_demo_data(out, images=images, size=size, seed=seed)
+    typer.echo(f"wrote {images} images to {devkit}; next: atcache prepare-voc --devkit {devkit} --out {Path(out) / 'VOC'}")
+
+
+@app.command("prepare-voc")
+@_friendly
+def prepare_voc_cmd(
+    devkit: Annotated[Path, typer.Option(help="Your VOCdevkit folder (with VOC2007/ and/or VOC2012/).")],
+    out: Annotated[Path, typer.Option(help="Output dataset root: images/, labels/ and VOC.yaml are written here.")],
+):
+    """Convert a local VOCdevkit into ultralytics' VOC layout (offline, idempotent) and write its data YAML."""
+    prepare_ultralytics()
+    from atcache.voc import prepare_voc
+
+    data_yaml = prepare_voc(devkit, out)
+    typer.echo(f"dataset ready: {data_yaml}")
+
+
+@app.command("build-cache")
+@_friendly
+def build_cache_cmd(
+    teacher: Annotated[str, typer.Option(help="Teacher: a trained ultralytics checkpoint .pt, or a model YAML (random init).")],
+    data: Annotated[Path, typer.Option(help="Ultralytics detection data YAML.")],
+    out: Annotated[Path, typer.Option(help="Cache store to write (a Zarr v3 folder, e.g. voc_m.zarr).")],
+    split: Annotated[str, typer.Option(help="Split of the data YAML to cache.")] = "train",
+    layers: Annotated[str, typer.Option(help="Teacher layer indices (model.model[i]) to cache.")] = "6,8,13,16,19,22",
+    imgsz: Annotated[int, typer.Option(help="Training image size (multiple of the max stride).")] = 640,
+    batch: Annotated[int, typer.Option(help="Images per teacher forward pass.")] = 64,
+    device: Annotated[str, typer.Option(help="cpu, or one CUDA device index; use --shard to spread over GPUs.")] = "0",
+    p: Annotated[float, typer.Option(help="Exponent p of the attention map sum_c |F_c|^p.")] = 2.0,
+    kind: Annotated[str, typer.Option(help="Attention map: sum_p (paper/seed), sum, or max_p.")] = "sum_p",
+    workers: Annotated[int, typer.Option(help="DataLoader workers decoding images.")] = 4,
+    chunk_rows: Annotated[int, typer.Option(help="Rows per Zarr chunk: the unit of writing, resuming and sharding.")] = 256,
+    resume: Annotated[bool, typer.Option(help="Finish an interrupted build of the same settings.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Delete an existing store at --out and rebuild it.")] = False,
+    shard: Annotated[str, typer.Option(help="i/n: this process fills the i-th of n disjoint chunk ranges.")] = "0/1",
+    skip_bad: Annotated[bool, typer.Option(help="Leave rows of unreadable images empty instead of stopping.")] = False,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+):
+    """Run the teacher once over a split and write per-layer attention maps into a chunked Zarr v3 store."""
+    prepare_ultralytics()
+    from atcache.build import BuildConfig, build_cache
+
+    if device == "0":
+        import torch
+
+        if not torch.cuda.is_available():
+            device = "cpu"
+            typer.echo("atcache: no CUDA device found, building on the CPU", err=True)
+    cfg = BuildConfig(
+        teacher=teacher, data=str(data), out=str(out), split=split, layers=_parse_layers(layers), imgsz=imgsz,
+        batch=batch, device=device, p=p, kind=kind, workers=workers, resume=resume, overwrite=overwrite,
+        shard=_parse_shard(shard), chunk_rows=chunk_rows, skip_bad=skip_bad, progress=progress,
+    )
+    report = build_cache(cfg)
+    for rel, why in report.skipped:
+        typer.echo(f"skipped {rel}: {why}", err=True)
+    typer.echo(report.summary())
+
+
+@app.command("demo")
+@_friendly
+def demo_cmd(
+    out: Annotated[Path, typer.Option(help="Run folder for data, cache and ultralytics settings.")] = Path("runs/demo"),
+    images: Annotated[int, typer.Option(help="Synthetic images to generate.")] = 200,
+    imgsz: Annotated[int, typer.Option(help="Image size.")] = 128,
+    teacher: Annotated[str, typer.Option(help="Teacher model (YAML for random init, or a .pt).")] = "yolo11s.yaml",
+    device: Annotated[str, typer.Option(help="cpu or a CUDA index.")] = "cpu",
+    quick: Annotated[bool, typer.Option(help="Tiny sizes, for tests.")] = False,
+):
+    """End-to-end on the embedded synthetic data: generate VOC-format data, convert it, build the teacher cache."""
+    prepare_ultralytics(out / "ultralytics")  # settings and fonts stay inside the run folder
+    from atcache.demo import run_demo
+
+    for line in run_demo(out=out, images=images, imgsz=imgsz, teacher=teacher, device=device, quick=quick):
+        typer.echo(line)
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    app(prog_name="atcache")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,156 @@
+"""Datasets as ultralytics sees them: data YAML -> split image files, the dataset fingerprint, and the exact
+un-augmented teacher input (ultralytics' load_image, then a centred 114-grey letterbox)."""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+from atcache.errors import AtcacheError
+
+PAD_VALUE = 114
+LETTERBOX_COLUMNS = ("h0", "w0", "h", "w", "pad_top", "pad_left", "ratio")
+
+
+@dataclass(frozen=True)
+class SplitFiles:
+    """The images of one split of a data YAML, in ultralytics' order, with paths relative to the dataset root."""
+
+    root: Path
+    split: str
+    files: tuple[str, ...]  # relative to root, posix separators
+    data_yaml: str
+    names: tuple[str, ...]
+
+    def absolute(self, i: int) -> Path:
+        return self.root / self.files[i]
+
+    def fingerprint(self) -> str:
+        """sha256 over 'relative path <TAB> size in bytes' of every image, in row order."""
+        h = hashlib.sha256()
+        for rel in self.files:
+            try:
+                size = (self.root / rel).stat().st_size
+            except OSError:
+                size = -1
+            h.update(f"{rel}\t{size}\n".encode())
+        return h.hexdigest()
+
+
+def load_data_yaml(data_yaml: str | Path) -> dict:
+    """Parse and resolve a detection data YAML with ultralytics' own check (never downloads)."""
+    path = Path(data_yaml)
+    if not path.is_file():
+        raise AtcacheError(f"data YAML {data_yaml} does not exist; pass the YAML written by `atcache prepare-voc` or your own")
+    from ultralytics.data.utils import check_det_dataset
+
+    try:
+        return check_det_dataset(str(path), autodownload=False)
+    except Exception as e:  # ultralytics raises several types with multi-line messages
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise AtcacheError(f"data YAML {data_yaml} is not usable: {first}") from e
+
+
+def split_files(data_yaml: str | Path, split: str) -> SplitFiles:
+    """The image files of `split` ('train', 'val', 'test') exactly as ultralytics' BaseDataset.get_img_files lists them."""
+    from ultralytics.data.utils import IMG_FORMATS
+
+    data = load_data_yaml(data_yaml)
+    if not data.get(split):
+        known = [k for k in ("train", "val", "test", "minival") if data.get(k)]
+        raise AtcacheError(f"split {split!r} is not in {data_yaml}; choose one of {', '.join(known)}")
+    entries = data[split] if isinstance(data[split], list) else [data[split]]
+    found: list[str] = []
+    for entry in entries:
+        p = Path(entry)
+        if p.is_dir():
+            found += glob.glob(str(Path(glob.escape(str(p))) / "**" / "*.*"), recursive=True)
+        elif p.is_file():
+            lines = p.read_text(encoding="utf-8-sig").strip().splitlines()
+            parent = str(p.parent) + os.sep
+            found += [x.replace("./", parent, 1) if x.startswith("./") else x for x in lines]
+        else:
+            raise AtcacheError(f"split {split!r} of {data_yaml} points to {p}, which does not exist")
+    images = sorted(x.replace("/", os.sep) for x in found if x.rpartition(".")[-1].lower() in IMG_FORMATS)
+    if not images:
+        raise AtcacheError(f"split {split!r} of {data_yaml} has no images under {', '.join(map(str, entries))}")
+    root = Path(data["path"]).resolve()
+    rel = tuple(Path(os.path.relpath(Path(x).resolve(), root)).as_posix() for x in images)
+    names = tuple(data["names"][i] for i in sorted(data["names"])) if isinstance(data["names"], dict) else tuple(data["names"])
+    return SplitFiles(root=root, split=split, files=rel, data_yaml=str(Path(data_yaml).resolve()), names=names)
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """BGR uint8 (H, W, 3) as ultralytics reads it; AtcacheError naming the file if it is missing or undecodable."""
+    from ultralytics.utils.patches import imread
+
+    if not Path(path).is_file():
+        raise AtcacheError(f"image {path} does not exist; restore it or rebuild the data with prepare-voc (or pass --skip-bad)")
+    im = imread(str(path), flags=cv2.IMREAD_COLOR)
+    if im is None or im.size == 0:
+        raise AtcacheError(f"image {path} cannot be decoded (corrupt or not an image); replace it or pass --skip-bad")
+    if im.ndim == 2:
+        im = np.repeat(im[..., None], 3, axis=2)
+    return im
+
+
+def resize_long_side(im: np.ndarray, imgsz: int) -> np.ndarray:
+    """ultralytics BaseDataset.load_image (rect_mode, training): long side -> imgsz with ceil, INTER_LINEAR."""
+    h0, w0 = im.shape[:2]
+    r = imgsz / max(h0, w0)
+    if r != 1:
+        w, h = min(math.ceil(w0 * r), imgsz), min(math.ceil(h0 * r), imgsz)
+        im = cv2.resize(im, (w, h), interpolation=cv2.INTER_LINEAR)
+    return im
+
+
+def letterbox_pads(h: int, w: int, imgsz: int) -> tuple[int, int, int, int]:
+    """(top, bottom, left, right) of ultralytics LetterBox(center=True) for an already-resized (h, w) image."""
+    dh, dw = (imgsz - h) / 2, (imgsz - w) / 2
+    return round(dh - 0.1), round(dh + 0.1), round(dw - 0.1), round(dw + 0.1)
+
+
+def letterbox_image(im: np.ndarray, imgsz: int) -> tuple[np.ndarray, np.ndarray]:
+    """(padded BGR (imgsz, imgsz, 3), letterbox row [h0, w0, h, w, pad_top, pad_left, ratio] float32)."""
+    h0, w0 = im.shape[:2]
+    resized = resize_long_side(im, imgsz)
+    h, w = resized.shape[:2]
+    top, bottom, left, right = letterbox_pads(h, w, imgsz)
+    out = cv2.copyMakeBorder(resized, top, bottom, left, right, cv2.BORDER_CONSTANT, value=(PAD_VALUE,) * 3)
+    row = np.array([h0, w0, h, w, top, left, h / h0], dtype=np.float32)
+    return out, row
+
+
+def to_tensor(im_bgr: np.ndarray) -> torch.Tensor:
+    """BGR (H, W, 3) uint8 -> RGB (3, H, W) uint8 tensor, as ultralytics' Format transform produces."""
+    return torch.from_numpy(np.ascontiguousarray(im_bgr.transpose(2, 0, 1)[::-1]))
+
+
+class LetterboxedImages(torch.utils.data.Dataset):
+    """Rows of a split as teacher inputs, for a DataLoader with workers (decoding overlaps the GPU).
+
+    Each item is (row, image (3, imgsz, imgsz) uint8 RGB, letterbox row (7,), error message or ''). A bad image is
+    returned as a grey image with its error instead of raising, so the parent decides (fail or --skip-bad)."""
+
+    def __init__(self, split: SplitFiles, rows: list[int] | np.ndarray, imgsz: int):
+        self.split, self.rows, self.imgsz = split, list(rows), imgsz
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, k: int):
+        row = self.rows[k]
+        try:
+            im, lb = letterbox_image(read_image(self.split.absolute(row)), self.imgsz)
+            return row, to_tensor(im), torch.from_numpy(lb), ""
+        except AtcacheError as e:
+            blank = torch.full((3, self.imgsz, self.imgsz), PAD_VALUE, dtype=torch.uint8)
+            return row, blank, torch.full((len(LETTERBOX_COLUMNS),), float("nan")), str(e)

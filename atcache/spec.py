@@ -1,0 +1,110 @@
+"""The frozen description of a cache: written into the store's root attributes, checked on every open."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+from dataclasses import dataclass, field
+from typing import Any
+
+FORMAT_VERSION = 1
+
+# Fields that may differ between two specs of the same cache (informational only).
+INFORMATIONAL = ("created", "atcache_version", "ultralytics_version", "torch_version", "teacher_path", "data_yaml")
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """One cached teacher layer: its module index in `model.model`, stride, channels and map size."""
+
+    index: int
+    stride: int
+    channels: int
+    height: int
+    width: int
+
+
+@dataclass(frozen=True)
+class Letterbox:
+    """How an image becomes the teacher's input: ultralytics' load_image (long side -> imgsz) then padding."""
+
+    resize: str = "long_side_to_imgsz"
+    interpolation: str = "INTER_LINEAR"
+    pad: str = "center"  # ultralytics LetterBox(center=True): pad split evenly, top/left get the smaller half
+    pad_value: int = 114
+    columns: tuple[str, ...] = ("h0", "w0", "h", "w", "pad_top", "pad_left", "ratio")
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    """Everything that determines the cached values; two stores with equal specs hold equal data."""
+
+    layers: tuple[LayerSpec, ...]
+    imgsz: int
+    p: float
+    kind: str
+    eps: float
+    teacher_sha256: str
+    teacher_weights_sha256: str
+    teacher_name: str
+    split: str
+    dataset_fingerprint: str
+    n_rows: int
+    chunk_rows: int
+    map_dtype: str = "float16"
+    letterbox: Letterbox = field(default_factory=Letterbox)
+    format_version: int = FORMAT_VERSION
+    teacher_path: str = ""
+    data_yaml: str = ""
+    atcache_version: str = ""
+    ultralytics_version: str = ""
+    torch_version: str = ""
+    created: str = ""
+
+    @property
+    def layer_indices(self) -> tuple[int, ...]:
+        return tuple(layer.index for layer in self.layers)
+
+    def layer(self, index: int) -> LayerSpec:
+        for layer in self.layers:
+            if layer.index == index:
+                return layer
+        raise KeyError(f"layer {index} is not in this cache (cached layers: {list(self.layer_indices)})")
+
+    def stamped(self) -> "CacheSpec":
+        """A copy with the creation time set to now (UTC)."""
+        now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+        return dataclasses.replace(self, created=now)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "CacheSpec":
+        d = dict(d)
+        version = d.get("format_version")
+        if version != FORMAT_VERSION:
+            raise ValueError(f"cache format version {version} is not supported (this atcache reads {FORMAT_VERSION})")
+        d["layers"] = tuple(LayerSpec(**layer) for layer in d["layers"])
+        lb = dict(d.get("letterbox", {}))
+        if "columns" in lb:
+            lb["columns"] = tuple(lb["columns"])
+        d["letterbox"] = Letterbox(**lb)
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    def differences(self, other: "CacheSpec") -> list[str]:
+        """Human-readable 'field: ours vs theirs' for every field that determines the data and differs."""
+        out = []
+        a, b = self.to_dict(), other.to_dict()
+        for key in a:
+            if key in INFORMATIONAL:
+                continue
+            if a[key] != b.get(key):
+                out.append(f"{key}: {_short(a[key])} vs {_short(b.get(key))}")
+        return out
+
+
+def _short(v: Any) -> str:
+    s = str(v)
+    return s if len(s) <= 80 else s[:77] + "..."
