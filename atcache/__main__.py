@@ -1,0 +1,3 @@
+from atcache.cli import main
+
+main()

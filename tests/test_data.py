@@ -1,0 +1,74 @@
+import cv2
+import numpy as np
+import pytest
+
+from atcache.data import LetterboxedImages, letterbox_image, read_image, split_files
+from atcache.errors import AtcacheError
+
+
+def ultralytics_dataset(voc_yaml, split, imgsz):
+    from ultralytics.cfg import get_cfg
+    from ultralytics.data.dataset import YOLODataset
+    from ultralytics.data.utils import check_det_dataset
+
+    data = check_det_dataset(str(voc_yaml))
+    return YOLODataset(img_path=data[split], imgsz=imgsz, augment=True, hyp=get_cfg(), data=data, prefix="")
+
+
+def test_split_files_match_ultralytics_order(voc_yaml):
+    sf = split_files(voc_yaml, "train")
+    ds = ultralytics_dataset(voc_yaml, "train", 64)
+    assert [str(sf.root / f) for f in sf.files] == ds.im_files
+    assert all(not f.startswith("/") for f in sf.files)
+    assert len(sf.names) == 20
+
+
+@pytest.mark.parametrize("imgsz", [64, 160])  # down- and up-scaling
+def test_teacher_input_is_ultralytics_load_image_then_centred_letterbox(voc_yaml, imgsz):
+    from ultralytics.data.augment import LetterBox
+
+    sf = split_files(voc_yaml, "train")
+    ds = ultralytics_dataset(voc_yaml, "train", imgsz)
+    for i in range(5):
+        ref, (h0, w0), (h, w) = ds.load_image(i)
+        ref = LetterBox(new_shape=(imgsz, imgsz), scaleup=False, center=True)(image=ref)
+        ours, lb = letterbox_image(read_image(sf.absolute(i)), imgsz)
+        assert ours.shape == (imgsz, imgsz, 3)
+        np.testing.assert_array_equal(ours, ref)
+        assert tuple(lb[:4]) == (h0, w0, h, w)
+        top, left = int(lb[4]), int(lb[5])
+        assert (ours[:top] == 114).all() and (ours[:, :left] == 114).all()
+
+
+def test_fingerprint_changes_with_file_size(voc_yaml, tmp_path):
+    sf = split_files(voc_yaml, "val")
+    before = sf.fingerprint()
+    assert before == split_files(voc_yaml, "val").fingerprint()
+    target = sf.absolute(0)
+    original = target.read_bytes()
+    try:
+        target.write_bytes(original + b"\0")
+        assert split_files(voc_yaml, "val").fingerprint() != before
+    finally:
+        target.write_bytes(original)
+
+
+def test_bad_split_and_missing_yaml(voc_yaml, tmp_path):
+    with pytest.raises(AtcacheError, match="split 'holdout' is not in"):
+        split_files(voc_yaml, "holdout")
+    with pytest.raises(AtcacheError, match="does not exist"):
+        split_files(tmp_path / "nope.yaml", "train")
+
+
+def test_bad_images_are_reported_not_raised_in_workers(tmp_path):
+    good = tmp_path / "good.jpg"
+    cv2.imwrite(str(good), np.full((20, 30, 3), 50, np.uint8))
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"not a jpeg")
+    from atcache.data import SplitFiles
+
+    sf = SplitFiles(root=tmp_path, split="train", files=("good.jpg", "bad.jpg", "gone.jpg"), data_yaml="", names=())
+    ds = LetterboxedImages(sf, [0, 1, 2], 32)
+    assert ds[0][3] == "" and tuple(ds[0][1].shape) == (3, 32, 32)
+    assert "bad.jpg cannot be decoded" in ds[1][3]
+    assert "gone.jpg does not exist" in ds[2][3]
