@@ -59,6 +59,7 @@ class BuildReport:
     seconds: float
     store_bytes: int
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def img_per_s(self) -> float:
@@ -219,8 +220,22 @@ def build_cache(cfg: BuildConfig) -> BuildReport:
     seconds = time.perf_counter() - t0
     return BuildReport(
         out=str(cfg.out), computed=len(rows) - len(skipped), already_done=already, total_rows=store.n_rows,
-        seconds=seconds, store_bytes=store.nbytes_stored(), skipped=skipped,
+        seconds=seconds, store_bytes=store.nbytes_stored(), skipped=skipped, warnings=vanishing_layers(store),
     )
+
+
+def vanishing_layers(store: CacheStore, floor: float = 1e3 * EPS) -> list[str]:
+    """Layers whose ||a|| is so small that eps dominates A (maps ~0): the mark of an untrained teacher."""
+    out = []
+    for layer in store.spec.layers:
+        norms = store.norms_array(layer.index)[:]
+        median = float(np.nanmedian(norms)) if np.isfinite(norms).any() else float("nan")
+        if median < floor:
+            out.append(
+                f"layer {layer.index}: median ||a|| = {median:.1e} is near eps={EPS:g}, so its maps are ~0 "
+                "(an untrained teacher?); train the teacher first for useful targets"
+            )
+    return out
 
 
 def _run_teacher(cfg, teacher, split, store, todo, rows, position, device) -> list[tuple[str, str]]:

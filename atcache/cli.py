@@ -128,6 +128,8 @@ def build_cache_cmd(
     report = build_cache(cfg)
     for rel, why in report.skipped:
         typer.echo(f"skipped {rel}: {why}", err=True)
+    for warning in report.warnings:
+        typer.echo(f"atcache: warning: {warning}", err=True)
     typer.echo(report.summary())
 
 

@@ -25,3 +25,4 @@ def run_demo(out: Path, images: int, imgsz: int, teacher: str, device: str, quic
         workers=2, overwrite=True, chunk_rows=64,
     ))
     yield f"build-cache: {report.summary()}"
+    yield from (f"warning: {w}" for w in report.warnings)

@@ -77,14 +77,15 @@ def load_teacher(spec: str | Path, nc: int = 80, device: torch.device | str = "c
         path, name = str(Path(spec).resolve()), Path(getattr(model, "yaml", {}).get("yaml_file", spec)).stem
         sha = file_sha256(spec)
     elif suffix in (".yaml", ".yml"):
-        from ultralytics.nn.tasks import DetectionModel
+        from ultralytics.nn.tasks import DetectionModel, yaml_model_load
 
         yaml_path = resolve_model_yaml(spec)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(YAML_INIT_SEED)
-            cfg = spec if Path(spec).is_file() else Path(spec).name  # keep the scale letter in the name
             try:
-                model = DetectionModel(cfg=cfg, nc=nc, verbose=False)
+                cfg = yaml_model_load(spec if Path(spec).is_file() else Path(spec).name)  # scale from the name
+                cfg["nc"] = nc
+                model = DetectionModel(cfg=cfg, verbose=False)
             except Exception as e:
                 raise AtcacheError(f"teacher YAML {spec} does not build a detection model: {e}") from e
         path, name = str(yaml_path), Path(spec).stem

@@ -173,3 +173,13 @@ def test_resume_with_other_layers_is_refused(built_cache, voc_yaml, tmp_path, te
         build_cache(build_config(voc_yaml, out, teacher=str(teacher_pt), layers=(6, 8), resume=True))
     report = build_cache(build_config(voc_yaml, out, teacher=str(teacher_pt), resume=True))
     assert report.computed == 0 and report.already_done == report.total_rows
+
+
+def test_vanishing_activations_are_flagged(voc_yaml, tmp_path, built_cache):
+    """The stock random init of yolo11n shrinks activations to ~1e-16 by layer 22: the build must say so."""
+    report = build_cache(build_config(voc_yaml, tmp_path / "random.zarr", teacher="yolo11n.yaml", layers=(16, 22)))
+    assert any(w.startswith("layer 22: median ||a||") for w in report.warnings)
+    from atcache.build import vanishing_layers
+    from atcache.store import CacheStore
+
+    assert vanishing_layers(CacheStore.open(built_cache)) == []

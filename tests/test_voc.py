@@ -80,3 +80,12 @@ def test_missing_image_names_the_file(voc_devkit, tmp_path):
 def test_not_a_devkit(tmp_path):
     with pytest.raises(AtcacheError, match="no VOC2007"):
         prepare_voc(tmp_path, tmp_path / "out", progress=False)
+
+
+def test_shipped_voc_yaml_matches_the_generated_one(voc_yaml):
+    from pathlib import Path
+
+    shipped = yaml.safe_load((Path(__file__).parents[1] / "data" / "VOC.yaml").read_text())
+    generated = yaml.safe_load(voc_yaml.read_text())
+    for key in ("train", "val", "test", "names"):
+        assert shipped[key] == generated[key], key
