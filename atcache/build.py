@@ -238,6 +238,45 @@ def vanishing_layers(store: CacheStore, floor: float = 1e3 * EPS) -> list[str]:
     return out
 
 
+def child_command(cfg: BuildConfig, device: str, shard: int, n_shards: int) -> list[str]:
+    """The `atcache build-cache` command line of one shard process of a multi-device build."""
+    import sys
+
+    cmd = [sys.executable, "-m", "atcache", "build-cache", "--teacher", cfg.teacher, "--data", cfg.data,
+           "--out", cfg.out, "--split", cfg.split, "--layers", ",".join(map(str, cfg.layers)),
+           "--imgsz", str(cfg.imgsz), "--batch", str(cfg.batch), "--device", device, "--p", str(cfg.p),
+           "--kind", cfg.kind, "--workers", str(cfg.workers), "--chunk-rows", str(cfg.chunk_rows),
+           "--shard", f"{shard}/{n_shards}", "--resume"]
+    if cfg.skip_bad:
+        cmd.append("--skip-bad")
+    if not cfg.progress or shard > 0:
+        cmd.append("--no-progress")
+    return cmd
+
+
+def build_cache_on_devices(cfg: BuildConfig, devices: Sequence[str]) -> list[str]:
+    """One shard process per device (e.g. --device 0,1,2,3), all filling the same store; returns their summaries."""
+    import subprocess
+
+    if cfg.shard != (0, 1):
+        raise AtcacheError("--device with several devices shards the build itself; leave out --shard")
+    for d in devices:
+        resolve_device(d)
+    if cfg.overwrite and Path(cfg.out).exists():
+        from atcache.store import _remove_store
+
+        _remove_store(Path(cfg.out))
+    elif Path(cfg.out).exists() and not cfg.resume:
+        raise AtcacheError(f"cache {cfg.out} already exists; pass --resume to finish it or --overwrite to rebuild it from scratch")
+    procs = [subprocess.Popen(child_command(cfg, d, i, len(devices)), stdout=subprocess.PIPE, text=True)
+             for i, d in enumerate(devices)]
+    outputs = [p.communicate()[0].strip() for p in procs]
+    failed = [f"device {d} (exit {p.returncode})" for d, p in zip(devices, procs) if p.returncode != 0]
+    if failed:
+        raise AtcacheError(f"shard process(es) failed on {', '.join(failed)}; see their messages above, fix, and rerun with --resume")
+    return [f"device {d}: {out}" for d, out in zip(devices, outputs)]
+
+
 def _run_teacher(cfg, teacher, split, store, todo, rows, position, device) -> list[tuple[str, str]]:
     from tqdm import tqdm
 

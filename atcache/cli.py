@@ -99,7 +99,7 @@ def build_cache_cmd(
     layers: Annotated[str, typer.Option(help="Teacher layer indices (model.model[i]) to cache.")] = "6,8,13,16,19,22",
     imgsz: Annotated[int, typer.Option(help="Training image size (multiple of the max stride).")] = 640,
     batch: Annotated[int, typer.Option(help="Images per teacher forward pass.")] = 64,
-    device: Annotated[str, typer.Option(help="cpu, or one CUDA device index; use --shard to spread over GPUs.")] = "0",
+    device: Annotated[str, typer.Option(help="cpu, a CUDA index, or several (0,1,2,3): one shard process per device.")] = "0",
     p: Annotated[float, typer.Option(help="Exponent p of the attention map sum_c |F_c|^p.")] = 2.0,
     kind: Annotated[str, typer.Option(help="Attention map: sum_p (paper/seed), sum, or max_p.")] = "sum_p",
     workers: Annotated[int, typer.Option(help="DataLoader workers decoding images.")] = 4,
@@ -112,7 +112,7 @@ def build_cache_cmd(
 ):
     """Run the teacher once over a split and write per-layer attention maps into a chunked Zarr v3 store."""
     prepare_ultralytics()
-    from atcache.build import BuildConfig, build_cache
+    from atcache.build import BuildConfig, build_cache, build_cache_on_devices
 
     if device == "0":
         import torch
@@ -125,6 +125,11 @@ def build_cache_cmd(
         batch=batch, device=device, p=p, kind=kind, workers=workers, resume=resume, overwrite=overwrite,
         shard=_parse_shard(shard), chunk_rows=chunk_rows, skip_bad=skip_bad, progress=progress,
     )
+    devices = [d.strip() for d in device.split(",") if d.strip()]
+    if len(devices) > 1:
+        for line in build_cache_on_devices(cfg, devices):
+            typer.echo(line)
+        return
     report = build_cache(cfg)
     for rel, why in report.skipped:
         typer.echo(f"skipped {rel}: {why}", err=True)

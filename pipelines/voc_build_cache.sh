@@ -17,14 +17,7 @@ NGPU=${NGPU:-$(python3 -c "import torch; print(max(torch.cuda.device_count(), 1)
 
 atcache prepare-voc --devkit "$VOCDEVKIT" --out "$DATASET"
 mkdir -p "$(dirname "$CACHE")"
-DEVICE_OF() { python3 -c "import torch; print($1 if torch.cuda.is_available() else 'cpu')"; }
-pids=()
-for ((i = 0; i < NGPU; i++)); do
-  atcache build-cache --teacher "$TEACHER" --data "$DATASET/VOC.yaml" --split train --out "$CACHE" \
-    --imgsz "$IMGSZ" --batch "$BATCH" --layers "$LAYERS" --device "$(DEVICE_OF $i)" \
-    --shard "$i/$NGPU" --resume $([ "$i" -gt 0 ] && echo --no-progress) &
-  pids+=($!)
-done
-status=0
-for pid in "${pids[@]}"; do wait "$pid" || status=1; done
-exit $status
+# one shard process per device: 0,1,...,NGPU-1 (or cpu,cpu,... without CUDA)
+DEVICES=$(python3 -c "import torch; n=$NGPU; print(','.join(str(i) if torch.cuda.is_available() else 'cpu' for i in range(n)))")
+atcache build-cache --teacher "$TEACHER" --data "$DATASET/VOC.yaml" --split train --out "$CACHE" \
+  --imgsz "$IMGSZ" --batch "$BATCH" --layers "$LAYERS" --device "$DEVICES" --resume
