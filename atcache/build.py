@@ -134,7 +134,8 @@ class ChunkBatches(torch.utils.data.Sampler):
                 yield [self.position[r] for r in range(s, min(s + self.batch, b))]
 
     def __len__(self) -> int:
-        return sum(-(-(lambda ab: ab[1] - ab[0])(self.store.chunk_range(k)) // self.batch) for k in self.chunks)
+        sizes = (b - a for a, b in map(self.store.chunk_range, self.chunks))
+        return sum(-(-size // self.batch) for size in sizes)
 
 
 class ChunkWriter:

@@ -142,14 +142,13 @@ class CacheStore:
 
     @classmethod
     def _wait_for_spec(cls, path: Path, wait: bool) -> "CacheStore | None":
+        """Open `path` once its spec is written; None if it never is (an interrupted creation)."""
+        if not (path / "zarr.json").exists() and any(path.iterdir()) and not wait:
+            raise AtcacheError(f"{path} exists and is not an atcache store; choose another --out or remove it")
         deadline = time.monotonic() + (CREATE_WAIT_S if wait else 0.0)
         while True:
-            if (path / "zarr.json").is_file():
-                group = zarr.open_group(str(path), mode="r+")
-                if SPEC_ATTR in group.attrs:
-                    return cls.open(path, writable=True)
-            elif path.is_dir() and any(path.iterdir()) and not (path / "zarr.json").exists() and not wait:
-                raise AtcacheError(f"{path} exists and is not an atcache store; choose another --out or remove it")
+            if (path / "zarr.json").is_file() and SPEC_ATTR in zarr.open_group(str(path), mode="r").attrs:
+                return cls.open(path, writable=True)
             if time.monotonic() >= deadline:
                 return None
             time.sleep(0.2)

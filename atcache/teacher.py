@@ -95,7 +95,7 @@ def load_teacher(spec: str | Path, nc: int = 80, device: torch.device | str = "c
     model = model.float().eval()
     wsha = weights_sha256(model)
     if fuse and hasattr(model, "fuse"):
-        model = model.fuse(verbose=False) if "verbose" in model.fuse.__code__.co_varnames else model.fuse()
+        model = model.fuse(verbose=False)
     for p in model.parameters():
         p.requires_grad_(False)
     return Teacher(model=model.to(device).eval(), path=path, name=name, file_sha256=sha, weights_sha256=wsha)

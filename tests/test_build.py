@@ -197,3 +197,31 @@ def test_several_devices_run_one_shard_process_each(built_cache, voc_yaml, tmp_p
         build_cache_on_devices(cfg, ["cpu", "cpu"])
     with pytest.raises(AtcacheError, match="CUDA device 7 is not available"):
         build_cache_on_devices(build_config(voc_yaml, tmp_path / "x.zarr"), ["cpu", "7"])
+
+
+def test_yaml_teacher_rows_equal_a_seeded_ultralytics_model(voc_yaml, tmp_path):
+    """`--teacher yolo11n.yaml` is ultralytics' stock init under seed 0 (nc from the data): recompute it independently.
+    Layers 6 and 16 are used because deeper stock-init layers are eps-dominated (see the vanishing test)."""
+    from ultralytics.nn.tasks import DetectionModel, yaml_model_load
+
+    from atcache.data import letterbox_image, read_image, split_files, to_tensor
+
+    out = tmp_path / "yaml.zarr"
+    build_cache(build_config(voc_yaml, out, teacher="yolo11n.yaml", layers=(6, 16)))
+    torch.manual_seed(0)
+    cfg = yaml_model_load("yolo11n.yaml")
+    cfg["nc"] = 20
+    model = DetectionModel(cfg, verbose=False).eval()
+    sf = split_files(voc_yaml, "train")
+    x = torch.stack([to_tensor(letterbox_image(read_image(sf.absolute(r)), TEST_IMGSZ)[0]) for r in (0, 7)]).float() / 255
+    feats = {}
+    for i in (6, 16):
+        model.model[i].register_forward_hook(lambda m, inp, o, i=i: feats.__setitem__(i, o))
+    with torch.no_grad():
+        model(x)
+    g = zarr.open_group(str(out), mode="r")
+    for i in (6, 16):
+        am = feats[i].pow(2).sum(1)
+        expected = (am / (torch.norm(am, p=2, dim=(1, 2), keepdim=True) + 1e-8)).numpy()
+        np.testing.assert_allclose(g[f"maps/{i}"][[0, 7]].astype(np.float32), expected, atol=2e-3, rtol=2e-2)
+        assert expected.max() > 0.05
