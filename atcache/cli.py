@@ -102,7 +102,7 @@ def build_cache_cmd(
     device: Annotated[str, typer.Option(help="cpu, a CUDA index, or several (0,1,2,3): one shard process per device.")] = "0",
     p: Annotated[float, typer.Option(help="Exponent p of the attention map sum_c |F_c|^p.")] = 2.0,
     kind: Annotated[str, typer.Option(help="Attention map: sum_p (paper/seed), sum, or max_p.")] = "sum_p",
-    workers: Annotated[int, typer.Option(help="DataLoader workers decoding images.")] = 4,
+    workers: Annotated[int, typer.Option(help="DataLoader workers decoding images (default: min(4, CPU cores)).")] = -1,
     chunk_rows: Annotated[int, typer.Option(help="Rows per Zarr chunk: the unit of writing, resuming and sharding.")] = 256,
     resume: Annotated[bool, typer.Option(help="Finish an interrupted build of the same settings.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Delete an existing store at --out and rebuild it.")] = False,
@@ -120,6 +120,10 @@ def build_cache_cmd(
         if not torch.cuda.is_available():
             device = "cpu"
             typer.echo("atcache: no CUDA device found, building on the CPU", err=True)
+    if workers < 0:
+        import os
+
+        workers = min(4, os.cpu_count() or 1)
     cfg = BuildConfig(
         teacher=teacher, data=str(data), out=str(out), split=split, layers=_parse_layers(layers), imgsz=imgsz,
         batch=batch, device=device, p=p, kind=kind, workers=workers, resume=resume, overwrite=overwrite,
@@ -144,15 +148,17 @@ def demo_cmd(
     out: Annotated[Path, typer.Option(help="Run folder for data, cache and ultralytics settings.")] = Path("runs/demo"),
     images: Annotated[int, typer.Option(help="Synthetic images to generate.")] = 200,
     imgsz: Annotated[int, typer.Option(help="Image size.")] = 128,
-    teacher: Annotated[str, typer.Option(help="Teacher model (YAML for random init, or a .pt).")] = "yolo11s.yaml",
+    teacher: Annotated[str, typer.Option(help="Teacher: a model YAML (trained here first) or a ready .pt.")] = "yolo11s.yaml",
+    teacher_epochs: Annotated[int, typer.Option(help="Epochs to train a YAML teacher before caching it (0: random init).")] = 5,
     device: Annotated[str, typer.Option(help="cpu or a CUDA index.")] = "cpu",
     quick: Annotated[bool, typer.Option(help="Tiny sizes, for tests.")] = False,
 ):
-    """End-to-end on the embedded synthetic data: generate VOC-format data, convert it, build the teacher cache."""
+    """End-to-end on the embedded synthetic data: generate VOC data, convert it, train a teacher briefly, cache it."""
     prepare_ultralytics(out / "ultralytics")  # settings and fonts stay inside the run folder
     from atcache.demo import run_demo
 
-    for line in run_demo(out=out, images=images, imgsz=imgsz, teacher=teacher, device=device, quick=quick):
+    for line in run_demo(out=out, images=images, imgsz=imgsz, teacher=teacher, teacher_epochs=teacher_epochs,
+                         device=device, quick=quick):
         typer.echo(line)
 
 

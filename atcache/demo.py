@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -10,15 +11,30 @@ from atcache.synthetic import make_demo_data
 from atcache.voc import prepare_voc
 
 
-def run_demo(out: Path, images: int, imgsz: int, teacher: str, device: str, quick: bool) -> Iterator[str]:
-    """Generate VOC-format data, convert it with prepare-voc, and build the teacher's cache; yields report lines."""
+def train_teacher(model: str, data_yaml: Path, project: Path, epochs: int, imgsz: int, device: str) -> Path:
+    """Briefly train the teacher with plain ultralytics and return its best.pt (a real user checkpoint)."""
+    from ultralytics import YOLO
+
+    YOLO(model).train(
+        data=str(data_yaml), epochs=epochs, imgsz=imgsz, batch=16, workers=2, device=device, project=str(project),
+        name="teacher", exist_ok=True, plots=False, amp=device != "cpu", verbose=False, seed=0, deterministic=True,
+    )
+    return project / "teacher" / "weights" / "best.pt"
+
+
+def run_demo(out: Path, images: int, imgsz: int, teacher: str, teacher_epochs: int, device: str, quick: bool) -> Iterator[str]:
+    """Generate VOC-format data, convert it with prepare-voc, train a teacher briefly, build its cache."""
     if quick:
-        images, imgsz = min(images, 40), min(imgsz, 64)
-    out = Path(out)
+        images, imgsz, teacher_epochs = min(images, 40), min(imgsz, 64), min(teacher_epochs, 1)
+    out = Path(out).resolve()
     devkit = make_demo_data(out / "data", images=images, size=max(2 * imgsz, 96), seed=0)
     yield f"data: {images} synthetic images in VOCdevkit format at {devkit}"
     data_yaml = prepare_voc(devkit, out / "data" / "VOC")
     yield f"prepare-voc: {data_yaml}"
+    if teacher_epochs > 0 and not teacher.endswith(".pt"):
+        t0 = time.perf_counter()
+        teacher = str(train_teacher(teacher, data_yaml, out, teacher_epochs, imgsz, device))
+        yield f"teacher: {teacher_epochs} epoch(s) in {time.perf_counter() - t0:.0f}s -> {teacher}"
     cache = out / "teacher_cache.zarr"
     report = build_cache(BuildConfig(
         teacher=teacher, data=str(data_yaml), out=str(cache), split="train", imgsz=imgsz, batch=16, device=device,

@@ -95,5 +95,7 @@ def test_make_demo_data_and_prepare_voc(tmp_path):
 def test_demo_quick(tmp_path):
     result = run("demo", "--out", tmp_path / "demo", "--quick", "--teacher", "yolo11n.yaml")
     assert result.exit_code == 0, result.output
-    assert "build-cache:" in result.output
+    assert "build-cache:" in result.output and "teacher: 1 epoch(s)" in result.output
+    assert (tmp_path / "demo" / "teacher" / "weights" / "best.pt").is_file()
+    assert (tmp_path / "demo" / "teacher" / "results.csv").is_file()
     assert zarr.open_group(str(tmp_path / "demo" / "teacher_cache.zarr"), mode="r")["done"][:].all()
