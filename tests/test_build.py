@@ -35,6 +35,13 @@ def assert_same_store(a, b):
             np.testing.assert_array_equal(x[key], y[key], err_msg=key)
 
 
+def cli_command(voc_yaml, teacher_pt, out):
+    """`python -m atcache build-cache` with the settings of the session's `built_cache`."""
+    return [sys.executable, "-m", "atcache", "build-cache", "--teacher", str(teacher_pt), "--data", str(voc_yaml),
+            "--out", str(out), "--imgsz", str(TEST_IMGSZ), "--batch", "4", "--device", "cpu", "--workers", "0",
+            "--chunk-rows", "8", "--no-progress"]
+
+
 def test_rows_equal_an_independent_recomputation(built_cache, voc_yaml, teacher_pt):
     """Reopen with plain zarr; recompute with ultralytics' own loader, LetterBox and model, and the seed's formula."""
     from ultralytics.cfg import get_cfg
@@ -94,9 +101,7 @@ def test_two_shards_equal_one_process(built_cache, voc_yaml, tmp_path, teacher_p
 
 def test_concurrent_shard_processes_equal_one_process(built_cache, voc_yaml, tmp_path, teacher_pt):
     out = tmp_path / "concurrent.zarr"
-    cmd = [sys.executable, "-m", "atcache", "build-cache", "--teacher", str(teacher_pt), "--data", str(voc_yaml),
-           "--out", str(out), "--imgsz", str(TEST_IMGSZ), "--batch", "4", "--device", "cpu", "--workers", "0",
-           "--chunk-rows", "8", "--no-progress"]
+    cmd = cli_command(voc_yaml, teacher_pt, out)
     procs = [subprocess.Popen(cmd + ["--shard", f"{i}/2"], stderr=subprocess.PIPE, text=True) for i in range(2)]
     for p in procs:
         _, err = p.communicate(timeout=300)
@@ -106,9 +111,7 @@ def test_concurrent_shard_processes_equal_one_process(built_cache, voc_yaml, tmp
 
 def test_resume_after_kill_is_identical(built_cache, voc_yaml, tmp_path, teacher_pt):
     out = tmp_path / "killed.zarr"
-    cmd = [sys.executable, "-m", "atcache", "build-cache", "--teacher", str(teacher_pt), "--data", str(voc_yaml),
-           "--out", str(out), "--imgsz", str(TEST_IMGSZ), "--batch", "4", "--device", "cpu", "--workers", "0",
-           "--chunk-rows", "8", "--no-progress"]
+    cmd = cli_command(voc_yaml, teacher_pt, out)
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:
