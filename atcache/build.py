@@ -18,7 +18,7 @@ from atcache.data import LETTERBOX_COLUMNS, LetterboxedImages, SplitFiles, split
 from atcache.errors import AtcacheError
 from atcache.hooks import FeatureHooks, probe_layers
 from atcache.spec import CacheSpec, LayerSpec, Letterbox
-from atcache.store import CacheStore, ChunkData, chunks_for_shard
+from atcache.store import CacheStore, ChunkData, chunks_for_shard, clear_for_build
 from atcache.teacher import Teacher, load_teacher
 
 DEFAULT_LAYERS = (6, 8, 13, 16, 19, 22)
@@ -263,12 +263,7 @@ def build_cache_on_devices(cfg: BuildConfig, devices: Sequence[str]) -> list[str
         raise AtcacheError("--device with several devices shards the build itself; leave out --shard")
     for d in devices:
         resolve_device(d)
-    if cfg.overwrite and Path(cfg.out).exists():
-        from atcache.store import _remove_store
-
-        _remove_store(Path(cfg.out))
-    elif Path(cfg.out).exists() and not cfg.resume:
-        raise AtcacheError(f"cache {cfg.out} already exists; pass --resume to finish it or --overwrite to rebuild it from scratch")
+    clear_for_build(cfg.out, resume=cfg.resume, overwrite=cfg.overwrite)
     procs = [subprocess.Popen(child_command(cfg, d, i, len(devices)), stdout=subprocess.PIPE, text=True)
              for i, d in enumerate(devices)]
     outputs = [p.communicate()[0].strip() for p in procs]

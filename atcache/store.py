@@ -122,17 +122,14 @@ class CacheStore:
 
         Creation is claimed with an atomic mkdir, so n shard processes started together create it exactly once."""
         path = Path(path)
-        if overwrite and path.exists():
-            _remove_store(path)
+        clear_for_build(path, resume=resume or join, overwrite=overwrite)
         try:
             path.mkdir(parents=True)
             return cls.create(path, spec, files)
         except FileExistsError:
             pass
-        if not (resume or join):
-            raise AtcacheError(
-                f"cache {path} already exists; pass --resume to finish it or --overwrite to rebuild it from scratch"
-            )
+        if not (resume or join):  # another process created it since the check above
+            raise _exists_error(path)
         store = cls._wait_for_spec(path, wait=join)
         if store is None:  # creation never finished: nothing was computed yet, so start over
             _remove_store(path)
@@ -229,6 +226,19 @@ class CacheStore:
             self.group[f"norms/{layer.index}"][a:b] = data.norms[layer.index].astype(np.float32, copy=False)
         self.group["letterbox"][a:b] = data.letterbox.astype(np.float32, copy=False)
         self.group["done"][a:b] = data.ok.astype(bool, copy=False)
+
+
+def _exists_error(path: Path) -> AtcacheError:
+    return AtcacheError(f"cache {path} already exists; pass --resume to finish it or --overwrite to rebuild it from scratch")
+
+
+def clear_for_build(path: str | Path, *, resume: bool, overwrite: bool) -> None:
+    """Before a build: --overwrite deletes an existing store; without --resume an existing one is refused."""
+    path = Path(path)
+    if overwrite and path.exists():
+        _remove_store(path)
+    elif path.exists() and not resume:
+        raise _exists_error(path)
 
 
 def _remove_store(path: Path) -> None:
