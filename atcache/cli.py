@@ -142,6 +142,141 @@ def build_cache_cmd(
     typer.echo(report.summary())
 
 
+TRAIN_OPTION_KEYS = ("model", "data", "epochs", "imgsz", "batch", "device", "project", "name")
+EXTRA_ARGS = {"allow_extra_args": True, "ignore_unknown_options": True}
+
+
+def _ultralytics_overrides(extra: list[str]) -> dict:
+    """`key=value` words after the options -> ultralytics train arguments (checked against its defaults)."""
+    from ultralytics.cfg import smart_value
+    from ultralytics.utils import DEFAULT_CFG_DICT
+
+    out = {}
+    for word in extra:
+        key, sep, value = word.partition("=")
+        key = key.lstrip("-").replace("-", "_")
+        if not sep or not key:
+            raise AtcacheError(f"unexpected argument {word!r}; extra ultralytics arguments are written key=value (e.g. lr0=0.01)")
+        if key in TRAIN_OPTION_KEYS:
+            raise AtcacheError(f"{key}= is an atcache option here; use --{'student' if key == 'model' else key}")
+        if key not in DEFAULT_CFG_DICT:
+            raise AtcacheError(f"{key!r} is not an ultralytics train argument; see `yolo cfg` for the valid ones")
+        out[key] = smart_value(value)
+    return out
+
+
+def _train(settings, student: str, data: Path, epochs: int, imgsz: int, batch: int, device: str,
+           project: Path, name: str, extra: list[str]) -> None:
+    """Shared by train / train-from-cache / train-online: one ultralytics run through AtcacheTrainer."""
+    from atcache.train import train_student
+
+    if Path(student).suffix.lower() == ".pt" and not Path(student).is_file():
+        raise AtcacheError(f"student checkpoint {student} does not exist; pass a .pt you have or a model YAML (yolo11s.yaml)")
+    if not data.is_file():
+        raise AtcacheError(f"data YAML {data} does not exist; pass the YAML written by `atcache prepare-voc` or your own")
+    overrides = {"model": student, "data": str(data), "epochs": epochs, "imgsz": imgsz, "batch": batch,
+                 "device": _training_device(device), "project": str(project.resolve()), "name": name,
+                 **_ultralytics_overrides(extra)}
+    trainer = train_student(settings, overrides)
+    typer.echo(f"results: {trainer.csv}")
+    typer.echo(f"weights: {trainer.best} (loads with plain ultralytics: YOLO('{trainer.best}'))")
+
+
+def _training_device(device: str) -> str:
+    import torch
+
+    if device == "0" and not torch.cuda.is_available():
+        typer.echo("atcache: no CUDA device found, training on the CPU", err=True)
+        return "cpu"
+    return device
+
+
+StudentOpt = Annotated[str, typer.Option(help="Student: a model YAML (yolo11s.yaml, from scratch) or a checkpoint .pt.")]
+DataOpt = Annotated[Path, typer.Option(help="Ultralytics detection data YAML (the one the cache was built on).")]
+EpochsOpt = Annotated[int, typer.Option(help="Training epochs.")]
+ImgszOpt = Annotated[int, typer.Option(help="Training image size (must equal the cache's).")]
+BatchOpt = Annotated[int, typer.Option(help="Batch size over all devices.")]
+DeviceOpt = Annotated[str, typer.Option(help="cpu, a CUDA index, or several (0,1) for DDP.")]
+ProjectOpt = Annotated[Path, typer.Option(help="Parent of the run folder (ultralytics' project).")]
+AtWeightOpt = Annotated[float, typer.Option(help="Weight of the AT loss added to the detection loss.")]
+
+
+@app.command("train", context_settings=EXTRA_ARGS)
+@_friendly
+def train_cmd(
+    ctx: typer.Context,
+    student: StudentOpt,
+    data: DataOpt,
+    epochs: EpochsOpt = 100,
+    imgsz: ImgszOpt = 640,
+    batch: BatchOpt = 64,
+    device: DeviceOpt = "0",
+    project: ProjectOpt = Path("runs/detect"),
+    name: Annotated[str, typer.Option(help="Run name (ultralytics adds a number if it exists).")] = "train",
+):
+    """Baseline: train the student alone with the same trainer (no distillation). Extra key=value go to ultralytics."""
+    prepare_ultralytics()
+    from atcache.train import DistillSettings
+
+    _train(DistillSettings(mode="plain"), student, data, epochs, imgsz, batch, device, project, name, ctx.args)
+
+
+@app.command("train-from-cache", context_settings=EXTRA_ARGS)
+@_friendly
+def train_from_cache_cmd(
+    ctx: typer.Context,
+    cache: Annotated[Path, typer.Option(help="Cache store written by build-cache for this data's train split.")],
+    student: StudentOpt,
+    data: DataOpt,
+    epochs: EpochsOpt = 100,
+    imgsz: ImgszOpt = 640,
+    batch: BatchOpt = 64,
+    device: DeviceOpt = "0",
+    at_weight: AtWeightOpt = 1.0,
+    targets: Annotated[str, typer.Option(help="warp: align maps with mosaic/affine/flip/mixup; static: no geometric aug, exact maps.")] = "warp",
+    layers: Annotated[str, typer.Option(help="Layers to distil: 6,8,13 (same index in student and cache) or student:cache pairs 4:6,6:8. Default: all cached layers.")] = "",
+    ram_budget: Annotated[Optional[float], typer.Option(help="GiB of RAM the cache may take (default: half of this machine's memory).")] = None,
+    project: ProjectOpt = Path("runs/detect"),
+    name: Annotated[str, typer.Option(help="Run name (ultralytics adds a number if it exists).")] = "train-from-cache",
+):
+    """Train the student with AT targets streamed from the cache; the teacher is never loaded. Extra key=value go to ultralytics."""
+    prepare_ultralytics()
+    from atcache.store import CacheStore
+    from atcache.train import DistillSettings, parse_layer_map
+
+    pairs = parse_layer_map(layers) if layers else tuple((i, i) for i in CacheStore.open(cache).spec.layer_indices)
+    settings = DistillSettings(mode="cache", cache=str(cache), targets=targets, at_weight=at_weight, layers=pairs,
+                               ram_budget_gb=ram_budget)
+    _train(settings, student, data, epochs, imgsz, batch, device, project, name, ctx.args)
+
+
+@app.command("train-online", context_settings=EXTRA_ARGS)
+@_friendly
+def train_online_cmd(
+    ctx: typer.Context,
+    teacher: Annotated[str, typer.Option(help="Teacher checkpoint .pt, run forward on every augmented batch.")],
+    student: StudentOpt,
+    data: DataOpt,
+    epochs: EpochsOpt = 100,
+    imgsz: ImgszOpt = 640,
+    batch: BatchOpt = 64,
+    device: DeviceOpt = "0",
+    at_weight: AtWeightOpt = 1.0,
+    layers: Annotated[str, typer.Option(help="Layers: 6,8,13,16,19,22 or student:teacher pairs.")] = "6,8,13,16,19,22",
+    p: Annotated[float, typer.Option(help="Exponent p of the attention map.")] = 2.0,
+    kind: Annotated[str, typer.Option(help="Attention map: sum_p, sum or max_p.")] = "sum_p",
+    project: ProjectOpt = Path("runs/detect"),
+    name: Annotated[str, typer.Option(help="Run name (ultralytics adds a number if it exists).")] = "train-online",
+):
+    """Baseline: the seed's online AT (teacher forward every step), same trainer, loss and weight. Extra key=value go to ultralytics."""
+    prepare_ultralytics()
+    from atcache.train import DistillSettings, parse_layer_map
+
+    settings = DistillSettings(mode="online", teacher=teacher, at_weight=at_weight, layers=parse_layer_map(layers),
+                               p=p, kind=kind)
+    _train(settings, student, data, epochs, imgsz, batch, device, project, name, ctx.args)
+
+
 @app.command("demo")
 @_friendly
 def demo_cmd(
