@@ -1,0 +1,178 @@
+"""Cached targets in training: join by path, views recorded through ultralytics' own augmentations, refusals."""
+
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+
+from atcache.data import letterbox_image, read_image, resize_long_side, split_files
+from atcache.errors import AtcacheError
+from atcache.geometry import Canvas, Placed, Source, bilinear, evaluate, flip_matrix, translation, warp
+from conftest import TEST_IMGSZ, TEST_LAYERS, build_config
+
+
+def make_dataset(voc_yaml, cache, mode="warp", layers=TEST_LAYERS, **hyp):
+    """The training dataset ultralytics builds for these settings, with cached targets attached."""
+    from ultralytics.cfg import get_cfg
+    from ultralytics.data.build import build_yolo_dataset
+    from ultralytics.data.utils import check_det_dataset
+
+    from atcache.targets import CacheTargets, attach_targets
+
+    args = get_cfg(overrides={"imgsz": TEST_IMGSZ, "data": str(voc_yaml), **hyp})
+    data = check_det_dataset(str(voc_yaml))
+    ds = build_yolo_dataset(args, data["train"], batch=4, data=data, mode="train")
+    return attach_targets(ds, CacheTargets.load(cache, layers), mode, data["path"], args)
+
+
+def traced_views(ds, n):
+    """(augmented image, recorded view) for n samples, with the view taken before __getitem__ drops it."""
+    from atcache.targets import VIEW_KEY
+
+    out = []
+    for i in range(n):
+        labels = ds.transforms(ds.get_image_and_label(i % len(ds)))
+        out.append((labels["img"].numpy().transpose(1, 2, 0)[..., ::-1].astype(np.float64), labels[VIEW_KEY]))
+    return out
+
+
+def test_recorded_views_reproduce_the_augmented_images(voc_yaml, built_cache):
+    """Resampling the source images through the recorded view gives the image ultralytics produced: mosaic, affine
+    (rotation, shear, scale, translation), flips and MixUp all tracked. Pixels are taken relative to the grey fill
+    (114), which the view leaves at 0 outside every source."""
+    random.seed(0)
+    np.random.seed(0)
+    ds = make_dataset(voc_yaml, built_cache, mosaic=1.0, mixup=0.5, degrees=10, shear=5, translate=0.1, scale=0.5,
+                      fliplr=0.5, flipud=0.5, hsv_h=0, hsv_s=0, hsv_v=0)
+    split = split_files(voc_yaml, "train")
+    files = ds.at_cache.files
+    resized = {}
+
+    def channel_leaf(c):
+        def leaf(source, xy):
+            if source.row not in resized:
+                im = resize_long_side(read_image(split.root / files[source.row]), TEST_IMGSZ)
+                resized[source.row] = im.astype(np.float64) - 114
+            return bilinear(resized[source.row][..., c], xy[:, 0], xy[:, 1])
+        return leaf
+
+    kinds = set()
+    for img, view in traced_views(ds, 24):
+        kinds.add(type(view).__name__)
+        h, w = img.shape[:2]
+        ys, xs = np.mgrid[0:h, 0:w]
+        xy = np.stack([xs.ravel(), ys.ravel()], 1).astype(np.float64)
+        rendered = np.stack([evaluate(view, xy, channel_leaf(c))[0] for c in range(3)], -1).reshape(h, w, 3) + 114
+        diff = np.abs(rendered - img)  # bilinear vs OpenCV's fixed-point warp; edges of warped tiles blend with grey
+        assert np.median(diff) <= 1.0 and np.percentile(diff, 95) < 12, (np.median(diff), np.percentile(diff, 95))
+    assert {"Canvas", "Blend"} <= kinds  # both plain and MixUp samples were checked
+
+
+def test_flipped_target_is_the_flipped_unflipped_target(voc_yaml, built_cache):
+    ds = make_dataset(voc_yaml, built_cache)
+    cache, row = ds.at_cache, 3
+    top, left = cache.letterbox[row, 4], cache.letterbox[row, 5]
+    h, w = int(cache.letterbox[row, 2]), int(cache.letterbox[row, 3])
+    placed = Canvas((TEST_IMGSZ, TEST_IMGSZ), (Placed(Source(row, (h, w)), translation(left, top)),))
+    flipped = warp(placed, flip_matrix((TEST_IMGSZ, TEST_IMGSZ), "horizontal"), (TEST_IMGSZ, TEST_IMGSZ))
+    for plain, mirrored, layer in zip(cache.warped(placed), cache.warped(flipped), TEST_LAYERS):
+        np.testing.assert_array_equal(mirrored, plain[:, ::-1])
+        # cells inside the image are the stored map (up to the renormalisation over the covered cells)
+        stored = cache.maps[layer][row].astype(np.float32)
+        s = cache.stride(layer)
+        inner = np.zeros_like(stored, dtype=bool)
+        inner[int(np.ceil(top / s)):int((top + h) // s), int(np.ceil(left / s)):int((left + w) // s)] = True
+        if inner.any():
+            ratio = plain[inner] / stored[inner]
+            np.testing.assert_allclose(ratio, ratio[0], rtol=1e-5)
+
+
+def test_static_targets_are_the_stored_maps_of_the_same_image(voc_yaml, built_cache):
+    ds = make_dataset(voc_yaml, built_cache, mode="static", hsv_h=0, hsv_s=0, hsv_v=0)
+    split = split_files(voc_yaml, "train")
+    for i in (0, 5, 11):
+        item = ds[i]
+        row = ds.at_rows[i]
+        assert split.root / ds.at_cache.files[row] == Path(ds.im_files[i]).resolve()
+        expected, _ = letterbox_image(read_image(ds.im_files[i]), TEST_IMGSZ)
+        np.testing.assert_array_equal(item["img"].numpy(), expected.transpose(2, 0, 1)[::-1])
+        for target, layer in zip(item["at_targets"], TEST_LAYERS):
+            np.testing.assert_array_equal(target.numpy(), ds.at_cache.maps[layer][row].astype(np.float32))
+
+
+def test_rows_are_joined_by_path_not_position(voc_yaml, built_cache):
+    ds = make_dataset(voc_yaml, built_cache, fraction=0.5)  # a subset: positions no longer line up with rows
+    split = split_files(voc_yaml, "train")
+    for i, row in enumerate(ds.at_rows):
+        assert split.root / ds.at_cache.files[row] == Path(ds.im_files[i]).resolve()
+
+
+def test_batches_carry_one_target_per_layer(voc_yaml, built_cache):
+    from atcache.targets import TargetDataset
+
+    ds = make_dataset(voc_yaml, built_cache)
+    batch = TargetDataset.collate_fn([ds[i] for i in range(3)])
+    shapes = [tuple(t.shape) for t in batch["at_targets"]]
+    assert shapes == [(3, TEST_IMGSZ // s, TEST_IMGSZ // s) for s in (16, 32, 16, 8, 16, 32)]
+    for t in batch["at_targets"]:
+        norms = np.linalg.norm(t.numpy().reshape(3, -1), axis=1)
+        assert np.all(np.isfinite(norms)) and np.all((np.abs(norms - 1) < 1e-4) | (norms == 0))
+
+
+def test_untrackable_augmentation_is_refused(voc_yaml, built_cache):
+    with pytest.raises(AtcacheError, match="cutmix=0.5 cannot be aligned"):
+        make_dataset(voc_yaml, built_cache, cutmix=0.5)
+
+
+# ---------------------------------------------------------------------- the cache against the run
+def check(cache, voc_yaml, layers=TEST_LAYERS, imgsz=TEST_IMGSZ):
+    from atcache.targets import check_cache
+
+    return check_cache(cache, layers, imgsz, split_files(voc_yaml, "train"))
+
+
+def test_matching_cache_passes(voc_yaml, built_cache):
+    assert check(built_cache, voc_yaml).imgsz == TEST_IMGSZ
+
+
+def test_other_imgsz_is_refused(voc_yaml, built_cache):
+    with pytest.raises(AtcacheError, match=f"built at imgsz {TEST_IMGSZ} but this run trains at imgsz 96"):
+        check(built_cache, voc_yaml, imgsz=96)
+
+
+def test_missing_layer_is_refused(voc_yaml, built_cache):
+    with pytest.raises(AtcacheError, match="layer 4 is not in cache"):
+        check(built_cache, voc_yaml, layers=(4, 6))
+
+
+def test_other_split_is_refused(voc_yaml, teacher_pt, tmp_path):
+    from atcache.build import build_cache
+
+    out = tmp_path / "val.zarr"
+    build_cache(build_config(voc_yaml, out, teacher=str(teacher_pt), split="val", layers=(6,)))
+    with pytest.raises(AtcacheError, match="differs from the one cached"):
+        check(out, voc_yaml, layers=(6,))
+
+
+def test_incomplete_cache_is_refused(voc_yaml, built_cache, tmp_path):
+    copy = tmp_path / "partial.zarr"
+    shutil.copytree(built_cache, copy)
+    done = zarr.open_array(str(copy / "done"), mode="r+")
+    done[8:16] = False
+    with pytest.raises(AtcacheError, match="cache is incomplete: 8 training images.*--resume"):
+        check(copy, voc_yaml)
+
+
+def test_changed_images_are_refused(voc_yaml, built_cache, tmp_path):
+    data_copy = tmp_path / "VOC"
+    root = split_files(voc_yaml, "train").root
+    shutil.copytree(root, data_copy)
+    yaml_copy = data_copy / "VOC.yaml"
+    yaml_copy.write_text(Path(voc_yaml).read_text().replace(str(root), str(data_copy)))
+    victim = data_copy / split_files(yaml_copy, "train").files[0]
+    victim.write_bytes(victim.read_bytes() + b"\0" * 10)
+    with pytest.raises(AtcacheError, match="edited or replaced"):
+        check(built_cache, yaml_copy)
