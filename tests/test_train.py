@@ -1,0 +1,167 @@
+"""Stage 2 end to end on CPU: the three trainers, the loss against an online teacher, plain checkpoints, refusals."""
+
+import csv
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from atcache.cli import app
+from conftest import TEST_IMGSZ, TEST_LAYERS, build_config
+from test_targets import make_dataset
+
+runner = CliRunner()
+COMMON = ["--student", "yolo11n.yaml", "--epochs", "1", "--imgsz", str(TEST_IMGSZ), "--batch", "4", "--device", "cpu",
+          "plots=False", "workers=0", "nbs=4"]  # nbs=batch: an optimizer step on every batch
+
+
+def results(run: Path) -> dict[str, float]:
+    with open(run / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    return {k.strip(): float(v) for k, v in rows[-1].items()}
+
+
+@pytest.fixture(scope="module")
+def orphan_cache(voc_yaml, tmp_path_factory):
+    """A cache whose teacher file has been deleted after the build."""
+    from atcache.build import build_cache
+    from conftest import save_teacher_checkpoint
+
+    tmp = tmp_path_factory.mktemp("orphan")
+    teacher = save_teacher_checkpoint(tmp / "teacher.pt", seed=1)
+    out = tmp / "cache.zarr"
+    build_cache(build_config(voc_yaml, out, teacher=str(teacher)))
+    teacher.unlink()
+    return out
+
+
+@pytest.fixture(scope="module")
+def runs(voc_yaml, orphan_cache, teacher_pt, tmp_path_factory):
+    """One-epoch runs of every trainer, side by side: plain, cache (warp and static) and online."""
+    project = tmp_path_factory.mktemp("runs")
+    base = ["--data", str(voc_yaml), "--project", str(project), *COMMON]
+    commands = {
+        "plain": ["train", "--name", "plain", *base],
+        "warp": ["train-from-cache", "--cache", str(orphan_cache), "--name", "warp", *base],
+        "static": ["train-from-cache", "--cache", str(orphan_cache), "--targets", "static", "--name", "static", *base],
+        "online": ["train-online", "--teacher", str(teacher_pt), "--name", "online", *base],
+    }
+    out = {}
+    for name, args in commands.items():
+        result = runner.invoke(app, args)
+        assert result.exit_code == 0, (name, result.output, result.exception)
+        out[name] = project / name
+    return out
+
+
+@pytest.mark.slow
+def test_every_trainer_writes_ultralytics_results(runs):
+    for name, run in runs.items():
+        row = results(run)
+        assert math.isfinite(row["train/box_loss"]) and (run / "weights" / "best.pt").is_file()
+        assert not any(k.startswith("val/at") for k in row)  # validation has no targets
+        if name == "plain":
+            assert "train/at_loss" not in row
+        else:
+            assert math.isfinite(row["train/at_loss"]) and row["train/at_loss"] > 0, name
+
+
+@pytest.mark.slow
+def test_best_pt_validates_in_a_process_without_atcache(runs, voc_yaml, tmp_path):
+    script = (
+        "import sys\n"
+        "from ultralytics import YOLO\n"
+        f"for p in {[str(r / 'weights' / 'best.pt') for r in runs.values()]!r}:\n"
+        f"    m = YOLO(p).val(data={str(voc_yaml)!r}, imgsz={TEST_IMGSZ}, batch=4, plots=False, device='cpu')\n"
+        "    assert m.box.map50 >= 0\n"
+        "assert not [k for k in sys.modules if k == 'atcache' or k.startswith('atcache.')], 'atcache was imported'\n"
+        "print('ok')\n"
+    )
+    env = {**os.environ, "YOLO_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-2000:]
+
+
+def test_static_cache_loss_equals_online_teacher_loss(voc_yaml, built_cache, teacher_pt):
+    """Same batch, same student: AT loss with cached targets == AT loss with the teacher run on the batch."""
+    from atcache.attention import at_loss, attention_map
+    from atcache.hooks import FeatureHooks
+    from atcache.targets import TargetDataset
+    from atcache.teacher import load_teacher
+    from ultralytics.nn.tasks import DetectionModel
+
+    ds = make_dataset(voc_yaml, built_cache, mode="static", hsv_h=0, hsv_s=0, hsv_v=0)
+    batch = TargetDataset.collate_fn([ds[i] for i in range(6)])
+    img = batch["img"].float() / 255
+    teacher = load_teacher(str(teacher_pt), device="cpu").model
+    with torch.no_grad(), FeatureHooks(teacher, TEST_LAYERS, stop_after_last=True) as hooks:
+        online = [attention_map(f) for f in hooks.run(teacher, img)]
+    for cached, live in zip(batch["at_targets"], online):
+        assert torch.allclose(cached, live, atol=2e-3), (cached - live).abs().max()
+    torch.manual_seed(0)
+    student = DetectionModel("yolo11n.yaml", nc=20, verbose=False)
+    with torch.no_grad(), FeatureHooks(student, TEST_LAYERS) as hooks:
+        maps = [attention_map(f) for f in hooks.run(student, img)]
+    assert torch.allclose(at_loss(maps, batch["at_targets"]), at_loss(maps, online), rtol=1e-3)
+
+
+def test_training_refuses_a_cache_for_another_imgsz(voc_yaml, built_cache, tmp_path):
+    args = ["train-from-cache", "--cache", str(built_cache), "--data", str(voc_yaml), "--project", str(tmp_path), *COMMON]
+    args[args.index("--imgsz") + 1] = "96"
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2
+    lines = result.output.strip().splitlines()
+    assert "built at imgsz 64 but this run trains at imgsz 96" in lines[-1] and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--layers", "2:6"], "student layer 2 has stride 4 but cache layer 6 has stride 16"),
+        (["--layers", "5"], "layer 5 is not in cache"),
+        (["cutmix=0.5"], "cutmix=0.5 cannot be aligned"),
+        (["bogus=1"], "'bogus' is not an ultralytics train argument"),
+    ],
+)
+def test_training_refusals_are_one_line(voc_yaml, built_cache, tmp_path, extra, message):
+    args = ["train-from-cache", "--cache", str(built_cache), "--data", str(voc_yaml), "--project", str(tmp_path),
+            *COMMON, *extra]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert message in result.output.strip().splitlines()[-1] and "Traceback" not in result.output
+
+
+def test_online_refuses_a_missing_teacher(voc_yaml, tmp_path):
+    args = ["train-online", "--teacher", str(tmp_path / "nope.pt"), "--data", str(voc_yaml), "--project", str(tmp_path), *COMMON]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2 and "nope.pt does not exist" in result.output
+
+
+@pytest.mark.slow
+def test_ddp_worker_rebuilds_the_trainer_from_the_environment(voc_yaml, built_cache, tmp_path):
+    """ultralytics' DDP launch pickles the trainer class and its args only; the worker script it writes must still
+    train from the cache. Run here as a single CPU worker (no GPUs, so no torch.distributed)."""
+    from ultralytics.utils.dist import generate_ddp_file
+
+    from atcache.train import SETTINGS_ENV, AtcacheTrainer, DistillSettings
+
+    settings = DistillSettings(mode="cache", cache=str(built_cache), layers=tuple((i, i) for i in TEST_LAYERS))
+    overrides = {"model": "yolo11n.yaml", "data": str(voc_yaml), "epochs": 1, "imgsz": TEST_IMGSZ, "batch": 4,
+                 "device": "cpu", "plots": False, "workers": 0, "project": str(tmp_path), "name": "ddp"}
+    trainer = AtcacheTrainer(overrides=overrides, settings=settings)
+    file = generate_ddp_file(trainer)
+    try:
+        env = {**os.environ, SETTINGS_ENV: os.environ[SETTINGS_ENV]}
+        done = subprocess.run([sys.executable, file], env=env, capture_output=True, text=True, timeout=300)
+    finally:
+        os.remove(file)
+        Path(file).with_suffix(".pt").unlink(missing_ok=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert math.isfinite(results(trainer.save_dir)["train/at_loss"])
