@@ -285,15 +285,18 @@ def demo_cmd(
     imgsz: Annotated[int, typer.Option(help="Image size.")] = 128,
     teacher: Annotated[str, typer.Option(help="Teacher: a model YAML (trained here first) or a ready .pt.")] = "yolo11s.yaml",
     teacher_epochs: Annotated[int, typer.Option(help="Epochs to train a YAML teacher before caching it (0: random init).")] = 5,
+    student: Annotated[str, typer.Option(help="Student trained from the cache: a model YAML or a .pt.")] = "yolo11n.yaml",
+    student_epochs: Annotated[int, typer.Option(help="Epochs of train-from-cache for the student (0: stop after the cache).")] = 3,
     device: Annotated[str, typer.Option(help="cpu or a CUDA index.")] = "cpu",
     quick: Annotated[bool, typer.Option(help="Tiny sizes, for tests.")] = False,
 ):
-    """End-to-end on the embedded synthetic data: generate VOC data, convert it, train a teacher briefly, cache it."""
+    """End-to-end on the embedded synthetic data: generate VOC data, convert it, train a teacher briefly, cache it,
+    train the student from the cache."""
     prepare_ultralytics(out / "ultralytics")  # settings and fonts stay inside the run folder
     from atcache.demo import run_demo
 
     for line in run_demo(out=out, images=images, imgsz=imgsz, teacher=teacher, teacher_epochs=teacher_epochs,
-                         device=device, quick=quick):
+                         device=device, quick=quick, student=student, student_epochs=student_epochs):
         typer.echo(line)
 
 

@@ -88,6 +88,26 @@ def parse_layer_map(text: str) -> tuple[tuple[int, int], ...]:
     return tuple(pairs)
 
 
+def check_settings(s: DistillSettings, imgsz: int, data: str, rect: bool = False) -> tuple[float, str, float]:
+    """Refuse settings that cannot work before anything is built; returns the AT map's (p, kind, eps)."""
+    if s.mode not in MODES:
+        raise AtcacheError(f"unknown training mode {s.mode!r}; choose one of {', '.join(MODES)}")
+    if s.mode == "plain":
+        return s.p, s.kind, EPS
+    if not s.layers:
+        raise AtcacheError("attention transfer needs at least one layer (--layers)")
+    if s.mode == "online":
+        if not Path(s.teacher).is_file():
+            raise AtcacheError(f"teacher {s.teacher} does not exist; pass the path of your trained checkpoint (.pt)")
+        return s.p, s.kind, EPS
+    if s.targets not in TARGET_MODES:
+        raise AtcacheError(f"--targets {s.targets!r} is unknown; choose warp or static")
+    if rect:
+        raise AtcacheError("rect=True training is not supported with cached targets; drop rect")
+    spec = check_cache(s.cache, s.source_layers, imgsz, split_files(data, "train"), s.ram_budget_gb)
+    return spec.p, spec.kind, spec.eps
+
+
 class AttentionTransferLoss:
     """ultralytics' detection criterion + at_weight x the seed's AT loss, as its own `at_loss` item.
 
@@ -128,25 +148,11 @@ class AtcacheTrainer(DetectionTrainer):
         self.settings = settings or DistillSettings.from_env()
         os.environ[SETTINGS_ENV] = self.settings.to_json()  # for the DDP workers ultralytics launches
         s = self.settings
-        if s.mode not in MODES:
-            raise AtcacheError(f"unknown training mode {s.mode!r}; choose one of {', '.join(MODES)}")
-        if s.mode != "plain" and not s.layers:
-            raise AtcacheError("attention transfer needs at least one layer (--layers)")
-        if s.mode == "cache" and s.targets not in TARGET_MODES:
-            raise AtcacheError(f"--targets {s.targets!r} is unknown; choose warp or static")
         super().__init__(cfg, overrides, _callbacks)
-        self.p, self.kind, self.eps = s.p, s.kind, EPS
+        self.p, self.kind, self.eps = check_settings(s, self.args.imgsz, self.args.data, self.args.rect)
         self.cache_targets: CacheTargets | None = None
         self.teacher = None
         self._taps: FeatureHooks | None = None
-        if s.mode == "cache":
-            if self.args.rect:
-                raise AtcacheError("rect=True training is not supported with cached targets; drop rect")
-            spec = check_cache(s.cache, s.source_layers, self.args.imgsz, split_files(self.args.data, "train"),
-                               s.ram_budget_gb)
-            self.p, self.kind, self.eps = spec.p, spec.kind, spec.eps
-        elif s.mode == "online" and not Path(s.teacher).is_file():
-            raise AtcacheError(f"teacher {s.teacher} does not exist; pass the path of your trained checkpoint (.pt)")
 
     # ------------------------------------------------------------------ data
     def build_dataset(self, img_path: str, mode: str = "train", batch: int | None = None):
@@ -247,6 +253,7 @@ class AtcacheTrainer(DetectionTrainer):
 
 def train_student(settings: DistillSettings, overrides: dict) -> AtcacheTrainer:
     """Run one ultralytics training with atcache's settings; returns the finished trainer (save_dir, best, metrics)."""
+    check_settings(settings, overrides.get("imgsz", DEFAULT_CFG.imgsz), overrides["data"], overrides.get("rect", False))
     trainer = AtcacheTrainer(overrides=overrides, settings=settings)
     LOGGER.info(f"atcache: mode={settings.mode} layers={list(settings.layers)} at_weight={settings.at_weight}")
     trainer.train()

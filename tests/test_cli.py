@@ -10,7 +10,7 @@ from atcache.cli import app
 from conftest import TEST_IMGSZ
 
 runner = CliRunner()
-COMMANDS = ["make-demo-data", "prepare-voc", "build-cache", "demo"]
+COMMANDS = ["make-demo-data", "prepare-voc", "build-cache", "train", "train-from-cache", "train-online", "demo"]
 
 
 def run(*args):
@@ -99,3 +99,6 @@ def test_demo_quick(tmp_path):
     assert (tmp_path / "demo" / "teacher" / "weights" / "best.pt").is_file()
     assert (tmp_path / "demo" / "teacher" / "results.csv").is_file()
     assert zarr.open_group(str(tmp_path / "demo" / "teacher_cache.zarr"), mode="r")["done"][:].all()
+    assert "train-from-cache: yolo11n.yaml 1 epoch(s)" in result.output
+    header = (tmp_path / "demo" / "student" / "results.csv").read_text().splitlines()[0]
+    assert "train/at_loss" in header and (tmp_path / "demo" / "student" / "weights" / "best.pt").is_file()

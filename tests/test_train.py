@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 
 from atcache.cli import app
 from conftest import TEST_IMGSZ, TEST_LAYERS, build_config
+from test_cli import assert_one_line_error
 from test_targets import make_dataset
 
 runner = CliRunner()
@@ -115,10 +116,7 @@ def test_static_cache_loss_equals_online_teacher_loss(voc_yaml, built_cache, tea
 def test_training_refuses_a_cache_for_another_imgsz(voc_yaml, built_cache, tmp_path):
     args = ["train-from-cache", "--cache", str(built_cache), "--data", str(voc_yaml), "--project", str(tmp_path), *COMMON]
     args[args.index("--imgsz") + 1] = "96"
-    result = runner.invoke(app, args)
-    assert result.exit_code == 2
-    lines = result.output.strip().splitlines()
-    assert "built at imgsz 64 but this run trains at imgsz 96" in lines[-1] and "Traceback" not in result.output
+    assert_one_line_error(runner.invoke(app, args), "built at imgsz 64 but this run trains at imgsz 96")
 
 
 @pytest.mark.parametrize(
@@ -133,15 +131,12 @@ def test_training_refuses_a_cache_for_another_imgsz(voc_yaml, built_cache, tmp_p
 def test_training_refusals_are_one_line(voc_yaml, built_cache, tmp_path, extra, message):
     args = ["train-from-cache", "--cache", str(built_cache), "--data", str(voc_yaml), "--project", str(tmp_path),
             *COMMON, *extra]
-    result = runner.invoke(app, args)
-    assert result.exit_code == 2, result.output
-    assert message in result.output.strip().splitlines()[-1] and "Traceback" not in result.output
+    assert_one_line_error(runner.invoke(app, args), message)
 
 
 def test_online_refuses_a_missing_teacher(voc_yaml, tmp_path):
     args = ["train-online", "--teacher", str(tmp_path / "nope.pt"), "--data", str(voc_yaml), "--project", str(tmp_path), *COMMON]
-    result = runner.invoke(app, args)
-    assert result.exit_code == 2 and "nope.pt does not exist" in result.output
+    assert_one_line_error(runner.invoke(app, args), "nope.pt does not exist")
 
 
 @pytest.mark.slow
@@ -165,3 +160,28 @@ def test_ddp_worker_rebuilds_the_trainer_from_the_environment(voc_yaml, built_ca
         Path(file).with_suffix(".pt").unlink(missing_ok=True)
     assert done.returncode == 0, done.stderr[-2000:]
     assert math.isfinite(results(trainer.save_dir)["train/at_loss"])
+
+
+@pytest.mark.slow
+def test_interrupted_run_resumes_with_ultralytics_resume(runs, built_cache, voc_yaml, tmp_path):
+    """An interrupted cached run (last.pt after epoch 1 of 2) continues with resume=last.pt and keeps logging at_loss."""
+    project = tmp_path / "runs"
+    base = ["train-from-cache", "--cache", str(built_cache), "--data", str(voc_yaml), "--project", str(project),
+            "--name", "r", *COMMON]
+    base[base.index("--epochs") + 1] = "2"
+    first = runner.invoke(app, base)
+    assert first.exit_code == 0, first.output
+    last = project / "r" / "weights" / "last.pt"
+    ckpt = torch.load(last, weights_only=False)
+    ckpt["epoch"] = 0  # as if stopped after the first of two epochs; an unstripped last.pt keeps its save_dir
+    ckpt["train_args"]["save_dir"] = str(project / "r")
+    torch.save(ckpt, last)
+    with open(project / "r" / "results.csv") as f:
+        lines = f.read().splitlines()
+    (project / "r" / "results.csv").write_text("\n".join(lines[:2]) + "\n")
+    again = runner.invoke(app, [*base, f"resume={last}"])
+    assert again.exit_code == 0, again.output
+    with open(project / "r" / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(float(r["epoch"])) for r in rows] == [1, 2]
+    assert all(math.isfinite(float(r["train/at_loss"])) for r in rows)
