@@ -83,9 +83,14 @@ def split_files(data_yaml: str | Path, split: str) -> SplitFiles:
     if not images:
         raise AtcacheError(f"split {split!r} of {data_yaml} has no images under {', '.join(map(str, entries))}")
     root = Path(data["path"]).resolve()
-    rel = tuple(Path(os.path.relpath(Path(x).resolve(), root)).as_posix() for x in images)
+    rel = tuple(relative_to_root(x, root) for x in images)
     names = tuple(data["names"][i] for i in sorted(data["names"])) if isinstance(data["names"], dict) else tuple(data["names"])
     return SplitFiles(root=root, split=split, files=rel, data_yaml=str(Path(data_yaml).resolve()), names=names)
+
+
+def relative_to_root(path: str | Path, root: Path) -> str:
+    """An image's key in a cache: its resolved path relative to the resolved dataset root, posix separators."""
+    return Path(os.path.relpath(Path(path).resolve(), root)).as_posix()
 
 
 def read_image(path: str | Path) -> np.ndarray:

@@ -15,7 +15,6 @@ disjoint chunk ranges never read-modify-write the same file. Each chunk carries 
 
 from __future__ import annotations
 
-import os
 import shutil
 import time
 from dataclasses import dataclass

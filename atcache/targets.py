@@ -29,7 +29,7 @@ from atcache.errors import AtcacheError
 from atcache.geometry import (
     Blend, Canvas, Placed, Source, View, bilinear, flip_matrix, render, resize_matrix, translation, warp,
 )
-from atcache.data import SplitFiles
+from atcache.data import SplitFiles, relative_to_root
 from atcache.spec import CacheSpec
 from atcache.store import CacheStore
 
@@ -72,8 +72,7 @@ class CacheTargets:
     def rows_for(self, im_files: Sequence[str], root: str | Path) -> np.ndarray:
         """Cache row of each training image, joined by its path relative to the dataset root."""
         root = Path(root).resolve()
-        rel = [Path(os.path.relpath(Path(f).resolve(), root)).as_posix() for f in im_files]
-        return join_rows(self.files, self.done, rel)
+        return join_rows(self.files, self.done, [relative_to_root(f, root) for f in im_files])
 
     # ------------------------------------------------------------------ targets
     def stride(self, layer: int) -> int:

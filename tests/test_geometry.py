@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from atcache.geometry import (
-    Blend, Canvas, Placed, Source, apply_inverse, bilinear, evaluate, flip_matrix, render, resize_matrix, translation,
+    Blend, Canvas, Placed, Source, apply_inverse, bilinear, flip_matrix, render, resize_matrix, translation,
     warp,
 )
 
