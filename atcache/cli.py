@@ -286,18 +286,54 @@ def demo_cmd(
     teacher: Annotated[str, typer.Option(help="Teacher: a model YAML (trained here first) or a ready .pt.")] = "yolo11s.yaml",
     teacher_epochs: Annotated[int, typer.Option(help="Epochs to train a YAML teacher before caching it (0: random init).")] = 5,
     student: Annotated[str, typer.Option(help="Student trained from the cache: a model YAML or a .pt.")] = "yolo11n.yaml",
-    student_epochs: Annotated[int, typer.Option(help="Epochs of train-from-cache for the student (0: stop after the cache).")] = 3,
+    student_epochs: Annotated[int, typer.Option(help="Epochs of each student run: plain, from the cache, online (0: stop after the cache).")] = 3,
     device: Annotated[str, typer.Option(help="cpu or a CUDA index.")] = "cpu",
     quick: Annotated[bool, typer.Option(help="Tiny sizes, for tests.")] = False,
 ):
     """End-to-end on the embedded synthetic data: generate VOC data, convert it, train a teacher briefly, cache it,
-    train the student from the cache."""
+    then train the student plain, from the cache and online AT for the same epochs, and print one table."""
     prepare_ultralytics(out / "ultralytics")  # settings and fonts stay inside the run folder
     from atcache.demo import run_demo
 
     for line in run_demo(out=out, images=images, imgsz=imgsz, teacher=teacher, teacher_epochs=teacher_epochs,
                          device=device, quick=quick, student=student, student_epochs=student_epochs):
         typer.echo(line)
+
+
+@app.command("bench")
+@_friendly
+def bench_cmd(
+    data: Annotated[Optional[Path], typer.Option(help="Data YAML to take the images from (default: synthetic VOC-format data).")] = None,
+    teacher: Annotated[str, typer.Option(help="Teacher: a checkpoint .pt or a model YAML (random init).")] = "yolo11m.yaml",
+    student: Annotated[str, typer.Option(help="Student: a model YAML or a checkpoint .pt.")] = "yolo11s.yaml",
+    layers: Annotated[str, typer.Option(help="Comma-separated teacher layers (student layers of the same index).")] = "6,8,13,16,19,22",
+    imgsz: Annotated[int, typer.Option(help="Image size.")] = 640,
+    batch: Annotated[int, typer.Option(help="Batch size (build, inference and training).")] = 64,
+    steps: Annotated[int, typer.Option(help="Measured training steps per trainer (after the warm-up).")] = 30,
+    warmup: Annotated[int, typer.Option(help="Training steps run before measuring.")] = 5,
+    images: Annotated[int, typer.Option(help="Training images used (0: 8 batches' worth).")] = 0,
+    workers: Annotated[int, typer.Option(help="DataLoader workers (ultralytics uses none on a CPU).")] = 8,
+    repeats: Annotated[int, typer.Option(help="Alternating build / inference passes; medians are reported.")] = 3,
+    device: Annotated[str, typer.Option(help="One device: a CUDA index or cpu.")] = "0",
+    out: Annotated[Path, typer.Option(help="Run folder (data links, cache, training runs, bench.json).")] = Path("runs/bench"),
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the JSON report here.")] = None,
+):
+    """Measure, in one run on one device: training img/s and peak memory of train / train-from-cache / train-online,
+    build-cache vs pure teacher inference, the loader's target throughput, bytes/image and float16 precision."""
+    prepare_ultralytics()
+    from atcache.bench import BenchConfig, format_report, run_bench
+
+    cfg = BenchConfig(out=str(out), data=str(data or ""), teacher=teacher, student=student, layers=_parse_layers(layers),
+                      imgsz=imgsz, batch=batch, steps=steps, warmup=warmup, images=images, workers=workers,
+                      device=_training_device(device), repeats=repeats)
+    report = run_bench(cfg, log=lambda line: typer.echo(line, err=True))
+    typer.echo(format_report(report))
+    if json_out is not None:
+        import json
+
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(report, indent=2) + "\n")
+    typer.echo(f"report: {json_out or Path(cfg.out) / 'bench.json'}")
 
 
 def main() -> None:  # pragma: no cover - console entry point

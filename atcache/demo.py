@@ -1,43 +1,61 @@
-"""`atcache demo`: the whole pipeline on the embedded synthetic dataset, offline, on a CPU in minutes."""
+"""`atcache demo`: the whole pipeline on the embedded synthetic dataset, offline, on a CPU in minutes: data, teacher,
+cache, then the student three ways for the same budget (plain, from the cache, online AT) and one table."""
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Iterator
 
 from atcache.build import BuildConfig, build_cache
-from atcache.synthetic import make_demo_data
-from atcache.voc import prepare_voc
+
+# Small data, few epochs: a higher learning rate and a short warm-up than ultralytics' 'auto' picks for 20 classes
+# (AdamW lr 4e-4), so that a teacher learns something in minutes. Same settings for the teacher and every student.
+DEMO_HYP = {"optimizer": "AdamW", "lr0": 0.002, "warmup_epochs": 1, "close_mosaic": 2}
+STUDENT_RUNS = ("plain", "cache", "online")
 
 
-def train_teacher(model: str, data_yaml: Path, project: Path, epochs: int, imgsz: int, device: str) -> Path:
-    """Briefly train the teacher with plain ultralytics and return its best.pt (a real user checkpoint)."""
+def train_teacher(model: str, data_yaml: Path, project: Path, epochs: int, imgsz: int, device: str,
+                  batch: int = 16) -> tuple[Path, dict]:
+    """Briefly train the teacher with plain ultralytics; its best.pt (a real user checkpoint) and final metrics."""
     from ultralytics import YOLO
 
-    YOLO(model).train(
-        data=str(data_yaml), epochs=epochs, imgsz=imgsz, batch=16, workers=2, device=device, project=str(project),
+    yolo = YOLO(model)
+    yolo.train(
+        data=str(data_yaml), epochs=epochs, imgsz=imgsz, batch=batch, workers=2, device=device, project=str(project),
         name="teacher", exist_ok=True, plots=False, amp=device != "cpu", verbose=False, seed=0, deterministic=True,
+        **DEMO_HYP,
     )
-    return project / "teacher" / "weights" / "best.pt"
+    trainer = yolo.trainer
+    return Path(trainer.best), {k: float(v) for k, v in (trainer.metrics or {}).items() if k.startswith("metrics/")}
 
 
 def run_demo(out: Path, images: int, imgsz: int, teacher: str, teacher_epochs: int, device: str, quick: bool,
-             student: str = "yolo11n.yaml", student_epochs: int = 3) -> Iterator[str]:
-    """Generate VOC-format data, convert it with prepare-voc, train a teacher briefly, build its cache, then train
-    the student from the cache (the teacher is not loaded for that)."""
+             student: str = "yolo11n.yaml", student_epochs: int = 3, batch: int = 16) -> Iterator[str]:
+    """Generate VOC-format data, convert it with prepare-voc, train a teacher briefly, build its cache, then train the
+    student plain, from the cache and online for the same epochs; write the comparison into OUT/demo_results.*"""
+    from atcache.measure import device_name, measure_training
+    from atcache.synthetic import make_demo_data
+    from atcache.train import DistillSettings
+    from atcache.voc import prepare_voc
+
     if quick:
         images, imgsz = min(images, 40), min(imgsz, 64)
         teacher_epochs, student_epochs = min(teacher_epochs, 1), min(student_epochs, 1)
     out = Path(out).resolve()
+    t_start = time.perf_counter()
     devkit = make_demo_data(out / "data", images=images, size=max(2 * imgsz, 96), seed=0)
     yield f"data: {images} synthetic images in VOCdevkit format at {devkit}"
     data_yaml = prepare_voc(devkit, out / "data" / "VOC")
     yield f"prepare-voc: {data_yaml}"
+    teacher_metrics: dict = {}
+    teacher_model = teacher
     if teacher_epochs > 0 and not teacher.endswith(".pt"):
         t0 = time.perf_counter()
-        teacher = str(train_teacher(teacher, data_yaml, out, teacher_epochs, imgsz, device))
-        yield f"teacher: {teacher_epochs} epoch(s) in {time.perf_counter() - t0:.0f}s -> {teacher}"
+        best, teacher_metrics = train_teacher(teacher, data_yaml, out, teacher_epochs, imgsz, device, batch)
+        yield f"teacher: {teacher} {teacher_epochs} epoch(s) in {time.perf_counter() - t0:.0f}s -> {best}"
+        teacher = str(best)
     cache = out / "teacher_cache.zarr"
     report = build_cache(BuildConfig(
         teacher=teacher, data=str(data_yaml), out=str(cache), split="train", imgsz=imgsz, batch=16, device=device,
@@ -45,16 +63,65 @@ def run_demo(out: Path, images: int, imgsz: int, teacher: str, teacher_epochs: i
     ))
     yield f"build-cache: {report.summary()}"
     yield from (f"warning: {w}" for w in report.warnings)
-    if student_epochs > 0:
-        from atcache.store import CacheStore
-        from atcache.train import DistillSettings, train_student
+    if student_epochs <= 0:
+        return
 
-        layers = tuple((i, i) for i in CacheStore.open(cache).spec.layer_indices)
+    from atcache.store import CacheStore
+
+    layers = tuple((i, i) for i in CacheStore.open(cache).spec.layer_indices)
+    plan = {
+        "plain": DistillSettings(mode="plain"),
+        "cache": DistillSettings(mode="cache", cache=str(cache), layers=layers),
+        "online": DistillSettings(mode="online", teacher=teacher, layers=layers),
+    }
+    overrides = {"model": student, "data": str(data_yaml), "epochs": student_epochs, "imgsz": imgsz, "batch": batch,
+                 "device": device, "workers": 2, "project": str(out / "students"), "exist_ok": True, "plots": False,
+                 "seed": 0, "deterministic": True, **DEMO_HYP}
+    students = {}
+    for name, settings in plan.items():
         t0 = time.perf_counter()
-        trainer = train_student(
-            DistillSettings(mode="cache", cache=str(cache), layers=layers),
-            {"model": student, "data": str(data_yaml), "epochs": student_epochs, "imgsz": imgsz, "batch": 16,
-             "device": device, "project": str(out), "name": "student", "exist_ok": True, "plots": False, "seed": 0},
-        )
-        yield (f"train-from-cache: {student} {student_epochs} epoch(s) in {time.perf_counter() - t0:.0f}s -> "
-               f"{trainer.best} (results: {trainer.csv})")
+        students[name] = measure_training(settings, {**overrides, "name": name}, loader_samples=0, quiet=True)
+        yield (f"student {name}: {student} {student_epochs} epoch(s) in {time.perf_counter() - t0:.0f}s -> "
+               f"{students[name]['save_dir']}")
+    results = {
+        "device": device_name(device if device == "cpu" else f"cuda:{device}"),
+        "data": {"images": images, "train_images": students["plain"]["train_images"], "imgsz": imgsz},
+        "teacher": {"model": teacher_model, "checkpoint": teacher, "epochs": teacher_epochs, "metrics": teacher_metrics},
+        "student": {"model": student, "epochs": student_epochs, "batch": batch, "hyp": DEMO_HYP},
+        "cache": {"path": str(cache), "bytes": report.store_bytes, "bytes_per_image": report.bytes_per_image,
+                  "build_img_per_s": report.img_per_s},
+        "runs": students,
+        "seconds": time.perf_counter() - t_start,
+    }
+    table = results_table(results)
+    (out / "demo_results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / "demo_results.md").write_text(table + "\n")
+    yield ""
+    yield from table.splitlines()
+    yield ""
+    yield f"results: {out / 'demo_results.md'} and {out / 'demo_results.json'} ({results['seconds']:.0f}s in all)"
+
+
+def results_table(results: dict) -> str:
+    """The demo's comparison as a Markdown table: accuracy, speed, memory, and what the cache costs on disk."""
+    runs, cache = results["runs"], results["cache"]
+    mem = "peak CUDA GB" if runs["plain"]["mem_kind"] == "cuda_max_allocated" else "peak RSS GB"
+    labels = {"plain": "`train` (student alone)", "cache": "`train-from-cache` (warp targets)",
+              "online": "`train-online` (teacher every step)"}
+    lines = [f"| trainer | mAP50 | mAP50-95 | s/epoch | img/s | {mem} | cache |", "|---|---|---|---|---|---|---|"]
+    for name in STUDENT_RUNS:
+        r = runs[name]
+        m = r.get("metrics", {})
+        size = (f"{cache['bytes'] / 1e6:.2f} MB, {cache['bytes_per_image'] / 1e3:.1f} KB/image" if name == "cache"
+                else "-")
+        lines.append(f"| {labels[name]} | {m.get('metrics/mAP50(B)', 0):.3f} | {m.get('metrics/mAP50-95(B)', 0):.3f} | "
+                     f"{r['mean_epoch_s']:.1f} | {r['img_per_s']:.1f} | {r['peak_mem_gb']:.2f} | {size} |")
+    t = results["teacher"]["metrics"]
+    if t:
+        lines.append(f"| teacher {Path(results['teacher']['model']).stem} (reference) | "
+                     f"{t.get('metrics/mAP50(B)', 0):.3f} | {t.get('metrics/mAP50-95(B)', 0):.3f} | | | | |")
+    d, s = results["data"], results["student"]
+    lines += ["", f"{s['model']} student, {s['epochs']} epochs each, batch {s['batch']}, imgsz {d['imgsz']}, "
+                  f"{d['train_images']} training images; s/epoch includes validation, img/s is the median training "
+                  f"step; device: {results['device']}."]
+    return "\n".join(lines)

@@ -97,7 +97,7 @@ def check_settings(s: DistillSettings, imgsz: int, data: str, rect: bool = False
     if not s.layers:
         raise AtcacheError("attention transfer needs at least one layer (--layers)")
     if s.mode == "online":
-        if not Path(s.teacher).is_file():
+        if Path(s.teacher).suffix.lower() not in (".yaml", ".yml") and not Path(s.teacher).is_file():
             raise AtcacheError(f"teacher {s.teacher} does not exist; pass the path of your trained checkpoint (.pt)")
         return s.p, s.kind, EPS
     if s.targets not in TARGET_MODES:

@@ -1,5 +1,6 @@
 """The command line through typer's CliRunner: help everywhere, and one clear line (no traceback) for bad input."""
 
+import json
 import shutil
 
 import pytest
@@ -10,7 +11,7 @@ from atcache.cli import app
 from conftest import TEST_IMGSZ
 
 runner = CliRunner()
-COMMANDS = ["make-demo-data", "prepare-voc", "build-cache", "train", "train-from-cache", "train-online", "demo"]
+COMMANDS = ["make-demo-data", "prepare-voc", "build-cache", "train", "train-from-cache", "train-online", "demo", "bench"]
 
 
 def run(*args):
@@ -95,10 +96,20 @@ def test_make_demo_data_and_prepare_voc(tmp_path):
 def test_demo_quick(tmp_path):
     result = run("demo", "--out", tmp_path / "demo", "--quick", "--teacher", "yolo11n.yaml")
     assert result.exit_code == 0, result.output
-    assert "build-cache:" in result.output and "teacher: 1 epoch(s)" in result.output
-    assert (tmp_path / "demo" / "teacher" / "weights" / "best.pt").is_file()
-    assert (tmp_path / "demo" / "teacher" / "results.csv").is_file()
-    assert zarr.open_group(str(tmp_path / "demo" / "teacher_cache.zarr"), mode="r")["done"][:].all()
-    assert "train-from-cache: yolo11n.yaml 1 epoch(s)" in result.output
-    header = (tmp_path / "demo" / "student" / "results.csv").read_text().splitlines()[0]
-    assert "train/at_loss" in header and (tmp_path / "demo" / "student" / "weights" / "best.pt").is_file()
+    assert "build-cache:" in result.output and "teacher: yolo11n.yaml 1 epoch(s)" in result.output
+    demo = tmp_path / "demo"
+    assert (demo / "teacher" / "weights" / "best.pt").is_file() and (demo / "teacher" / "results.csv").is_file()
+    assert zarr.open_group(str(demo / "teacher_cache.zarr"), mode="r")["done"][:].all()
+    for name in ("plain", "cache", "online"):
+        header = (demo / "students" / name / "results.csv").read_text().splitlines()[0]
+        assert ("train/at_loss" in header) == (name != "plain")
+        assert (demo / "students" / name / "weights" / "best.pt").is_file()
+    results = json.loads((demo / "demo_results.json").read_text())
+    for name in ("plain", "cache", "online"):
+        run_ = results["runs"][name]
+        assert run_["finished"] and run_["img_per_s"] > 0 and run_["peak_mem_gb"] > 0 and len(run_["epoch_s"]) == 1
+        assert set(run_["metrics"]) >= {"metrics/mAP50(B)", "metrics/mAP50-95(B)"}
+    assert results["cache"]["bytes_per_image"] > 0
+    table = (demo / "demo_results.md").read_text()
+    assert table.count("| `train") == 3 and "KB/image" in table and "mAP50-95" in table
+    assert table.splitlines()[0] in result.output

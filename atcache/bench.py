@@ -1,0 +1,332 @@
+"""`atcache bench`: the three trainers, the build against pure teacher inference, the loader's target throughput and
+the storage precision, measured side by side in one run on one device, with the ratios the product promises."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from atcache.build import DEFAULT_LAYERS, BuildConfig, build_cache, resolve_device
+from atcache.data import LetterboxedImages, SplitFiles, split_files
+from atcache.errors import AtcacheError
+
+# Goals for the reference setup (GPU, YOLO11m -> YOLO11s, imgsz 640, batch 64): ratio name -> (comparison, value)
+GOALS = {
+    "cache_over_plain": (">=", 0.97),
+    "cache_over_online": (">=", 1.8),
+    "mem_cache_over_plain": ("<=", 1.05),
+    "build_over_inference": (">=", 0.90),
+}
+GOAL_SETUP = {"teacher": "yolo11m", "student": "yolo11s", "imgsz": 640, "batch": 64}
+TRAINERS = ("plain", "cache", "online")
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """What `atcache bench` measures, and on what."""
+
+    out: str = "runs/bench"
+    data: str = ""  # '' -> synthetic VOC-format data generated into OUT/data
+    teacher: str = "yolo11m.yaml"
+    student: str = "yolo11s.yaml"
+    layers: tuple[int, ...] = DEFAULT_LAYERS
+    imgsz: int = 640
+    batch: int = 64
+    steps: int = 30
+    warmup: int = 5
+    images: int = 0  # training images used; 0: 8 batches' worth
+    workers: int = 8
+    device: str = "cpu"
+    repeats: int = 3
+    loader_samples: int = 200
+
+    @property
+    def n_images(self) -> int:
+        return self.images or 8 * self.batch
+
+
+def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict:
+    """Measure everything, write the JSON report into OUT/bench.json, and return it."""
+    if "," in cfg.device:
+        raise AtcacheError(f"--device {cfg.device}: bench measures one device; pass one (0, 1, ... or cpu)")
+    if cfg.steps < 1 or cfg.warmup < 0 or cfg.repeats < 1:
+        raise AtcacheError("--steps and --repeats must be at least 1, --warmup at least 0")
+    for model in (cfg.teacher, cfg.student):
+        if model.endswith(".pt") and not Path(model).is_file():
+            raise AtcacheError(f"checkpoint {model} does not exist; pass a .pt you have or a model YAML (yolo11m.yaml)")
+    t0 = time.perf_counter()
+    out = Path(cfg.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(cfg.device)
+
+    data_yaml = bench_dataset(cfg, out, log)
+    split = split_files(data_yaml, "train")
+    log(f"bench: {len(split.files)} training images at imgsz {cfg.imgsz}, batch {cfg.batch}, on {_device_name(device)}")
+    cache = out / "bench_cache.zarr"
+    build = measure_build(cfg, data_yaml, split, cache, device, log)
+    storage = measure_storage(cfg, split, cache, device)
+    train = measure_trainers(cfg, data_yaml, split, cache, log)
+    loader = loader_figures(train)
+    ratios = {
+        "cache_over_plain": train["cache"]["img_per_s"] / train["plain"]["img_per_s"],
+        "cache_over_online": train["cache"]["img_per_s"] / train["online"]["img_per_s"],
+        "mem_cache_over_plain": train["cache"]["peak_mem_gb"] / train["plain"]["peak_mem_gb"],
+        "mem_online_over_plain": train["online"]["peak_mem_gb"] / train["plain"]["peak_mem_gb"],
+        "build_over_inference": build["build_img_per_s"] / build["inference_img_per_s"],
+        "loader_targets_over_training_need": loader.get("targets_over_training_need"),
+    }
+    report = {
+        "device": _device_name(device),
+        "versions": _versions(),
+        "config": asdict(cfg),
+        "ratios": ratios,
+        "goals": goals(ratios, cfg, device),
+        "train": train,
+        "build": build,
+        "loader": loader,
+        "storage": storage,
+        "seconds": time.perf_counter() - t0,
+    }
+    (out / "bench.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+# ---------------------------------------------------------------------------------------------------------- data
+def bench_dataset(cfg: BenchConfig, out: Path, log) -> Path:
+    """The first N training images (and a few validation images) of --data, or of generated synthetic data, linked
+    into OUT/data with their labels: the user's dataset folder is never written to (no label cache rewritten)."""
+    source = Path(cfg.data) if cfg.data else None
+    if source is None:
+        from atcache.synthetic import make_demo_data
+        from atcache.voc import prepare_voc
+
+        count = math.ceil(cfg.n_images / 0.75) + 8  # the synthetic train split holds ~78% of the images
+        log(f"bench: generating {count} synthetic VOC-format images")
+        devkit = make_demo_data(out / "synthetic", images=count, size=500, seed=0, progress=False)
+        source = prepare_voc(devkit, out / "synthetic" / "VOC", progress=False)
+    elif not source.is_file():
+        raise AtcacheError(f"data YAML {source} does not exist; pass the YAML written by `atcache prepare-voc` or your own")
+    train, val = split_files(source, "train"), split_files(source, "val")
+    target = out / "data"
+    if target.exists():
+        shutil.rmtree(target)
+    _link_subset(train, range(min(cfg.n_images, len(train.files))), target, "train")
+    _link_subset(val, range(min(2 * cfg.batch, len(val.files))), target, "val")
+    names = "\n".join(f"  {i}: {name}" for i, name in enumerate(train.names))
+    yaml = target / "bench.yaml"
+    yaml.write_text(f"path: {target}\ntrain: images/train\nval: images/val\nnames:\n{names}\n")
+    return yaml
+
+
+def _link_subset(split: SplitFiles, rows, target: Path, name: str) -> None:
+    from ultralytics.data.utils import img2label_paths
+
+    for row in rows:
+        image = split.absolute(row)
+        label = Path(img2label_paths([str(image)])[0])
+        flat = split.files[row].replace("/", "__")  # unique inside one folder, whatever the source layout
+        for source, dest in ((image, target / "images" / name / flat), (label, target / "labels" / name / Path(flat).with_suffix(".txt"))):
+            if not source.is_file():
+                continue  # an image without a label file is a background image for ultralytics too
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(source, dest)
+            except OSError:
+                shutil.copy2(source, dest)
+
+
+# --------------------------------------------------------------------------------------------------------- build
+def inference_pass(model, split: SplitFiles, cfg: BenchConfig, device: torch.device) -> float:
+    """Seconds for the floor: the same decoding and letterboxing as the build, then the teacher's full forward."""
+    cuda = device.type == "cuda"
+    workers = _build_workers(cfg)
+    loader = torch.utils.data.DataLoader(
+        LetterboxedImages(split, range(len(split.files)), cfg.imgsz), batch_size=cfg.batch, num_workers=workers,
+        pin_memory=cuda, prefetch_factor=4 if workers else None)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for _, images, _, _ in loader:
+            x = images.to(device, non_blocking=True).float().div_(255)
+            with torch.autocast(device.type, dtype=torch.float16, enabled=cuda):
+                model(x)
+    if cuda:
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - t0
+
+
+def measure_build(cfg: BenchConfig, data_yaml: Path, split: SplitFiles, cache: Path, device: torch.device, log) -> dict:
+    """build-cache img/s against the teacher's pure inference on the same batches, alternating, medians of repeats."""
+    from atcache.teacher import load_teacher
+
+    teacher = load_teacher(cfg.teacher, nc=len(split.names), device=device)
+    torch.backends.cudnn.benchmark = device.type == "cuda"  # as build-cache sets it
+    n = len(split.files)
+    inference_pass(teacher.model, split, cfg, device)  # warm-up: page cache, cudnn autotuning, workers
+    inference, build = [], []
+    for r in range(cfg.repeats):
+        inference.append(n / inference_pass(teacher.model, split, cfg, device))
+        report = build_cache(BuildConfig(
+            teacher=cfg.teacher, data=str(data_yaml), out=str(cache), layers=cfg.layers, imgsz=cfg.imgsz,
+            batch=cfg.batch, device=cfg.device, workers=_build_workers(cfg), overwrite=True, progress=False))
+        build.append(report.computed / report.loop_seconds)
+        log(f"bench: build {build[-1]:.1f} img/s vs teacher inference {inference[-1]:.1f} img/s (repeat {r + 1}/{cfg.repeats})")
+    del teacher
+    return {
+        "images": n, "batch": cfg.batch, "workers": _build_workers(cfg), "repeats": cfg.repeats,
+        "inference_img_per_s": statistics.median(inference), "build_img_per_s": statistics.median(build),
+        "inference_img_per_s_runs": inference, "build_img_per_s_runs": build,
+        "store_bytes": report.store_bytes, "bytes_per_image": report.bytes_per_image,
+        "warnings": report.warnings,
+    }
+
+
+def _build_workers(cfg: BenchConfig) -> int:
+    return max(0, min(cfg.workers, os.cpu_count() or 1))
+
+
+# ------------------------------------------------------------------------------------------------------- storage
+def measure_storage(cfg: BenchConfig, split: SplitFiles, cache: Path, device: torch.device, rows: int = 64) -> dict:
+    """Bytes per image, and the stored float16 maps against the same teacher run in float32 (cosine, max abs)."""
+    from atcache.attention import attention_map
+    from atcache.hooks import FeatureHooks
+    from atcache.store import CacheStore
+    from atcache.teacher import load_teacher
+
+    store = CacheStore.open(cache)
+    spec = store.spec
+    teacher = load_teacher(cfg.teacher, nc=len(split.names), device=device).model.float()
+    n = min(rows, store.n_rows)
+    loader = torch.utils.data.DataLoader(LetterboxedImages(split, range(n), cfg.imgsz), batch_size=cfg.batch)
+    cosines = {i: [] for i in cfg.layers}
+    max_abs = dict.fromkeys(cfg.layers, 0.0)
+    with torch.no_grad(), FeatureHooks(teacher, cfg.layers, stop_after_last=True) as hooks:
+        for batch_rows, images, _, _ in loader:
+            feats = hooks.run(teacher, images.to(device).float().div_(255))
+            a, b = int(batch_rows[0]), int(batch_rows[-1]) + 1
+            for layer, fm in zip(cfg.layers, feats):
+                exact = attention_map(fm.float(), spec.p, spec.kind, spec.eps).flatten(1).cpu().numpy()
+                stored = store.read_rows(layer, slice(a, b))[0].astype(np.float32).reshape(len(exact), -1)
+                cosines[layer] += _cosine(stored, exact).tolist()
+                max_abs[layer] = max(max_abs[layer], float(np.abs(stored - exact).max()))
+    raw16 = sum(layer.height * layer.width * 2 for layer in spec.layers)
+    return {
+        "map_dtype": spec.map_dtype, "rows_compared": n,
+        "bytes_per_image": store.nbytes_stored() / store.n_rows,
+        "raw_float16_bytes_per_image": raw16, "raw_float32_bytes_per_image": 2 * raw16,
+        "cosine_vs_float32": {str(i): {"mean": float(np.mean(c)), "min": float(np.min(c))} for i, c in cosines.items()},
+        "max_abs_vs_float32": {str(i): v for i, v in max_abs.items()},
+    }
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-12)
+
+
+# ------------------------------------------------------------------------------------------------------ training
+def measure_trainers(cfg: BenchConfig, data_yaml: Path, split: SplitFiles, cache: Path, log) -> dict:
+    """Each trainer for warmup + steps batches in a fresh process: same data, student, batch, device."""
+    from atcache.measure import measure_training
+    from atcache.train import DistillSettings
+
+    per_epoch = max(math.ceil(len(split.files) / cfg.batch) - 1, 1)  # step intervals inside one epoch
+    overrides = {
+        "model": cfg.student, "data": str(data_yaml), "imgsz": cfg.imgsz, "batch": cfg.batch, "device": cfg.device,
+        "workers": cfg.workers, "epochs": math.ceil((cfg.warmup + cfg.steps) / per_epoch) + 1,
+        "project": str(Path(cfg.out).resolve() / "train"), "exist_ok": True, "plots": False, "val": False,
+        "save": False, "close_mosaic": 0, "nbs": cfg.batch,  # nbs=batch: an optimizer step every batch, for all three
+        "seed": 0, "deterministic": False,
+    }
+    layers = tuple((i, i) for i in cfg.layers)
+    plan = {
+        "plain": DistillSettings(mode="plain"),
+        "cache": DistillSettings(mode="cache", cache=str(cache), layers=layers),
+        "online": DistillSettings(mode="online", teacher=cfg.teacher, layers=layers),
+    }
+    out = {}
+    for name, settings in plan.items():
+        log(f"bench: training {name} ({cfg.warmup} warm-up + {cfg.steps} measured steps)")
+        out[name] = measure_training(settings, {**overrides, "name": name}, steps=cfg.steps, warmup=cfg.warmup,
+                                     loader_samples=cfg.loader_samples if name != "online" else 0, quiet=True)
+        log(f"bench: {name}: {out[name]['img_per_s']:.1f} img/s, peak memory {out[name]['peak_mem_gb']:.2f} GB "
+            f"({out[name]['mem_kind']})")
+    return out
+
+
+def loader_figures(train: dict) -> dict:
+    """What the loader can produce (samples, and cached targets alone, times its workers) vs what training uses."""
+    plain, cache = train["plain"].get("loader", {}), train["cache"].get("loader", {})
+    workers = max(train["cache"]["workers"], 1)
+    need = train["cache"]["img_per_s"]
+    out = {
+        "workers": train["cache"]["workers"],
+        "plain_samples_per_s_per_worker": plain.get("samples_per_s"),
+        "cache_samples_per_s_per_worker": cache.get("samples_per_s"),
+        "targets_per_s_per_worker": cache.get("targets_per_s"),
+        "training_need_img_per_s": need,
+    }
+    if cache.get("targets_per_s"):
+        out["targets_over_training_need"] = workers * cache["targets_per_s"] / need
+        out["cache_samples_over_training_need"] = workers * cache["samples_per_s"] / need
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------- summary
+def goals(ratios: dict, cfg: BenchConfig, device: torch.device) -> dict:
+    """Each goal with its value and whether it is met; `reference_setup` says if this run is the setup they are for."""
+    reference = device.type == "cuda" and all(
+        Path(str(getattr(cfg, k))).stem == v if isinstance(v, str) else getattr(cfg, k) == v for k, v in GOAL_SETUP.items())
+    out = {"reference_setup": reference, "setup": "GPU, " + ", ".join(f"{k} {v}" for k, v in GOAL_SETUP.items())}
+    for name, (op, target) in GOALS.items():
+        value = ratios[name]
+        out[name] = {"goal": f"{op} {target}", "value": value, "met": value >= target if op == ">=" else value <= target}
+    return out
+
+
+def format_report(report: dict) -> str:
+    """The bench as a few readable lines (the JSON has everything)."""
+    t, b, s, r = report["train"], report["build"], report["storage"], report["ratios"]
+    lines = [f"device: {report['device']}", "", f"{'trainer':<8} {'img/s':>9} {'median step s':>14} {'peak mem GB':>12}"]
+    lines += [f"{k:<8} {t[k]['img_per_s']:>9.1f} {t[k]['median_step_s']:>14.4f} {t[k]['peak_mem_gb']:>12.2f}" for k in TRAINERS]
+    lines += ["", f"build {b['build_img_per_s']:.1f} img/s vs teacher inference {b['inference_img_per_s']:.1f} img/s",
+              f"store {s['bytes_per_image'] / 1e3:.1f} KB/image ({s['map_dtype']}; raw {s['raw_float16_bytes_per_image'] / 1e3:.1f} KB); "
+              f"cosine vs float32 >= {min(v['min'] for v in s['cosine_vs_float32'].values()):.6f}"]
+    loader = report["loader"]
+    if loader.get("targets_per_s_per_worker"):
+        lines.append(f"loader: {loader['targets_per_s_per_worker']:.0f} targets/s per worker x {max(loader['workers'], 1)} "
+                     f"vs training need {loader['training_need_img_per_s']:.1f} img/s")
+    lines += ["", "ratios:"]
+    for name, value in r.items():
+        goal = report["goals"].get(name)
+        mark = f"   goal {goal['goal']}: {'met' if goal['met'] else 'missed'}" if goal else ""
+        lines.append(f"  {name:<34} {value:>7.3f}{mark}" if value is not None else f"  {name:<34}     n/a")
+    if not report["goals"]["reference_setup"]:
+        lines.append(f"  (goals are set for {report['goals']['setup']}; this run is not that setup)")
+    return "\n".join(lines)
+
+
+def _device_name(device: torch.device) -> str:
+    from atcache.measure import device_name
+
+    return device_name(device)
+
+
+def _versions() -> dict:
+    import dask
+    import numcodecs
+    import ultralytics
+    import zarr
+
+    from atcache import __version__
+
+    return {"atcache": __version__, "torch": torch.__version__, "cuda": torch.version.cuda, "ultralytics": ultralytics.__version__,
+            "zarr": zarr.__version__, "numcodecs": numcodecs.__version__, "dask": dask.__version__}

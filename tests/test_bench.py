@@ -1,0 +1,98 @@
+"""`atcache bench` end to end on a CPU for a few steps: every field of the JSON, ratios that follow from the raw
+figures, the user's dataset left untouched, and one-line refusals."""
+
+import json
+import math
+
+import pytest
+from typer.testing import CliRunner
+
+from atcache.cli import app
+from conftest import TEST_IMGSZ
+
+runner = CliRunner()
+STEPS, WARMUP, BATCH = 3, 1, 4
+
+
+def snapshot(folder):
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+@pytest.fixture(scope="module")
+def bench(voc_yaml, teacher_pt, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    before = snapshot(voc_yaml.parent)
+    result = runner.invoke(app, [str(a) for a in (
+        "bench", "--data", voc_yaml, "--teacher", teacher_pt, "--student", "yolo11n.yaml", "--layers", "6,16,22",
+        "--imgsz", TEST_IMGSZ, "--batch", BATCH, "--steps", STEPS, "--warmup", WARMUP, "--images", 16,
+        "--repeats", 1, "--device", "cpu", "--out", out, "--json", out / "copy.json")])
+    assert result.exit_code == 0, result.output
+    return json.loads((out / "bench.json").read_text()), result, out, before, voc_yaml
+
+
+def test_report_has_every_field(bench):
+    report, result, out, _, _ = bench
+    assert json.loads((out / "copy.json").read_text()) == report
+    for key in ("cache_over_plain", "cache_over_online", "mem_cache_over_plain", "build_over_inference"):
+        assert report["ratios"][key] > 0
+    assert report["device"].startswith("CPU") and report["versions"]["ultralytics"]
+    for name in ("plain", "cache", "online"):
+        run = report["train"][name]
+        assert run["steps"] == STEPS and len(run["step_s"]) == STEPS and run["batch"] == BATCH
+        assert run["img_per_s"] == pytest.approx(BATCH / run["median_step_s"])
+        assert run["peak_mem_gb"] > 0.1 and run["mem_kind"] == "peak_rss"
+    assert report["build"]["build_img_per_s"] > 0 and report["build"]["inference_img_per_s"] > 0
+    assert report["loader"]["targets_per_s_per_worker"] > 0 and report["loader"]["plain_samples_per_s_per_worker"] > 0
+    assert report["storage"]["bytes_per_image"] > 0 and report["storage"]["map_dtype"] == "float16"
+    assert set(report["storage"]["cosine_vs_float32"]) == {"6", "16", "22"}
+    assert report["goals"]["reference_setup"] is False and "met" in report["goals"]["cache_over_plain"]
+    assert "cache_over_online" in result.output and "peak mem GB" in result.output
+
+
+def test_ratios_follow_from_the_raw_figures(bench):
+    report = bench[0]
+    t, r = report["train"], report["ratios"]
+    assert r["cache_over_plain"] == pytest.approx(t["cache"]["img_per_s"] / t["plain"]["img_per_s"])
+    assert r["cache_over_online"] == pytest.approx(t["cache"]["img_per_s"] / t["online"]["img_per_s"])
+    assert r["mem_cache_over_plain"] == pytest.approx(t["cache"]["peak_mem_gb"] / t["plain"]["peak_mem_gb"])
+    b = report["build"]
+    assert r["build_over_inference"] == pytest.approx(b["build_img_per_s"] / b["inference_img_per_s"])
+    assert report["loader"]["training_need_img_per_s"] == t["cache"]["img_per_s"]
+
+
+def test_float16_storage_is_close_to_float32(bench):
+    storage = bench[0]["storage"]
+    for layer, cos in storage["cosine_vs_float32"].items():
+        assert cos["min"] > 0.999, (layer, cos)
+        assert storage["max_abs_vs_float32"][layer] < 2e-3
+    assert storage["bytes_per_image"] == pytest.approx(bench[0]["build"]["bytes_per_image"])
+    assert storage["raw_float16_bytes_per_image"] == 2 * (8 * 8 + 4 * 4 + 2 * 2)  # layers 6, 16, 22 at 64 px
+
+
+def test_uses_a_linked_subset_and_leaves_the_dataset_alone(bench):
+    report, _, out, before, voc_yaml = bench
+    assert snapshot(voc_yaml.parent) == before  # no label cache or anything else written into the user's dataset
+    train = list((out / "data" / "images" / "train").iterdir())
+    assert len(train) == 16 and len(list((out / "data" / "labels" / "train").iterdir())) == 16
+    assert report["build"]["images"] == 16 and report["train"]["plain"]["train_images"] == 16
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--device", "0,1"], "one device"),
+    (["--teacher", "nowhere/teacher.pt"], "nowhere/teacher.pt does not exist"),
+    (["--steps", "0"], "--steps"),
+    (["--data", "nowhere.yaml"], "nowhere.yaml does not exist"),
+])
+def test_refusals_are_one_line(args, needle, tmp_path):
+    result = runner.invoke(app, ["bench", "--device", "cpu", "--out", str(tmp_path), *args])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert needle in result.output.strip().splitlines()[-1]
+
+
+def test_step_figures_use_intervals_inside_epochs():
+    from atcache.measure import step_figures
+
+    ends = [(0, 0.0), (0, 1.0), (0, 3.0), (1, 10.0), (1, 11.0), (1, 12.5)]
+    figures = step_figures(ends, batch=8, warmup=1)
+    assert figures["step_s"] == [2.0, 1.0, 1.5]  # the 3.0 -> 10.0 gap spans an epoch end and is not a step
+    assert figures["median_step_s"] == 1.5 and math.isclose(figures["img_per_s"], 8 / 1.5)
