@@ -23,3 +23,19 @@ def test_voc_build_cache_pipeline_two_shards(voc_devkit, teacher_pt, built_cache
     assert list(ours["files"][:]) == list(reference["files"][:])
     # built with chunk_rows 256 (one chunk) instead of 8, batches differ: equal within float noise
     np.testing.assert_allclose(ours["maps/16"][:].astype(np.float32), reference["maps/16"][:].astype(np.float32), atol=2e-3)
+
+
+def test_voc_seed_experiment_dry_run(voc_devkit, teacher_pt, tmp_path):
+    """The seed experiment script as shipped, at toy scale: prepare, cache, three trainers, bench."""
+    env = dict(os.environ, VOCDEVKIT=str(voc_devkit), TEACHER=str(teacher_pt), DATASET=str(tmp_path / "VOC"),
+               CACHE=str(tmp_path / "caches" / "voc.zarr"), PROJECT=str(tmp_path / "runs"), IMGSZ="64", BATCH="4",
+               EPOCHS="1", STUDENT="yolo11n.yaml", DEVICE="cpu", NGPU="1",
+               BENCH_ARGS="--steps 2 --warmup 1 --images 8 --repeats 1",
+               PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    result = subprocess.run(["bash", str(REPO / "pipelines" / "voc_seed_experiment.sh")], env=env, capture_output=True,
+                            text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for name in ("from_cache", "plain", "online"):
+        header = (tmp_path / "runs" / name / "results.csv").read_text().splitlines()[0]
+        assert ("train/at_loss" in header) == (name != "plain")
+    assert "cache_over_plain" in (tmp_path / "runs" / "bench.json").read_text()

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# `atcache bench` in the two configurations the README reports, raw JSON into pipelines/results/.
+#
+#   bash pipelines/bench.sh gpu   # the goal setup: YOLO11m -> YOLO11s, imgsz 640, batch 64, on GPU 0 (DATA=VOC.yaml to
+#                                 # use real VOC; TEACHER=best.pt for a trained teacher; default: synthetic, random init)
+#   bash pipelines/bench.sh cpu   # the same pair at imgsz 320, batch 8, on a CPU (a few minutes on 2 cores)
+set -euo pipefail
+MODE=${1:?usage: bench.sh gpu|cpu}
+TEACHER=${TEACHER:-yolo11m.yaml}
+DATA_ARGS=()
+if [ -n "${DATA:-}" ]; then DATA_ARGS=(--data "$DATA"); fi
+case "$MODE" in
+  gpu) atcache bench "${DATA_ARGS[@]}" --teacher "$TEACHER" --student yolo11s.yaml --imgsz 640 --batch 64 --steps 30 \
+         --warmup 10 --workers 8 --device "${DEVICE:-0}" --out runs/bench_gpu --json pipelines/results/bench_gpu.json ;;
+  cpu) atcache bench "${DATA_ARGS[@]}" --teacher "$TEACHER" --student yolo11s.yaml --imgsz 320 --batch 8 --steps 10 \
+         --warmup 2 --images 64 --device cpu --out runs/bench_cpu --json pipelines/results/bench_cpu.json ;;
+  *) echo "usage: bench.sh gpu|cpu" >&2; exit 2 ;;
+esac
