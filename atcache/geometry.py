@@ -12,7 +12,7 @@ sources have value 0 (the grey fill of ultralytics' augmentations carries no cac
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Union
+from typing import Callable, Sequence, Union
 
 import numpy as np
 
@@ -52,6 +52,8 @@ class Blend:
 View = Union[Source, Canvas, Blend]
 # leaf(source, xy (P, 2) in the source's pixel coordinates) -> values (P,) at points inside the source
 Leaf = Callable[[Source, np.ndarray], np.ndarray]
+# the same with the grid index (P,) of each point, for render_grids
+GridLeaf = Callable[[Source, np.ndarray, np.ndarray], np.ndarray]
 
 
 def translation(dx: float, dy: float) -> np.ndarray:
@@ -96,12 +98,17 @@ def apply_inverse(matrix: np.ndarray, xy: np.ndarray) -> np.ndarray:
 
 def evaluate(view: View, xy: np.ndarray, leaf: Leaf) -> tuple[np.ndarray, np.ndarray]:
     """(values (P,), covered (P,) bool) of `view` at points xy (P, 2) given in the view's pixel coordinates."""
+    return _evaluate(view, xy, np.arange(len(xy)), lambda source, pts, _: leaf(source, pts))
+
+
+def _evaluate(view: View, xy: np.ndarray, ids: np.ndarray, leaf) -> tuple[np.ndarray, np.ndarray]:
+    """evaluate() that carries each point's original index to the leaf (one walk of the tree serves many grids)."""
     values = np.zeros(len(xy), dtype=np.float64)
     covered = np.zeros(len(xy), dtype=bool)
     if isinstance(view, Source):
         ok = inside(xy, view.shape)
         if ok.any():
-            values[ok] = leaf(view, xy[ok])
+            values[ok] = leaf(view, xy[ok], ids[ok])
         return values, ok
     if isinstance(view, Canvas):
         for placed in view.layers:
@@ -109,14 +116,14 @@ def evaluate(view: View, xy: np.ndarray, leaf: Leaf) -> tuple[np.ndarray, np.nda
             ok = inside(pts, placed.view.shape)
             if not ok.any():
                 continue
-            v, c = evaluate(placed.view, pts[ok], leaf)
+            v, c = _evaluate(placed.view, pts[ok], ids[ok], leaf)
             idx = np.flatnonzero(ok)[c]
             values[idx] = v[c]
             covered[idx] = True
         return values, covered
     if isinstance(view, Blend):
         for part, weight in view.parts:
-            v, c = evaluate(part, xy, leaf)
+            v, c = _evaluate(part, xy, ids, leaf)
             values += weight * v
             covered |= c
         return values, covered
@@ -136,6 +143,17 @@ def render(view: View, stride: int, leaf: Leaf) -> np.ndarray:
     xy, grid = cell_centres(view.shape, stride)
     values, _ = evaluate(view, xy, leaf)
     return values.reshape(grid)
+
+
+def render_grids(view: View, strides: Sequence[int], leaf: GridLeaf) -> list[np.ndarray]:
+    """render() at several strides in one walk of the view tree: the cell centres of every grid go down together and
+    leaf(source, xy, grid) receives each point's grid index (0..len(strides)-1)."""
+    grids = [cell_centres(view.shape, s) for s in strides]
+    bounds = np.cumsum([0] + [len(xy) for xy, _ in grids])
+    xy = np.concatenate([xy for xy, _ in grids])
+    values, _ = _evaluate(view, xy, np.arange(len(xy)),
+                          lambda source, pts, ids: leaf(source, pts, np.searchsorted(bounds, ids, side="right") - 1))
+    return [values[a:b].reshape(shape) for a, b, (_, shape) in zip(bounds[:-1], bounds[1:], grids)]
 
 
 def bilinear(grid: np.ndarray, u: np.ndarray, v: np.ndarray) -> np.ndarray:

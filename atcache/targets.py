@@ -27,7 +27,7 @@ from ultralytics.data.dataset import YOLODataset
 
 from atcache.errors import AtcacheError
 from atcache.geometry import (
-    Blend, Canvas, Placed, Source, View, bilinear, flip_matrix, render, resize_matrix, translation, warp,
+    Blend, Canvas, Placed, Source, View, bilinear, flip_matrix, render_grids, resize_matrix, translation, warp,
 )
 from atcache.data import SplitFiles, relative_to_root
 from atcache.spec import CacheSpec
@@ -97,11 +97,17 @@ class CacheTargets:
 
     def warped(self, view: View) -> list[np.ndarray]:
         """Per layer: the view rendered from cached energy at the layer's stride, renormalised, float32."""
-        out = []
-        for layer in self.layers:
-            e = render(view, self.stride(layer), self.leaf(layer))
-            out.append((e / (np.linalg.norm(e) + self.spec.eps)).astype(np.float32))
-        return out
+        leaves = [self.leaf(layer) for layer in self.layers]
+
+        def sample(source: Source, xy: np.ndarray, grid: np.ndarray) -> np.ndarray:
+            out = np.empty(len(xy), dtype=np.float64)
+            for k in np.unique(grid):
+                mask = grid == k
+                out[mask] = leaves[k](source, xy[mask])
+            return out
+
+        energies = render_grids(view, [self.stride(layer) for layer in self.layers], sample)
+        return [(e / (np.linalg.norm(e) + self.spec.eps)).astype(np.float32) for e in energies]
 
     def static(self, row: int) -> list[np.ndarray]:
         """Per layer: the stored map A of `row` (the exact target for the un-augmented letterboxed image)."""

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from atcache.geometry import (
-    Blend, Canvas, Placed, Source, apply_inverse, bilinear, flip_matrix, render, resize_matrix, translation,
-    warp,
+    Blend, Canvas, Placed, Source, apply_inverse, bilinear, flip_matrix, render, render_grids, resize_matrix,
+    translation, warp,
 )
 
 STRIDE = 8
@@ -103,3 +103,23 @@ def test_resize_and_warp_reproduce_opencv_images():
     out = render(warp(src, np.vstack([m, [0, 0, 1]]), (40, 60)), 1, leaf)
     inner = (slice(10, 30), slice(15, 45))
     np.testing.assert_allclose(out[inner], warped[inner], atol=2e-3)  # OpenCV interpolates in 1/32-pixel steps
+
+
+def test_render_grids_equals_one_render_per_stride():
+    """One walk for several strides (how cached targets render all layers) == a render per stride."""
+    rng = np.random.default_rng(1)
+    maps = {s: {r: rng.random((64 // s, 64 // s)) for r in range(2)} for s in (4, 8, 16)}
+    tiles = Canvas((96, 96), (Placed(Source(0, (64, 64)), translation(-20, 8)), Placed(Source(1, (64, 64)), translation(40, 36))))
+    theta = np.array([[0.9, 0.2, 5.0], [-0.15, 1.1, -7.0], [0.0005, 0.0003, 1.0]])
+    view = Blend((96, 96), ((warp(tiles, theta, (96, 96)), 0.6), (warp(Source(1, (64, 64)), flip_matrix((64, 64), "horizontal"), (96, 96)), 0.4)))
+    strides = (8, 4, 16, 8)
+    leaves = [grid_leaf(maps[s], s) for s in strides]
+
+    def leaf(source, xy, grid):
+        out = np.empty(len(xy))
+        for k in np.unique(grid):
+            out[grid == k] = leaves[k](source, xy[grid == k])
+        return out
+
+    for got, s, single in zip(render_grids(view, strides, leaf), strides, leaves):
+        np.testing.assert_array_equal(got, render(view, s, single))
