@@ -9,7 +9,7 @@ import os
 import shutil
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -71,6 +71,14 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict:
 
     data_yaml = bench_dataset(cfg, out, log)
     split = split_files(data_yaml, "train")
+    requested = cfg
+    if Path(cfg.teacher).suffix.lower() in (".yaml", ".yml"):
+        from atcache.teacher import save_random_teacher
+
+        # ultralytics' stock init leaves every deep map ~eps: same speed, but no precision figure worth reading
+        teacher = save_random_teacher(cfg.teacher, out / "bench_teacher.pt", nc=len(split.names), imgsz=cfg.imgsz)
+        log(f"bench: {cfg.teacher} -> random teacher with He-normal init (O(1) maps) at {teacher}")
+        cfg = replace(cfg, teacher=str(teacher))
     log(f"bench: {len(split.files)} training images at imgsz {cfg.imgsz}, batch {cfg.batch}, on {_device_name(device)}")
     cache = out / "bench_cache.zarr"
     build = measure_build(cfg, data_yaml, split, cache, device, log)
@@ -88,9 +96,10 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict:
     report = {
         "device": _device_name(device),
         "versions": _versions(),
-        "config": asdict(cfg),
+        "config": asdict(requested),
+        "teacher_used": cfg.teacher,
         "ratios": ratios,
-        "goals": goals(ratios, cfg, device),
+        "goals": goals(ratios, requested, device),
         "train": train,
         "build": build,
         "loader": loader,

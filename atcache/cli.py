@@ -284,9 +284,9 @@ def demo_cmd(
     images: Annotated[int, typer.Option(help="Synthetic images to generate.")] = 200,
     imgsz: Annotated[int, typer.Option(help="Image size.")] = 128,
     teacher: Annotated[str, typer.Option(help="Teacher: a model YAML (trained here first) or a ready .pt.")] = "yolo11s.yaml",
-    teacher_epochs: Annotated[int, typer.Option(help="Epochs to train a YAML teacher before caching it (0: random init).")] = 5,
+    teacher_epochs: Annotated[int, typer.Option(help="Epochs to train a YAML teacher before caching it (0: random init).")] = 20,
     student: Annotated[str, typer.Option(help="Student trained from the cache: a model YAML or a .pt.")] = "yolo11n.yaml",
-    student_epochs: Annotated[int, typer.Option(help="Epochs of each student run: plain, from the cache, online (0: stop after the cache).")] = 3,
+    student_epochs: Annotated[int, typer.Option(help="Epochs of each student run: plain, from the cache, online (0: stop after the cache).")] = 15,
     device: Annotated[str, typer.Option(help="cpu or a CUDA index.")] = "cpu",
     quick: Annotated[bool, typer.Option(help="Tiny sizes, for tests.")] = False,
 ):
@@ -334,6 +334,110 @@ def bench_cmd(
         json_out.parent.mkdir(parents=True, exist_ok=True)
         json_out.write_text(json.dumps(report, indent=2) + "\n")
     typer.echo(f"report: {json_out or Path(cfg.out) / 'bench.json'}")
+
+
+WorkersOpt = Annotated[Optional[int], typer.Option(help="dask threads (default: one per core).")]
+SchedulerOpt = Annotated[Optional[str], typer.Option(help="A dask.distributed scheduler address (tcp://host:8786) to compute on.")]
+
+
+@app.command("inspect")
+@_friendly
+def inspect_cmd(
+    cache: Annotated[Path, typer.Argument(help="The cache store (.zarr).")],
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the full report (histograms, heatmaps) here.")] = None,
+    verify: Annotated[bool, typer.Option(help="Decode every chunk and check its crc32c; exit 1 if any is corrupted.")] = False,
+    compare: Annotated[Optional[Path], typer.Option(help="Another cache: per-layer cosine and AT distance over common images.")] = None,
+    workers: WorkersOpt = None,
+    scheduler: SchedulerOpt = None,
+):
+    """Statistics of a cache computed with dask, chunk by chunk: rows done, NaN/Inf, norms, value distributions, peak
+    heatmap, entropy; optionally an integrity check and a comparison with another cache."""
+    import json
+
+    from atcache.inspection import compare_caches, format_inspection, inspect_cache, verify_cache
+
+    if not cache.exists():
+        raise AtcacheError(f"cache {cache} does not exist; pass the store written by build-cache")
+    corrupted = verify_cache(cache, workers=workers, scheduler=scheduler) if verify else []
+    for c in corrupted:
+        typer.echo(f"corrupted: {c['array']} chunk {c['chunk']} (rows {c['rows'][0]}-{c['rows'][1] - 1}): {c['error']}")
+    if corrupted:
+        typer.echo(f"atcache: error: {len(corrupted)} corrupted chunk(s) in {cache} (listed above); rebuild the cache "
+                   "with build-cache --overwrite", err=True)
+        raise typer.Exit(1)
+    report = inspect_cache(cache, workers=workers, scheduler=scheduler)
+    typer.echo(format_inspection(report))
+    if verify:
+        report["verify"] = {"corrupted": []}
+        typer.echo("verify: every chunk decodes and its checksum matches")
+    if compare is not None:
+        if not compare.exists():
+            raise AtcacheError(f"cache {compare} does not exist; pass a second store to --compare")
+        report["compare"] = compare_caches(cache, compare, workers=workers, scheduler=scheduler)
+        typer.echo(f"\ncompared with {compare} over {report['compare']['common_images']} common images:")
+        for i, c in report["compare"]["layers"].items():
+            typer.echo(f"  layer {i:>3}: cosine mean {c['cosine']['mean']:.6f} p5 {c['cosine']['p5']:.6f} min "
+                       f"{c['cosine']['min']:.6f}; AT distance mean {c['at_distance']['mean']:.4g} p95 {c['at_distance']['p95']:.4g}")
+        for i, why in report["compare"]["skipped"].items():
+            typer.echo(f"  layer {i:>3}: skipped ({why})")
+    if json_out is not None:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(report, indent=2) + "\n")
+        typer.echo(f"report: {json_out}")
+
+
+@app.command("visualize")
+@_friendly
+def visualize_cmd(
+    cache: Annotated[Path, typer.Argument(help="The cache store (.zarr).")],
+    data: DataOpt,
+    out: Annotated[Path, typer.Option(help="Folder for the PNGs.")],
+    images: Annotated[int, typer.Option(help="How many images (spread over the cache).")] = 4,
+    files: Annotated[str, typer.Option(help="Comma-separated images instead (paths relative to the dataset root).")] = "",
+    student: Annotated[Optional[str], typer.Option(help="A student .pt (or YAML): adds its maps and |S-T| with the AT distance.")] = None,
+):
+    """PNG grids: each image with the teacher's cached map of every layer over it (through the stored letterbox), and
+    with --student the student's maps and their difference."""
+    from atcache.visualize import visualize_cache
+
+    if not cache.exists():
+        raise AtcacheError(f"cache {cache} does not exist; pass the store written by build-cache")
+    if student and student.endswith(".pt") and not Path(student).is_file():
+        raise AtcacheError(f"student checkpoint {student} does not exist; pass a trained .pt")
+    wanted = [f.strip() for f in files.split(",") if f.strip()]
+    for path in visualize_cache(cache, data, out, images=images, files=wanted, student=student):
+        typer.echo(str(path))
+
+
+@app.command("fidelity", context_settings=EXTRA_ARGS)
+@_friendly
+def fidelity_cmd(
+    ctx: typer.Context,
+    cache: Annotated[Path, typer.Option(help="The cache store (.zarr).")],
+    teacher: Annotated[str, typer.Option(help="The teacher the cache was built with (.pt or the same YAML).")],
+    data: DataOpt,
+    batches: Annotated[int, typer.Option(help="Training batches to compare.")] = 8,
+    batch: Annotated[int, typer.Option(help="Images per batch.")] = 16,
+    targets: Annotated[str, typer.Option(help="warp (default augmentations) or static, as in train-from-cache.")] = "warp",
+    device: Annotated[str, typer.Option(help="cpu or a CUDA index.")] = "0",
+    seed: Annotated[int, typer.Option(help="Seed of the sample order and the augmentations.")] = 0,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the report here.")] = None,
+):
+    """Compare the targets train-from-cache would use with the live teacher on the same augmented images, per layer
+    and per augmentation kind (none, flip, mosaic, affine, mixup). Extra key=value set ultralytics' augmentation."""
+    import json
+
+    from atcache.fidelity import FidelityConfig, format_fidelity, measure_fidelity
+
+    cfg = FidelityConfig(cache=str(cache), teacher=teacher, data=str(data), batches=batches, batch=batch,
+                         targets=targets, device=_training_device(device), seed=seed,
+                         hyp=_ultralytics_overrides(ctx.args))
+    report = measure_fidelity(cfg)
+    typer.echo(format_fidelity(report))
+    if json_out is not None:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(report, indent=2) + "\n")
+        typer.echo(f"report: {json_out}")
 
 
 def main() -> None:  # pragma: no cover - console entry point

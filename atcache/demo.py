@@ -10,9 +10,11 @@ from typing import Iterator
 
 from atcache.build import BuildConfig, build_cache
 
-# Small data, few epochs: a higher learning rate and a short warm-up than ultralytics' 'auto' picks for 20 classes
-# (AdamW lr 4e-4), so that a teacher learns something in minutes. Same settings for the teacher and every student.
-DEMO_HYP = {"optimizer": "AdamW", "lr0": 0.002, "warmup_epochs": 1, "close_mosaic": 2}
+# Small data, few epochs: ultralytics' 'auto' optimizer picks AdamW lr 4e-4 for 20 classes and steps every 64 images,
+# which leaves YOLO11s at mAP 0 here for many epochs. AdamW lr 4e-3, an optimizer step per batch (nbs 16), a 1-epoch
+# warm-up without the bias warm-up: mAP50 0.47 in 20 epochs (a sweep on this data: lr 2e-3 0.49, SGD 1e-2 0.39 at 15
+# epochs, no mosaic 0.21 at 15). The same settings for the teacher and every student.
+DEMO_HYP = {"optimizer": "AdamW", "lr0": 0.004, "warmup_epochs": 1, "warmup_bias_lr": 0.0, "nbs": 16}
 STUDENT_RUNS = ("plain", "cache", "online")
 
 

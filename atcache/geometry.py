@@ -39,6 +39,7 @@ class Canvas:
 
     shape: tuple[int, int]
     layers: tuple[Placed, ...]
+    tag: str = ""  # which augmentation made it: mosaic, affine, flip, letterbox ('' when unknown)
 
 
 @dataclass(frozen=True)
@@ -74,9 +75,9 @@ def flip_matrix(shape: tuple[int, int], direction: str) -> np.ndarray:
     return np.array([[1.0, 0.0, 0.0], [0.0, -1.0, h - 1.0], [0.0, 0.0, 1.0]])
 
 
-def warp(view: View, matrix: np.ndarray, shape: tuple[int, int]) -> Canvas:
+def warp(view: View, matrix: np.ndarray, shape: tuple[int, int], tag: str = "") -> Canvas:
     """`view` moved onto a new (h, w) canvas by a 3x3 matrix (affine or perspective)."""
-    return Canvas(tuple(int(s) for s in shape), (Placed(view, np.asarray(matrix, dtype=np.float64)),))
+    return Canvas(tuple(int(s) for s in shape), (Placed(view, np.asarray(matrix, dtype=np.float64)),), tag)
 
 
 def inside(xy: np.ndarray, shape: tuple[int, int]) -> np.ndarray:

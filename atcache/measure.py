@@ -143,6 +143,7 @@ def _child(request_path: str, result_path: str) -> None:
         "peak_mem_gb": torch.cuda.max_memory_allocated(trainer.device) / 2**30 if cuda else peak_rss_gb(),
         "mem_kind": "cuda_max_allocated" if cuda else "peak_rss",
         "device": device_name(trainer.device),
+        "torch_threads": torch.get_num_threads(),
         "save_dir": str(trainer.save_dir),
     }
     if finished:

@@ -181,7 +181,7 @@ class TrackedMosaic(Mosaic):
             placed = [(item["labels_patch"], item["padw"] + self.border[0], item["padh"] + self.border[1])
                       for item in params["layout"]]
         layers = tuple(Placed(patch[VIEW_KEY], translation(dx, dy)) for patch, dx, dy in placed)
-        labels[VIEW_KEY] = Canvas(tuple(labels["img"].shape[:2]), layers)
+        labels[VIEW_KEY] = Canvas(tuple(labels["img"].shape[:2]), layers, "mosaic")
         return labels
 
 
@@ -189,7 +189,7 @@ class TrackedRandomPerspective(RandomPerspective):
     def apply_image(self, labels, params=None):
         view = labels[VIEW_KEY]
         labels = super().apply_image(labels, params)
-        labels[VIEW_KEY] = warp(view, params["M"], labels["img"].shape[:2])
+        labels[VIEW_KEY] = warp(view, params["M"], labels["img"].shape[:2], "affine")
         return labels
 
 
@@ -208,7 +208,7 @@ class TrackedRandomFlip(RandomFlip):
         labels = super().apply_image(labels, params)
         if params["flip"]:
             shape = tuple(labels["img"].shape[:2])
-            labels[VIEW_KEY] = warp(view, flip_matrix(shape, params["direction"]), shape)
+            labels[VIEW_KEY] = warp(view, flip_matrix(shape, params["direction"]), shape, "flip")
         return labels
 
 
@@ -218,7 +218,7 @@ class TrackedLetterBox(LetterBox):
         labels = super().apply_image(labels, params)
         w, h = params["new_unpad"]
         m = translation(params["left"], params["top"]) @ resize_matrix(src, (h, w))
-        labels[VIEW_KEY] = warp(view, m, labels["img"].shape[:2])
+        labels[VIEW_KEY] = warp(view, m, labels["img"].shape[:2], "letterbox")
         return labels
 
 
@@ -292,11 +292,15 @@ class TargetDataset(YOLODataset):
         return label
 
     def __getitem__(self, index):
+        return self.sample_with_view(index)[0]
+
+    def sample_with_view(self, index):
+        """A training sample with its targets, and the view tree they were rendered from."""
         labels = self.transforms(self.get_image_and_label(index))
         view = labels.pop(VIEW_KEY)
         maps = self.at_cache.static(view.row) if self.at_mode == "static" else self.at_cache.warped(view)
         labels[TARGETS_KEY] = [torch.from_numpy(m) for m in maps]
-        return labels
+        return labels, view
 
     @staticmethod
     def collate_fn(batch):

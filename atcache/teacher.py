@@ -99,3 +99,20 @@ def load_teacher(spec: str | Path, nc: int = 80, device: torch.device | str = "c
     for p in model.parameters():
         p.requires_grad_(False)
     return Teacher(model=model.to(device).eval(), path=path, name=name, file_sha256=sha, weights_sha256=wsha)
+
+
+def save_random_teacher(cfg: str, path: str | Path, nc: int = 20, seed: int = 0, imgsz: int = 640) -> Path:
+    """A random teacher saved as an ultralytics checkpoint with He-normal convs, so its activations stay O(1) through
+    the network (the stock init shrinks them to ~1e-16 by layer 22, where every map is ~eps): realistic maps for
+    benchmarks and tests when no trained teacher is at hand."""
+    from ultralytics.nn.tasks import DetectionModel
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = DetectionModel(cfg, nc=nc, verbose=False)
+        for m in model.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"model": model.half(), "train_args": {"imgsz": imgsz}, "epoch": -1}, path)
+    return Path(path)

@@ -12,7 +12,7 @@ if [ -n "${DATA:-}" ]; then DATA_ARGS=(--data "$DATA"); fi
 case "$MODE" in
   gpu) atcache bench "${DATA_ARGS[@]}" --teacher "$TEACHER" --student yolo11s.yaml --imgsz 640 --batch 64 --steps 30 \
          --warmup 10 --workers 8 --device "${DEVICE:-0}" --out runs/bench_gpu --json pipelines/results/bench_gpu.json ;;
-  cpu) atcache bench "${DATA_ARGS[@]}" --teacher "$TEACHER" --student yolo11s.yaml --imgsz 320 --batch 8 --steps 10 \
+  cpu) atcache bench "${DATA_ARGS[@]}" --teacher "$TEACHER" --student yolo11s.yaml --imgsz 320 --batch 8 --steps 20 \
          --warmup 2 --images 64 --device cpu --out runs/bench_cpu --json pipelines/results/bench_cpu.json ;;
   *) echo "usage: bench.sh gpu|cpu" >&2; exit 2 ;;
 esac

@@ -46,18 +46,10 @@ def build_config(data_yaml, out, **overrides):
 
 
 def save_teacher_checkpoint(path: Path, cfg: str = "yolo11n.yaml", seed: int = 0) -> Path:
-    """A random teacher saved as an ultralytics checkpoint, re-initialised (He-normal convs) so its activations stay
-    O(1) through the network: the stock init shrinks them ~1e-8 by layer 22, where every map is ~eps."""
-    import torch
-    from ultralytics.nn.tasks import DetectionModel
+    """A random teacher checkpoint whose maps are not ~eps (He-normal convs; see atcache.teacher.save_random_teacher)."""
+    from atcache.teacher import save_random_teacher
 
-    torch.manual_seed(seed)
-    model = DetectionModel(cfg, nc=20, verbose=False)
-    for m in model.modules():
-        if isinstance(m, torch.nn.Conv2d):
-            torch.nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
-    torch.save({"model": model.half(), "train_args": {"imgsz": TEST_IMGSZ}, "epoch": -1}, path)
-    return path
+    return save_random_teacher(cfg, path, nc=20, seed=seed, imgsz=TEST_IMGSZ)
 
 
 @pytest.fixture(scope="session")

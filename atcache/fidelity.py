@@ -1,0 +1,166 @@
+"""`atcache fidelity`: how close the targets train-from-cache builds are to what the teacher says on the augmented
+image. Runs the training data pipeline (augmentations, targets) for a few batches, runs the live teacher on the same
+images, and compares per layer and per augmentation kind. Besides build-cache, the only command that loads the teacher.
+Imports ultralytics: import this module after `env.prepare_ultralytics()`."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from atcache.attention import attention_map
+from atcache.errors import AtcacheError
+from atcache.geometry import Blend, Canvas, Source, View
+
+KINDS = ("none", "flip", "mosaic", "affine", "mixup")
+
+
+@dataclass(frozen=True)
+class FidelityConfig:
+    """What `atcache fidelity` compares, on which data and pipeline."""
+
+    cache: str
+    teacher: str
+    data: str
+    batches: int = 8
+    batch: int = 16
+    targets: str = "warp"
+    device: str = "cpu"
+    seed: int = 0
+    hyp: dict = field(default_factory=dict)  # ultralytics augmentation overrides (mosaic=0, hsv_v=0, ...)
+
+
+def view_kinds(view: View) -> set[str]:
+    """The augmentations a recorded view went through (an affine counts unless it only centres the image; the
+    letterbox does not count)."""
+    kinds: set[str] = set()
+
+    def visit(v):
+        if isinstance(v, Blend):
+            kinds.add("mixup")
+            for part, _ in v.parts:
+                visit(part)
+        elif isinstance(v, Canvas):
+            if v.tag == "affine" and not _centring(v):
+                kinds.add("affine")
+            elif v.tag in ("mosaic", "flip"):
+                kinds.add(v.tag)
+            for placed in v.layers:
+                visit(placed.view)
+        elif not isinstance(v, Source):
+            raise TypeError(f"not a view: {type(v).__name__}")
+
+    visit(view)
+    return kinds or {"none"}
+
+
+def _centring(canvas: Canvas) -> bool:
+    """An affine that only centres its child on the canvas (what RandomPerspective does with scale and translate 0)."""
+    m, (h, w) = canvas.layers[0].matrix, canvas.layers[0].view.shape
+    centre = np.array([[1, 0, (canvas.shape[1] - w) / 2], [0, 1, (canvas.shape[0] - h) / 2], [0, 0, 1]])
+    return bool(np.allclose(m, centre, atol=0.51))  # ultralytics rounds the offset to whole pixels
+
+
+def training_dataset(cfg: FidelityConfig, imgsz: int, layers: tuple[int, ...]):
+    """The train split as train-from-cache builds it: ultralytics' YOLODataset with its augmentations, targets attached."""
+    from ultralytics.cfg import get_cfg
+    from ultralytics.data.build import build_yolo_dataset
+    from ultralytics.utils import DEFAULT_CFG
+
+    from atcache.data import load_data_yaml
+    from atcache.targets import CacheTargets, attach_targets
+
+    unknown = [k for k in cfg.hyp if k not in DEFAULT_CFG.__dict__]
+    if unknown:
+        raise AtcacheError(f"{unknown[0]!r} is not an ultralytics argument; pass augmentation settings such as mosaic=0")
+    hyp = get_cfg(DEFAULT_CFG, {**cfg.hyp, "imgsz": imgsz})
+    data = load_data_yaml(cfg.data)
+    dataset = build_yolo_dataset(hyp, data["train"], cfg.batch, data, mode="train", stride=32)
+    return attach_targets(dataset, CacheTargets.load(cfg.cache, layers), cfg.targets, data["path"], hyp)
+
+
+def measure_fidelity(cfg: FidelityConfig) -> dict:
+    """Per layer and augmentation kind: cosine (mean, 5th percentile) and AT distance between cached targets and the
+    live teacher's maps on the same augmented images."""
+    from atcache.build import resolve_device
+    from atcache.data import split_files
+    from atcache.hooks import FeatureHooks
+    from atcache.store import CacheStore
+    from atcache.targets import TARGETS_KEY, check_cache
+    from atcache.teacher import load_teacher
+
+    if cfg.batches < 1 or cfg.batch < 1:
+        raise AtcacheError("--batches and --batch must be at least 1")
+    if not Path(cfg.cache).exists():
+        raise AtcacheError(f"cache {cfg.cache} does not exist; pass the store written by build-cache")
+    spec = CacheStore.open(cfg.cache).spec
+    layers = spec.layer_indices
+    check_cache(cfg.cache, layers, spec.imgsz, split_files(cfg.data, "train"))
+    device = resolve_device(cfg.device)
+    teacher = load_teacher(cfg.teacher, nc=len(split_files(cfg.data, "train").names), device=device)
+    if teacher.weights_sha256 != spec.teacher_weights_sha256:
+        raise AtcacheError(f"teacher {cfg.teacher} is not the one cache {cfg.cache} was built with ({spec.teacher_path}); "
+                           "pass that checkpoint")
+    dataset = training_dataset(cfg, spec.imgsz, layers)
+    random.seed(cfg.seed)  # ultralytics' augmentations draw from python's and numpy's generators
+    np.random.seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    cuda = device.type == "cuda"
+    records = []  # (kinds, {layer: (cosine, distance)})
+    from tqdm import tqdm
+
+    with torch.no_grad(), FeatureHooks(teacher.model, layers, stop_after_last=True) as hooks:
+        for _ in tqdm(range(cfg.batches), desc="fidelity", unit="batch"):
+            samples = [dataset.sample_with_view(int(i)) for i in rng.integers(0, len(dataset), cfg.batch)]
+            images = torch.stack([labels["img"] for labels, _ in samples]).to(device).float().div_(255)
+            with torch.autocast(device.type, dtype=torch.float16, enabled=cuda):
+                feats = hooks.run(teacher.model, images)
+            live = [attention_map(f.float(), spec.p, spec.kind, spec.eps).flatten(1).cpu().numpy() for f in feats]
+            for k, (labels, view) in enumerate(samples):
+                figures = {}
+                for layer, maps in zip(layers, live):
+                    cached = labels[TARGETS_KEY][layers.index(layer)].numpy().ravel()
+                    a = maps[k]
+                    cos = float(a @ cached / (np.linalg.norm(a) * np.linalg.norm(cached) + 1e-12))
+                    figures[layer] = (cos, float(np.linalg.norm(a - cached)))
+                records.append((view_kinds(view), figures))
+    return fidelity_report(cfg, layers, records)
+
+
+def fidelity_report(cfg: FidelityConfig, layers, records) -> dict:
+    """Aggregate per-sample figures by layer, for all samples and per augmentation kind (a sample counts for every
+    kind it went through; 'none' = letterbox only)."""
+    def stats(values):
+        cos = np.array([v[0] for v in values])
+        dist = np.array([v[1] for v in values])
+        return {"n": len(values), "cosine_mean": float(cos.mean()), "cosine_p5": float(np.percentile(cos, 5)),
+                "at_distance_mean": float(dist.mean())}
+
+    out = {}
+    for layer in layers:
+        per = {"all": stats([fig[layer] for _, fig in records])}
+        for kind in KINDS:
+            values = [fig[layer] for kinds, fig in records if kind in kinds]
+            if values:
+                per[kind] = stats(values)
+        out[str(layer)] = per
+    combos: dict[str, int] = {}
+    for kinds, _ in records:
+        key = "+".join(k for k in KINDS if k in kinds)
+        combos[key] = combos.get(key, 0) + 1
+    return {"config": asdict(cfg), "samples": len(records), "layers": out, "combinations": combos}
+
+
+def format_fidelity(report: dict) -> str:
+    lines = [f"{report['samples']} augmented samples ({report['config']['targets']} targets); augmentations seen: "
+             + ", ".join(f"{k} {n}" for k, n in sorted(report["combinations"].items(), key=lambda x: -x[1])), "",
+             f"{'layer':>5} {'kind':>7} {'n':>5} {'cosine mean':>11} {'cosine p5':>10} {'AT dist':>8}"]
+    for layer, per in report["layers"].items():
+        for kind, s in per.items():
+            lines.append(f"{layer:>5} {kind:>7} {s['n']:>5} {s['cosine_mean']:>11.4f} {s['cosine_p5']:>10.4f} "
+                         f"{s['at_distance_mean']:>8.4f}")
+    return "\n".join(lines)
