@@ -102,11 +102,19 @@ def evaluate(view: View, xy: np.ndarray, leaf: Leaf) -> tuple[np.ndarray, np.nda
     return _evaluate(view, xy, np.arange(len(xy)), lambda source, pts, _: leaf(source, pts))
 
 
-def _evaluate(view: View, xy: np.ndarray, ids: np.ndarray, leaf) -> tuple[np.ndarray, np.ndarray]:
-    """evaluate() that carries each point's original index to the leaf (one walk of the tree serves many grids)."""
+def _evaluate(view: View, xy: np.ndarray, ids: np.ndarray, leaf, extend: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """evaluate() that carries each point's original index to the leaf (one walk of the tree serves many grids).
+
+    extend=True lets a Source answer beyond its own image wherever its leaf can (the leaf returns NaN where it
+    cannot): how uncovered canvas cells borrow the cached response around the nearest image."""
     values = np.zeros(len(xy), dtype=np.float64)
     covered = np.zeros(len(xy), dtype=bool)
     if isinstance(view, Source):
+        if extend:
+            v = leaf(view, xy, ids)
+            ok = np.isfinite(v)
+            values[ok] = v[ok]
+            return values, ok
         ok = inside(xy, view.shape)
         if ok.any():
             values[ok] = leaf(view, xy[ok], ids[ok])
@@ -114,17 +122,19 @@ def _evaluate(view: View, xy: np.ndarray, ids: np.ndarray, leaf) -> tuple[np.nda
     if isinstance(view, Canvas):
         for placed in view.layers:
             pts = apply_inverse(placed.matrix, xy)
-            ok = inside(pts, placed.view.shape)
+            ok = np.ones(len(pts), bool) if extend and isinstance(placed.view, Source) else inside(pts, placed.view.shape)
+            if extend:  # borrowing beyond images: the first source that can answer keeps the point
+                ok &= ~covered
             if not ok.any():
                 continue
-            v, c = _evaluate(placed.view, pts[ok], ids[ok], leaf)
+            v, c = _evaluate(placed.view, pts[ok], ids[ok], leaf, extend)
             idx = np.flatnonzero(ok)[c]
             values[idx] = v[c]
             covered[idx] = True
         return values, covered
     if isinstance(view, Blend):
         for part, weight in view.parts:
-            v, c = _evaluate(part, xy, ids, leaf)
+            v, c = _evaluate(part, xy, ids, leaf, extend)
             values += weight * v
             covered |= c
         return values, covered
@@ -146,15 +156,30 @@ def render(view: View, stride: int, leaf: Leaf) -> np.ndarray:
     return values.reshape(grid)
 
 
-def render_grids(view: View, strides: Sequence[int], leaf: GridLeaf) -> list[np.ndarray]:
+def render_grids(view: View, strides: Sequence[int], leaf: GridLeaf,
+                 fill: Sequence[float] | None = None) -> list[np.ndarray]:
     """render() at several strides in one walk of the view tree: the cell centres of every grid go down together and
-    leaf(source, xy, grid) receives each point's grid index (0..len(strides)-1)."""
+    leaf(source, xy, grid) receives each point's grid index (0..len(strides)-1). With `fill`, points no image covers
+    take what the leaf of the first source around them gives beyond its image (NaN: nothing), then fill[grid];
+    without, they are 0."""
     grids = [cell_centres(view.shape, s) for s in strides]
     bounds = np.cumsum([0] + [len(xy) for xy, _ in grids])
     xy = np.concatenate([xy for xy, _ in grids])
-    values, _ = _evaluate(view, xy, np.arange(len(xy)),
-                          lambda source, pts, ids: leaf(source, pts, np.searchsorted(bounds, ids, side="right") - 1))
-    return [values[a:b].reshape(shape) for a, b, (_, shape) in zip(bounds[:-1], bounds[1:], grids)]
+    def grid_leaf(source, pts, ids):
+        return leaf(source, pts, np.searchsorted(bounds, ids, side="right") - 1)
+
+    ids = np.arange(len(xy))
+    values, covered = _evaluate(view, xy, ids, grid_leaf)
+    if fill is not None and not covered.all():
+        rest = ~covered
+        more, got = _evaluate(view, xy[rest], ids[rest], grid_leaf, extend=True)
+        values[np.flatnonzero(rest)[got]] = more[got]
+        covered[np.flatnonzero(rest)[got]] = True
+    out = [values[a:b].reshape(shape) for a, b, (_, shape) in zip(bounds[:-1], bounds[1:], grids)]
+    if fill is not None:
+        for k, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
+            out[k][~covered[a:b].reshape(out[k].shape)] = fill[k]
+    return out
 
 
 def bilinear(grid: np.ndarray, u: np.ndarray, v: np.ndarray) -> np.ndarray:

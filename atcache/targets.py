@@ -91,7 +91,11 @@ class CacheTargets:
             top, left = self.letterbox[source.row, 4], self.letterbox[source.row, 5]
             u = (xy[:, 0] + left - centre) / s
             v = (xy[:, 1] + top - centre) / s
-            return bilinear(self.energy(layer, source.row), u, v)
+            energy = self.energy(layer, source.row)
+            out = bilinear(energy, u, v)
+            gh, gw = energy.shape  # beyond the letterboxed square the cache knows nothing: NaN (see render_grids)
+            out[(u < -0.5) | (u > gw - 0.5) | (v < -0.5) | (v > gh - 0.5)] = np.nan
+            return out
 
         return sample
 
@@ -106,8 +110,29 @@ class CacheTargets:
                 out[mask] = leaves[k](source, xy[mask])
             return out
 
-        energies = render_grids(view, [self.stride(layer) for layer in self.layers], sample)
+        energies = render_grids(view, [self.stride(layer) for layer in self.layers], sample,
+                                fill=[self.grey_energy(layer) for layer in self.layers])
         return [(e / (np.linalg.norm(e) + self.spec.eps)).astype(np.float32) for e in energies]
+
+    def grey_energy(self, layer: int) -> float:
+        """The teacher's typical energy on the grey fill: the median over cached cells that lie wholly in letterbox
+        padding (up to 2,000 rows). Warped targets use it where no source covers a cell (mosaic and affine borders)."""
+        cached = getattr(self, "_grey", {})
+        if layer not in cached:
+            s, values = self.stride(layer), []
+            done = np.flatnonzero(self.done)
+            for row in done[np.linspace(0, len(done) - 1, min(len(done), 2000)).astype(int)] if len(done) else []:
+                h, w, top, left = (int(x) for x in self.letterbox[row, 2:6])
+                gh, gw = self.maps[layer].shape[1:]
+                ys, xs = np.arange(gh) * s, np.arange(gw) * s
+                pad_rows = (ys + s <= top) | (ys >= top + h)
+                pad_cols = (xs + s <= left) | (xs >= left + w)
+                mask = pad_rows[:, None] | pad_cols[None, :]
+                if mask.any():
+                    values.append(self.energy(layer, row)[mask])
+            cached[layer] = float(np.median(np.concatenate(values))) if values else 0.0
+            self._grey = cached
+        return cached[layer]
 
     def static(self, row: int) -> list[np.ndarray]:
         """Per layer: the stored map A of `row` (the exact target for the un-augmented letterboxed image)."""

@@ -33,14 +33,14 @@ def test_static_targets_without_augmentation_are_the_teachers_maps(built_cache, 
 
 
 def test_warp_targets_without_augmentation_are_close(built_cache, teacher_pt, voc_yaml, tmp_path):
-    """Warp mode keeps ultralytics' RandomPerspective, which re-centres the image (half-pixel offsets resample it)
-    and leaves the padding uncovered (target 0 there): close to the teacher, not equal."""
+    """Warp mode keeps ultralytics' RandomPerspective, which re-centres the image (half-pixel offsets resample it);
+    the padding borrows the cached response around the image: close to the teacher, not bit-equal."""
     out = tmp_path / "f.json"
     result = fidelity(built_cache, teacher_pt, voc_yaml, "--json", out, *NO_AUG)
     assert result.exit_code == 0, result.output
     report = json.loads(out.read_text())
     assert report["combinations"] == {"none": 8}
-    assert all(report["layers"][str(i)]["none"]["cosine_mean"] > 0.5 for i in TEST_LAYERS)
+    assert all(report["layers"][str(i)]["none"]["cosine_mean"] > 0.99 for i in TEST_LAYERS), report["layers"]
 
 
 def test_default_augmentations_are_reported_by_kind(built_cache, teacher_pt, voc_yaml, tmp_path):

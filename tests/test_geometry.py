@@ -123,3 +123,22 @@ def test_render_grids_equals_one_render_per_stride():
 
     for got, s, single in zip(render_grids(view, strides, leaf), strides, leaves):
         np.testing.assert_array_equal(got, render(view, s, single))
+
+
+def test_uncovered_cells_borrow_from_the_source_around_them_then_fill():
+    """With fill, a cell no image covers takes what the nearest source's leaf gives beyond its image (its letterbox
+    padding in the cache), and the fill value where no leaf answers."""
+    view = Canvas((128, 128), (Placed(Source(0, (32, 32)), translation(64, 64)),))
+
+    def leaf(source, xy, grid):  # answers within 16 px around the 32x32 image, NaN beyond
+        out = np.full(len(xy), 2.0)
+        out[(xy < -16).any(1) | (xy > 47).any(1)] = np.nan
+        out[((xy >= 0) & (xy < 32)).all(1)] = 5.0
+        return out
+
+    (plain,) = render_grids(view, [STRIDE], leaf)
+    (filled,) = render_grids(view, [STRIDE], leaf, fill=[-1.0])
+    assert np.all(plain[8:12, 8:12] == 5) and np.count_nonzero(plain) == 16
+    np.testing.assert_array_equal(filled[8:12, 8:12], plain[8:12, 8:12])
+    assert np.all(filled[6:14, 6:14][filled[6:14, 6:14] != 5] == 2.0)  # the 16 px ring around the image
+    assert np.all(filled[:6] == -1) and np.all(filled[14:] == -1)
