@@ -12,7 +12,7 @@ Imports ultralytics: import this module after `env.prepare_ultralytics()`.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -50,7 +50,8 @@ def default_ram_budget_gb() -> float:
 class CacheTargets:
     """A finished cache in RAM: maps[layer] (N, H, W) float16, norms[layer] (N,), letterbox (N, 7), row of each file.
 
-    Loaded once in the trainer process; forked loader workers share the arrays copy-on-write."""
+    Loaded once in the trainer process (padding energies included); forked loader workers share the arrays
+    copy-on-write."""
 
     spec: CacheSpec
     layers: tuple[int, ...]  # cache layer indices, in the order targets are returned
@@ -59,6 +60,7 @@ class CacheTargets:
     letterbox: np.ndarray
     files: np.ndarray
     done: np.ndarray
+    grey: dict[int, float] = field(default_factory=dict)  # per layer: see padding_energy
 
     @classmethod
     def load(cls, path: str | Path, layers: Sequence[int]) -> "CacheTargets":
@@ -66,8 +68,10 @@ class CacheTargets:
         store = CacheStore.open(path)
         maps = {i: np.ascontiguousarray(store.maps_array(i)[:]) for i in layers}
         norms = {i: np.asarray(store.norms_array(i)[:], dtype=np.float32) for i in layers}
-        return cls(spec=store.spec, layers=tuple(layers), maps=maps, norms=norms, letterbox=store.letterbox(),
-                   files=store.files(), done=store.done_mask())
+        letterbox, done = store.letterbox(), store.done_mask()
+        grey = {i: padding_energy(maps[i], norms[i], letterbox, done, store.spec.layer(i).stride) for i in layers}
+        return cls(spec=store.spec, layers=tuple(layers), maps=maps, norms=norms, letterbox=letterbox,
+                   files=store.files(), done=done, grey=grey)
 
     def rows_for(self, im_files: Sequence[str], root: str | Path) -> np.ndarray:
         """Cache row of each training image, joined by its path relative to the dataset root."""
@@ -111,32 +115,30 @@ class CacheTargets:
             return out
 
         energies = render_grids(view, [self.stride(layer) for layer in self.layers], sample,
-                                fill=[self.grey_energy(layer) for layer in self.layers])
+                                fill=[self.grey.get(layer, 0.0) for layer in self.layers])
         return [(e / (np.linalg.norm(e) + self.spec.eps)).astype(np.float32) for e in energies]
-
-    def grey_energy(self, layer: int) -> float:
-        """The teacher's typical energy on the grey fill: the median over cached cells that lie wholly in letterbox
-        padding (up to 2,000 rows). Warped targets use it where no source covers a cell (mosaic and affine borders)."""
-        cached = getattr(self, "_grey", {})
-        if layer not in cached:
-            s, values = self.stride(layer), []
-            done = np.flatnonzero(self.done)
-            for row in done[np.linspace(0, len(done) - 1, min(len(done), 2000)).astype(int)] if len(done) else []:
-                h, w, top, left = (int(x) for x in self.letterbox[row, 2:6])
-                gh, gw = self.maps[layer].shape[1:]
-                ys, xs = np.arange(gh) * s, np.arange(gw) * s
-                pad_rows = (ys + s <= top) | (ys >= top + h)
-                pad_cols = (xs + s <= left) | (xs >= left + w)
-                mask = pad_rows[:, None] | pad_cols[None, :]
-                if mask.any():
-                    values.append(self.energy(layer, row)[mask])
-            cached[layer] = float(np.median(np.concatenate(values))) if values else 0.0
-            self._grey = cached
-        return cached[layer]
 
     def static(self, row: int) -> list[np.ndarray]:
         """Per layer: the stored map A of `row` (the exact target for the un-augmented letterboxed image)."""
         return [self.maps[layer][row].astype(np.float32) for layer in self.layers]
+
+
+def padding_energy(maps: np.ndarray, norms: np.ndarray, letterbox: np.ndarray, done: np.ndarray, stride: int,
+                   sample: int = 2000) -> float:
+    """The teacher's typical energy on the grey fill: the median energy of cached cells that lie wholly in letterbox
+    padding (over up to `sample` done rows). Warped targets use it where no image is near a cell."""
+    rows = np.flatnonzero(done)
+    if not len(rows):
+        return 0.0
+    gh, gw = maps.shape[1:]
+    ys, xs = np.arange(gh) * stride, np.arange(gw) * stride
+    values = []
+    for row in rows[np.linspace(0, len(rows) - 1, min(len(rows), sample)).astype(int)]:
+        h, w, top, left = (int(x) for x in letterbox[row, 2:6])
+        mask = ((ys + stride <= top) | (ys >= top + h))[:, None] | ((xs + stride <= left) | (xs >= left + w))[None, :]
+        if mask.any():
+            values.append(maps[row][mask].astype(np.float32) * norms[row])
+    return float(np.median(np.concatenate(values))) if values else 0.0
 
 
 def join_rows(cached_files: np.ndarray, done: np.ndarray, rel_files: Sequence[str]) -> np.ndarray:
