@@ -206,7 +206,7 @@ def _build_workers(cfg: BenchConfig) -> int:
 # ------------------------------------------------------------------------------------------------------- storage
 def measure_storage(cfg: BenchConfig, split: SplitFiles, cache: Path, device: torch.device, rows: int = 64) -> dict:
     """Bytes per image, and the stored float16 maps against the same teacher run in float32 (cosine, max abs)."""
-    from atcache.attention import attention_map
+    from atcache.attention import attention_map, map_agreement
     from atcache.hooks import FeatureHooks
     from atcache.store import CacheStore
     from atcache.teacher import load_teacher
@@ -225,7 +225,7 @@ def measure_storage(cfg: BenchConfig, split: SplitFiles, cache: Path, device: to
             for layer, fm in zip(cfg.layers, feats):
                 exact = attention_map(fm.float(), spec.p, spec.kind, spec.eps).flatten(1).cpu().numpy()
                 stored = store.read_rows(layer, slice(a, b))[0].astype(np.float32).reshape(len(exact), -1)
-                cosines[layer] += _cosine(stored, exact).tolist()
+                cosines[layer] += map_agreement(stored, exact)[0].tolist()
                 max_abs[layer] = max(max_abs[layer], float(np.abs(stored - exact).max()))
     raw16 = sum(layer.height * layer.width * 2 for layer in spec.layers)
     return {
@@ -235,10 +235,6 @@ def measure_storage(cfg: BenchConfig, split: SplitFiles, cache: Path, device: to
         "cosine_vs_float32": {str(i): {"mean": float(np.mean(c)), "min": float(np.min(c))} for i, c in cosines.items()},
         "max_abs_vs_float32": {str(i): v for i, v in max_abs.items()},
     }
-
-
-def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-12)
 
 
 # ------------------------------------------------------------------------------------------------------ training

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from atcache.attention import attention_map
+from atcache.attention import attention_map, map_agreement
 from atcache.errors import AtcacheError
 from atcache.geometry import Blend, Canvas, Source, View
 
@@ -99,9 +99,10 @@ def measure_fidelity(cfg: FidelityConfig) -> dict:
         raise AtcacheError(f"cache {cfg.cache} does not exist; pass the store written by build-cache")
     spec = CacheStore.open(cfg.cache).spec
     layers = spec.layer_indices
-    check_cache(cfg.cache, layers, spec.imgsz, split_files(cfg.data, "train"))
+    split = split_files(cfg.data, "train")
+    check_cache(cfg.cache, layers, spec.imgsz, split)
     device = resolve_device(cfg.device)
-    teacher = load_teacher(cfg.teacher, nc=len(split_files(cfg.data, "train").names), device=device)
+    teacher = load_teacher(cfg.teacher, nc=len(split.names), device=device)
     if teacher.weights_sha256 != spec.teacher_weights_sha256:
         raise AtcacheError(f"teacher {cfg.teacher} is not the one cache {cfg.cache} was built with ({spec.teacher_path}); "
                            "pass that checkpoint")
@@ -119,14 +120,13 @@ def measure_fidelity(cfg: FidelityConfig) -> dict:
             images = torch.stack([labels["img"] for labels, _ in samples]).to(device).float().div_(255)
             with torch.autocast(device.type, dtype=torch.float16, enabled=cuda):
                 feats = hooks.run(teacher.model, images)
-            live = [attention_map(f.float(), spec.p, spec.kind, spec.eps).flatten(1).cpu().numpy() for f in feats]
-            for k, (labels, view) in enumerate(samples):
-                figures = {}
-                for layer, maps in zip(layers, live):
-                    cached = labels[TARGETS_KEY][layers.index(layer)].numpy().ravel()
-                    a = maps[k]
-                    cos = float(a @ cached / (np.linalg.norm(a) * np.linalg.norm(cached) + 1e-12))
-                    figures[layer] = (cos, float(np.linalg.norm(a - cached)))
+            agreement = {}  # layer -> (cosine (B,), distance (B,))
+            for j, (layer, f) in enumerate(zip(layers, feats)):
+                live = attention_map(f.float(), spec.p, spec.kind, spec.eps).cpu().numpy()
+                cached = np.stack([labels[TARGETS_KEY][j].numpy() for labels, _ in samples])
+                agreement[layer] = map_agreement(live, cached)
+            for k, (_, view) in enumerate(samples):
+                figures = {layer: (float(c[k]), float(d[k])) for layer, (c, d) in agreement.items()}
                 records.append((view_kinds(view), figures))
     return fidelity_report(cfg, layers, records)
 

@@ -12,6 +12,7 @@ import dask
 import dask.array as da
 import numpy as np
 
+from atcache.attention import map_agreement
 from atcache.errors import AtcacheError
 from atcache.spec import CacheSpec
 from atcache.store import CacheStore
@@ -144,7 +145,7 @@ def inspect_cache(path: str | Path, workers: int | None = None, scheduler: str |
             "entropy": summarise(entropy),
             "peak_heatmap": heat.tolist(),
         }
-    store_bytes = sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+    store_bytes = CacheStore.open(path).nbytes_stored()
     return {
         "path": str(Path(path).resolve()),
         "spec": asdict(view.spec),
@@ -159,8 +160,7 @@ def verify_cache(path: str | Path, workers: int | None = None, scheduler: str | 
     """Decode every chunk of every array (crc32c checked by zarr); one entry per chunk that fails, or a done row
     whose map is not finite, with its array, layer and row range."""
     store = CacheStore.open(path)
-    names = [f"maps/{i}" for i in store.spec.layer_indices] + [f"norms/{i}" for i in store.spec.layer_indices]
-    names += ["letterbox", "files", "done"]
+    names = store.array_names()
     done = store.done_mask()
 
     def check(name: str, k: int) -> dict | None:
@@ -184,10 +184,7 @@ def verify_cache(path: str | Path, workers: int | None = None, scheduler: str | 
 
 # ----------------------------------------------------------------------------------------------------- comparing
 def _pair_figures(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    x = a.reshape(len(a), -1).astype(np.float32)
-    y = b.reshape(len(b), -1).astype(np.float32)
-    cos = (x * y).sum(1) / (np.linalg.norm(x, axis=1) * np.linalg.norm(y, axis=1) + 1e-12)
-    return np.stack([cos, np.linalg.norm(x - y, axis=1)], axis=1)
+    return np.stack(map_agreement(a, b), axis=1)
 
 
 def compare_caches(path: str | Path, other: str | Path, workers: int | None = None, scheduler: str | None = None) -> dict:

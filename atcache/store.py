@@ -198,6 +198,11 @@ class CacheStore:
         done = self.done_mask()
         return np.array([done[a:b].all() for a, b in map(self.chunk_range, range(self.n_chunks))], dtype=bool)
 
+    def array_names(self) -> list[str]:
+        """Every array of the store; each is chunked by `chunk_rows` rows along axis 0."""
+        per_layer = [f"{kind}/{layer}" for kind in ("maps", "norms") for layer in self.spec.layer_indices]
+        return per_layer + ["letterbox", "files", "done"]
+
     def maps_array(self, layer: int) -> zarr.Array:
         return self.group[f"maps/{layer}"]
 
