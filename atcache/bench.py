@@ -19,6 +19,7 @@ import torch
 from atcache.build import DEFAULT_LAYERS, BuildConfig, build_cache, resolve_device
 from atcache.data import LetterboxedImages, SplitFiles, split_files
 from atcache.errors import AtcacheError
+from atcache.measure import device_name
 
 # Goals for the reference setup (GPU, YOLO11m -> YOLO11s, imgsz 640, batch 64): ratio name -> (comparison, value)
 GOALS = {
@@ -79,7 +80,7 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict:
         teacher = save_random_teacher(cfg.teacher, out / "bench_teacher.pt", nc=len(split.names), imgsz=cfg.imgsz)
         log(f"bench: {cfg.teacher} -> random teacher with He-normal init (O(1) maps) at {teacher}")
         cfg = replace(cfg, teacher=str(teacher))
-    log(f"bench: {len(split.files)} training images at imgsz {cfg.imgsz}, batch {cfg.batch}, on {_device_name(device)}")
+    log(f"bench: {len(split.files)} training images at imgsz {cfg.imgsz}, batch {cfg.batch}, on {device_name(device)}")
     cache = out / "bench_cache.zarr"
     build = measure_build(cfg, data_yaml, split, cache, device, log)
     storage = measure_storage(cfg, split, cache, device)
@@ -94,7 +95,7 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict:
         "loader_targets_over_training_need": loader.get("targets_over_training_need"),
     }
     report = {
-        "device": _device_name(device),
+        "device": device_name(device),
         "versions": _versions(),
         "config": asdict(requested),
         "teacher_used": cfg.teacher,
@@ -261,7 +262,7 @@ def measure_trainers(cfg: BenchConfig, data_yaml: Path, split: SplitFiles, cache
     for name, settings in plan.items():
         log(f"bench: training {name} ({cfg.warmup} warm-up + {cfg.steps} measured steps)")
         out[name] = measure_training(settings, {**overrides, "name": name}, steps=cfg.steps, warmup=cfg.warmup,
-                                     loader_samples=cfg.loader_samples if name != "online" else 0, quiet=True)
+                                     loader_samples=cfg.loader_samples if name != "online" else 0)
         log(f"bench: {name}: {out[name]['img_per_s']:.1f} img/s, peak memory {out[name]['peak_mem_gb']:.2f} GB "
             f"({out[name]['mem_kind']})")
     return out
@@ -317,12 +318,6 @@ def format_report(report: dict) -> str:
     if not report["goals"]["reference_setup"]:
         lines.append(f"  (goals are set for {report['goals']['setup']}; this run is not that setup)")
     return "\n".join(lines)
-
-
-def _device_name(device: torch.device) -> str:
-    from atcache.measure import device_name
-
-    return device_name(device)
 
 
 def _versions() -> dict:

@@ -82,7 +82,7 @@ def run_demo(out: Path, images: int, imgsz: int, teacher: str, teacher_epochs: i
     students = {}
     for name, settings in plan.items():
         t0 = time.perf_counter()
-        students[name] = measure_training(settings, {**overrides, "name": name}, loader_samples=0, quiet=True)
+        students[name] = measure_training(settings, {**overrides, "name": name}, loader_samples=0)
         yield (f"student {name}: {student} {student_epochs} epoch(s) in {time.perf_counter() - t0:.0f}s -> "
                f"{students[name]['save_dir']}")
     results = {

@@ -27,25 +27,23 @@ class EnoughSteps(Exception):
 
 
 def measure_training(settings, overrides: dict, steps: int | None = None, warmup: int = 0,
-                     loader_samples: int = 0, quiet: bool = False) -> dict:
+                     loader_samples: int = 0) -> dict:
     """Train with `train_student(settings, overrides)` in a child process and return its figures.
 
     steps=None trains to the end (final metrics of best.pt included); otherwise it stops after warmup + steps
     batches. loader_samples > 0 also times the training dataset's samples and, for cached targets, the targets alone.
+    The child's output is kept back; its last error line becomes the message when it fails.
     """
     with tempfile.TemporaryDirectory(prefix="atcache-measure-") as tmp:
         request, result = Path(tmp) / "request.json", Path(tmp) / "result.json"
         request.write_text(json.dumps({"settings": settings.to_json(), "overrides": overrides, "steps": steps,
                                        "warmup": warmup, "loader_samples": loader_samples}))
-        out = subprocess.DEVNULL if quiet else None
-        proc = subprocess.run([sys.executable, "-m", "atcache.measure", str(request), str(result)], stdout=out,
-                              stderr=subprocess.PIPE, text=True)
+        proc = subprocess.run([sys.executable, "-m", "atcache.measure", str(request), str(result)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         if proc.returncode != 0 or not result.is_file():
             lines = [x for x in proc.stderr.strip().splitlines() if x.strip()]
             last = lines[-1].removeprefix("atcache: error: ") if lines else "no message"
             raise AtcacheError(f"{settings.mode} training run failed (exit {proc.returncode}): {last}")
-        if not quiet:
-            sys.stderr.write(proc.stderr)
         return json.loads(result.read_text())
 
 
@@ -78,7 +76,7 @@ def _time_loader(dataset, samples: int) -> dict:
     """Samples/s of the training dataset (image, augmentation, targets) and targets/s of the cached targets alone."""
     import numpy as np
 
-    from atcache.targets import TARGETS_KEY, VIEW_KEY, TargetDataset
+    from atcache.targets import VIEW_KEY, TargetDataset
 
     rng = np.random.default_rng(0)
     index = rng.integers(0, len(dataset), samples)
@@ -93,7 +91,7 @@ def _time_loader(dataset, samples: int) -> dict:
             dataset.at_cache.warped(view)
         figures["targets_per_s"] = samples / (time.perf_counter() - t0)
         figures["layers_per_target"] = len(dataset.at_cache.layers)
-    figures["has_targets"] = TARGETS_KEY in dataset[0]
+    figures["has_targets"] = isinstance(dataset, TargetDataset)
     return figures
 
 
