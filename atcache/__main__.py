@@ -1,3 +1,4 @@
 from atcache.cli import main
 
-main()
+if __name__ == "__main__":  # guarded: spawned worker processes (dask, DataLoader) re-import __main__
+    main()

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import functools
 import queue
 import threading
 import time
@@ -18,7 +21,7 @@ from atcache.data import LETTERBOX_COLUMNS, LetterboxedImages, SplitFiles, split
 from atcache.errors import AtcacheError
 from atcache.hooks import FeatureHooks, probe_layers
 from atcache.spec import CacheSpec, LayerSpec, Letterbox
-from atcache.store import CacheStore, ChunkData, chunks_for_shard, clear_for_build
+from atcache.store import CacheStore, ChunkClaim, ChunkData, chunks_for_shard, clear_for_build
 from atcache.teacher import Teacher, load_teacher
 
 DEFAULT_LAYERS = (6, 8, 13, 16, 19, 22)
@@ -46,6 +49,10 @@ class BuildConfig:
     chunk_rows: int = DEFAULT_CHUNK_ROWS
     skip_bad: bool = False
     progress: bool = True
+    repair: bool = False  # with --resume: recompute the row-chunks whose stored data fails to decode
+    break_locks: bool = False  # take over row-chunks another builder claimed (only when that builder is dead)
+    scheduler: str = ""  # dask.distributed: 'local:N' or a scheduler address; '' = this process
+    retries: int = 2  # dask retries of a failed build task (a lost worker)
 
 
 @dataclass
@@ -61,6 +68,7 @@ class BuildReport:
     loop_seconds: float = 0.0  # the teacher loop alone: decoding, forward, maps, writes (no model load, no setup)
     skipped: list[tuple[str, str]] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    repaired: dict[int, list[str]] = field(default_factory=dict)  # row-chunk -> arrays that failed to decode
 
     @property
     def img_per_s(self) -> float:
@@ -71,8 +79,9 @@ class BuildReport:
         return self.store_bytes / max(self.total_rows, 1)
 
     def summary(self) -> str:
+        repaired = f"repaired {len(self.repaired)} damaged row-chunk(s); " if self.repaired else ""
         return (
-            f"{self.computed} images in {self.seconds:.1f}s ({self.img_per_s:.1f} img/s), "
+            f"{repaired}{self.computed} images in {self.seconds:.1f}s ({self.img_per_s:.1f} img/s), "
             f"{self.already_done} already done, {len(self.skipped)} skipped; store {self.out}: "
             f"{self.store_bytes / 1e6:.1f} MB, {self.bytes_per_image / 1e3:.1f} KB/image"
         )
@@ -142,8 +151,9 @@ class ChunkBatches(torch.utils.data.Sampler):
 class ChunkWriter:
     """Writes finished row-chunks on a background thread so compression and I/O overlap the teacher."""
 
-    def __init__(self, store: CacheStore, depth: int = 2):
-        self.store, self.q = store, queue.Queue(maxsize=depth)
+    def __init__(self, store: CacheStore, depth: int = 2, after_write=None):
+        self.store, self.q, self.after_write = store, queue.Queue(maxsize=depth), after_write
+        self.written = 0
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
@@ -153,6 +163,9 @@ class ChunkWriter:
             if self.error is None:
                 try:
                     self.store.write_chunk(*item)
+                    self.written += 1
+                    if self.after_write is not None:
+                        self.after_write()
                 except BaseException as e:  # surfaced in the main thread
                     self.error = e
 
@@ -167,7 +180,26 @@ class ChunkWriter:
 
     def _check(self) -> None:
         if self.error is not None:
-            raise AtcacheError(f"writing to cache {self.store.path} failed: {self.error}") from self.error
+            raise AtcacheError(write_error_message(self.store, self.error, self.written)) from self.error
+
+
+def write_error_message(store: CacheStore, error: BaseException, written: int) -> str:
+    """One line for a failed chunk write: disk full, permission, or the storage layer's own message."""
+    import errno
+
+    code = getattr(error, "errno", None)
+    kept = f"the {written} row-chunk(s) written before are kept" if written else "finished row-chunks are kept"
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        what = "no space left on the device"
+        fix = "free space (or choose another --out), then rerun with --resume"
+    elif code in (errno.EACCES, errno.EPERM, errno.EROFS) or isinstance(error, PermissionError):
+        what = "permission denied" if code != errno.EROFS else "read-only file system"
+        fix = "make the store writable (or choose another --out), then rerun with --resume"
+    else:
+        text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        what = f"{type(error).__name__}: {text}"
+        fix = "fix the storage problem, then rerun with --resume"
+    return f"writing to cache {store.path} failed ({what}); {kept}; {fix}"
 
 
 class ChunkAssembler:
@@ -198,33 +230,171 @@ class ChunkAssembler:
 
 def build_cache(cfg: BuildConfig) -> BuildReport:
     """Run the teacher over the rows of this shard that are not done yet and write them chunk by chunk."""
+    if cfg.scheduler:
+        return build_cache_distributed(cfg)
     t0 = time.perf_counter()
     shard, n_shards = cfg.shard
-    if cfg.overwrite and n_shards > 1:
-        raise AtcacheError("--overwrite cannot be combined with --shard (shards share one store); delete the store once, then start the shards")
+    check_flags(cfg)
     split = split_files(cfg.data, cfg.split)
     device = resolve_device(cfg.device)
     teacher = load_teacher(cfg.teacher, nc=len(split.names), device=device)
-    spec = make_spec(cfg, teacher, split, device).stamped()
-    store = CacheStore.open_or_create(
-        cfg.out, spec, split.files, resume=cfg.resume, overwrite=cfg.overwrite, join=n_shards > 1
-    )
+    store = open_store(cfg, teacher, split, device, join=n_shards > 1)
     owned = chunks_for_shard(store.n_chunks, shard, n_shards)
-    complete = store.complete_chunks()
-    todo = [k for k in owned if not complete[k]]
-    already = sum(store.chunk_range(k)[1] - store.chunk_range(k)[0] for k in owned if complete[k])
-    rows = [r for k in todo for r in range(*store.chunk_range(k))]
-    position = {r: i for i, r in enumerate(rows)}
-
-    skipped: list[tuple[str, str]] = []
-    t_loop = time.perf_counter()
-    if rows:
-        skipped = _run_teacher(cfg, teacher, split, store, todo, rows, position, device)
-    seconds, loop_seconds = time.perf_counter() - t0, time.perf_counter() - t_loop
+    with claim_chunks(store, owned, cfg) as (todo, repaired, heartbeat):
+        rows = [r for k in todo for r in range(*store.chunk_range(k))]
+        already = sum(len(range(*store.chunk_range(k))) for k in owned if k not in set(todo))
+        skipped: list[tuple[str, str]] = []
+        t_loop = time.perf_counter()
+        if rows:
+            skipped = _run_teacher(cfg, teacher, split, store, todo, device, after_write=heartbeat)
+        seconds, loop_seconds = time.perf_counter() - t0, time.perf_counter() - t_loop
     return BuildReport(
         out=str(cfg.out), computed=len(rows) - len(skipped), already_done=already, total_rows=store.n_rows,
-        seconds=seconds, loop_seconds=loop_seconds, store_bytes=store.nbytes_stored(), skipped=skipped, warnings=vanishing_layers(store),
+        seconds=seconds, loop_seconds=loop_seconds, store_bytes=store.nbytes_stored(), skipped=skipped,
+        warnings=vanishing_layers(store), repaired=repaired,
     )
+
+
+def check_flags(cfg: BuildConfig) -> None:
+    if cfg.overwrite and cfg.shard[1] > 1:
+        raise AtcacheError("--overwrite cannot be combined with --shard (shards share one store); delete the store once, then start the shards")
+    if cfg.repair and not cfg.resume:
+        raise AtcacheError("--repair works on an existing store: pass --resume --repair")
+    if cfg.repair and cfg.overwrite:
+        raise AtcacheError("--repair keeps the store and --overwrite deletes it; pass one of them")
+
+
+def open_store(cfg: BuildConfig, teacher: Teacher, split: SplitFiles, device: torch.device, join: bool) -> CacheStore:
+    """Describe the cache and create the store, or reopen it (resume / a sibling shard) after checking it matches."""
+    spec = make_spec(cfg, teacher, split, device).stamped()
+    return CacheStore.open_or_create(cfg.out, spec, split.files, resume=cfg.resume, overwrite=cfg.overwrite,
+                                     join=join, repair=cfg.repair)
+
+
+@contextlib.contextmanager
+def claim_chunks(store: CacheStore, owned: Sequence[int], cfg: BuildConfig):
+    """Own the row-chunks this builder will compute (refused if a live builder holds any), repair damaged ones with
+    --repair, and yield (the chunks still to compute, {repaired chunk: arrays}, heartbeat callback). Leftovers of
+    an interrupted write in those chunks are removed first."""
+    owned = list(owned)
+    complete = store.complete_chunks()
+    candidates = owned if cfg.repair else [k for k in owned if not complete[k]]
+    if not candidates:
+        yield [], {}, None
+        return
+    with ChunkClaim(store, candidates, break_locks=cfg.break_locks) as claim:
+        store.remove_partial_writes(candidates)
+        repaired = store.damaged_chunks(candidates) if cfg.repair else {}
+        if repaired:
+            store.mark_not_done(repaired)
+            complete = store.complete_chunks()
+        yield [k for k in candidates if not complete[k]], repaired, claim.heartbeat
+
+
+def build_cache_distributed(cfg: BuildConfig) -> BuildReport:
+    """The build on a dask.distributed cluster: this process creates/claims the store, each task computes a block of
+    row-chunks on its worker's device and writes them straight into the shared store; dask retries lost tasks."""
+    from distributed import as_completed
+    from tqdm import tqdm
+
+    from atcache.cluster import cpu_threads_per_worker, dask_client, parse_scheduler, worker_count
+
+    t0 = time.perf_counter()
+    check_flags(cfg)
+    if cfg.shard != (0, 1):
+        raise AtcacheError("--scheduler splits the build over the cluster itself; leave out --shard")
+    parse_scheduler(cfg.scheduler)
+    split = split_files(cfg.data, cfg.split)
+    cpu = torch.device("cpu")  # the spec only needs the layer shapes; workers bring the devices
+    teacher = load_teacher(cfg.teacher, nc=len(split.names), device=cpu)
+    store = open_store(cfg, teacher, split, cpu, join=False)
+    del teacher
+    owned = range(store.n_chunks)
+    computed, skipped = 0, []
+    with claim_chunks(store, owned, cfg) as (todo, repaired, heartbeat):
+        already = sum(len(range(*store.chunk_range(k))) for k in owned if k not in set(todo))
+        t_loop = time.perf_counter()
+        if todo:
+            with dask_client(cfg.scheduler) as client:
+                n_workers = worker_count(client)
+                blocks = task_blocks(todo, n_workers)
+                task_cfg = dataclasses.replace(cfg, scheduler="", resume=True, overwrite=False, repair=False,
+                                               progress=False)
+                threads = cpu_threads_per_worker(n_workers) if cfg.scheduler.startswith("local") else 0
+                futures = client.map(build_chunks_task, [task_cfg] * len(blocks), blocks, [threads] * len(blocks),
+                                     retries=cfg.retries, pure=False, key=[f"atcache-build-{b[0]}-{b[-1]}" for b in blocks])
+                rows = sum(len(range(*store.chunk_range(k))) for k in todo)
+                bar = tqdm(total=rows, desc=f"build-cache {store.location.name} ({n_workers} workers)", unit="img",
+                           disable=not cfg.progress, dynamic_ncols=True)
+                try:
+                    for future in as_completed(futures):
+                        n, bad = future.result()
+                        computed += n
+                        skipped += bad
+                        bar.update(n + len(bad))
+                        if heartbeat is not None:
+                            heartbeat()
+                except BaseException:
+                    client.cancel(futures)
+                    raise
+                finally:
+                    bar.close()
+        loop_seconds = time.perf_counter() - t_loop
+    return BuildReport(
+        out=str(cfg.out), computed=computed, already_done=already, total_rows=store.n_rows,
+        seconds=time.perf_counter() - t0, loop_seconds=loop_seconds, store_bytes=store.nbytes_stored(),
+        skipped=skipped, warnings=vanishing_layers(store), repaired=repaired,
+    )
+
+
+def task_blocks(chunks: Sequence[int], n_workers: int, per_worker: int = 4, max_chunks: int = 16) -> list[list[int]]:
+    """Split the row-chunks to compute into contiguous task blocks: about `per_worker` tasks per worker (load
+    balance, cheap retries), at most `max_chunks` chunks each."""
+    chunks = list(chunks)
+    size = max(1, min(max_chunks, -(-len(chunks) // (per_worker * max(1, n_workers)))))
+    return [chunks[i:i + size] for i in range(0, len(chunks), size)]
+
+
+def worker_device(device: str) -> str:
+    """The device of this dask worker: --device 0,1 spreads local workers (named 0..N-1) over the list."""
+    from atcache.cluster import this_worker_name
+
+    devices = [d.strip() for d in str(device).split(",") if d.strip()] or ["cpu"]
+    name = this_worker_name()
+    return devices[int(name) % len(devices)] if name.isdigit() else devices[0]
+
+
+@functools.lru_cache(maxsize=2)
+def _worker_teacher(path: str, nc: int, device: str) -> Teacher:
+    return load_teacher(path, nc=nc, device=resolve_device(device))
+
+
+def build_chunks_task(cfg: BuildConfig, chunks: Sequence[int], threads: int = 0) -> tuple[int, list[tuple[str, str]]]:
+    """One dask task: compute the row-chunks of `chunks` that are not complete yet (a retried task skips what its
+    lost predecessor finished) and write them; returns (rows computed, skipped images)."""
+    import multiprocessing
+
+    if threads:
+        torch.set_num_threads(threads)
+    device = worker_device(cfg.device)
+    split = split_files(cfg.data, cfg.split)
+    store = CacheStore.open(cfg.out, writable=True)
+    if split.fingerprint() != store.spec.dataset_fingerprint:
+        raise AtcacheError(f"worker sees other images under {split.root} than the cache was created for; every "
+                           "worker needs the same dataset at the same path (a shared filesystem)")
+    teacher = _worker_teacher(cfg.teacher, len(split.names), device)
+    if teacher.weights_sha256 != store.spec.teacher_weights_sha256:
+        raise AtcacheError(f"worker loaded other teacher weights from {cfg.teacher} than the cache was created with; "
+                           "every worker needs the same teacher file at the same path")
+    complete = store.complete_chunks()
+    todo = [k for k in chunks if not complete[k]]
+    if not todo:
+        return 0, []
+    if multiprocessing.current_process().daemon and cfg.workers:  # a daemonic dask worker cannot fork loaders
+        cfg = dataclasses.replace(cfg, workers=0)
+    skipped = _run_teacher(cfg, teacher, split, store, todo, resolve_device(device))
+    rows = sum(len(range(*store.chunk_range(k))) for k in todo)
+    return rows - len(skipped), skipped
 
 
 def vanishing_layers(store: CacheStore, floor: float = 1e3 * EPS) -> list[str]:
@@ -252,6 +422,10 @@ def child_command(cfg: BuildConfig, device: str, shard: int, n_shards: int) -> l
            "--shard", f"{shard}/{n_shards}", "--resume"]
     if cfg.skip_bad:
         cmd.append("--skip-bad")
+    if cfg.repair:
+        cmd.append("--repair")
+    if cfg.break_locks:
+        cmd.append("--break-locks")
     if not cfg.progress or shard > 0:
         cmd.append("--no-progress")
     return cmd
@@ -275,9 +449,12 @@ def build_cache_on_devices(cfg: BuildConfig, devices: Sequence[str]) -> list[str
     return [f"device {d}: {out}" for d, out in zip(devices, outputs)]
 
 
-def _run_teacher(cfg, teacher, split, store, todo, rows, position, device) -> list[tuple[str, str]]:
+def _run_teacher(cfg, teacher, split, store, todo, device, after_write=None) -> list[tuple[str, str]]:
+    """Teacher forward over the rows of row-chunks `todo`, batches never spanning two chunks; returns skipped images."""
     from tqdm import tqdm
 
+    rows = [r for k in todo for r in range(*store.chunk_range(k))]
+    position = {r: i for i, r in enumerate(rows)}
     cuda = device.type == "cuda"
     if cuda:
         torch.backends.cudnn.benchmark = True
@@ -286,7 +463,7 @@ def _run_teacher(cfg, teacher, split, store, todo, rows, position, device) -> li
         dataset, batch_sampler=ChunkBatches(store, todo, cfg.batch, position), num_workers=cfg.workers,
         pin_memory=cuda, persistent_workers=False, prefetch_factor=4 if cfg.workers > 0 else None,
     )
-    writer = ChunkWriter(store)
+    writer = ChunkWriter(store, after_write=after_write)
     skipped: list[tuple[str, str]] = []
     layers = cfg.layers
     chunk_iter = iter(todo)

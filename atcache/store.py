@@ -15,8 +15,11 @@ disjoint chunk ranges never read-modify-write the same file. Each chunk carries 
 
 from __future__ import annotations
 
-import shutil
+import json
+import os
+import socket
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -26,11 +29,15 @@ import zarr
 from zarr.codecs import BloscCodec, BloscShuffle, Crc32cCodec
 
 from atcache.errors import AtcacheError
+from atcache.location import Location
 from atcache.spec import CacheSpec
 
 SPEC_ATTR = "atcache"
 LETTERBOX_WIDTH = 7
 CREATE_WAIT_S = 120.0
+CREATE_RECORD = "atcache-create.json"  # remote stores: who claimed the creation
+LOCK_PREFIX = "atcache-locks"  # ownership records of builders (ChunkClaim); zarr ignores these keys
+LOCK_STALE_S = 600.0
 
 
 def map_compressors() -> list:
@@ -53,111 +60,132 @@ class ChunkData:
 
 
 class CacheStore:
-    """A handle on one cache store; open with `create`, `open` or `open_or_create`."""
+    """A handle on one cache store (a local directory or an fsspec URL); open with `create`, `open` or
+    `open_or_create`."""
 
-    def __init__(self, path: str | Path, group: zarr.Group, spec: CacheSpec):
-        self.path, self.group, self.spec = Path(path), group, spec
+    def __init__(self, location: Location, group: zarr.Group, spec: CacheSpec):
+        self.location, self.group, self.spec = location, group, spec
+
+    @property
+    def path(self) -> str:
+        """The store's local path or URL, for messages."""
+        return self.location.url
 
     # ------------------------------------------------------------------ opening
     @classmethod
-    def open(cls, path: str | Path, writable: bool = False) -> "CacheStore":
+    def open(cls, path: "str | Path | Location", writable: bool = False) -> "CacheStore":
         """Open an existing store and read its spec; clear errors for a missing, foreign or half-created store."""
-        path = Path(path)
-        if not (path / "zarr.json").is_file():
-            raise AtcacheError(f"cache {path} does not exist (no zarr.json); build it with `atcache build-cache`")
+        loc = Location.of(path)
+        if not loc.exists("zarr.json"):
+            raise AtcacheError(f"cache {loc} does not exist (no zarr.json); build it with `atcache build-cache`")
         try:
-            group = zarr.open_group(str(path), mode="r+" if writable else "r")
+            group = zarr.open_group(loc.url, mode="r+" if writable else "r")
         except Exception as e:
-            raise AtcacheError(f"cache {path} is not a readable Zarr v3 group: {e}") from e
+            raise AtcacheError(f"cache {loc} is not a readable Zarr v3 group: {_first_line(e)}") from e
         raw = group.attrs.get(SPEC_ATTR)
         if raw is None:
             raise AtcacheError(
-                f"cache {path} has no atcache spec (its creation was interrupted or it is not an atcache store); "
+                f"cache {loc} has no atcache spec (its creation was interrupted or it is not an atcache store); "
                 "rebuild with `atcache build-cache --overwrite`"
             )
         try:
             spec = CacheSpec.from_dict(raw)
         except (ValueError, TypeError, KeyError) as e:
-            raise AtcacheError(f"cache {path}: {e}; rebuild it with this atcache version (--overwrite)") from e
-        return cls(path, group, spec)
+            raise AtcacheError(f"cache {loc}: {e}; rebuild it with this atcache version (--overwrite)") from e
+        return cls(loc, group, spec)
 
     @classmethod
-    def create(cls, path: str | Path, spec: CacheSpec, files: Sequence[str]) -> "CacheStore":
-        """Create a new store (the directory must not exist, or be empty and claimed by us)."""
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
+    def create(cls, path: "str | Path | Location", spec: CacheSpec, files: Sequence[str]) -> "CacheStore":
+        """Create a new store (the location must not hold one, or be empty and claimed by us)."""
+        loc = Location.of(path)
+        if not loc.remote:
+            loc.local_path.mkdir(parents=True, exist_ok=True)
         if len(files) != spec.n_rows:
             raise ValueError(f"{len(files)} files for a spec of {spec.n_rows} rows")
-        group = zarr.open_group(str(path), mode="w", zarr_format=3)
+        group = zarr.open_group(loc.url, mode="a", zarr_format=3)
         n, r = spec.n_rows, spec.chunk_rows
         for layer in spec.layers:
             group.create_array(
                 f"maps/{layer.index}", shape=(n, layer.height, layer.width), chunks=(r, layer.height, layer.width),
                 dtype=spec.map_dtype, fill_value=np.nan, compressors=map_compressors(),
-                dimension_names=("row", "y", "x"),
+                dimension_names=("row", "y", "x"), overwrite=True,
             )
             group.create_array(
                 f"norms/{layer.index}", shape=(n,), chunks=(r,), dtype="float32", fill_value=np.nan,
-                compressors=small_compressors(4), dimension_names=("row",),
+                compressors=small_compressors(4), dimension_names=("row",), overwrite=True,
             )
         group.create_array(
             "letterbox", shape=(n, LETTERBOX_WIDTH), chunks=(r, LETTERBOX_WIDTH), dtype="float32", fill_value=np.nan,
             compressors=small_compressors(4), dimension_names=("row", "field"),
-            attributes={"columns": list(spec.letterbox.columns)},
+            attributes={"columns": list(spec.letterbox.columns)}, overwrite=True,
         )
         group.create_array("done", shape=(n,), chunks=(r,), dtype="bool", fill_value=False,
-                           compressors=small_compressors(1), dimension_names=("row",))
+                           compressors=small_compressors(1), dimension_names=("row",), overwrite=True)
         files_arr = group.create_array("files", shape=(n,), chunks=(r,), dtype=str, fill_value="",
-                                       dimension_names=("row",))
+                                       dimension_names=("row",), overwrite=True)
         files_arr[:] = np.asarray(files, dtype=object)
         group.attrs[SPEC_ATTR] = spec.to_dict()  # written last: a store with a spec is complete
-        return cls(path, group, spec)
+        return cls(loc, group, spec)
 
     @classmethod
     def open_or_create(
-        cls, path: str | Path, spec: CacheSpec, files: Sequence[str], *, resume: bool, overwrite: bool, join: bool
+        cls, path: "str | Path | Location", spec: CacheSpec, files: Sequence[str], *, resume: bool, overwrite: bool,
+        join: bool, repair: bool = False,
     ) -> "CacheStore":
         """The build's entry point: claim and create the store, or reopen it for --resume / a sibling --shard.
 
-        Creation is claimed with an atomic mkdir, so n shard processes started together create it exactly once."""
-        path = Path(path)
-        clear_for_build(path, resume=resume or join, overwrite=overwrite)
-        try:
-            path.mkdir(parents=True)
-            return cls.create(path, spec, files)
-        except FileExistsError:
-            pass
+        Creation is claimed atomically (mkdir locally, a create-if-absent record remotely), so n shard processes
+        started together create it exactly once."""
+        loc = Location.of(path)
+        clear_for_build(loc, resume=resume or join, overwrite=overwrite)
+        if _claim_creation(loc):
+            return cls.create(loc, spec, files)
         if not (resume or join):  # another process created it since the check above
-            raise _exists_error(path)
-        store = cls._wait_for_spec(path, wait=join)
+            raise _exists_error(loc)
+        store = cls._wait_for_spec(loc, wait=join)
         if store is None:  # creation never finished: nothing was computed yet, so start over
-            _remove_store(path)
-            return cls.open_or_create(path, spec, files, resume=resume, overwrite=False, join=join)
-        store.check_compatible(spec, files)
+            _remove_store(loc)
+            return cls.open_or_create(loc, spec, files, resume=resume, overwrite=False, join=join)
+        store.check_compatible(spec, files, repair=repair)
         return store
 
     @classmethod
-    def _wait_for_spec(cls, path: Path, wait: bool) -> "CacheStore | None":
-        """Open `path` once its spec is written; None if it never is (an interrupted creation)."""
-        if not (path / "zarr.json").exists() and any(path.iterdir()) and not wait:
-            raise AtcacheError(f"{path} exists and is not an atcache store; choose another --out or remove it")
-        deadline = time.monotonic() + (CREATE_WAIT_S if wait else 0.0)
+    def _wait_for_spec(cls, loc: Location, wait: bool) -> "CacheStore | None":
+        """Open `loc` once its spec is written. While its creator is alive this waits (up to CREATE_WAIT_S); None if
+        the creation was interrupted (its creator is dead), so the caller starts over: nothing was computed yet."""
+        deadline = time.monotonic() + CREATE_WAIT_S
         while True:
-            if (path / "zarr.json").is_file() and SPEC_ATTR in zarr.open_group(str(path), mode="r").attrs:
-                return cls.open(path, writable=True)
+            if loc.exists("zarr.json") and SPEC_ATTR in zarr.open_group(loc.url, mode="r").attrs:
+                return cls.open(loc, writable=True)
+            raw = loc.read(CREATE_RECORD)
+            if raw is None and not loc.exists("zarr.json"):
+                if not loc.is_empty() and not wait:
+                    raise AtcacheError(f"{loc} exists and is not an atcache store; choose another --out or remove it")
+            elif raw is None or not owner_alive(_parse_record(raw)):
+                return None
             if time.monotonic() >= deadline:
                 return None
             time.sleep(0.2)
 
-    def check_compatible(self, spec: CacheSpec, files: Sequence[str]) -> None:
-        """Refuse to continue a store that was built for another teacher, dataset, imgsz, layers or settings."""
+    def check_compatible(self, spec: CacheSpec, files: Sequence[str], repair: bool = False) -> None:
+        """Refuse to continue a store that was built for another teacher, dataset, imgsz, layers or settings
+        (with `repair`, an undecodable image list is rewritten from the split, which the spec's fingerprint vouches for)."""
         diffs = self.spec.differences(spec)
         if diffs:
             raise AtcacheError(
                 f"cache {self.path} was built with different settings ({'; '.join(diffs[:3])}); "
                 "rerun with the original settings or pass --overwrite to rebuild"
             )
-        stored = self.files()
+        try:
+            stored = self.files()
+        except Exception as e:
+            if repair:
+                self.rewrite_files(files)
+                return
+            raise AtcacheError(
+                f"cache {self.path}: the image list (files) cannot be decoded ({_first_line(e)}); "
+                "rerun with --resume --repair to rewrite it"
+            ) from e
         if list(stored) != list(files):
             raise AtcacheError(f"cache {self.path} lists other images than this split; pass --overwrite to rebuild")
 
@@ -216,8 +244,55 @@ class CacheStore:
         return np.asarray(self.group["letterbox"][:])
 
     def nbytes_stored(self) -> int:
-        """Bytes on disk of the whole store."""
-        return sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())
+        """Bytes on disk (or in the bucket) of the whole store."""
+        return self.location.nbytes()
+
+    def damaged_chunks(self, chunks: Iterable[int]) -> dict[int, list[str]]:
+        """Row-chunks (of `chunks`) whose data cannot be trusted: a chunk of any array that fails to decode
+        (checksum mismatch, truncated file) or, for done rows, non-finite maps/norms. {k: [array names]}."""
+        damaged: dict[int, list[str]] = {}
+        for k in chunks:
+            a, b = self.chunk_range(k)
+            done = None
+            try:
+                done = np.asarray(self.group["done"][a:b], dtype=bool)
+            except Exception:
+                damaged.setdefault(k, []).append("done")
+            for name in self.array_names():
+                if name == "done":
+                    continue
+                try:
+                    values = self.group[name][a:b]
+                except Exception:
+                    damaged.setdefault(k, []).append(name)
+                    continue
+                if done is not None and name.startswith(("maps/", "norms/")) and done.any():
+                    if not np.isfinite(np.asarray(values[done], dtype=np.float32)).all():
+                        damaged.setdefault(k, []).append(name)
+        return damaged
+
+    def rewrite_files(self, files: Sequence[str]) -> None:
+        """Rewrite the image list (for --repair of a damaged `files` chunk; the list is known from the split)."""
+        self.group["files"][:] = np.asarray(files, dtype=object)
+
+    def remove_partial_writes(self, chunks: Iterable[int]) -> int:
+        """Delete the temporary files an interrupted local write left in row-chunks `chunks` (zarr writes
+        `<chunk key>.<uuid>.partial`, then renames); returns how many."""
+        if self.location.remote or not self.location.local_path.is_dir():
+            return 0
+        wanted, removed = {str(k) for k in chunks}, 0
+        for f in self.location.local_path.rglob("*.partial"):
+            parts = f.relative_to(self.location.local_path).parts
+            if "c" in parts and parts.index("c") + 1 < len(parts) and parts[parts.index("c") + 1].split(".")[0] in wanted:
+                f.unlink(missing_ok=True)
+                removed += 1
+        return removed
+
+    def mark_not_done(self, chunks: Iterable[int]) -> None:
+        """Forget row-chunks (their data will be recomputed); `done` goes first so no row is ever done without data."""
+        for k in chunks:
+            a, b = self.chunk_range(k)
+            self.group["done"][a:b] = False
 
     # ------------------------------------------------------------------ writing
     def write_chunk(self, k: int, data: ChunkData) -> None:
@@ -232,26 +307,161 @@ class CacheStore:
         self.group["done"][a:b] = data.ok.astype(bool, copy=False)
 
 
-def _exists_error(path: Path) -> AtcacheError:
-    return AtcacheError(f"cache {path} already exists; pass --resume to finish it or --overwrite to rebuild it from scratch")
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
-def clear_for_build(path: str | Path, *, resume: bool, overwrite: bool) -> None:
+def _exists_error(loc: Location) -> AtcacheError:
+    return AtcacheError(f"cache {loc} already exists; pass --resume to finish it or --overwrite to rebuild it from scratch")
+
+
+def _claim_creation(loc: Location) -> bool:
+    """True for exactly one of several builders that find no store at `loc`: it atomically writes the creation record
+    (who creates it), the others wait for the spec while that creator is alive."""
+    try:
+        if not loc.remote:
+            loc.local_path.mkdir(parents=True, exist_ok=True)
+        if loc.exists("zarr.json") or loc.exists(CREATE_RECORD):
+            return False
+        if not loc.is_empty():
+            raise AtcacheError(f"{loc} exists and is not an atcache store; choose another --out or remove it")
+        return loc.create(CREATE_RECORD, json.dumps(_owner_record("create")).encode())
+    except PermissionError as e:
+        raise AtcacheError(f"cannot create cache {loc}: permission denied ({e.filename or e}); choose a writable --out") from None
+    except OSError as e:
+        raise AtcacheError(f"cannot create cache {loc}: {_first_line(e)}; check the location and its free space") from None
+
+
+def _parse_record(raw: bytes) -> dict:
+    try:
+        record = json.loads(raw)
+    except ValueError:
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def clear_for_build(path: "str | Path | Location", *, resume: bool, overwrite: bool) -> None:
     """Before a build: --overwrite deletes an existing store; without --resume an existing one is refused."""
-    path = Path(path)
-    if overwrite and path.exists():
-        _remove_store(path)
-    elif path.exists() and not resume:
-        raise _exists_error(path)
+    loc = Location.of(path)
+    present = not loc.is_empty()
+    if overwrite and present:
+        _remove_store(loc)
+    elif present and not resume:
+        raise _exists_error(loc)
 
 
-def _remove_store(path: Path) -> None:
-    if not path.is_dir():
-        path.unlink()
-        return
-    if any(path.iterdir()) and not (path / "zarr.json").exists():
-        raise AtcacheError(f"{path} is not an atcache store, refusing to delete it; choose another --out")
-    shutil.rmtree(path)
+def _remove_store(loc: Location) -> None:
+    if not loc.is_empty() and not loc.exists("zarr.json") and not loc.exists(CREATE_RECORD):
+        raise AtcacheError(f"{loc} is not an atcache store, refusing to delete it; choose another --out")
+    loc.remove_all()
+
+
+# ---------------------------------------------------------------------------------------------------- ownership
+def _process_start(pid: int) -> str:
+    """The kernel's start time of `pid` (Linux), so a recycled pid is not mistaken for the builder; '' elsewhere."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return ""
+
+
+def _owner_record(role: str) -> dict:
+    pid = os.getpid()
+    return {"host": socket.gethostname(), "pid": pid, "start": _process_start(pid), "role": role,
+            "token": uuid.uuid4().hex, "since": time.time(), "heartbeat": time.time()}
+
+
+def owner_alive(record: dict, stale_s: float = LOCK_STALE_S) -> bool:
+    """A builder on this host is alive if its process is; one elsewhere if it wrote a heartbeat recently."""
+    if record.get("host") == socket.gethostname():
+        pid = int(record.get("pid", -1))
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return not record.get("start") or record.get("start") == _process_start(pid)
+    return time.time() - float(record.get("heartbeat", 0)) < stale_s
+
+
+class ChunkClaim:
+    """One builder's ownership of the row-chunks it computes: a record per chunk under `atcache-locks/`, each created
+    atomically, so two builders with overlapping shards never interleave: the second is refused.
+
+    Records of a dead builder (kill -9, lost node) are taken over: on this host when its process is gone, from
+    another host after LOCK_STALE_S without a heartbeat, or at once with --break-locks."""
+
+    def __init__(self, store: CacheStore, chunks: Iterable[int], break_locks: bool = False):
+        self.store, self.location, self.chunks = store, store.location, list(chunks)
+        self.record, self.break_locks = _owner_record("build"), break_locks
+        self.held: list[int] = []
+        self._beat = time.monotonic()
+
+    def _key(self, k: int) -> str:
+        return f"{LOCK_PREFIX}/chunk-{k:08d}.json"
+
+    def _heartbeat_key(self) -> str:
+        return f"{LOCK_PREFIX}/owners/{self.record['token']}.json"
+
+    def acquire(self) -> "ChunkClaim":
+        data = json.dumps(self.record).encode()
+        self.location.write(self._heartbeat_key(), data)
+        try:
+            for k in self.chunks:
+                if self.location.create(self._key(k), data):
+                    self.held.append(k)
+                    continue
+                holder = self._holder(k)
+                if holder is not None and owner_alive(holder) and not self.break_locks:
+                    raise AtcacheError(self._refusal(k, holder))
+                self.location.delete(self._key(k))  # a dead builder's record: take it over
+                if not self.location.create(self._key(k), data):
+                    raise AtcacheError(self._refusal(k, self._holder(k) or {}))
+                self.held.append(k)
+        except BaseException:
+            self.release()
+            raise
+        return self
+
+    def _holder(self, k: int) -> dict | None:
+        raw = self.location.read(self._key(k))
+        if raw is None:
+            return None
+        record = _parse_record(raw)
+        beat = self.location.read(f"{LOCK_PREFIX}/owners/{record.get('token')}.json")
+        if beat is not None:
+            record["heartbeat"] = _parse_record(beat).get("heartbeat", record.get("heartbeat", 0))
+        return record
+
+    def _refusal(self, k: int, holder: dict) -> str:
+        a, b = self.store.chunk_range(k)
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(holder.get("since", 0))))
+        return (
+            f"cache {self.location}: row-chunk {k} (rows {a}-{b - 1}) is being built by pid "
+            f"{holder.get('pid')} on {holder.get('host')} since {since}; two builders must not share chunks: wait for "
+            "it to finish, give each builder its own --shard i/n, or pass --break-locks if that builder is dead"
+        )
+
+    def heartbeat(self, every_s: float = 30.0) -> None:
+        """Tell builders on other hosts that this one is alive (at most every `every_s` seconds)."""
+        if time.monotonic() - self._beat >= every_s:
+            self._beat = time.monotonic()
+            self.location.write(self._heartbeat_key(), json.dumps({**self.record, "heartbeat": time.time()}).encode())
+
+    def release(self) -> None:
+        for k in self.held:
+            self.location.delete(self._key(k))
+        self.held = []
+        self.location.delete(self._heartbeat_key())
+        self.location.prune(LOCK_PREFIX)
+
+    def __enter__(self) -> "ChunkClaim":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
 
 
 def chunks_for_shard(n_chunks: int, shard: int, n_shards: int) -> range:
