@@ -27,7 +27,7 @@ class CacheView:
     """A cache opened read-only: its spec, the image list, and per layer dask arrays of the maps (N, H, W) and norms
     (N,), chunked as stored. `done` rows hold data; the others are NaN."""
 
-    path: Path
+    path: str  # local folder or fsspec URL
     spec: CacheSpec
     files: np.ndarray
     done: np.ndarray
@@ -51,7 +51,7 @@ def open_cache(path: str | Path) -> CacheView:
     """Open a finished or partial cache for reading (the spec is checked as on every open)."""
     store = CacheStore.open(path)
     return CacheView(
-        path=Path(path), spec=store.spec, files=store.files(), done=store.done_mask(), letterbox=store.letterbox(),
+        path=store.path, spec=store.spec, files=store.files(), done=store.done_mask(), letterbox=store.letterbox(),
         maps={i: da.from_zarr(store.maps_array(i)) for i in store.spec.layer_indices},
         norms={i: da.from_zarr(store.norms_array(i)) for i in store.spec.layer_indices},
     )
@@ -59,17 +59,11 @@ def open_cache(path: str | Path) -> CacheView:
 
 @contextlib.contextmanager
 def dask_scheduler(workers: int | None = None, address: str | None = None):
-    """dask's threaded scheduler with `workers` threads, or a dask.distributed cluster at `address`."""
+    """dask's threaded scheduler with `workers` threads, or dask.distributed: `local:N` or a scheduler address."""
     if address:
-        try:
-            from distributed import Client
-        except ImportError:
-            raise AtcacheError("--scheduler needs dask.distributed: pip install 'atcache[distributed]'") from None
-        try:
-            client = Client(address, timeout="10s")
-        except Exception as e:
-            raise AtcacheError(f"cannot reach the dask scheduler at {address}: {e}") from e
-        with client:
+        from atcache.cluster import dask_client
+
+        with dask_client(address, threads_per_worker=max(1, workers or 1)):
             yield
         return
     with dask.config.set(scheduler="threads", num_workers=workers or None):
@@ -147,7 +141,7 @@ def inspect_cache(path: str | Path, workers: int | None = None, scheduler: str |
         }
     store_bytes = CacheStore.open(path).nbytes_stored()
     return {
-        "path": str(Path(path).resolve()),
+        "path": view.path,
         "spec": asdict(view.spec),
         "rows": int(len(done)), "rows_done": int(done.sum()),
         "store_bytes": store_bytes, "bytes_per_image": store_bytes / max(len(done), 1),

@@ -406,6 +406,7 @@ class ChunkClaim:
         return f"{LOCK_PREFIX}/owners/{self.record['token']}.json"
 
     def acquire(self) -> "ChunkClaim":
+        self.sweep_dead()
         data = json.dumps(self.record).encode()
         self.location.write(self._heartbeat_key(), data)
         try:
@@ -417,6 +418,8 @@ class ChunkClaim:
                 if holder is not None and owner_alive(holder) and not self.break_locks:
                     raise AtcacheError(self._refusal(k, holder))
                 self.location.delete(self._key(k))  # a dead builder's record: take it over
+                if holder is not None:
+                    self.location.delete(f"{LOCK_PREFIX}/owners/{holder.get('token')}.json")
                 if not self.location.create(self._key(k), data):
                     raise AtcacheError(self._refusal(k, self._holder(k) or {}))
                 self.held.append(k)
@@ -424,6 +427,19 @@ class ChunkClaim:
             self.release()
             raise
         return self
+
+    def sweep_dead(self) -> None:
+        """Delete the records of dead builders (a kill -9 leaves them behind, also for chunks they had finished)."""
+        for name in self.location.list(LOCK_PREFIX):
+            raw = self.location.read(name)
+            record = _parse_record(raw) if raw is not None else {}
+            if name.startswith(f"{LOCK_PREFIX}/owners/"):
+                if record and not owner_alive(record):
+                    self.location.delete(name)
+            elif name.startswith(f"{LOCK_PREFIX}/chunk-") and record.get("token") != self.record["token"]:
+                holder = self._holder(int(name.rsplit("-", 1)[1].split(".")[0]))
+                if holder is not None and not owner_alive(holder):
+                    self.location.delete(name)
 
     def _holder(self, k: int) -> dict | None:
         raw = self.location.read(self._key(k))
