@@ -18,6 +18,7 @@ from atcache.errors import AtcacheError
 
 PAD_VALUE = 114
 LETTERBOX_COLUMNS = ("h0", "w0", "h", "w", "pad_top", "pad_left", "ratio")
+ULTRALYTICS_IMREAD_FLAGS = cv2.IMREAD_COLOR  # BaseDataset.cv2_flag for channels=3: imread gives 8-bit BGR
 
 
 @dataclass(frozen=True)
@@ -60,7 +61,8 @@ def load_data_yaml(data_yaml: str | Path) -> dict:
 
 
 def split_files(data_yaml: str | Path, split: str) -> SplitFiles:
-    """The image files of `split` ('train', 'val', 'test') exactly as ultralytics' BaseDataset.get_img_files lists them."""
+    """The image files of `split` ('train', 'val', 'test') exactly as ultralytics' BaseDataset.get_img_files lists them
+    (label files without an image are ignored, as ultralytics ignores them); AtcacheError if it has none."""
     from ultralytics.data.utils import IMG_FORMATS
 
     data = load_data_yaml(data_yaml)
@@ -81,9 +83,25 @@ def split_files(data_yaml: str | Path, split: str) -> SplitFiles:
             raise AtcacheError(f"split {split!r} of {data_yaml} points to {p}, which does not exist")
     images = sorted(x.replace("/", os.sep) for x in found if x.rpartition(".")[-1].lower() in IMG_FORMATS)
     if not images:
-        raise AtcacheError(f"split {split!r} of {data_yaml} has no images under {', '.join(map(str, entries))}")
+        raise AtcacheError(
+            f"split {split!r} of {data_yaml} has no images under {', '.join(map(str, entries))} (label files alone "
+            f"do not count); put the images there or point {split!r} at the folder or list that holds them"
+        )
+    if data.get("channels", 3) != 3:
+        raise AtcacheError(
+            f"{data_yaml} sets channels: {data['channels']}, but atcache caches 3-channel (BGR) teachers only; "
+            "remove 'channels' from the data YAML or train without the cache"
+        )
     root = Path(data["path"]).resolve()
     rel = tuple(relative_to_root(x, root) for x in images)
+    for r in rel:
+        try:
+            r.encode("utf-8")
+        except UnicodeEncodeError:
+            raise AtcacheError(
+                f"image file name {r!r} under {root} is not valid UTF-8 and cannot be a cache key; rename it to "
+                "UTF-8 (e.g. `convmv -f latin1 -t utf8 --notest`)"
+            ) from None
     names = tuple(data["names"][i] for i in sorted(data["names"])) if isinstance(data["names"], dict) else tuple(data["names"])
     return SplitFiles(root=root, split=split, files=rel, data_yaml=str(Path(data_yaml).resolve()), names=names)
 
@@ -94,17 +112,62 @@ def relative_to_root(path: str | Path, root: Path) -> str:
 
 
 def read_image(path: str | Path) -> np.ndarray:
-    """BGR uint8 (H, W, 3) as ultralytics reads it; AtcacheError naming the file if it is missing or undecodable."""
+    """BGR uint8 (H, W, 3) exactly as ultralytics' training loader decodes it (grey, CMYK, 16-bit, alpha included);
+    AtcacheError naming the file and the fix if it is missing, undecodable, or a JPEG ultralytics would re-save."""
     from ultralytics.utils.patches import imread
 
     if not Path(path).is_file():
         raise AtcacheError(f"image {path} does not exist; restore it or rebuild the data with prepare-voc (or pass --skip-bad)")
-    im = imread(str(path), flags=cv2.IMREAD_COLOR)
+    im = imread(str(path), flags=ULTRALYTICS_IMREAD_FLAGS)
+    state = jpeg_end_state(path)
+    if state == "truncated":
+        raise AtcacheError(
+            f"image {path} is a truncated or corrupt JPEG (no FFD9 end marker), which ultralytics drops from training as "
+            "corrupt; replace it with a complete copy or delete it (or pass --skip-bad)"
+        )
+    if state == "resave":
+        raise AtcacheError(
+            f"image {path} is a JPEG that does not end with its FFD9 end marker, which ultralytics re-saves (new "
+            "pixels and size) when it first scans the data, so a cache of it would not match training; re-save it as "
+            f"ultralytics does: python -c \"from ultralytics.data.utils import check_image; check_image({str(path)!r})\" "
+            "(or pass --skip-bad)"
+        )
     if im is None or im.size == 0:
         raise AtcacheError(f"image {path} cannot be decoded (corrupt or not an image); replace it or pass --skip-bad")
-    if im.ndim == 2:
-        im = np.repeat(im[..., None], 3, axis=2)
+    if im.ndim != 3 or im.shape[2] != 3:
+        raise AtcacheError(f"image {path} decodes to shape {im.shape}, not 3 colour channels; re-save it as RGB or pass --skip-bad")
     return im
+
+
+def jpeg_end_state(path: str | Path) -> str:
+    """What ultralytics' label scan (data.utils.check_image) does to this file: '' nothing, 'resave' (a JPEG without
+    the FFD9 end marker that it re-saves in place) or 'truncated' (the re-save fails and it drops the image)."""
+    with open(path, "rb") as f:
+        head = f.read(3)
+        f.seek(0, os.SEEK_END)
+        if f.tell() < 4 or head != b"\xff\xd8\xff":  # what PIL's JPEG plugin accepts
+            return ""
+        f.seek(-2, os.SEEK_END)
+        if f.read() == b"\xff\xd9":
+            return ""
+    from PIL import Image, ImageOps
+
+    try:
+        with Image.open(path) as im:
+            if im.format != "JPEG":  # check_image looks at format JPEG only (not MPO)
+                return ""
+            ImageOps.exif_transpose(im).load()
+    except Exception:  # check_image's re-save fails the same way, and ultralytics drops the image
+        return "truncated"
+    return "resave"
+
+
+def restore_jpeg(src: str | Path, dst: str | Path) -> None:
+    """Write to `dst` exactly what ultralytics' check_image re-saves for the JPEG `src` (upright, quality 100, 4:4:4)."""
+    from PIL import Image, ImageOps
+
+    with Image.open(src) as im:
+        ImageOps.exif_transpose(im).save(str(dst), "JPEG", subsampling=0, quality=100)
 
 
 def resize_long_side(im: np.ndarray, imgsz: int) -> np.ndarray:

@@ -2,7 +2,9 @@
 
 The conversion is the one in ultralytics' VOC.yaml download script (boxes to normalised xywh with its -1 offset,
 `difficult` objects dropped), except that images are hard-linked (copied across filesystems), not moved, so the
-devkit stays intact and reruns are idempotent."""
+devkit stays intact and reruns are idempotent. The ImageSets lists define the dataset: annotations of unlisted ids are
+ignored, a listed id without its JPEG or XML is an error. A JPEG without its FFD9 end marker is written as the copy
+ultralytics' first training scan would re-save it to (a truncated one that cannot be re-saved is an error)."""
 
 from __future__ import annotations
 
@@ -47,6 +49,17 @@ def convert_annotation(xml_path: Path) -> list[str]:
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
+    """Hard-link (or copy) the devkit image; one that ultralytics would re-save becomes that re-saved copy."""
+    from atcache.data import jpeg_end_state, restore_jpeg
+
+    if jpeg_end_state(src) == "resave":  # truncated ones were refused by _check_listed_files
+        tmp = dst.with_name(f".{dst.name}.tmp")
+        restore_jpeg(src, tmp)
+        if dst.exists() and dst.read_bytes() == tmp.read_bytes():
+            tmp.unlink()
+        else:
+            os.replace(tmp, dst)
+        return
     if dst.exists() and dst.stat().st_size == src.stat().st_size:
         return
     dst.unlink(missing_ok=True)
@@ -65,26 +78,51 @@ def find_devkit(devkit: str | Path) -> Path:
     raise AtcacheError(f"{devkit} holds no VOC2007/ or VOC2012/ folder; pass the VOCdevkit directory")
 
 
+def _check_listed_files(devkit: Path, work: list[tuple[str, str, str]]) -> None:
+    """Before writing anything: every listed id has its JPEG and XML, and no JPEG is truncated; else one error naming
+    the first bad file."""
+    missing = [(devkit / f"VOC{y}" / sub / f"{i}{ext}", s) for y, s, i in work
+               for sub, ext in (("JPEGImages", ".jpg"), ("Annotations", ".xml"))
+               if not (devkit / f"VOC{y}" / sub / f"{i}{ext}").is_file()]
+    if missing:
+        (path, image_set), more = missing[0], f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        kind = "image" if path.suffix == ".jpg" else "annotation"
+        raise AtcacheError(f"{kind} {path} is listed in ImageSets/Main/{image_set}.txt but missing{more}; restore it "
+                           "or remove the id from the list")
+    from atcache.data import jpeg_end_state  # imports torch: only when converting
+
+    for y, _, i in work:
+        image = devkit / f"VOC{y}" / "JPEGImages" / f"{i}.jpg"
+        if jpeg_end_state(image) == "truncated":
+            raise AtcacheError(f"image {image} is a truncated or corrupt JPEG (no FFD9 end marker), which ultralytics "
+                               "drops from training; restore it from the VOC archive or remove its id from the ImageSets list")
+
+
 def prepare_voc(devkit: str | Path, out: str | Path, progress: bool = True) -> Path:
     """Convert every VOC year/set present under `devkit` into `out`; returns the data YAML written there."""
     from tqdm import tqdm
 
     devkit, out = find_devkit(devkit), Path(out).resolve()
-    work = []
+    work, listings = [], []
     for year, image_set in VOC_SETS:
         listing = devkit / f"VOC{year}" / "ImageSets" / "Main" / f"{image_set}.txt"
         if listing.is_file():
+            listings.append(listing)
             work += [(year, image_set, i) for i in listing.read_text().split()]
-    if not work:
+    if not listings:
         raise AtcacheError(f"{devkit} has no ImageSets/Main/{{train,val,test}}.txt lists; is it a VOCdevkit?")
+    if not any(s in ("train", "val") for _, s, _ in work):
+        lists = [str(p.relative_to(devkit)) for p in listings if p.stem in ("train", "val")]
+        why = f"{', '.join(lists)} {'is' if len(lists) == 1 else 'are'} empty" if lists else "no train/val lists"
+        raise AtcacheError(f"{devkit} lists no training images ({why}); list the image ids, one per line, in "
+                           "VOC<year>/ImageSets/Main/train.txt or val.txt")
+    _check_listed_files(devkit, work)
     for year, image_set in VOC_SETS:
         (out / "images" / f"{image_set}{year}").mkdir(parents=True, exist_ok=True)
         (out / "labels" / f"{image_set}{year}").mkdir(parents=True, exist_ok=True)
     for year, image_set, image_id in tqdm(work, desc="prepare-voc", unit="img", disable=not progress):
         voc = devkit / f"VOC{year}"
         image = voc / "JPEGImages" / f"{image_id}.jpg"
-        if not image.is_file():
-            raise AtcacheError(f"image {image} is listed in ImageSets/Main/{image_set}.txt but missing; restore it or remove the id")
         lines = convert_annotation(voc / "Annotations" / f"{image_id}.xml")
         _link_or_copy(image, out / "images" / f"{image_set}{year}" / image.name)
         label = out / "labels" / f"{image_set}{year}" / f"{image_id}.txt"

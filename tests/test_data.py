@@ -72,3 +72,31 @@ def test_bad_images_are_reported_not_raised_in_workers(tmp_path):
     assert ds[0][3] == "" and tuple(ds[0][1].shape) == (3, 32, 32)
     assert "bad.jpg cannot be decoded" in ds[1][3]
     assert "gone.jpg does not exist" in ds[2][3]
+
+
+def test_jpeg_end_state_matches_ultralytics_check_image(tmp_path):
+    import shutil
+
+    from ultralytics.data.utils import check_image
+
+    from atcache.data import jpeg_end_state
+
+    whole = cv2.imencode(".jpg", np.full((24, 32, 3), 90, np.uint8))[1].tobytes()
+    png = cv2.imencode(".png", np.full((24, 32, 3), 90, np.uint8))[1].tobytes()
+    cases = {"ok.jpg": (whole, ""), "tail.jpg": (whole + b"\0\0", "resave"), "cut.jpg": (whole[:-40], "truncated"),
+             "png_named.jpg": (png, "")}
+    for name, (data, state) in cases.items():
+        (tmp_path / name).write_bytes(data)
+        assert jpeg_end_state(tmp_path / name) == state, name
+        probe = tmp_path / f"probe_{name}"
+        shutil.copy(tmp_path / name, probe)
+        if state == "truncated":
+            with pytest.raises(OSError):  # ultralytics cannot re-save it: its scan drops the image
+                check_image(str(probe))
+        else:
+            assert ("restored and saved" in check_image(str(probe))[0]) == (state == "resave"), name
+    with pytest.raises(AtcacheError, match="tail.jpg is a JPEG that does not end with its FFD9 end marker"):
+        read_image(tmp_path / "tail.jpg")
+    with pytest.raises(AtcacheError, match="cut.jpg is a truncated or corrupt JPEG"):
+        read_image(tmp_path / "cut.jpg")
+    assert read_image(tmp_path / "png_named.jpg").shape == (24, 32, 3)
