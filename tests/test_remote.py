@@ -1,0 +1,74 @@
+"""Stores at fsspec URLs: an S3-compatible server (moto, on loopback) holds the cache that build-cache writes,
+inspect reads and train-from-cache trains from. Nothing here leaves this machine."""
+
+import logging
+
+import pytest
+from typer.testing import CliRunner
+
+from atcache.cli import app
+from atcache.location import Location
+from conftest import TEST_IMGSZ
+from test_build import assert_same_store
+from test_train import COMMON, results
+
+pytest.importorskip("s3fs")
+moto_server = pytest.importorskip("moto.server")
+runner = CliRunner()
+BUCKET = "atcache-test"
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    """A moto S3 server on 127.0.0.1 with one bucket; the AWS_* variables point boto/s3fs at it."""
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    patch = pytest.MonkeyPatch()
+    for key, value in {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "testing",
+                       "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        patch.setenv(key, value)
+    import boto3
+
+    boto3.client("s3").create_bucket(Bucket=BUCKET)
+    yield f"s3://{BUCKET}"
+    patch.undo()
+    server.stop()
+
+
+def build_args(voc_yaml, teacher_pt, out):
+    return ["build-cache", "--teacher", str(teacher_pt), "--data", str(voc_yaml), "--out", out, "--imgsz",
+            str(TEST_IMGSZ), "--batch", "4", "--device", "cpu", "--workers", "0", "--chunk-rows", "8", "--no-progress"]
+
+
+def test_create_if_absent_is_atomic_on_s3(s3):
+    loc = Location.of(f"{s3}/records")
+    assert loc.create("a.json", b"first") and not loc.create("a.json", b"second")
+    assert loc.read("a.json") == b"first" and loc.read("missing.json") is None
+    assert loc.list("") == ["a.json"]
+    loc.remove_all()
+    assert loc.is_empty()
+
+
+def test_build_inspect_and_train_from_an_s3_store(s3, built_cache, voc_yaml, teacher_pt, tmp_path):
+    url = f"{s3}/voc.zarr"
+    built = runner.invoke(app, build_args(voc_yaml, teacher_pt, url))
+    assert built.exit_code == 0, built.output
+    assert_same_store(built_cache, url)  # plain zarr reads the URL too
+    assert not Location.of(url).list("atcache-locks")
+
+    again = runner.invoke(app, build_args(voc_yaml, teacher_pt, url))
+    assert again.exit_code == 2 and "already exists" in again.output
+    resumed = runner.invoke(app, build_args(voc_yaml, teacher_pt, url) + ["--resume"])
+    assert resumed.exit_code == 0 and "31 already done" in resumed.output
+
+    inspected = runner.invoke(app, ["inspect", url, "--verify"])
+    assert inspected.exit_code == 0, inspected.output
+    assert "31/31" in inspected.output.replace(" ", "") or "31 of 31" in inspected.output
+    assert "every chunk decodes" in inspected.output
+
+    trained = runner.invoke(app, ["train-from-cache", "--cache", url, "--data", str(voc_yaml), "--project",
+                                  str(tmp_path), "--name", "s3", *COMMON])
+    assert trained.exit_code == 0, (trained.output, trained.exception)
+    assert results(tmp_path / "s3")["train/at_loss"] > 0
