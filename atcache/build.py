@@ -329,7 +329,6 @@ def build_cache_distributed(cfg: BuildConfig) -> BuildReport:
                 try:
                     for future in as_completed(futures):
                         n, bad = future.result()
-                        computed += n
                         skipped += bad
                         bar.update(n + len(bad))
                         if heartbeat is not None:
@@ -340,6 +339,9 @@ def build_cache_distributed(cfg: BuildConfig) -> BuildReport:
                 finally:
                     bar.close()
         loop_seconds = time.perf_counter() - t_loop
+        if todo:  # rows done now, whichever attempt of a retried task wrote them
+            done = store.done_mask()
+            computed = int(sum(done[slice(*store.chunk_range(k))].sum() for k in todo))
     return BuildReport(
         out=str(cfg.out), computed=computed, already_done=already, total_rows=store.n_rows,
         seconds=time.perf_counter() - t0, loop_seconds=loop_seconds, store_bytes=store.nbytes_stored(),

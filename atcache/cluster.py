@@ -54,6 +54,7 @@ def dask_client(scheduler: str, threads_per_worker: int = 1) -> Iterator["object
             finally:
                 cluster.close()
         return
+    _check_reachable(address)
     try:
         client = distributed.Client(address, timeout="20s")
     except Exception as e:
@@ -63,6 +64,21 @@ def dask_client(scheduler: str, threads_per_worker: int = 1) -> Iterator["object
         if not client.scheduler_info().get("workers"):
             client.wait_for_workers(1, timeout=60)
         yield client
+
+
+def _check_reachable(address: str) -> None:
+    """Fail at once (not after the client's timeout) when nothing listens at a tcp:// address."""
+    import socket
+
+    hostport = address.split("://", 1)[-1]
+    host, _, port = hostport.rpartition(":")
+    if not port.isdigit() or address.split("://", 1)[0] not in ("tcp", hostport):
+        return
+    try:
+        socket.create_connection((host.strip("[]") or "127.0.0.1", int(port)), timeout=10).close()
+    except OSError as e:
+        raise AtcacheError(f"cannot reach the dask scheduler at {address} ({e.strerror or e}); start it with "
+                           "`dask scheduler` and workers with `dask worker ADDRESS`, or use --scheduler local:N") from None
 
 
 def worker_count(client) -> int:
