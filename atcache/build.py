@@ -320,7 +320,10 @@ def build_cache_distributed(cfg: BuildConfig) -> BuildReport:
                 blocks = task_blocks(todo, n_workers)
                 task_cfg = dataclasses.replace(cfg, scheduler="", resume=True, overwrite=False, repair=False,
                                                progress=False)
-                threads = cpu_threads_per_worker(n_workers) if cfg.scheduler.startswith("local") else 0
+                threads = 0
+                if cfg.scheduler.startswith("local"):  # N workers share this machine's cores with their decoders
+                    threads = cpu_threads_per_worker(n_workers)
+                    task_cfg = dataclasses.replace(task_cfg, workers=min(cfg.workers, max(0, threads - 1)))
                 futures = client.map(build_chunks_task, [task_cfg] * len(blocks), blocks, [threads] * len(blocks),
                                      retries=cfg.retries, pure=False, key=[f"atcache-build-{b[0]}-{b[-1]}" for b in blocks])
                 rows = sum(len(range(*store.chunk_range(k))) for k in todo)
