@@ -22,7 +22,8 @@ app = typer.Typer(
 
 
 def _friendly(fn):
-    """Run a command; an AtcacheError (or Ctrl-C) becomes one line on stderr and exit code 2 (130), no traceback."""
+    """Run a command; an AtcacheError or OSError (or Ctrl-C) becomes one line on stderr and exit code 2 (130), no
+    traceback."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -34,6 +35,11 @@ def _friendly(fn):
         except KeyboardInterrupt:
             typer.echo("atcache: interrupted; finished chunks are kept, rerun with --resume to continue", err=True)
             raise typer.Exit(130)
+        except OSError as e:  # disk full, permission denied, ... outside the paths that explain themselves
+            where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+            typer.echo(f"atcache: error: {e.strerror or e}{where}; fix the file system problem and rerun "
+                       "(a build keeps its finished chunks: add --resume)", err=True)
+            raise typer.Exit(2)
 
     return wrapper
 
@@ -94,7 +100,7 @@ def prepare_voc_cmd(
 def build_cache_cmd(
     teacher: Annotated[str, typer.Option(help="Teacher: a trained ultralytics checkpoint .pt, or a model YAML (random init).")],
     data: Annotated[Path, typer.Option(help="Ultralytics detection data YAML.")],
-    out: Annotated[Path, typer.Option(help="Cache store to write (a Zarr v3 folder, e.g. voc_m.zarr).")],
+    out: Annotated[str, typer.Option(help="Cache store to write: a Zarr v3 folder (voc_m.zarr) or an fsspec URL (s3://bucket/voc_m.zarr).")],
     split: Annotated[str, typer.Option(help="Split of the data YAML to cache.")] = "train",
     layers: Annotated[str, typer.Option(help="Teacher layer indices (model.model[i]) to cache.")] = "6,8,13,16,19,22",
     imgsz: Annotated[int, typer.Option(help="Training image size (multiple of the max stride).")] = 640,
@@ -108,13 +114,17 @@ def build_cache_cmd(
     overwrite: Annotated[bool, typer.Option(help="Delete an existing store at --out and rebuild it.")] = False,
     shard: Annotated[str, typer.Option(help="i/n: this process fills the i-th of n disjoint chunk ranges.")] = "0/1",
     skip_bad: Annotated[bool, typer.Option(help="Leave rows of unreadable images empty instead of stopping.")] = False,
+    repair: Annotated[bool, typer.Option(help="With --resume: recompute the row-chunks whose stored data fails to decode (corrupted chunks).")] = False,
+    scheduler: Annotated[Optional[str], typer.Option(help="Build on dask.distributed: local:N worker processes here, or a scheduler address tcp://host:8786.")] = None,
+    break_locks: Annotated[bool, typer.Option(help="Take over row-chunks claimed by another builder that is known to be dead.")] = False,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ):
     """Run the teacher once over a split and write per-layer attention maps into a chunked Zarr v3 store."""
     prepare_ultralytics()
     from atcache.build import BuildConfig, build_cache, build_cache_on_devices
 
-    if device == "0":
+    remote_workers = bool(scheduler) and not scheduler.strip().startswith("local")
+    if device == "0" and not remote_workers:
         import torch
 
         if not torch.cuda.is_available():
@@ -127,14 +137,17 @@ def build_cache_cmd(
     cfg = BuildConfig(
         teacher=teacher, data=str(data), out=str(out), split=split, layers=_parse_layers(layers), imgsz=imgsz,
         batch=batch, device=device, p=p, kind=kind, workers=workers, resume=resume, overwrite=overwrite,
-        shard=_parse_shard(shard), chunk_rows=chunk_rows, skip_bad=skip_bad, progress=progress,
+        shard=_parse_shard(shard), chunk_rows=chunk_rows, skip_bad=skip_bad, progress=progress, repair=repair,
+        break_locks=break_locks, scheduler=scheduler or "",
     )
     devices = [d.strip() for d in device.split(",") if d.strip()]
-    if len(devices) > 1:
+    if len(devices) > 1 and not scheduler:
         for line in build_cache_on_devices(cfg, devices):
             typer.echo(line)
         return
     report = build_cache(cfg)
+    for k, arrays in sorted(report.repaired.items()):
+        typer.echo(f"repaired row-chunk {k} (damaged: {', '.join(arrays)})", err=True)
     for rel, why in report.skipped:
         typer.echo(f"skipped {rel}: {why}", err=True)
     for warning in report.warnings:
@@ -225,7 +238,7 @@ def train_cmd(
 @_friendly
 def train_from_cache_cmd(
     ctx: typer.Context,
-    cache: Annotated[Path, typer.Option(help="Cache store written by build-cache for this data's train split.")],
+    cache: Annotated[str, typer.Option(help="Cache store written by build-cache for this data's train split (a folder or an fsspec URL).")],
     student: StudentOpt,
     data: DataOpt,
     epochs: EpochsOpt = 100,
@@ -235,7 +248,9 @@ def train_from_cache_cmd(
     at_weight: AtWeightOpt = 1.0,
     targets: Annotated[str, typer.Option(help="warp: align maps with mosaic/affine/flip/mixup; static: no geometric aug, exact maps.")] = "warp",
     layers: Annotated[str, typer.Option(help="Layers to distil: 6,8,13 (same index in student and cache) or student:cache pairs 4:6,6:8. Default: all cached layers.")] = "",
-    ram_budget: Annotated[Optional[float], typer.Option(help="GiB of RAM the cache may take (default: half of this machine's memory).")] = None,
+    ram_budget: Annotated[Optional[float], typer.Option(help="GiB of RAM the cache may take (default: half of this machine's memory); a larger cache is streamed from disk.")] = None,
+    stream: Annotated[Optional[bool], typer.Option("--stream/--no-stream", help="Read the maps from disk chunk by chunk (block-shuffled order) instead of RAM. Default: only when the cache exceeds --ram-budget.")] = None,
+    shuffle_window: Annotated[int, typer.Option(help="Streaming: chunks whose samples are shuffled together (more: closer to a full shuffle, more RAM per loader worker).")] = 4,
     project: ProjectOpt = Path("runs/detect"),
     name: Annotated[str, typer.Option(help="Run name (ultralytics adds a number if it exists).")] = "train-from-cache",
 ):
@@ -246,7 +261,7 @@ def train_from_cache_cmd(
 
     pairs = parse_layer_map(layers) if layers else tuple((i, i) for i in CacheStore.open(cache).spec.layer_indices)
     settings = DistillSettings(mode="cache", cache=str(cache), targets=targets, at_weight=at_weight, layers=pairs,
-                               ram_budget_gb=ram_budget)
+                               ram_budget_gb=ram_budget, stream=stream, shuffle_window=shuffle_window)
     _train(settings, student, data, epochs, imgsz, batch, device, project, name, ctx.args)
 
 
@@ -343,10 +358,10 @@ SchedulerOpt = Annotated[Optional[str], typer.Option(help="A dask.distributed sc
 @app.command("inspect")
 @_friendly
 def inspect_cmd(
-    cache: Annotated[Path, typer.Argument(help="The cache store (.zarr).")],
+    cache: Annotated[str, typer.Argument(help="The cache store (.zarr folder or fsspec URL such as s3://bucket/voc.zarr).")],
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the full report (histograms, heatmaps) here.")] = None,
     verify: Annotated[bool, typer.Option(help="Decode every chunk and check its crc32c; exit 1 if any is corrupted.")] = False,
-    compare: Annotated[Optional[Path], typer.Option(help="Another cache: per-layer cosine and AT distance over common images.")] = None,
+    compare: Annotated[Optional[str], typer.Option(help="Another cache: per-layer cosine and AT distance over common images.")] = None,
     workers: WorkersOpt = None,
     scheduler: SchedulerOpt = None,
 ):
@@ -356,14 +371,12 @@ def inspect_cmd(
 
     from atcache.inspection import compare_caches, format_inspection, inspect_cache, verify_cache
 
-    if not cache.exists():
-        raise AtcacheError(f"cache {cache} does not exist; pass the store written by build-cache")
     corrupted = verify_cache(cache, workers=workers, scheduler=scheduler) if verify else []
     for c in corrupted:
         typer.echo(f"corrupted: {c['array']} chunk {c['chunk']} (rows {c['rows'][0]}-{c['rows'][1] - 1}): {c['error']}")
     if corrupted:
-        typer.echo(f"atcache: error: {len(corrupted)} corrupted chunk(s) in {cache} (listed above); rebuild the cache "
-                   "with build-cache --overwrite", err=True)
+        typer.echo(f"atcache: error: {len(corrupted)} corrupted chunk(s) in {cache} (listed above); recompute them "
+                   "with build-cache ... --resume --repair (same settings as the build)", err=True)
         raise typer.Exit(1)
     report = inspect_cache(cache, workers=workers, scheduler=scheduler)
     typer.echo(format_inspection(report))
@@ -371,8 +384,6 @@ def inspect_cmd(
         report["verify"] = {"corrupted": []}
         typer.echo("verify: every chunk decodes and its checksum matches")
     if compare is not None:
-        if not compare.exists():
-            raise AtcacheError(f"cache {compare} does not exist; pass a second store to --compare")
         report["compare"] = compare_caches(cache, compare, workers=workers, scheduler=scheduler)
         typer.echo(f"\ncompared with {compare} over {report['compare']['common_images']} common images:")
         for i, c in report["compare"]["layers"].items():
@@ -389,7 +400,7 @@ def inspect_cmd(
 @app.command("visualize")
 @_friendly
 def visualize_cmd(
-    cache: Annotated[Path, typer.Argument(help="The cache store (.zarr).")],
+    cache: Annotated[str, typer.Argument(help="The cache store (.zarr folder or fsspec URL).")],
     data: DataOpt,
     out: Annotated[Path, typer.Option(help="Folder for the PNGs.")],
     images: Annotated[int, typer.Option(help="How many images (spread over the cache).")] = 4,
@@ -400,8 +411,6 @@ def visualize_cmd(
     with --student the student's maps and their difference."""
     from atcache.visualize import visualize_cache
 
-    if not cache.exists():
-        raise AtcacheError(f"cache {cache} does not exist; pass the store written by build-cache")
     if student and student.endswith(".pt") and not Path(student).is_file():
         raise AtcacheError(f"student checkpoint {student} does not exist; pass a trained .pt")
     wanted = [f.strip() for f in files.split(",") if f.strip()]
@@ -413,7 +422,7 @@ def visualize_cmd(
 @_friendly
 def fidelity_cmd(
     ctx: typer.Context,
-    cache: Annotated[Path, typer.Option(help="The cache store (.zarr).")],
+    cache: Annotated[str, typer.Option(help="The cache store (.zarr folder or fsspec URL).")],
     teacher: Annotated[str, typer.Option(help="The teacher the cache was built with (.pt or the same YAML).")],
     data: DataOpt,
     batches: Annotated[int, typer.Option(help="Training batches to compare.")] = 8,

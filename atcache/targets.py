@@ -1,5 +1,5 @@
-"""Stage 2's data side: the cache loaded into RAM, joined to training images by path, and each sample's targets
-aligned with the augmentation it received.
+"""Stage 2's data side: the cache loaded into RAM (or streamed, see `streaming.py`), joined to training images by
+path, and each sample's targets aligned with the augmentation it received.
 
 `--targets warp`: ultralytics' own Mosaic / RandomPerspective / MixUp / RandomFlip / LetterBox instances are kept
 (defaults, close_mosaic and all) and taught to record, next to the image, the view tree of `geometry.py` (which source
@@ -46,45 +46,28 @@ def default_ram_budget_gb() -> float:
         return 8.0
 
 
-@dataclass
-class CacheTargets:
-    """A finished cache in RAM: maps[layer] (N, H, W) float16, norms[layer] (N,), letterbox (N, 7), row of each file.
-
-    Loaded once in the trainer process (padding energies included); forked loader workers share the arrays
-    copy-on-write."""
+class TargetRendering:
+    """Targets from cached rows: needs `spec`, `layers`, `letterbox`, `files`, `done`, `grey` and the row readers
+    `map_row(layer, row)` (H, W) float16 and `norm(layer, row)`; shared by the in-RAM and the streaming cache."""
 
     spec: CacheSpec
-    layers: tuple[int, ...]  # cache layer indices, in the order targets are returned
-    maps: dict[int, np.ndarray]
-    norms: dict[int, np.ndarray]
+    layers: tuple[int, ...]
     letterbox: np.ndarray
     files: np.ndarray
     done: np.ndarray
-    grey: dict[int, float] = field(default_factory=dict)  # per layer: see padding_energy
-
-    @classmethod
-    def load(cls, path: str | Path, layers: Sequence[int]) -> "CacheTargets":
-        """Read the maps of `layers` into RAM (call `check_cache` first for the one-line refusals)."""
-        store = CacheStore.open(path)
-        maps = {i: np.ascontiguousarray(store.maps_array(i)[:]) for i in layers}
-        norms = {i: np.asarray(store.norms_array(i)[:], dtype=np.float32) for i in layers}
-        letterbox, done = store.letterbox(), store.done_mask()
-        grey = {i: padding_energy(maps[i], norms[i], letterbox, done, store.spec.layer(i).stride) for i in layers}
-        return cls(spec=store.spec, layers=tuple(layers), maps=maps, norms=norms, letterbox=letterbox,
-                   files=store.files(), done=done, grey=grey)
+    grey: dict[int, float]
 
     def rows_for(self, im_files: Sequence[str], root: str | Path) -> np.ndarray:
         """Cache row of each training image, joined by its path relative to the dataset root."""
         root = Path(root).resolve()
         return join_rows(self.files, self.done, [relative_to_root(f, root) for f in im_files])
 
-    # ------------------------------------------------------------------ targets
     def stride(self, layer: int) -> int:
         return self.spec.layer(layer).stride
 
     def energy(self, layer: int, row: int) -> np.ndarray:
         """The un-normalised map a = A * ||a|| of one row, (H, W) float32."""
-        return self.maps[layer][row].astype(np.float32) * self.norms[layer][row]
+        return self.map_row(layer, row).astype(np.float32) * self.norm(layer, row)
 
     def leaf(self, layer: int):
         """Sampler of the cached energy at points given in a source's resized-image pixel coordinates."""
@@ -120,7 +103,96 @@ class CacheTargets:
 
     def static(self, row: int) -> list[np.ndarray]:
         """Per layer: the stored map A of `row` (the exact target for the un-augmented letterboxed image)."""
-        return [self.maps[layer][row].astype(np.float32) for layer in self.layers]
+        return [self.map_row(layer, row).astype(np.float32) for layer in self.layers]
+
+
+@dataclass
+class CacheTargets(TargetRendering):
+    """A finished cache in RAM: maps[layer] (N, H, W) float16, norms[layer] (N,), letterbox (N, 7), row of each file.
+
+    Loaded once in the trainer process (padding energies included); forked loader workers share the arrays
+    copy-on-write."""
+
+    spec: CacheSpec
+    layers: tuple[int, ...]  # cache layer indices, in the order targets are returned
+    maps: dict[int, np.ndarray]
+    norms: dict[int, np.ndarray]
+    letterbox: np.ndarray
+    files: np.ndarray
+    done: np.ndarray
+    grey: dict[int, float] = field(default_factory=dict)  # per layer: see padding_energy
+
+    @classmethod
+    def load(cls, path: str | Path, layers: Sequence[int]) -> "CacheTargets":
+        """Read the maps of `layers` into RAM, every chunk checked (call `check_cache` first for the other refusals)."""
+        store = CacheStore.open(path)
+        done = store.done_mask()
+        maps = {i: np.ascontiguousarray(read_array(store, f"maps/{i}", store.maps_array(i))) for i in layers}
+        norms = {i: np.asarray(read_array(store, f"norms/{i}", store.norms_array(i)), dtype=np.float32) for i in layers}
+        for i in layers:
+            check_finite(store, f"maps/{i}", maps[i], done, 0)
+            check_finite(store, f"norms/{i}", norms[i], done, 0)
+        letterbox = read_letterbox(store)
+        grey = {i: padding_energy(maps[i], norms[i], letterbox, done, store.spec.layer(i).stride) for i in layers}
+        return cls(spec=store.spec, layers=tuple(layers), maps=maps, norms=norms, letterbox=letterbox,
+                   files=store.files(), done=done, grey=grey)
+
+    def map_row(self, layer: int, row: int) -> np.ndarray:
+        return self.maps[layer][row]
+
+    def norm(self, layer: int, row: int) -> float:
+        return self.norms[layer][row]
+
+
+# ---------------------------------------------------------------------- reading chunks without training on garbage
+REPAIR_HINT = 'run "atcache inspect --verify {path}", then "atcache build-cache ... --resume --repair"'
+
+
+def chunk_error(store: CacheStore, name: str, a: int, b: int, what: str) -> AtcacheError:
+    """One line naming the array and rows that cannot be used, and how to find and fix the rest."""
+    return AtcacheError(f"cache {store.path}: {name} rows {a}-{b - 1} {what}; {REPAIR_HINT.format(path=store.path)}")
+
+
+def decode_failure(e: Exception) -> str:
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    if "checksum" in text.lower() or "crc" in text.lower():
+        return "cannot be decoded (checksum mismatch: corrupted chunk)"
+    return f"cannot be decoded ({type(e).__name__}: {text})"
+
+
+def read_rows(store: CacheStore, name: str, array, a: int, b: int) -> np.ndarray:
+    """Rows a:b of a store array; a chunk that fails to decode (crc32c mismatch, truncated file) is one AtcacheError."""
+    try:
+        return np.asarray(array[a:b])
+    except Exception as e:
+        raise chunk_error(store, name, a, b, decode_failure(e)) from None
+
+
+def read_array(store: CacheStore, name: str, array) -> np.ndarray:
+    """A whole store array in one read; when that fails, the first chunk that does not decode is named."""
+    try:
+        return np.asarray(array[:])
+    except Exception:
+        for k in range(store.n_chunks):
+            read_rows(store, name, array, *store.chunk_range(k))
+        raise
+
+
+def read_letterbox(store: CacheStore) -> np.ndarray:
+    try:
+        return store.letterbox()
+    except Exception as e:
+        raise chunk_error(store, "letterbox", 0, store.n_rows, decode_failure(e)) from None
+
+
+def check_finite(store: CacheStore, name: str, values: np.ndarray, done: np.ndarray, start: int) -> None:
+    """Refuse done rows (of a block starting at row `start`) that hold NaN or Inf, naming the chunk they are in."""
+    finite = np.isfinite(values.reshape(len(values), -1)).all(1)
+    bad = np.flatnonzero(done[start:start + len(values)] & ~finite)
+    if len(bad):
+        first = start + int(bad[0])
+        a, b = store.chunk_range(first // store.spec.chunk_rows)
+        raise chunk_error(store, name, a, b, f"hold non-finite values in {len(bad)} finished rows (first row {first})")
 
 
 def padding_energy(maps: np.ndarray, norms: np.ndarray, letterbox: np.ndarray, done: np.ndarray, stride: int,
@@ -156,13 +228,24 @@ def join_rows(cached_files: np.ndarray, done: np.ndarray, rel_files: Sequence[st
         raise AtcacheError(
             f"the cache is incomplete: {int(missing.sum())} training images have no targets yet "
             f"(e.g. {cached_files[rows[missing][0]]}); finish it with `atcache build-cache ... --resume` "
-            "(replace unreadable images first)"
+            "(images skipped as unreadable: fix or delete them, then rebuild with --overwrite)"
         )
     return rows
 
 
+def ram_need_gb(spec: CacheSpec, layers: Sequence[int]) -> float:
+    """GiB the float16 maps of `layers` take in RAM when the whole cache is loaded."""
+    return sum(spec.n_rows * spec.layer(i).height * spec.layer(i).width * 2 for i in layers) / 2**30
+
+
+def streams(need_gb: float, ram_budget_gb: float | None, stream: bool | None) -> bool:
+    """Whether training streams the cache from disk: forced by --stream/--no-stream, else when it exceeds the budget."""
+    budget = default_ram_budget_gb() if ram_budget_gb is None else ram_budget_gb
+    return need_gb > budget if stream is None else stream
+
+
 def check_cache(path: str | Path, layers: Sequence[int], imgsz: int, split: SplitFiles,
-                ram_budget_gb: float | None = None) -> CacheSpec:
+                ram_budget_gb: float | None = None, stream: bool | None = None) -> CacheSpec:
     """Refuse, in one line each, a cache that does not fit this run: format, layers, imgsz, dataset, completeness, RAM."""
     store = CacheStore.open(path)  # checks the format version
     spec = store.spec
@@ -186,12 +269,13 @@ def check_cache(path: str | Path, layers: Sequence[int], imgsz: int, split: Spli
             "rebuild the cache on this data with `atcache build-cache --overwrite`"
         )
     join_rows(cached, store.done_mask(), split.files)
-    need = sum(spec.n_rows * spec.layer(i).height * spec.layer(i).width * 2 for i in layers) / 2**30
+    need = ram_need_gb(spec, layers)
     budget = default_ram_budget_gb() if ram_budget_gb is None else ram_budget_gb
-    if need > budget:
+    if need > budget and not streams(need, budget, stream):
         raise AtcacheError(
             f"cache {path} needs {need:.2f} GiB of RAM for layers {list(layers)}, more than --ram-budget "
-            f"{budget:.2f} GiB; raise --ram-budget (streaming a cache larger than RAM is not supported yet)"
+            f"{budget:.2f} GiB, and --no-stream keeps it in RAM; raise --ram-budget or drop --no-stream to stream it "
+            "from disk chunk by chunk"
         )
     return spec
 
@@ -301,7 +385,7 @@ class TargetDataset(YOLODataset):
 
     Made from the dataset ultralytics built (see `attach_targets`), so every other behaviour stays its own."""
 
-    at_cache: CacheTargets
+    at_cache: TargetRendering  # CacheTargets (in RAM) or streaming.StreamingCacheTargets
     at_rows: np.ndarray
     at_mode: str
 
@@ -337,7 +421,7 @@ class TargetDataset(YOLODataset):
         return out
 
 
-def attach_targets(dataset: YOLODataset, cache: CacheTargets, mode: str, root: str | Path, hyp) -> TargetDataset:
+def attach_targets(dataset: YOLODataset, cache: TargetRendering, mode: str, root: str | Path, hyp) -> TargetDataset:
     """Turn the YOLODataset ultralytics built for training into a TargetDataset over `cache` (rows joined by path)."""
     if type(dataset) is not YOLODataset:
         raise AtcacheError(f"cached targets need a plain detection dataset, got {type(dataset).__name__}; use task=detect")

@@ -3,6 +3,7 @@
 One trainer serves three modes so that they are compared like for like:
     plain   the student alone (ultralytics as is)                                   `atcache train`
     cache   AT targets streamed from the cache, aligned with the augmentation       `atcache train-from-cache`
+            (in RAM, or read from disk chunk by chunk with a block-shuffled sampler when larger than --ram-budget)
     online  AT targets from a teacher forward on every augmented batch (the seed)   `atcache train-online`
 Settings travel in an environment variable because ultralytics' DDP workers rebuild the trainer from its args alone.
 Imports ultralytics: import this module after `env.prepare_ultralytics()`.
@@ -14,11 +15,14 @@ import copy
 import dataclasses
 import json
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from ultralytics.models.yolo.detect import DetectionTrainer
 from ultralytics.utils import DEFAULT_CFG, LOGGER
@@ -28,7 +32,11 @@ from atcache.attention import EPS, at_loss, attention_map
 from atcache.data import split_files
 from atcache.errors import AtcacheError
 from atcache.hooks import FeatureHooks, probe_layers
-from atcache.targets import TARGET_MODES, TARGETS_KEY, CacheTargets, attach_targets, check_cache
+from atcache.store import CacheStore
+from atcache.streaming import DEFAULT_WINDOW, BlockShuffleSampler, StreamingCacheTargets, lru_chunks, use_sampler
+from atcache.targets import (
+    TARGET_MODES, TARGETS_KEY, CacheTargets, TargetRendering, attach_targets, check_cache, ram_need_gb, streams,
+)
 
 SETTINGS_ENV = "ATCACHE_TRAIN_SETTINGS"
 MODES = ("plain", "cache", "online")
@@ -50,6 +58,8 @@ class DistillSettings:
     p: float = 2.0  # online mode; a cache brings its own p, kind and eps
     kind: str = "sum_p"
     ram_budget_gb: float | None = None
+    stream: bool | None = None  # None: stream the cache from disk when it needs more than ram_budget_gb
+    shuffle_window: int = DEFAULT_WINDOW  # streaming: chunks whose samples are shuffled together
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))
@@ -92,6 +102,8 @@ def check_settings(s: DistillSettings, imgsz: int, data: str, rect: bool = False
     """Refuse settings that cannot work before anything is built; returns the AT map's (p, kind, eps)."""
     if s.mode not in MODES:
         raise AtcacheError(f"unknown training mode {s.mode!r}; choose one of {', '.join(MODES)}")
+    for split in ("train", "val"):  # an empty or missing split is one line here, not ultralytics' traceback
+        split_files(data, split)
     if s.mode == "plain":
         return s.p, s.kind, EPS
     if not s.layers:
@@ -104,8 +116,34 @@ def check_settings(s: DistillSettings, imgsz: int, data: str, rect: bool = False
         raise AtcacheError(f"--targets {s.targets!r} is unknown; choose warp or static")
     if rect:
         raise AtcacheError("rect=True training is not supported with cached targets; drop rect")
-    spec = check_cache(s.cache, s.source_layers, imgsz, split_files(data, "train"), s.ram_budget_gb)
+    if s.shuffle_window < 1:
+        raise AtcacheError(f"--shuffle-window {s.shuffle_window} must be at least 1 (chunks shuffled together)")
+    spec = check_cache(s.cache, s.source_layers, imgsz, split_files(data, "train"), s.ram_budget_gb, s.stream)
     return spec.p, spec.kind, spec.eps
+
+
+def cache_streams(s: DistillSettings) -> bool:
+    """Whether a cache run reads its targets from disk chunk by chunk instead of loading them into RAM."""
+    if s.mode != "cache":
+        return False
+    return streams(ram_need_gb(CacheStore.open(s.cache).spec, s.source_layers), s.ram_budget_gb, s.stream)
+
+
+def unwrap_worker_error(message: str) -> str:
+    """The original one-line message of an AtcacheError that torch re-raised from a loader worker, traceback and all."""
+    if not message.startswith("Caught AtcacheError"):
+        return message
+    lines = [line for line in message.splitlines() if "AtcacheError: " in line]
+    return lines[-1].split("AtcacheError: ", 1)[1].strip() if lines else message
+
+
+def torchrun_world() -> tuple[int, int, int] | None:
+    """(WORLD_SIZE, RANK, LOCAL_WORLD_SIZE) when torchrun (one node or several; ultralytics' own launcher runs it too)
+    started this process as one rank of several, None otherwise."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1 or "LOCAL_RANK" not in os.environ:
+        return None
+    return world, int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
 
 
 class AttentionTransferLoss:
@@ -148,20 +186,90 @@ class AtcacheTrainer(DetectionTrainer):
         self.settings = settings or DistillSettings.from_env()
         os.environ[SETTINGS_ENV] = self.settings.to_json()  # for the DDP workers ultralytics launches
         s = self.settings
+        launch = torchrun_world()
+        # torchrun runs this on every rank, without the save_dir ultralytics' own launcher hands its workers
+        self._share_run_folder = bool(launch) and not (overrides or {}).get("save_dir")
+        if self._share_run_folder and launch[1] > 0:
+            # ultralytics lets ranks > 0 take `name` as is (no increment), i.e. an earlier run of that name whose
+            # results.csv BaseTrainer.__init__ deletes; they start in a scratch folder and take rank 0's in _setup_ddp
+            scratch = Path(tempfile.gettempdir()) / f"atcache-rank{launch[1]}-{os.getpid()}"
+            overrides = {**(overrides or {}), "save_dir": str(scratch)}
         super().__init__(cfg, overrides, _callbacks)
+        if launch:
+            self._join_world(*launch)
         self.p, self.kind, self.eps = check_settings(s, self.args.imgsz, self.args.data, self.args.rect)
-        self.cache_targets: CacheTargets | None = None
+        self.streaming = cache_streams(s)
+        self.cache_targets: TargetRendering | None = None
         self.teacher = None
         self._taps: FeatureHooks | None = None
+
+    def _join_world(self, world: int, rank: int, local_world: int) -> None:
+        """torchrun started this process as global `rank` of `world`. ultralytics sizes the DDP world by the devices in
+        `device` (BaseTrainer.__init__) and passes that with the global RANK to init_process_group (_setup_ddp); the
+        per-rank batch and the loss scaling use it too. Across nodes that is this node's share only, so take torchrun's
+        world. Under ultralytics' own single-node launcher the two agree and nothing changes."""
+        devices = self.args.device.split(":", 1)[-1].split(",")
+        if self.device.type in ("cpu", "mps") or not all(d.isdigit() for d in devices):
+            raise AtcacheError(
+                f"torchrun started {world} processes but --device is {self.args.device or 'auto'}: ultralytics trains "
+                f"DDP on CUDA devices only; pass one index per process on this node, e.g. --device "
+                f"{','.join(map(str, range(local_world)))}"
+            )
+        if len(devices) != local_world:
+            raise AtcacheError(
+                f"torchrun started {local_world} processes on this node but --device {self.args.device} names "
+                f"{len(devices)} devices; pass one index per process, e.g. --device {','.join(map(str, range(local_world)))}"
+            )
+        self.world_size = world
+
+    def _setup_ddp(self):
+        """ultralytics' process group; under torchrun every rank then takes rank 0's run folder, which must be visible
+        on every node: ultralytics' final validation of best.pt gathers over all ranks, and a rank that does not see
+        the file skips it, leaving the others waiting until the process-group timeout."""
+        super()._setup_ddp()
+        if not self._share_run_folder:
+            return
+        folder = [str(self.save_dir)]
+        dist.broadcast_object_list(folder, src=0)
+        self.save_dir = Path(folder[0])
+        self.wdir = self.save_dir / "weights"
+        self.last, self.best, self.csv = self.wdir / "last.pt", self.wdir / "best.pt", self.save_dir / "results.csv"
+        visible = [None] * dist.get_world_size()
+        dist.all_gather_object(visible, self.wdir.is_dir())  # rank 0 made it in BaseTrainer.__init__
+        if not all(visible):
+            missing = [r for r, ok in enumerate(visible) if not ok]
+            raise AtcacheError(
+                f"run folder {self.save_dir} is not visible to ranks {missing}; put --project on a filesystem that "
+                "every node mounts at the same path (ultralytics validates best.pt from it on every rank at the end)"
+            )
 
     # ------------------------------------------------------------------ data
     def build_dataset(self, img_path: str, mode: str = "train", batch: int | None = None):
         dataset = super().build_dataset(img_path, mode, batch)
         if mode == "train" and self.settings.mode == "cache":
             if self.cache_targets is None:
-                self.cache_targets = CacheTargets.load(self.settings.cache, self.settings.source_layers)
+                load = StreamingCacheTargets.open if self.streaming else CacheTargets.load
+                self.cache_targets = load(self.settings.cache, self.settings.source_layers)
             dataset = attach_targets(dataset, self.cache_targets, self.settings.targets, self.data["path"], self.args)
         return dataset
+
+    def get_dataloader(self, dataset_path: str, batch_size: int = 16, rank: int = 0, mode: str = "train"):
+        """ultralytics' loader; when streaming, its training indices come chunk by chunk (BlockShuffleSampler)."""
+        loader = super().get_dataloader(dataset_path, batch_size, rank, mode)
+        if mode != "train" or not self.streaming:
+            return loader
+        dataset, window = loader.dataset, self.settings.shuffle_window
+        chunk_of = dataset.at_rows // self.cache_targets.spec.chunk_rows
+        ddp = rank != -1 and dist.is_available() and dist.is_initialized()
+        use_sampler(loader, BlockShuffleSampler(chunk_of, window, self.args.seed,
+                                                rank=dist.get_rank() if ddp else 0,
+                                                world_size=dist.get_world_size() if ddp else 1))
+        buffer_rows = min(len(dataset), dataset.max_buffer_length * max(1, loader.num_workers))
+        self.cache_targets.capacity = lru_chunks(window, len(chunk_of) / len(np.unique(chunk_of)), buffer_rows)
+        LOGGER.info(f"atcache: streaming {self.settings.cache} from disk: chunks of {self.cache_targets.spec.chunk_rows} "
+                    f"rows in a shuffled order, samples shuffled within {window} chunks, "
+                    f"{self.cache_targets.capacity} decoded chunks kept per loader process")
+        return loader
 
     def preprocess_batch(self, batch: dict) -> dict:
         batch = super().preprocess_batch(batch)
@@ -190,6 +298,8 @@ class AtcacheTrainer(DetectionTrainer):
         super()._setup_train()
         if self.settings.mode == "plain":
             return
+        if isinstance(self.train_loader.sampler, BlockShuffleSampler):
+            self.train_loader.sampler.set_epoch(self.start_epoch)  # a resumed run continues the epochs' orders
         model = unwrap_model(self.model)
         student_strides = self._strides(model, self.settings.student_layers)
         if self.settings.mode == "online":
@@ -240,6 +350,17 @@ class AtcacheTrainer(DetectionTrainer):
                 feats = hooks.run(self.teacher, batch["img"])
             with torch.autocast(device_type=batch["img"].device.type, enabled=False):
                 return [attention_map(f, self.p, self.kind, self.eps) for f in feats]
+
+    def train(self):
+        """ultralytics' training; an AtcacheError raised in a loader worker (e.g. a corrupted chunk) comes back as its
+        own one-line message instead of torch's wrapper with the worker's traceback."""
+        try:
+            return super().train()
+        except AtcacheError as e:
+            message = unwrap_worker_error(str(e))
+            if message == str(e):
+                raise
+            raise AtcacheError(message) from None
 
     # ------------------------------------------------------------------ logging
     def label_loss_items(self, loss_items=None, prefix="train"):
