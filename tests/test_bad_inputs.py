@@ -215,8 +215,6 @@ def test_empty_datasets_are_one_line_errors(teacher_pt, tmp_path):
     assert not (tmp_path / "c.zarr").exists()
 
 
-@pytest.mark.xfail(strict=True, reason="train.py check_settings must run split_files(data, 'train'/'val') in every "
-                                       "mode; plain `train` lets ultralytics raise FileNotFoundError (a traceback)")
 def test_plain_train_on_an_empty_dataset_is_one_line(tmp_path):
     empty = make_dataset(tmp_path / "empty", {}, orphan_labels=["a.txt"])
     result = run("train", "--data", empty, "--project", tmp_path, "--student", "yolo11n.yaml", "--epochs", 1,
