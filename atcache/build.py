@@ -151,8 +151,8 @@ class ChunkBatches(torch.utils.data.Sampler):
 class ChunkWriter:
     """Writes finished row-chunks on a background thread so compression and I/O overlap the teacher."""
 
-    def __init__(self, store: CacheStore, depth: int = 2, after_write=None):
-        self.store, self.q, self.after_write = store, queue.Queue(maxsize=depth), after_write
+    def __init__(self, store: CacheStore, depth: int = 2):
+        self.store, self.q = store, queue.Queue(maxsize=depth)
         self.written = 0
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, daemon=True)
@@ -164,8 +164,6 @@ class ChunkWriter:
                 try:
                     self.store.write_chunk(*item)
                     self.written += 1
-                    if self.after_write is not None:
-                        self.after_write()
                 except BaseException as e:  # surfaced in the main thread
                     self.error = e
 
@@ -240,13 +238,13 @@ def build_cache(cfg: BuildConfig) -> BuildReport:
     teacher = load_teacher(cfg.teacher, nc=len(split.names), device=device)
     store = open_store(cfg, teacher, split, device, join=n_shards > 1)
     owned = chunks_for_shard(store.n_chunks, shard, n_shards)
-    with claim_chunks(store, owned, cfg) as (todo, repaired, heartbeat):
+    with claim_chunks(store, owned, cfg) as (todo, repaired):
         rows = [r for k in todo for r in range(*store.chunk_range(k))]
         already = sum(len(range(*store.chunk_range(k))) for k in owned if k not in set(todo))
         skipped: list[tuple[str, str]] = []
         t_loop = time.perf_counter()
         if rows:
-            skipped = _run_teacher(cfg, teacher, split, store, todo, device, after_write=heartbeat)
+            skipped = _run_teacher(cfg, teacher, split, store, todo, device)
         seconds, loop_seconds = time.perf_counter() - t0, time.perf_counter() - t_loop
     return BuildReport(
         out=str(cfg.out), computed=len(rows) - len(skipped), already_done=already, total_rows=store.n_rows,
@@ -274,21 +272,21 @@ def open_store(cfg: BuildConfig, teacher: Teacher, split: SplitFiles, device: to
 @contextlib.contextmanager
 def claim_chunks(store: CacheStore, owned: Sequence[int], cfg: BuildConfig):
     """Own the row-chunks this builder will compute (refused if a live builder holds any), repair damaged ones with
-    --repair, and yield (the chunks still to compute, {repaired chunk: arrays}, heartbeat callback). Leftovers of
-    an interrupted write in those chunks are removed first."""
+    --repair, and yield (the chunks still to compute, {repaired chunk: arrays}). Leftovers of an interrupted write
+    in those chunks are removed first."""
     owned = list(owned)
     complete = store.complete_chunks()
     candidates = owned if cfg.repair else [k for k in owned if not complete[k]]
     if not candidates:
-        yield [], {}, None
+        yield [], {}
         return
-    with ChunkClaim(store, candidates, break_locks=cfg.break_locks) as claim:
+    with ChunkClaim(store, candidates, break_locks=cfg.break_locks):
         store.remove_partial_writes(candidates)
         repaired = store.damaged_chunks(candidates) if cfg.repair else {}
         if repaired:
             store.mark_not_done(repaired)
             complete = store.complete_chunks()
-        yield [k for k in candidates if not complete[k]], repaired, claim.heartbeat
+        yield [k for k in candidates if not complete[k]], repaired
 
 
 def build_cache_distributed(cfg: BuildConfig) -> BuildReport:
@@ -311,7 +309,7 @@ def build_cache_distributed(cfg: BuildConfig) -> BuildReport:
     del teacher
     owned = range(store.n_chunks)
     computed, skipped = 0, []
-    with claim_chunks(store, owned, cfg) as (todo, repaired, heartbeat):
+    with claim_chunks(store, owned, cfg) as (todo, repaired):
         already = sum(len(range(*store.chunk_range(k))) for k in owned if k not in set(todo))
         t_loop = time.perf_counter()
         if todo:
@@ -334,8 +332,6 @@ def build_cache_distributed(cfg: BuildConfig) -> BuildReport:
                         n, bad = future.result()
                         skipped += bad
                         bar.update(n + len(bad))
-                        if heartbeat is not None:
-                            heartbeat()
                 except BaseException:
                     client.cancel(futures)
                     raise
@@ -454,7 +450,7 @@ def build_cache_on_devices(cfg: BuildConfig, devices: Sequence[str]) -> list[str
     return [f"device {d}: {out}" for d, out in zip(devices, outputs)]
 
 
-def _run_teacher(cfg, teacher, split, store, todo, device, after_write=None) -> list[tuple[str, str]]:
+def _run_teacher(cfg, teacher, split, store, todo, device) -> list[tuple[str, str]]:
     """Teacher forward over the rows of row-chunks `todo`, batches never spanning two chunks; returns skipped images."""
     from tqdm import tqdm
 
@@ -468,7 +464,7 @@ def _run_teacher(cfg, teacher, split, store, todo, device, after_write=None) -> 
         dataset, batch_sampler=ChunkBatches(store, todo, cfg.batch, position), num_workers=cfg.workers,
         pin_memory=cuda, persistent_workers=False, prefetch_factor=4 if cfg.workers > 0 else None,
     )
-    writer = ChunkWriter(store, after_write=after_write)
+    writer = ChunkWriter(store)
     skipped: list[tuple[str, str]] = []
     layers = cfg.layers
     chunk_iter = iter(todo)

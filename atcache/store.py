@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -38,6 +39,7 @@ CREATE_WAIT_S = 120.0
 CREATE_RECORD = "atcache-create.json"  # remote stores: who claimed the creation
 LOCK_PREFIX = "atcache-locks"  # ownership records of builders (ChunkClaim); zarr ignores these keys
 LOCK_STALE_S = 600.0
+HEARTBEAT_S = 30.0
 
 
 def map_compressors() -> list:
@@ -397,7 +399,7 @@ class ChunkClaim:
         self.store, self.location, self.chunks = store, store.location, list(chunks)
         self.record, self.break_locks = _owner_record("build"), break_locks
         self.held: list[int] = []
-        self._beat = time.monotonic()
+        self._released = threading.Event()
 
     def _key(self, k: int) -> str:
         return f"{LOCK_PREFIX}/chunk-{k:08d}.json"
@@ -426,6 +428,7 @@ class ChunkClaim:
         except BaseException:
             self.release()
             raise
+        threading.Thread(target=self._beat_until_released, daemon=True).start()
         return self
 
     def sweep_dead(self) -> None:
@@ -460,13 +463,16 @@ class ChunkClaim:
             "it to finish, give each builder its own --shard i/n, or pass --break-locks if that builder is dead"
         )
 
-    def heartbeat(self, every_s: float = 30.0) -> None:
-        """Tell builders on other hosts that this one is alive (at most every `every_s` seconds)."""
-        if time.monotonic() - self._beat >= every_s:
-            self._beat = time.monotonic()
-            self.location.write(self._heartbeat_key(), json.dumps({**self.record, "heartbeat": time.time()}).encode())
+    def _beat_until_released(self) -> None:
+        """Tell builders on other hosts that this one is alive, every HEARTBEAT_S while the claim is held."""
+        while not self._released.wait(HEARTBEAT_S):
+            try:
+                self.location.write(self._heartbeat_key(), json.dumps({**self.record, "heartbeat": time.time()}).encode())
+            except Exception:  # a transient storage error must not kill the build; the next beat retries
+                pass
 
     def release(self) -> None:
+        self._released.set()
         for k in self.held:
             self.location.delete(self._key(k))
         self.held = []

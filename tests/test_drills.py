@@ -165,3 +165,29 @@ def test_dead_builders_claims_are_taken_over(built_cache, voc_yaml, teacher_pt, 
     resume(voc_yaml, teacher_pt, out)
     assert_same_store(built_cache, out)
     assert_clean(out)
+
+
+def test_claims_from_other_hosts_expire_without_heartbeats(built_cache, tmp_path):
+    import json
+    import time
+
+    from atcache.store import LOCK_STALE_S
+
+    out = tmp_path / "c.zarr"
+    shutil.copytree(built_cache, out)
+    store = CacheStore.open(out, writable=True)
+    remote = ChunkClaim(store, [0])
+    remote.record = {**remote.record, "host": "node7.elsewhere", "pid": 1}  # a builder on another machine
+    remote.acquire()
+    remote._released.set()  # it stops beating (the node was lost) but its records stay
+    with pytest.raises(AtcacheError, match="on node7.elsewhere"):
+        ChunkClaim(store, [0]).acquire()  # its last heartbeat is recent: presumed alive
+    with ChunkClaim(store, [0], break_locks=True):  # unless the user says it is dead
+        pass
+    remote.acquire()
+    remote._released.set()
+    beat = f"{LOCK_PREFIX}/owners/{remote.record['token']}.json"
+    store.location.write(beat, json.dumps({**remote.record, "heartbeat": time.time() - LOCK_STALE_S - 1}).encode())
+    with ChunkClaim(store, [0]) as mine:  # silent for longer than LOCK_STALE_S: taken over
+        assert mine.held == [0]
+    assert_clean(out)
