@@ -119,3 +119,11 @@ def test_cli_inspect_json(built_cache, tmp_path):
 def test_cli_inspect_missing_cache(tmp_path):
     result = runner.invoke(app, ["inspect", str(tmp_path / "none.zarr")])
     assert result.exit_code == 2 and "does not exist" in result.output and "Traceback" not in result.output
+
+
+def test_a_local_dask_cluster_computes_the_same_report(partial_cache):
+    pytest.importorskip("distributed")
+    threaded = inspect_cache(partial_cache, workers=2)
+    clustered = inspect_cache(partial_cache, scheduler="local:1")
+    assert json.dumps(clustered, sort_keys=True) == json.dumps(threaded, sort_keys=True)
+    assert verify_cache(partial_cache, scheduler="local:1") == []

@@ -68,7 +68,8 @@ def test_build_inspect_and_train_from_an_s3_store(s3, built_cache, voc_yaml, tea
     assert "31/31" in inspected.output.replace(" ", "") or "31 of 31" in inspected.output
     assert "every chunk decodes" in inspected.output
 
-    trained = runner.invoke(app, ["train-from-cache", "--cache", url, "--data", str(voc_yaml), "--project",
-                                  str(tmp_path), "--name", "s3", *COMMON])
-    assert trained.exit_code == 0, (trained.output, trained.exception)
-    assert results(tmp_path / "s3")["train/at_loss"] > 0
+    for mode in ("--no-stream", "--stream"):  # loaded from the bucket into RAM; read chunk by chunk while training
+        trained = runner.invoke(app, ["train-from-cache", "--cache", url, "--data", str(voc_yaml), "--project",
+                                      str(tmp_path), "--name", mode.strip("-"), mode, *COMMON])
+        assert trained.exit_code == 0, (mode, trained.output, trained.exception)
+        assert results(tmp_path / mode.strip("-"))["train/at_loss"] > 0
