@@ -148,6 +148,8 @@ def build_cache_cmd(
     report = build_cache(cfg)
     for k, arrays in sorted(report.repaired.items()):
         typer.echo(f"repaired row-chunk {k} (damaged: {', '.join(arrays)})", err=True)
+    if repair and not report.repaired:
+        typer.echo("repair: every row-chunk decodes and its finished rows are finite; nothing was damaged", err=True)
     for rel, why in report.skipped:
         typer.echo(f"skipped {rel}: {why}", err=True)
     for warning in report.warnings:
