@@ -4,6 +4,8 @@ on accuracy, on the demo's synthetic data (run `atcache demo` first: it leaves r
     python pipelines/bench_streaming.py loader            # demo data, imgsz 128: samples/s, 0 and 2 workers
     python pipelines/bench_streaming.py accuracy          # demo student 15 epochs: full shuffle vs block shuffle
     python pipelines/bench_streaming.py big --images 600  # a bigger synthetic cache at imgsz 320: loader only
+    python pipelines/bench_streaming.py scale --rows 50000  # VOC-640 geometry store, no images: target reads only,
+                                                          # block-shuffled vs uniformly random order vs all in RAM
 
 Each step merges its figures into pipelines/results/streaming_cpu.json (--json to change).
 """
@@ -154,6 +156,71 @@ def build(data_yaml: Path, teacher: str, out: Path, imgsz: int, chunk_rows: int)
     return out
 
 
+def synthetic_store(path: Path, rows: int, chunk_rows: int) -> Path:
+    """A finished store with the seed's six layers at imgsz 640 (40x40, 20x20, 40x40, 80x80, 40x40, 20x20 maps) and
+    smooth random maps (they compress like real ones), written chunk by chunk through CacheStore."""
+    import numpy as np
+    import torch.nn.functional as F
+
+    from atcache.spec import CacheSpec, LayerSpec, Letterbox
+    from atcache.store import CacheStore, ChunkData
+
+    if (path / "zarr.json").is_file():
+        return path
+    layers = tuple(LayerSpec(i, s, 256, 640 // s, 640 // s) for i, s in zip((6, 8, 13, 16, 19, 22), (16, 32, 16, 8, 16, 32)))
+    spec = CacheSpec(layers=layers, imgsz=640, p=2.0, kind="sum_p", eps=1e-8, teacher_sha256="synthetic",
+                     teacher_weights_sha256="synthetic", teacher_name="synthetic", split="train",
+                     dataset_fingerprint="synthetic", n_rows=rows, chunk_rows=chunk_rows,
+                     letterbox=Letterbox(columns=("h0", "w0", "h", "w", "pad_top", "pad_left", "ratio"))).stamped()
+    store = CacheStore.create(path, spec, [f"images/{i:07d}.jpg" for i in range(rows)])
+    rng = np.random.default_rng(0)
+    for k in range(store.n_chunks):
+        a, b = store.chunk_range(k)
+        maps, norms = {}, {}
+        for layer in layers:
+            low = __import__("torch").from_numpy(rng.random((b - a, 1, 5, 5), dtype=np.float32))
+            m = F.interpolate(low, size=(layer.height, layer.width), mode="bilinear", align_corners=False)[:, 0].numpy()
+            maps[layer.index] = (m / np.linalg.norm(m, axis=(1, 2), keepdims=True)).astype(np.float16)
+            norms[layer.index] = rng.random(b - a, dtype=np.float32) + 0.5
+        lb = np.tile(np.array([480, 640, 480, 640, 80, 0, 1.0], np.float32), (b - a, 1))
+        store.write_chunk(k, ChunkData(maps, norms, lb, np.ones(b - a, bool)))
+    return path
+
+
+def scale_figures(path: Path, window: int, random_rows: int) -> dict:
+    """Rows/s of static targets (every layer of a row) read through StreamingCacheTargets in one block-shuffled epoch
+    and in a uniformly random order (first `random_rows` rows), each with the LRU train-from-cache would give it;
+    and the time and RAM to load every map instead."""
+    import numpy as np
+
+    from atcache.streaming import StreamingCacheTargets, epoch_order, lru_chunks
+    from atcache.store import CacheStore
+    from atcache.targets import CacheTargets, ram_need_gb
+
+    store = CacheStore.open(path)
+    layers = store.spec.layer_indices
+    chunk_of = np.arange(store.n_rows) // store.spec.chunk_rows
+    capacity = lru_chunks(window, store.spec.chunk_rows, 16 * 8)  # batch 16: ultralytics' buffer of 8 batches
+    out = {"rows": store.n_rows, "chunk_rows": store.spec.chunk_rows, "chunks": store.n_chunks, "window": window,
+           "lru_chunks": capacity, "store_mb": round(store.nbytes_stored() / 1e6, 1),
+           "ram_need_gb": round(ram_need_gb(store.spec, layers), 3)}
+    orders = {"block_shuffled": epoch_order(chunk_of, window, seed=0, epoch=0),
+              "uniform_random": np.random.default_rng(0).permutation(store.n_rows)[:random_rows]}
+    for name, order in orders.items():
+        reader = StreamingCacheTargets.open(path, layers, capacity=capacity)
+        t0 = time.perf_counter()
+        for row in order.tolist():
+            reader.static(row)
+        seconds = time.perf_counter() - t0
+        out[name] = {"rows_read": len(order), "seconds": round(seconds, 2), "rows_per_s": round(len(order) / seconds, 1),
+                     "chunk_decodes": int(sum(reader.decoded.values())),
+                     "decodes_per_chunk_touched": round(sum(reader.decoded.values()) / max(len(reader.decoded), 1), 2)}
+    t0 = time.perf_counter()
+    CacheTargets.load(path, layers)
+    out["in_ram_load_s"] = round(time.perf_counter() - t0, 2)
+    return out
+
+
 def merge(path: Path, key: str, value: dict) -> None:
     from atcache.measure import device_name
 
@@ -170,7 +237,7 @@ def merge(path: Path, key: str, value: dict) -> None:
 
 def main(argv: list[str]) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("step", choices=["loader", "accuracy", "big"])
+    p.add_argument("step", choices=["loader", "accuracy", "big", "scale"])
     p.add_argument("--demo", type=Path, default=DEMO)
     p.add_argument("--json", type=Path, default=RESULTS)
     p.add_argument("--samples", type=int, default=320)
@@ -180,11 +247,17 @@ def main(argv: list[str]) -> None:
     p.add_argument("--seeds", default="0")
     p.add_argument("--epochs", type=int, default=15)
     p.add_argument("--images", type=int, default=600, help="big: synthetic images")
+    p.add_argument("--rows", type=int, default=50000, help="scale: rows of the synthetic store")
+    p.add_argument("--random-rows", type=int, default=1500, help="scale: rows read in uniformly random order")
     a = p.parse_args(argv)
     prepare_ultralytics(a.demo / "ultralytics")
     demo = a.demo.resolve()
     data_yaml = demo / "data" / "VOC" / "VOC.yaml"
     teacher = str(demo / "teacher" / "weights" / "best.pt")
+    if a.step == "scale":
+        store = synthetic_store(Path("runs/bench_streaming") / f"scale_{a.rows}.zarr", a.rows, 256)
+        merge(a.json, f"scale_voc640_{a.rows}", scale_figures(store, a.window, a.random_rows))
+        return
     if a.step == "loader":
         cache = demo / "teacher_cache.zarr"
         figures = loader_figures(data_yaml, cache, 128, a.samples, 16, a.window)
