@@ -360,12 +360,18 @@ def _remove_store(loc: Location) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------- ownership
-def _process_start(pid: int) -> str:
-    """The kernel's start time of `pid` (Linux), so a recycled pid is not mistaken for the builder; '' elsewhere."""
+def _proc_stat(pid: int) -> list[str]:
+    """Fields of /proc/<pid>/stat after the command name (Linux); [] elsewhere or when the process is gone."""
     try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except (OSError, IndexError):
-        return ""
+        return []
+
+
+def _process_start(pid: int) -> str:
+    """The kernel's start time of `pid`, so a recycled pid is not mistaken for the builder; '' when unknown."""
+    fields = _proc_stat(pid)
+    return fields[19] if len(fields) > 19 else ""
 
 
 def _owner_record(role: str) -> dict:
@@ -375,15 +381,21 @@ def _owner_record(role: str) -> dict:
 
 
 def owner_alive(record: dict, stale_s: float = LOCK_STALE_S) -> bool:
-    """A builder on this host is alive if its process is; one elsewhere if it wrote a heartbeat recently."""
+    """A builder on this host is alive if its process is (not a zombie, not a recycled pid); one elsewhere if it
+    wrote a heartbeat recently."""
     if record.get("host") == socket.gethostname():
-        pid = int(record.get("pid", -1))
+        pid = int(record.get("pid", 0) or 0)
+        if pid <= 0:
+            return False
         try:
             os.kill(pid, 0)
         except ProcessLookupError:
             return False
         except PermissionError:
-            return True
+            pass
+        fields = _proc_stat(pid)
+        if fields and fields[0] == "Z":  # killed, not yet reaped by its parent
+            return False
         return not record.get("start") or record.get("start") == _process_start(pid)
     return time.time() - float(record.get("heartbeat", 0)) < stale_s
 

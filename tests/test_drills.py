@@ -191,3 +191,21 @@ def test_claims_from_other_hosts_expire_without_heartbeats(built_cache, tmp_path
     with ChunkClaim(store, [0]) as mine:  # silent for longer than LOCK_STALE_S: taken over
         assert mine.held == [0]
     assert_clean(out)
+
+
+def test_owner_liveness_on_this_host():
+    import socket
+
+    from atcache.store import _owner_record, owner_alive
+
+    me = _owner_record("build")
+    assert owner_alive(me)
+    assert not owner_alive({**me, "pid": 0}) and not owner_alive({**me, "pid": None})
+    assert not owner_alive({**me, "start": "1"})  # this pid, but another process (recycled pid)
+    zombie = subprocess.Popen([sys.executable, "-c", "pass"])
+    for _ in range(100):  # wait until it has exited but is not reaped
+        if (Path(f"/proc/{zombie.pid}/stat").read_text().rsplit(")", 1)[1].split() or ["?"])[0] == "Z":
+            break
+        __import__("time").sleep(0.05)
+    assert not owner_alive({"host": socket.gethostname(), "pid": zombie.pid})
+    zombie.wait()
