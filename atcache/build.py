@@ -391,6 +391,7 @@ def build_chunks_task(cfg: BuildConfig, chunks: Sequence[int], threads: int = 0)
     todo = [k for k in chunks if not complete[k]]
     if not todo:
         return 0, []
+    store.remove_partial_writes(todo)  # what a lost attempt of this task left mid-write
     if multiprocessing.current_process().daemon and cfg.workers:  # a daemonic dask worker cannot fork loaders
         cfg = dataclasses.replace(cfg, workers=0)
     skipped = _run_teacher(cfg, teacher, split, store, todo, resolve_device(device))

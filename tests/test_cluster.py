@@ -88,3 +88,17 @@ def test_task_blocks_and_worker_devices(monkeypatch):
     assert worker_device("0,1") == "1" and worker_device("cpu") == "cpu"
     monkeypatch.setattr("atcache.cluster.this_worker_name", lambda: "")
     assert worker_device("2,3") == "2"
+
+
+def test_a_retried_task_removes_what_its_lost_attempt_left_mid_write(built_cache, voc_yaml, teacher_pt, tmp_path):
+    from atcache.build import build_chunks_task
+    from atcache.store import CacheStore
+
+    out = tmp_path / "c.zarr"
+    build_cache(build_config(voc_yaml, out, teacher=str(teacher_pt), shard=(0, 2)))  # chunks 0-1 done, 2-3 not
+    leftover = out / "norms" / "22" / "c" / "3.0123456789abcdef.partial"  # a worker killed while writing chunk 3
+    leftover.write_bytes(b"half a chunk")
+    rows, skipped = build_chunks_task(build_config(voc_yaml, out, teacher=str(teacher_pt), resume=True), [2, 3])
+    assert (rows, skipped) == (15, []) and not leftover.exists()
+    assert CacheStore.open(out).done_mask().all()
+    assert_same_store(built_cache, out)
