@@ -73,3 +73,15 @@ def test_build_inspect_and_train_from_an_s3_store(s3, built_cache, voc_yaml, tea
                                       str(tmp_path), "--name", mode.strip("-"), mode, *COMMON])
         assert trained.exit_code == 0, (mode, trained.output, trained.exception)
         assert results(tmp_path / mode.strip("-"))["train/at_loss"] > 0
+
+
+def test_cluster_workers_fill_one_bucket_store(s3, built_cache, voc_yaml, teacher_pt):
+    pytest.importorskip("distributed")
+    from atcache.build import build_cache
+    from conftest import build_config
+
+    url = f"{s3}/cluster.zarr"
+    report = build_cache(build_config(voc_yaml, url, teacher=str(teacher_pt), scheduler="local:2"))
+    assert report.computed == 31
+    assert_same_store(built_cache, url)
+    assert not Location.of(url).list("atcache-locks")
