@@ -245,8 +245,9 @@ def streams(need_gb: float, ram_budget_gb: float | None, stream: bool | None) ->
 
 
 def check_cache(path: str | Path, layers: Sequence[int], imgsz: int, split: SplitFiles,
-                ram_budget_gb: float | None = None, stream: bool | None = None) -> CacheSpec:
-    """Refuse, in one line each, a cache that does not fit this run: format, layers, imgsz, dataset, completeness, RAM."""
+                ram_budget_gb: float | None = None, stream: bool | None = None, ranks: int = 1) -> CacheSpec:
+    """Refuse, in one line each, a cache that does not fit this run: format, layers, imgsz, dataset, completeness, RAM
+    (an in-RAM cache is held once per training process on this machine: `ranks` copies under DDP)."""
     store = CacheStore.open(path)  # checks the format version
     spec = store.spec
     missing = [i for i in layers if i not in spec.layer_indices]
@@ -269,11 +270,12 @@ def check_cache(path: str | Path, layers: Sequence[int], imgsz: int, split: Spli
             "rebuild the cache on this data with `atcache build-cache --overwrite`"
         )
     join_rows(cached, store.done_mask(), split.files)
-    need = ram_need_gb(spec, layers)
+    need = ram_need_gb(spec, layers) * max(1, ranks)
     budget = default_ram_budget_gb() if ram_budget_gb is None else ram_budget_gb
     if need > budget and not streams(need, budget, stream):
+        copies = f" ({ranks} DDP processes on this machine, a copy each)" if ranks > 1 else ""
         raise AtcacheError(
-            f"cache {path} needs {need:.2f} GiB of RAM for layers {list(layers)}, more than --ram-budget "
+            f"cache {path} needs {need:.2f} GiB of RAM for layers {list(layers)}{copies}, more than --ram-budget "
             f"{budget:.2f} GiB, and --no-stream keeps it in RAM; raise --ram-budget or drop --no-stream to stream it "
             "from disk chunk by chunk"
         )

@@ -98,7 +98,17 @@ def parse_layer_map(text: str) -> tuple[tuple[int, int], ...]:
     return tuple(pairs)
 
 
-def check_settings(s: DistillSettings, imgsz: int, data: str, rect: bool = False) -> tuple[float, str, float]:
+def ranks_on_this_node(device: str | None = None) -> int:
+    """Training processes on this machine, each holding its own copy of an in-RAM cache: torchrun's LOCAL_WORLD_SIZE
+    inside a DDP rank, else the CUDA devices listed in --device (ultralytics starts one process per device)."""
+    if os.environ.get("LOCAL_WORLD_SIZE", "").isdigit():
+        return max(1, int(os.environ["LOCAL_WORLD_SIZE"]))
+    devices = [d.strip() for d in str(device or "").split(",") if d.strip()]
+    return len(devices) if len(devices) > 1 and all(d.isdigit() for d in devices) else 1
+
+
+def check_settings(s: DistillSettings, imgsz: int, data: str, rect: bool = False,
+                   device: str | None = None) -> tuple[float, str, float]:
     """Refuse settings that cannot work before anything is built; returns the AT map's (p, kind, eps)."""
     if s.mode not in MODES:
         raise AtcacheError(f"unknown training mode {s.mode!r}; choose one of {', '.join(MODES)}")
@@ -118,15 +128,18 @@ def check_settings(s: DistillSettings, imgsz: int, data: str, rect: bool = False
         raise AtcacheError("rect=True training is not supported with cached targets; drop rect")
     if s.shuffle_window < 1:
         raise AtcacheError(f"--shuffle-window {s.shuffle_window} must be at least 1 (chunks shuffled together)")
-    spec = check_cache(s.cache, s.source_layers, imgsz, split_files(data, "train"), s.ram_budget_gb, s.stream)
+    spec = check_cache(s.cache, s.source_layers, imgsz, split_files(data, "train"), s.ram_budget_gb, s.stream,
+                       ranks=ranks_on_this_node(device))
     return spec.p, spec.kind, spec.eps
 
 
-def cache_streams(s: DistillSettings) -> bool:
-    """Whether a cache run reads its targets from disk chunk by chunk instead of loading them into RAM."""
+def cache_streams(s: DistillSettings, device: str | None = None) -> bool:
+    """Whether a cache run reads its targets from disk chunk by chunk instead of loading them into RAM (every DDP
+    process on this machine would hold its own copy)."""
     if s.mode != "cache":
         return False
-    return streams(ram_need_gb(CacheStore.open(s.cache).spec, s.source_layers), s.ram_budget_gb, s.stream)
+    need = ram_need_gb(CacheStore.open(s.cache).spec, s.source_layers) * ranks_on_this_node(device)
+    return streams(need, s.ram_budget_gb, s.stream)
 
 
 def unwrap_worker_error(message: str) -> str:
@@ -197,8 +210,9 @@ class AtcacheTrainer(DetectionTrainer):
         super().__init__(cfg, overrides, _callbacks)
         if launch:
             self._join_world(*launch)
-        self.p, self.kind, self.eps = check_settings(s, self.args.imgsz, self.args.data, self.args.rect)
-        self.streaming = cache_streams(s)
+        self.p, self.kind, self.eps = check_settings(s, self.args.imgsz, self.args.data, self.args.rect,
+                                                     self.args.device)
+        self.streaming = cache_streams(s, self.args.device)
         self.cache_targets: TargetRendering | None = None
         self.teacher = None
         self._taps: FeatureHooks | None = None
@@ -374,7 +388,8 @@ class AtcacheTrainer(DetectionTrainer):
 
 def train_student(settings: DistillSettings, overrides: dict) -> AtcacheTrainer:
     """Run one ultralytics training with atcache's settings; returns the finished trainer (save_dir, best, metrics)."""
-    check_settings(settings, overrides.get("imgsz", DEFAULT_CFG.imgsz), overrides["data"], overrides.get("rect", False))
+    check_settings(settings, overrides.get("imgsz", DEFAULT_CFG.imgsz), overrides["data"], overrides.get("rect", False),
+                   overrides.get("device"))
     trainer = AtcacheTrainer(overrides=overrides, settings=settings)
     LOGGER.info(f"atcache: mode={settings.mode} layers={list(settings.layers)} at_weight={settings.at_weight}")
     trainer.train()

@@ -280,3 +280,24 @@ def test_trainer_reports_a_corrupted_chunk_met_in_a_loader_worker(voc_yaml, corr
         trainer.train()
     assert trainer.train_loader.num_workers == 2
     assert str(e.value).startswith(f"cache {corrupted_cache}: {CORRUPTED}") and "\n" not in str(e.value)
+
+
+def test_every_ddp_process_on_the_machine_counts_against_the_ram_budget(voc_yaml, built_cache, monkeypatch):
+    from atcache.data import split_files
+    from atcache.store import CacheStore
+    from atcache.targets import check_cache, ram_need_gb
+    from atcache.train import DistillSettings, cache_streams, ranks_on_this_node
+
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert ranks_on_this_node("0,1,2,3") == 4 and ranks_on_this_node("0") == 1 and ranks_on_this_node("cpu") == 1
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")  # inside a torchrun rank
+    assert ranks_on_this_node("0") == 8
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    need = ram_need_gb(CacheStore.open(built_cache).spec, TEST_LAYERS)
+    settings = DistillSettings(mode="cache", cache=str(built_cache), layers=tuple((i, i) for i in TEST_LAYERS),
+                               ram_budget_gb=2.5 * need)
+    assert not cache_streams(settings, "0") and not cache_streams(settings, "0,1")
+    assert cache_streams(settings, "0,1,2,3")  # four copies do not fit: stream
+    split = split_files(voc_yaml, "train")
+    with pytest.raises(AtcacheError, match=r"\(4 DDP processes on this machine, a copy each\)"):
+        check_cache(built_cache, TEST_LAYERS, TEST_IMGSZ, split, ram_budget_gb=2.5 * need, stream=False, ranks=4)
