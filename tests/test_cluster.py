@@ -11,7 +11,8 @@ import psutil
 import pytest
 import zarr
 
-from atcache.build import build_cache, task_blocks, worker_device
+from atcache.build import build_cache
+from atcache.cluster import task_blocks, worker_device
 from atcache.cluster import parse_scheduler
 from atcache.errors import AtcacheError
 from conftest import build_config
@@ -91,7 +92,7 @@ def test_task_blocks_and_worker_devices(monkeypatch):
 
 
 def test_a_retried_task_removes_what_its_lost_attempt_left_mid_write(built_cache, voc_yaml, teacher_pt, tmp_path):
-    from atcache.build import build_chunks_task
+    from atcache.cluster import build_chunks_task
     from atcache.store import CacheStore
 
     out = tmp_path / "c.zarr"
