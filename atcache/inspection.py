@@ -158,17 +158,8 @@ def verify_cache(path: str | Path, workers: int | None = None, scheduler: str | 
     done = store.done_mask()
 
     def check(name: str, k: int) -> dict | None:
-        a, b = store.chunk_range(k)
-        try:
-            block = store.group[name][a:b]
-        except Exception as e:
-            return {"array": name, "chunk": k, "rows": [a, b], "error": f"{type(e).__name__}: {e}".splitlines()[0]}
-        if name.startswith(("maps/", "norms/")):
-            finite = np.isfinite(np.asarray(block, dtype=np.float32).reshape(b - a, -1)).all(1)
-            bad = np.flatnonzero(done[a:b] & ~finite)
-            if len(bad):
-                return {"array": name, "chunk": k, "rows": [a, b], "error": f"{len(bad)} done rows are not finite (first row {a + bad[0]})"}
-        return None
+        problem = store.chunk_problem(name, k, done)
+        return None if problem is None else {"array": name, "chunk": k, "rows": list(store.chunk_range(k)), "error": problem}
 
     tasks = [dask.delayed(check)(name, k) for name in names for k in range(store.n_chunks)]
     with dask_scheduler(workers, scheduler):

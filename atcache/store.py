@@ -249,28 +249,28 @@ class CacheStore:
         """Bytes on disk (or in the bucket) of the whole store."""
         return self.location.nbytes()
 
+    def chunk_problem(self, name: str, k: int, done: np.ndarray) -> str | None:
+        """Why row-chunk k of array `name` cannot be trusted: it fails to decode (checksum mismatch, truncated file)
+        or, for maps/norms, a done row (per `done`, the store's done mask) is not finite; None if it is sound."""
+        a, b = self.chunk_range(k)
+        try:
+            block = self.group[name][a:b]
+        except Exception as e:
+            return f"{type(e).__name__}: {e}".splitlines()[0]
+        if name.startswith(("maps/", "norms/")):
+            finite = np.isfinite(np.asarray(block, dtype=np.float32).reshape(b - a, -1)).all(1)
+            bad = np.flatnonzero(done[a:b] & ~finite)
+            if len(bad):
+                return f"{len(bad)} done rows are not finite (first row {a + bad[0]})"
+        return None
+
     def damaged_chunks(self, chunks: Iterable[int]) -> dict[int, list[str]]:
-        """Row-chunks (of `chunks`) whose data cannot be trusted: a chunk of any array that fails to decode
-        (checksum mismatch, truncated file) or, for done rows, non-finite maps/norms. {k: [array names]}."""
-        damaged: dict[int, list[str]] = {}
+        """Row-chunks (of `chunks`) with an array whose chunk cannot be trusted (see chunk_problem): {k: [arrays]}."""
+        done, damaged = self.done_mask(), {}
         for k in chunks:
-            a, b = self.chunk_range(k)
-            done = None
-            try:
-                done = np.asarray(self.group["done"][a:b], dtype=bool)
-            except Exception:
-                damaged.setdefault(k, []).append("done")
-            for name in self.array_names():
-                if name == "done":
-                    continue
-                try:
-                    values = self.group[name][a:b]
-                except Exception:
-                    damaged.setdefault(k, []).append(name)
-                    continue
-                if done is not None and name.startswith(("maps/", "norms/")) and done.any():
-                    if not np.isfinite(np.asarray(values[done], dtype=np.float32)).all():
-                        damaged.setdefault(k, []).append(name)
+            names = [name for name in self.array_names() if self.chunk_problem(name, k, done) is not None]
+            if names:
+                damaged[k] = names
         return damaged
 
     def rewrite_files(self, files: Sequence[str]) -> None:
