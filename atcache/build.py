@@ -19,7 +19,7 @@ from atcache.data import LETTERBOX_COLUMNS, LetterboxedImages, SplitFiles, split
 from atcache.errors import AtcacheError
 from atcache.hooks import FeatureHooks, probe_layers
 from atcache.spec import CacheSpec, LayerSpec, Letterbox
-from atcache.store import CacheStore, ChunkClaim, ChunkData, chunks_for_shard, clear_for_build
+from atcache.store import CacheStore, ChunkClaim, ChunkData, chunks_for_shard, clear_for_build, iter_rows
 from atcache.teacher import Teacher, load_teacher
 
 DEFAULT_LAYERS = (6, 8, 13, 16, 19, 22)
@@ -239,8 +239,8 @@ def build_cache(cfg: BuildConfig) -> BuildReport:
     store = open_store(cfg, teacher, split, device, join=n_shards > 1)
     owned = chunks_for_shard(store.n_chunks, shard, n_shards)
     with claim_chunks(store, owned, cfg) as (todo, repaired):
-        rows = [r for k in todo for r in range(*store.chunk_range(k))]
-        already = sum(len(range(*store.chunk_range(k))) for k in owned if k not in set(todo))
+        rows = list(iter_rows(todo, store))
+        already = store.rows_in(sorted(set(owned) - set(todo)))
         skipped: list[tuple[str, str]] = []
         t_loop = time.perf_counter()
         if rows:
@@ -346,7 +346,7 @@ def run_teacher(cfg: BuildConfig, teacher: Teacher, split: SplitFiles, store: Ca
     """Teacher forward over the rows of row-chunks `todo`, batches never spanning two chunks; returns skipped images."""
     from tqdm import tqdm
 
-    rows = [r for k in todo for r in range(*store.chunk_range(k))]
+    rows = list(iter_rows(todo, store))
     position = {r: i for i, r in enumerate(rows)}
     cuda = device.type == "cuda"
     if cuda:

@@ -131,7 +131,7 @@ def build_cache_distributed(cfg: BuildConfig) -> BuildReport:
     owned = range(store.n_chunks)
     computed, skipped = 0, []
     with claim_chunks(store, owned, cfg) as (todo, repaired):
-        already = sum(len(range(*store.chunk_range(k))) for k in owned if k not in set(todo))
+        already = store.rows_in(sorted(set(owned) - set(todo)))
         t_loop = time.perf_counter()
         if todo:
             with dask_client(cfg.scheduler) as client:
@@ -145,8 +145,7 @@ def build_cache_distributed(cfg: BuildConfig) -> BuildReport:
                     task_cfg = dataclasses.replace(task_cfg, workers=min(cfg.workers, max(0, threads - 1)))
                 futures = client.map(build_chunks_task, [task_cfg] * len(blocks), blocks, [threads] * len(blocks),
                                      retries=cfg.retries, pure=False, key=[f"atcache-build-{b[0]}-{b[-1]}" for b in blocks])
-                rows = sum(len(range(*store.chunk_range(k))) for k in todo)
-                bar = tqdm(total=rows, desc=f"build-cache {store.location.name} ({n_workers} workers)", unit="img",
+                bar = tqdm(total=store.rows_in(todo), desc=f"build-cache {store.location.name} ({n_workers} workers)", unit="img",
                            disable=not cfg.progress, dynamic_ncols=True)
                 try:
                     for future in as_completed(futures):
@@ -214,5 +213,4 @@ def build_chunks_task(cfg: BuildConfig, chunks: Sequence[int], threads: int = 0)
     if multiprocessing.current_process().daemon and cfg.workers:  # a daemonic dask worker cannot fork loaders
         cfg = dataclasses.replace(cfg, workers=0)
     skipped = run_teacher(cfg, teacher, split, store, todo, resolve_device(device))
-    rows = sum(len(range(*store.chunk_range(k))) for k in todo)
-    return rows - len(skipped), skipped
+    return store.rows_in(todo) - len(skipped), skipped

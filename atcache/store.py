@@ -200,6 +200,10 @@ class CacheStore:
     def n_chunks(self) -> int:
         return -(-self.spec.n_rows // self.spec.chunk_rows)
 
+    def rows_in(self, chunks: Iterable[int]) -> int:
+        """How many rows the row-chunks `chunks` hold."""
+        return sum(b - a for a, b in map(self.chunk_range, chunks))
+
     def chunk_range(self, k: int) -> tuple[int, int]:
         r = self.spec.chunk_rows
         return k * r, min((k + 1) * r, self.spec.n_rows)
@@ -508,6 +512,7 @@ def chunks_for_shard(n_chunks: int, shard: int, n_shards: int) -> range:
 
 
 def iter_rows(chunks: Iterable[int], store: CacheStore) -> Iterable[int]:
+    """The rows of row-chunks `chunks`, in order."""
     for k in chunks:
         a, b = store.chunk_range(k)
         yield from range(a, b)
