@@ -339,6 +339,11 @@ def _claim_creation(loc: Location) -> bool:
         raise AtcacheError(f"cannot create cache {loc}: {_first_line(e)}; check the location and its free space") from None
 
 
+def _owner_key(token) -> str:
+    """Where a builder's heartbeat record lives (its chunk records carry the same token)."""
+    return f"{LOCK_PREFIX}/owners/{token}.json"
+
+
 def _parse_record(raw: bytes) -> dict:
     try:
         record = json.loads(raw)
@@ -421,7 +426,7 @@ class ChunkClaim:
         return f"{LOCK_PREFIX}/chunk-{k:08d}.json"
 
     def _heartbeat_key(self) -> str:
-        return f"{LOCK_PREFIX}/owners/{self.record['token']}.json"
+        return _owner_key(self.record["token"])
 
     def acquire(self) -> "ChunkClaim":
         self.sweep_dead()
@@ -437,7 +442,7 @@ class ChunkClaim:
                     raise AtcacheError(self._refusal(k, holder))
                 self.location.delete(self._key(k))  # a dead builder's record: take it over
                 if holder is not None:
-                    self.location.delete(f"{LOCK_PREFIX}/owners/{holder.get('token')}.json")
+                    self.location.delete(_owner_key(holder.get("token")))
                 if not self.location.create(self._key(k), data):
                     raise AtcacheError(self._refusal(k, self._holder(k) or {}))
                 self.held.append(k)
@@ -455,17 +460,17 @@ class ChunkClaim:
             if name.startswith(f"{LOCK_PREFIX}/owners/"):
                 if record and not owner_alive(record):
                     self.location.delete(name)
-            elif name.startswith(f"{LOCK_PREFIX}/chunk-") and record.get("token") != self.record["token"]:
-                holder = self._holder(int(name.rsplit("-", 1)[1].split(".")[0]))
-                if holder is not None and not owner_alive(holder):
+            elif name.startswith(f"{LOCK_PREFIX}/chunk-") and raw is not None and record.get("token") != self.record["token"]:
+                if not owner_alive(self._with_heartbeat(record)):
                     self.location.delete(name)
 
     def _holder(self, k: int) -> dict | None:
         raw = self.location.read(self._key(k))
-        if raw is None:
-            return None
-        record = _parse_record(raw)
-        beat = self.location.read(f"{LOCK_PREFIX}/owners/{record.get('token')}.json")
+        return None if raw is None else self._with_heartbeat(_parse_record(raw))
+
+    def _with_heartbeat(self, record: dict) -> dict:
+        """A chunk record with its owner's latest heartbeat (the owner file, rewritten while the claim is held)."""
+        beat = self.location.read(_owner_key(record.get("token")))
         if beat is not None:
             record["heartbeat"] = _parse_record(beat).get("heartbeat", record.get("heartbeat", 0))
         return record
