@@ -16,7 +16,7 @@ import torch
 from atcache import __version__
 from atcache.attention import EPS, KINDS, attention_with_norm
 from atcache.data import LETTERBOX_COLUMNS, LetterboxedImages, SplitFiles, split_files
-from atcache.errors import AtcacheError
+from atcache.errors import AtcacheError, first_line
 from atcache.hooks import FeatureHooks, probe_layers
 from atcache.spec import CacheSpec, LayerSpec, Letterbox
 from atcache.store import CacheStore, ChunkClaim, ChunkData, chunks_for_shard, clear_for_build, iter_rows
@@ -192,8 +192,7 @@ def write_error_message(store: CacheStore, error: BaseException, written: int) -
         what = "permission denied" if code != errno.EROFS else "read-only file system"
         fix = "make the store writable (or choose another --out), then rerun with --resume"
     else:
-        text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        what = f"{type(error).__name__}: {text}"
+        what = f"{type(error).__name__}: {first_line(error)}"
         fix = "fix the storage problem, then rerun with --resume"
     return f"writing to cache {store.path} failed ({what}); {kept}; {fix}"
 

@@ -14,7 +14,7 @@ import cv2
 import numpy as np
 import torch
 
-from atcache.errors import AtcacheError
+from atcache.errors import AtcacheError, first_line
 
 PAD_VALUE = 114
 LETTERBOX_COLUMNS = ("h0", "w0", "h", "w", "pad_top", "pad_left", "ratio")
@@ -56,8 +56,7 @@ def load_data_yaml(data_yaml: str | Path) -> dict:
     try:
         return check_det_dataset(str(path), autodownload=False)
     except Exception as e:  # ultralytics raises several types with multi-line messages
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise AtcacheError(f"data YAML {data_yaml} is not usable: {first}") from e
+        raise AtcacheError(f"data YAML {data_yaml} is not usable: {first_line(e)}") from e
 
 
 def split_files(data_yaml: str | Path, split: str) -> SplitFiles:

@@ -13,7 +13,7 @@ import dask.array as da
 import numpy as np
 
 from atcache.attention import map_agreement
-from atcache.errors import AtcacheError
+from atcache.errors import AtcacheError, first_line
 from atcache.spec import CacheSpec
 from atcache.store import CacheStore
 
@@ -115,7 +115,7 @@ def inspect_cache(path: str | Path, workers: int | None = None, scheduler: str |
         try:
             (computed,) = dask.compute(graphs)
         except Exception as e:  # zarr raises on a chunk whose checksum or codec fails
-            raise AtcacheError(f"cache {path} has an unreadable chunk ({str(e).splitlines()[0]}); "
+            raise AtcacheError(f"cache {path} has an unreadable chunk ({first_line(e)}); "
                                "run `atcache inspect --verify` to list the corrupted chunks") from e
     layers = {}
     for layer_spec in view.spec.layers:

@@ -29,7 +29,7 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, BloscShuffle, Crc32cCodec
 
-from atcache.errors import AtcacheError
+from atcache.errors import AtcacheError, first_line
 from atcache.location import Location
 from atcache.spec import CacheSpec
 
@@ -83,7 +83,7 @@ class CacheStore:
         try:
             group = zarr.open_group(loc.url, mode="r+" if writable else "r")
         except Exception as e:
-            raise AtcacheError(f"cache {loc} is not a readable Zarr v3 group: {_first_line(e)}") from e
+            raise AtcacheError(f"cache {loc} is not a readable Zarr v3 group: {first_line(e)}") from e
         raw = group.attrs.get(SPEC_ATTR)
         if raw is None:
             raise AtcacheError(
@@ -185,7 +185,7 @@ class CacheStore:
                 self.rewrite_files(files)
                 return
             raise AtcacheError(
-                f"cache {self.path}: the image list (files) cannot be decoded ({_first_line(e)}); "
+                f"cache {self.path}: the image list (files) cannot be decoded ({first_line(e)}); "
                 "rerun with --resume --repair to rewrite it"
             ) from e
         if list(stored) != list(files):
@@ -313,11 +313,6 @@ class CacheStore:
         self.group["done"][a:b] = data.ok.astype(bool, copy=False)
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
-
-
 def _exists_error(loc: Location) -> AtcacheError:
     return AtcacheError(f"cache {loc} already exists; pass --resume to finish it or --overwrite to rebuild it from scratch")
 
@@ -336,7 +331,7 @@ def _claim_creation(loc: Location) -> bool:
     except PermissionError as e:
         raise AtcacheError(f"cannot create cache {loc}: permission denied ({e.filename or e}); choose a writable --out") from None
     except OSError as e:
-        raise AtcacheError(f"cannot create cache {loc}: {_first_line(e)}; check the location and its free space") from None
+        raise AtcacheError(f"cannot create cache {loc}: {first_line(e)}; check the location and its free space") from None
 
 
 def _owner_key(token) -> str:

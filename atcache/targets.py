@@ -25,7 +25,7 @@ from ultralytics.data.augment import (
 )
 from ultralytics.data.dataset import YOLODataset
 
-from atcache.errors import AtcacheError
+from atcache.errors import AtcacheError, first_line
 from atcache.geometry import (
     Blend, Canvas, Placed, Source, View, bilinear, flip_matrix, render_grids, resize_matrix, translation, warp,
 )
@@ -154,7 +154,7 @@ def chunk_error(store: CacheStore, name: str, a: int, b: int, what: str) -> Atca
 
 
 def decode_failure(e: Exception) -> str:
-    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    text = first_line(e)
     if "checksum" in text.lower() or "crc" in text.lower():
         return "cannot be decoded (checksum mismatch: corrupted chunk)"
     return f"cannot be decoded ({type(e).__name__}: {text})"

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from atcache.errors import AtcacheError
+from atcache.errors import AtcacheError, first_line
 
 YAML_INIT_SEED = 0
 
@@ -73,7 +73,7 @@ def load_teacher(spec: str | Path, nc: int = 80, device: torch.device | str = "c
         try:
             model, _ = load_checkpoint(spec, device="cpu", fuse=False)
         except Exception as e:
-            raise AtcacheError(f"teacher {spec} is not a loadable ultralytics checkpoint: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+            raise AtcacheError(f"teacher {spec} is not a loadable ultralytics checkpoint: {first_line(e)}") from e
         path, name = str(Path(spec).resolve()), Path(getattr(model, "yaml", {}).get("yaml_file", spec)).stem
         sha = file_sha256(spec)
     elif suffix in (".yaml", ".yml"):
