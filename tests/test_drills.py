@@ -91,6 +91,15 @@ def test_store_creation_on_a_full_disk_is_one_line(voc_yaml, teacher_pt, tmp_pat
     assert "No space left on device" in run.stderr.strip().splitlines()[-1]
 
 
+def unfinished_copy(built_cache: Path, tmp_path: Path, chunks=()) -> tuple[Path, CacheStore]:
+    """A copy of the finished cache with row-chunks `chunks` marked not done, as an interrupted build leaves them."""
+    out = tmp_path / "c.zarr"
+    shutil.copytree(built_cache, out)
+    store = CacheStore.open(out, writable=True)
+    store.mark_not_done(chunks)
+    return out, store
+
+
 def flip_byte(path: Path) -> None:
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0xFF
@@ -98,8 +107,7 @@ def flip_byte(path: Path) -> None:
 
 
 def test_repair_recomputes_exactly_the_damaged_chunks(built_cache, voc_yaml, teacher_pt, tmp_path):
-    out = tmp_path / "c.zarr"
-    shutil.copytree(built_cache, out)
+    out, _ = unfinished_copy(built_cache, tmp_path)
     flip_byte(out / "maps" / "13" / "c" / "1" / "0" / "0")
     flip_byte(out / "norms" / "8" / "c" / "2")
     flip_byte(out / "files" / "c" / "3")
@@ -120,10 +128,7 @@ def test_repair_needs_resume(voc_yaml, teacher_pt, tmp_path):
 
 
 def test_overlapping_builders_are_refused(built_cache, voc_yaml, teacher_pt, tmp_path):
-    out = tmp_path / "c.zarr"
-    shutil.copytree(built_cache, out)
-    store = CacheStore.open(out, writable=True)
-    store.mark_not_done([1, 2])
+    out, store = unfinished_copy(built_cache, tmp_path, [1, 2])
     with ChunkClaim(store, [2]):  # a live builder (this process) owns row-chunk 2
         with pytest.raises(AtcacheError, match=rf"row-chunk 2 \(rows 16-23\) is being built by pid {os.getpid()}"):
             resume(voc_yaml, teacher_pt, out)
@@ -137,9 +142,7 @@ def test_overlapping_builders_are_refused(built_cache, voc_yaml, teacher_pt, tmp
 
 
 def test_two_concurrent_builders_one_is_refused_the_store_is_whole(built_cache, voc_yaml, teacher_pt, tmp_path):
-    out = tmp_path / "c.zarr"
-    shutil.copytree(built_cache, out)
-    CacheStore.open(out, writable=True).mark_not_done(range(4))
+    out, _ = unfinished_copy(built_cache, tmp_path, range(4))
     cmd = cli_command(voc_yaml, teacher_pt, out) + ["--resume"]
     procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
     results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
@@ -154,10 +157,7 @@ def test_two_concurrent_builders_one_is_refused_the_store_is_whole(built_cache, 
 
 
 def test_dead_builders_claims_are_taken_over(built_cache, voc_yaml, teacher_pt, tmp_path):
-    out = tmp_path / "c.zarr"
-    shutil.copytree(built_cache, out)
-    store = CacheStore.open(out, writable=True)
-    store.mark_not_done([0])
+    out, store = unfinished_copy(built_cache, tmp_path, [0])
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     claim = ChunkClaim(store, [0])
     claim.record = {**claim.record, "pid": int(dead.stdout)}  # as if a builder that was killed had claimed it
@@ -173,9 +173,7 @@ def test_claims_from_other_hosts_expire_without_heartbeats(built_cache, tmp_path
 
     from atcache.store import LOCK_STALE_S
 
-    out = tmp_path / "c.zarr"
-    shutil.copytree(built_cache, out)
-    store = CacheStore.open(out, writable=True)
+    out, store = unfinished_copy(built_cache, tmp_path)
     remote = ChunkClaim(store, [0])
     remote.record = {**remote.record, "host": "node7.elsewhere", "pid": 1}  # a builder on another machine
     remote.acquire()
