@@ -3,14 +3,13 @@
 A feature map F (N, C, H, W) becomes a spatial map A (N, H, W):
     a = reduce_c |F_c|^p            (kind: "sum_p" = sum over c, "sum" = sum of |F|, "max_p" = max over c)
     A = a / (||a||_2 + eps)         (L2 norm over (H, W), per sample)
-`map_agreement` compares stored or rendered maps (numpy) the same way everywhere: inspect, fidelity, bench.
+(`agreement.map_agreement` compares stored or rendered maps, in numpy, the same way everywhere.)
 """
 
 from __future__ import annotations
 
 from typing import Sequence
 
-import numpy as np
 import torch
 
 EPS = 1e-8
@@ -66,11 +65,3 @@ def at_loss(student_maps: Sequence[torch.Tensor], teacher_maps: Sequence[torch.T
     if not student_maps:
         raise ValueError("at_loss needs at least one layer")
     return sum(layer_at_loss(s, t.detach()) for s, t in zip(student_maps, teacher_maps))
-
-
-def map_agreement(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per map of two (N, ...) stacks: cosine similarity and AT distance ||A1 - A2||_2, both (N,), in float32."""
-    x = np.asarray(a, dtype=np.float32).reshape(len(a), -1)
-    y = np.asarray(b, dtype=np.float32).reshape(len(b), -1)
-    cosine = (x * y).sum(1) / (np.linalg.norm(x, axis=1) * np.linalg.norm(y, axis=1) + 1e-12)
-    return cosine, np.linalg.norm(x - y, axis=1)

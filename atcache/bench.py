@@ -16,8 +16,10 @@ from typing import Callable
 import numpy as np
 import torch
 
-from atcache.build import DEFAULT_LAYERS, BuildConfig, build_cache, resolve_device
+from atcache.build import build_cache
+from atcache.config import DEFAULT_LAYERS, BuildConfig, DistillSettings
 from atcache.data import LetterboxedImages, SplitFiles, split_files
+from atcache.devices import resolve_device
 from atcache.errors import AtcacheError
 from atcache.measure import device_name
 
@@ -176,9 +178,9 @@ def inference_pass(model, split: SplitFiles, cfg: BenchConfig, device: torch.dev
 
 def measure_build(cfg: BenchConfig, data_yaml: Path, split: SplitFiles, cache: Path, device: torch.device, log) -> dict:
     """build-cache img/s against the teacher's pure inference on the same batches, alternating, medians of repeats."""
-    from atcache.teacher import load_teacher
+    from atcache.teacher import load_model
 
-    teacher = load_teacher(cfg.teacher, nc=len(split.names), device=device)
+    teacher = load_model(cfg.teacher, nc=len(split.names), device=device)
     torch.backends.cudnn.benchmark = device.type == "cuda"  # as build-cache sets it
     n = len(split.files)
     inference_pass(teacher.model, split, cfg, device)  # warm-up: page cache, cudnn autotuning, workers
@@ -207,27 +209,26 @@ def _build_workers(cfg: BenchConfig) -> int:
 # ------------------------------------------------------------------------------------------------------- storage
 def measure_storage(cfg: BenchConfig, split: SplitFiles, cache: Path, device: torch.device, rows: int = 64) -> dict:
     """Bytes per image, and the stored float16 maps against the same teacher run in float32 (cosine, max abs)."""
-    from atcache.attention import attention_map, map_agreement
-    from atcache.hooks import FeatureHooks
+    from atcache.agreement import map_agreement
+    from atcache.maps import layer_maps
     from atcache.store import CacheStore
-    from atcache.teacher import load_teacher
+    from atcache.teacher import load_model
 
     store = CacheStore.open(cache)
     spec = store.spec
-    teacher = load_teacher(cfg.teacher, nc=len(split.names), device=device).model.float()
+    teacher = load_model(cfg.teacher, nc=len(split.names), device=device).model.float()
     n = min(rows, store.n_rows)
     loader = torch.utils.data.DataLoader(LetterboxedImages(split, range(n), cfg.imgsz), batch_size=cfg.batch)
     cosines = {i: [] for i in cfg.layers}
     max_abs = dict.fromkeys(cfg.layers, 0.0)
-    with torch.no_grad(), FeatureHooks(teacher, cfg.layers, stop_after_last=True) as hooks:
-        for batch_rows, images, _, _ in loader:
-            feats = hooks.run(teacher, images.to(device).float().div_(255))
-            a, b = int(batch_rows[0]), int(batch_rows[-1]) + 1
-            for layer, fm in zip(cfg.layers, feats):
-                exact = attention_map(fm.float(), spec.p, spec.kind, spec.eps).flatten(1).cpu().numpy()
-                stored = store.read_rows(layer, slice(a, b))[0].astype(np.float32).reshape(len(exact), -1)
-                cosines[layer] += map_agreement(stored, exact)[0].tolist()
-                max_abs[layer] = max(max_abs[layer], float(np.abs(stored - exact).max()))
+    for batch_rows, images, _, _ in loader:
+        exact_maps, _ = layer_maps(teacher, images, cfg.layers, spec.p, spec.kind, spec.eps, amp=False)  # float32
+        a, b = int(batch_rows[0]), int(batch_rows[-1]) + 1
+        for layer, m in zip(cfg.layers, exact_maps):
+            exact = m.flatten(1).cpu().numpy()
+            stored = store.read_layer(layer, a, b)[0].astype(np.float32).reshape(len(exact), -1)
+            cosines[layer] += map_agreement(stored, exact)[0].tolist()
+            max_abs[layer] = max(max_abs[layer], float(np.abs(stored - exact).max()))
     raw16 = sum(layer.height * layer.width * 2 for layer in spec.layers)
     return {
         "map_dtype": spec.map_dtype, "rows_compared": n,
@@ -242,7 +243,6 @@ def measure_storage(cfg: BenchConfig, split: SplitFiles, cache: Path, device: to
 def measure_trainers(cfg: BenchConfig, data_yaml: Path, split: SplitFiles, cache: Path, log) -> dict:
     """Each trainer for warmup + steps batches in a fresh process: same data, student, batch, device."""
     from atcache.measure import measure_training
-    from atcache.train import DistillSettings
 
     per_epoch = max(math.ceil(len(split.files) / cfg.batch) - 1, 1)  # step intervals inside one epoch
     overrides = {

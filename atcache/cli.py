@@ -9,6 +9,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from atcache.config import DEFAULT_LAYERS, parse_layers, parse_shard
 from atcache.env import prepare_ultralytics
 from atcache.errors import AtcacheError
 
@@ -44,24 +45,7 @@ def _friendly(fn):
     return wrapper
 
 
-def _parse_layers(text: str) -> tuple[int, ...]:
-    try:
-        layers = tuple(int(x) for x in text.replace(" ", "").split(",") if x)
-    except ValueError:
-        raise AtcacheError(f"--layers {text!r} is not a comma-separated list of layer indices, e.g. 6,8,13,16,19,22")
-    if not layers:
-        raise AtcacheError("--layers is empty; give at least one layer index")
-    return layers
-
-
-def _parse_shard(text: str) -> tuple[int, int]:
-    try:
-        i, n = (int(x) for x in text.split("/"))
-    except ValueError:
-        raise AtcacheError(f"--shard {text!r} is not of the form i/n (e.g. 0/4)")
-    if not (n >= 1 and 0 <= i < n):
-        raise AtcacheError(f"--shard {text} is out of range; use i/n with 0 <= i < n")
-    return i, n
+LAYERS_TEXT = ",".join(map(str, DEFAULT_LAYERS))
 
 
 @app.command("make-demo-data")
@@ -102,7 +86,7 @@ def build_cache_cmd(
     data: Annotated[Path, typer.Option(help="Ultralytics detection data YAML.")],
     out: Annotated[str, typer.Option(help="Cache store to write: a Zarr v3 folder (voc_m.zarr) or an fsspec URL (s3://bucket/voc_m.zarr).")],
     split: Annotated[str, typer.Option(help="Split of the data YAML to cache.")] = "train",
-    layers: Annotated[str, typer.Option(help="Teacher layer indices (model.model[i]) to cache.")] = "6,8,13,16,19,22",
+    layers: Annotated[str, typer.Option(help="Teacher layer indices (model.model[i]) to cache.")] = LAYERS_TEXT,
     imgsz: Annotated[int, typer.Option(help="Training image size (multiple of the max stride).")] = 640,
     batch: Annotated[int, typer.Option(help="Images per teacher forward pass.")] = 64,
     device: Annotated[str, typer.Option(help="cpu, a CUDA index, or several (0,1,2,3): one shard process per device.")] = "0",
@@ -121,30 +105,22 @@ def build_cache_cmd(
 ):
     """Run the teacher once over a split and write per-layer attention maps into a chunked Zarr v3 store."""
     prepare_ultralytics()
-    from atcache.build import BuildConfig, build_cache, build_cache_on_devices
+    from atcache.build import build_cache
+    from atcache.config import BuildConfig
 
     remote_workers = bool(scheduler) and not scheduler.strip().startswith("local")
-    if device == "0" and not remote_workers:
-        import torch
-
-        if not torch.cuda.is_available():
-            device = "cpu"
-            typer.echo("atcache: no CUDA device found, building on the CPU", err=True)
+    if not remote_workers:
+        device = _default_device(device, "building")
     if workers < 0:
         import os
 
         workers = min(4, os.cpu_count() or 1)
     cfg = BuildConfig(
-        teacher=teacher, data=str(data), out=str(out), split=split, layers=_parse_layers(layers), imgsz=imgsz,
+        teacher=teacher, data=str(data), out=str(out), split=split, layers=parse_layers(layers), imgsz=imgsz,
         batch=batch, device=device, p=p, kind=kind, workers=workers, resume=resume, overwrite=overwrite,
-        shard=_parse_shard(shard), chunk_rows=chunk_rows, skip_bad=skip_bad, progress=progress, repair=repair,
+        shard=parse_shard(shard), chunk_rows=chunk_rows, skip_bad=skip_bad, progress=progress, repair=repair,
         break_locks=break_locks, scheduler=scheduler or "",
     )
-    devices = [d.strip() for d in device.split(",") if d.strip()]
-    if len(devices) > 1 and not scheduler:
-        for line in build_cache_on_devices(cfg, devices):
-            typer.echo(line)
-        return
     report = build_cache(cfg)
     for k, arrays in sorted(report.repaired.items()):
         typer.echo(f"repaired row-chunk {k} (damaged: {', '.join(arrays)})", err=True)
@@ -154,7 +130,8 @@ def build_cache_cmd(
         typer.echo(f"skipped {rel}: {why}", err=True)
     for warning in report.warnings:
         typer.echo(f"atcache: warning: {warning}", err=True)
-    typer.echo(report.summary())
+    for line in report.device_lines() or [report.summary()]:
+        typer.echo(line)
 
 
 TRAIN_OPTION_KEYS = ("model", "data", "epochs", "imgsz", "batch", "device", "project", "name")
@@ -190,20 +167,21 @@ def _train(settings, student: str, data: Path, epochs: int, imgsz: int, batch: i
     if not data.is_file():
         raise AtcacheError(f"data YAML {data} does not exist; pass the YAML written by `atcache prepare-voc` or your own")
     overrides = {"model": student, "data": str(data), "epochs": epochs, "imgsz": imgsz, "batch": batch,
-                 "device": _training_device(device), "project": str(project.resolve()), "name": name,
+                 "device": _default_device(device, "training"), "project": str(project.resolve()), "name": name,
                  **_ultralytics_overrides(extra)}
     trainer = train_student(settings, overrides)
     typer.echo(f"results: {trainer.csv}")
     typer.echo(f"weights: {trainer.best} (loads with plain ultralytics: YOLO('{trainer.best}'))")
 
 
-def _training_device(device: str) -> str:
-    import torch
+def _default_device(device: str, doing: str) -> str:
+    """The default --device 0 on a machine without CUDA becomes the CPU, and says so."""
+    from atcache.devices import cuda_fallback
 
-    if device == "0" and not torch.cuda.is_available():
-        typer.echo("atcache: no CUDA device found, training on the CPU", err=True)
-        return "cpu"
-    return device
+    chosen = cuda_fallback(device)
+    if chosen != device:
+        typer.echo(f"atcache: no CUDA device found, {doing} on the CPU", err=True)
+    return chosen
 
 
 StudentOpt = Annotated[str, typer.Option(help="Student: a model YAML (yolo11s.yaml, from scratch) or a checkpoint .pt.")]
@@ -231,7 +209,7 @@ def train_cmd(
 ):
     """Baseline: train the student alone with the same trainer (no distillation). Extra key=value go to ultralytics."""
     prepare_ultralytics()
-    from atcache.train import DistillSettings
+    from atcache.config import DistillSettings
 
     _train(DistillSettings(mode="plain"), student, data, epochs, imgsz, batch, device, project, name, ctx.args)
 
@@ -258,10 +236,10 @@ def train_from_cache_cmd(
 ):
     """Train the student with AT targets streamed from the cache; the teacher is never loaded. Extra key=value go to ultralytics."""
     prepare_ultralytics()
+    from atcache.config import DistillSettings
     from atcache.store import CacheStore
-    from atcache.train import DistillSettings, parse_layer_map
 
-    pairs = parse_layer_map(layers) if layers else tuple((i, i) for i in CacheStore.open(cache).spec.layer_indices)
+    pairs = parse_layers(layers, pairs=True) if layers else tuple((i, i) for i in CacheStore.open(cache).spec.layer_indices)
     settings = DistillSettings(mode="cache", cache=str(cache), targets=targets, at_weight=at_weight, layers=pairs,
                                ram_budget_gb=ram_budget, stream=stream, shuffle_window=shuffle_window)
     _train(settings, student, data, epochs, imgsz, batch, device, project, name, ctx.args)
@@ -279,7 +257,7 @@ def train_online_cmd(
     batch: BatchOpt = 64,
     device: DeviceOpt = "0",
     at_weight: AtWeightOpt = 1.0,
-    layers: Annotated[str, typer.Option(help="Layers: 6,8,13,16,19,22 or student:teacher pairs.")] = "6,8,13,16,19,22",
+    layers: Annotated[str, typer.Option(help="Layers: 6,8,13,16,19,22 or student:teacher pairs.")] = LAYERS_TEXT,
     p: Annotated[float, typer.Option(help="Exponent p of the attention map.")] = 2.0,
     kind: Annotated[str, typer.Option(help="Attention map: sum_p, sum or max_p.")] = "sum_p",
     project: ProjectOpt = Path("runs/detect"),
@@ -287,9 +265,9 @@ def train_online_cmd(
 ):
     """Baseline: the seed's online AT (teacher forward every step), same trainer, loss and weight. Extra key=value go to ultralytics."""
     prepare_ultralytics()
-    from atcache.train import DistillSettings, parse_layer_map
+    from atcache.config import DistillSettings
 
-    settings = DistillSettings(mode="online", teacher=teacher, at_weight=at_weight, layers=parse_layer_map(layers),
+    settings = DistillSettings(mode="online", teacher=teacher, at_weight=at_weight, layers=parse_layers(layers, pairs=True),
                                p=p, kind=kind)
     _train(settings, student, data, epochs, imgsz, batch, device, project, name, ctx.args)
 
@@ -323,7 +301,7 @@ def bench_cmd(
     data: Annotated[Optional[Path], typer.Option(help="Data YAML to take the images from (default: synthetic VOC-format data).")] = None,
     teacher: Annotated[str, typer.Option(help="Teacher: a checkpoint .pt or a model YAML (random init).")] = "yolo11m.yaml",
     student: Annotated[str, typer.Option(help="Student: a model YAML or a checkpoint .pt.")] = "yolo11s.yaml",
-    layers: Annotated[str, typer.Option(help="Comma-separated teacher layers (student layers of the same index).")] = "6,8,13,16,19,22",
+    layers: Annotated[str, typer.Option(help="Comma-separated teacher layers (student layers of the same index).")] = LAYERS_TEXT,
     imgsz: Annotated[int, typer.Option(help="Image size.")] = 640,
     batch: Annotated[int, typer.Option(help="Batch size (build, inference and training).")] = 64,
     steps: Annotated[int, typer.Option(help="Measured training steps per trainer (after the warm-up).")] = 30,
@@ -340,9 +318,9 @@ def bench_cmd(
     prepare_ultralytics()
     from atcache.bench import BenchConfig, format_report, run_bench
 
-    cfg = BenchConfig(out=str(out), data=str(data or ""), teacher=teacher, student=student, layers=_parse_layers(layers),
+    cfg = BenchConfig(out=str(out), data=str(data or ""), teacher=teacher, student=student, layers=parse_layers(layers),
                       imgsz=imgsz, batch=batch, steps=steps, warmup=warmup, images=images, workers=workers,
-                      device=_training_device(device), repeats=repeats)
+                      device=_default_device(device, "training"), repeats=repeats)
     report = run_bench(cfg, log=lambda line: typer.echo(line, err=True))
     typer.echo(format_report(report))
     if json_out is not None:
@@ -441,7 +419,7 @@ def fidelity_cmd(
     from atcache.fidelity import FidelityConfig, format_fidelity, measure_fidelity
 
     cfg = FidelityConfig(cache=str(cache), teacher=teacher, data=str(data), batches=batches, batch=batch,
-                         targets=targets, device=_training_device(device), seed=seed,
+                         targets=targets, device=_default_device(device, "training"), seed=seed,
                          hyp=_ultralytics_overrides(ctx.args))
     report = measure_fidelity(cfg)
     typer.echo(format_fidelity(report))

@@ -15,9 +15,9 @@ import numpy as np
 import torch
 
 from atcache.errors import AtcacheError, first_line
+from atcache.spec import LETTERBOX_COLUMNS
 
 PAD_VALUE = 114
-LETTERBOX_COLUMNS = ("h0", "w0", "h", "w", "pad_top", "pad_left", "ratio")
 ULTRALYTICS_IMREAD_FLAGS = cv2.IMREAD_COLOR  # BaseDataset.cv2_flag for channels=3: imread gives 8-bit BGR
 
 
@@ -186,13 +186,14 @@ def letterbox_pads(h: int, w: int, imgsz: int) -> tuple[int, int, int, int]:
 
 
 def letterbox_image(im: np.ndarray, imgsz: int) -> tuple[np.ndarray, np.ndarray]:
-    """(padded BGR (imgsz, imgsz, 3), letterbox row [h0, w0, h, w, pad_top, pad_left, ratio] float32)."""
+    """(padded BGR (imgsz, imgsz, 3), letterbox row (len(LETTERBOX_COLUMNS),) float32 in that column order)."""
     h0, w0 = im.shape[:2]
     resized = resize_long_side(im, imgsz)
     h, w = resized.shape[:2]
     top, bottom, left, right = letterbox_pads(h, w, imgsz)
     out = cv2.copyMakeBorder(resized, top, bottom, left, right, cv2.BORDER_CONSTANT, value=(PAD_VALUE,) * 3)
-    row = np.array([h0, w0, h, w, top, left, h / h0], dtype=np.float32)
+    values = {"h0": h0, "w0": w0, "h": h, "w": w, "pad_top": top, "pad_left": left, "ratio": h / h0}
+    row = np.array([values[c] for c in LETTERBOX_COLUMNS], dtype=np.float32)
     return out, row
 
 
@@ -204,7 +205,7 @@ def to_tensor(im_bgr: np.ndarray) -> torch.Tensor:
 class LetterboxedImages(torch.utils.data.Dataset):
     """Rows of a split as teacher inputs, for a DataLoader with workers (decoding overlaps the GPU).
 
-    Each item is (row, image (3, imgsz, imgsz) uint8 RGB, letterbox row (7,), error message or ''). A bad image is
+    Each item is (row, image (3, imgsz, imgsz) uint8 RGB, letterbox row (len(LETTERBOX_COLUMNS),), error message or ''). A bad image is
     returned as a grey image with its error instead of raising, so the parent decides (fail or --skip-bad)."""
 
     def __init__(self, split: SplitFiles, rows: list[int] | np.ndarray, imgsz: int):

@@ -8,7 +8,8 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-from atcache.build import BuildConfig, build_cache
+from atcache.build import build_cache
+from atcache.config import BuildConfig, DistillSettings
 
 # Small data, few epochs: ultralytics' 'auto' optimizer picks AdamW lr 4e-4 for 20 classes and steps every 64 images,
 # which leaves YOLO11s at mAP 0 here for many epochs. AdamW lr 4e-3, an optimizer step per batch (nbs 16), a 1-epoch
@@ -39,7 +40,6 @@ def run_demo(out: Path, images: int, imgsz: int, teacher: str, teacher_epochs: i
     student plain, from the cache and online for the same epochs; write the comparison into OUT/demo_results.*"""
     from atcache.measure import device_name, measure_training
     from atcache.synthetic import make_demo_data
-    from atcache.train import DistillSettings
     from atcache.voc import prepare_voc
 
     if quick:

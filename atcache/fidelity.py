@@ -12,11 +12,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from atcache.attention import attention_map, map_agreement
+from atcache.agreement import map_agreement
 from atcache.errors import AtcacheError
 from atcache.geometry import Blend, Canvas, Source, View
 
-KINDS = ("none", "flip", "mosaic", "affine", "mixup")
+AUGMENTATIONS = ("none", "flip", "mosaic", "affine", "mixup")  # what view_kinds tells apart
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,7 @@ def view_kinds(view: View) -> set[str]:
                 kinds.add("affine")
             elif v.tag in ("mosaic", "flip"):
                 kinds.add(v.tag)
-            for placed in v.layers:
+            for placed in v.children:
                 visit(placed.view)
         elif not isinstance(v, Source):
             raise TypeError(f"not a view: {type(v).__name__}")
@@ -60,12 +60,12 @@ def view_kinds(view: View) -> set[str]:
 
 def _centring(canvas: Canvas) -> bool:
     """An affine that only centres its child on the canvas (what RandomPerspective does with scale and translate 0)."""
-    m, (h, w) = canvas.layers[0].matrix, canvas.layers[0].view.shape
+    m, (h, w) = canvas.children[0].matrix, canvas.children[0].view.shape
     centre = np.array([[1, 0, (canvas.shape[1] - w) / 2], [0, 1, (canvas.shape[0] - h) / 2], [0, 0, 1]])
     return bool(np.allclose(m, centre, atol=0.51))  # ultralytics rounds the offset to whole pixels
 
 
-def training_dataset(cfg: FidelityConfig, imgsz: int, layers: tuple[int, ...]):
+def training_dataset(cfg: FidelityConfig, store, layers: tuple[int, ...]):
     """The train split as train-from-cache builds it: ultralytics' YOLODataset with its augmentations, targets attached."""
     from ultralytics.cfg import get_cfg
     from ultralytics.data.build import build_yolo_dataset
@@ -77,57 +77,55 @@ def training_dataset(cfg: FidelityConfig, imgsz: int, layers: tuple[int, ...]):
     unknown = [k for k in cfg.hyp if k not in DEFAULT_CFG.__dict__]
     if unknown:
         raise AtcacheError(f"{unknown[0]!r} is not an ultralytics argument; pass augmentation settings such as mosaic=0")
-    hyp = get_cfg(DEFAULT_CFG, {**cfg.hyp, "imgsz": imgsz})
+    hyp = get_cfg(DEFAULT_CFG, {**cfg.hyp, "imgsz": store.spec.imgsz})
     data = load_data_yaml(cfg.data)
     dataset = build_yolo_dataset(hyp, data["train"], cfg.batch, data, mode="train", stride=32)
-    return attach_targets(dataset, CacheTargets.load(cfg.cache, layers), cfg.targets, data["path"], hyp)
+    return attach_targets(dataset, CacheTargets.load(store, layers), cfg.targets, data["path"], hyp)
 
 
 def measure_fidelity(cfg: FidelityConfig) -> dict:
     """Per layer and augmentation kind: cosine (mean, 5th percentile) and AT distance between cached targets and the
     live teacher's maps on the same augmented images."""
-    from atcache.build import resolve_device
+    from tqdm import tqdm
+
     from atcache.data import split_files
-    from atcache.hooks import FeatureHooks
+    from atcache.devices import resolve_device
+    from atcache.maps import layer_maps
     from atcache.store import CacheStore
-    from atcache.targets import TARGETS_KEY, check_cache
-    from atcache.teacher import load_teacher
+    from atcache.targets import TARGETS_KEY
+    from atcache.teacher import load_model
+    from atcache.train import check_cache
 
     if cfg.batches < 1 or cfg.batch < 1:
         raise AtcacheError("--batches and --batch must be at least 1")
     if not Path(cfg.cache).exists():
         raise AtcacheError(f"cache {cfg.cache} does not exist; pass the store written by build-cache")
-    spec = CacheStore.open(cfg.cache).spec
+    store = CacheStore.open(cfg.cache)
+    spec = store.spec
     layers = spec.layer_indices
     split = split_files(cfg.data, "train")
-    check_cache(cfg.cache, layers, spec.imgsz, split)
+    check_cache(cfg.cache, layers, spec.imgsz, split, store=store)
     device = resolve_device(cfg.device)
-    teacher = load_teacher(cfg.teacher, nc=len(split.names), device=device)
+    teacher = load_model(cfg.teacher, nc=len(split.names), device=device)
     if teacher.weights_sha256 != spec.teacher_weights_sha256:
         raise AtcacheError(f"teacher {cfg.teacher} is not the one cache {cfg.cache} was built with ({spec.teacher_path}); "
                            "pass that checkpoint")
-    dataset = training_dataset(cfg, spec.imgsz, layers)
+    dataset = training_dataset(cfg, store, layers)
     random.seed(cfg.seed)  # ultralytics' augmentations draw from python's and numpy's generators
     np.random.seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
-    cuda = device.type == "cuda"
     records = []  # (kinds, {layer: (cosine, distance)})
-    from tqdm import tqdm
-
-    with torch.no_grad(), FeatureHooks(teacher.model, layers, stop_after_last=True) as hooks:
-        for _ in tqdm(range(cfg.batches), desc="fidelity", unit="batch"):
-            samples = [dataset.sample_with_view(int(i)) for i in rng.integers(0, len(dataset), cfg.batch)]
-            images = torch.stack([labels["img"] for labels, _ in samples]).to(device).float().div_(255)
-            with torch.autocast(device.type, dtype=torch.float16, enabled=cuda):
-                feats = hooks.run(teacher.model, images)
-            agreement = {}  # layer -> (cosine (B,), distance (B,))
-            for j, (layer, f) in enumerate(zip(layers, feats)):
-                live = attention_map(f.float(), spec.p, spec.kind, spec.eps).cpu().numpy()
-                cached = np.stack([labels[TARGETS_KEY][j].numpy() for labels, _ in samples])
-                agreement[layer] = map_agreement(live, cached)
-            for k, (_, view) in enumerate(samples):
-                figures = {layer: (float(c[k]), float(d[k])) for layer, (c, d) in agreement.items()}
-                records.append((view_kinds(view), figures))
+    for _ in tqdm(range(cfg.batches), desc="fidelity", unit="batch"):
+        samples = [dataset.sample_with_view(int(i)) for i in rng.integers(0, len(dataset), cfg.batch)]
+        images = torch.stack([labels["img"] for labels, _ in samples])
+        live, _ = layer_maps(teacher.model, images, layers, spec.p, spec.kind, spec.eps)
+        agreement = {}  # layer -> (cosine (B,), distance (B,))
+        for j, (layer, maps) in enumerate(zip(layers, live)):
+            cached = np.stack([labels[TARGETS_KEY][j].numpy() for labels, _ in samples])
+            agreement[layer] = map_agreement(maps.cpu().numpy(), cached)
+        for k, (_, view) in enumerate(samples):
+            figures = {layer: (float(c[k]), float(d[k])) for layer, (c, d) in agreement.items()}
+            records.append((view_kinds(view), figures))
     return fidelity_report(cfg, layers, records)
 
 
@@ -143,14 +141,14 @@ def fidelity_report(cfg: FidelityConfig, layers, records) -> dict:
     out = {}
     for layer in layers:
         per = {"all": stats([fig[layer] for _, fig in records])}
-        for kind in KINDS:
+        for kind in AUGMENTATIONS:
             values = [fig[layer] for kinds, fig in records if kind in kinds]
             if values:
                 per[kind] = stats(values)
         out[str(layer)] = per
     combos: dict[str, int] = {}
     for kinds, _ in records:
-        key = "+".join(k for k in KINDS if k in kinds)
+        key = "+".join(k for k in AUGMENTATIONS if k in kinds)
         combos[key] = combos.get(key, 0) + 1
     return {"config": asdict(cfg), "samples": len(records), "layers": out, "combinations": combos}
 

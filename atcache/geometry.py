@@ -2,7 +2,7 @@
 
 A view describes an image in pixel-index coordinates (pixel (i, j) has its centre at x=j, y=i, as OpenCV's warps use):
     Source(row, shape)       the resized (long side = imgsz) image of cache row `row`, before any letterbox
-    Canvas(shape, layers)    children painted in order onto an empty canvas; each child's 3x3 matrix maps its pixels
+    Canvas(shape, children)  children painted in order onto an empty canvas; each child's 3x3 matrix maps its pixels
                              to canvas pixels (mosaic tiles, affine/perspective warps, flips, letterbox)
     Blend(shape, parts)      children of the canvas size mixed with weights (MixUp)
 Evaluating a view at points returns the value of every point and whether any source covers it; points outside all
@@ -38,7 +38,7 @@ class Canvas:
     """Children painted in order onto an empty (h, w) canvas; later children cover earlier ones."""
 
     shape: tuple[int, int]
-    layers: tuple[Placed, ...]
+    children: tuple[Placed, ...]
     tag: str = ""  # which augmentation made it: mosaic, affine, flip, letterbox ('' when unknown)
 
 
@@ -120,7 +120,7 @@ def _evaluate(view: View, xy: np.ndarray, ids: np.ndarray, leaf, extend: bool = 
             values[ok] = leaf(view, xy[ok], ids[ok])
         return values, ok
     if isinstance(view, Canvas):
-        for placed in view.layers:
+        for placed in view.children:
             pts = apply_inverse(placed.matrix, xy)
             ok = np.ones(len(pts), bool) if extend and isinstance(placed.view, Source) else inside(pts, placed.view.shape)
             if extend:  # borrowing beyond images: the first source that can answer keeps the point

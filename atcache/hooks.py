@@ -33,9 +33,9 @@ def check_layer_indices(model: nn.Module, layers: Sequence[int]) -> None:
 
 
 class FeatureHooks:
-    """Context manager: while active, `self.features[i]` holds the latest output (N, C, H, W) of layer i.
-
-    With `stop_after_last=True` the forward pass is cut after the deepest hooked layer (use `run(model, x)`)."""
+    """While attached, `self.features[i]` holds the latest output (N, C, H, W) of layer i: `attach()` / `detach()`,
+    or `with FeatureHooks(...) as hooks:`. With `stop_after_last=True` the forward pass is cut after the deepest hooked
+    layer (use `run(model, x)`)."""
 
     def __init__(self, model: nn.Module, layers: Sequence[int], stop_after_last: bool = False):
         check_layer_indices(model, layers)
@@ -43,17 +43,23 @@ class FeatureHooks:
         self.features: dict[int, torch.Tensor] = {}
         self._handles: list = []
 
-    def __enter__(self) -> "FeatureHooks":
+    def attach(self) -> "FeatureHooks":
         modules = layer_modules(self.model)
         last = max(self.layers)
         for i in self.layers:
             self._handles.append(modules[i].register_forward_hook(self._make_hook(i, i == last and self.stop)))
         return self
 
-    def __exit__(self, *exc) -> None:
+    def detach(self) -> None:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+
+    def __enter__(self) -> "FeatureHooks":
+        return self.attach()
+
+    def __exit__(self, *exc) -> None:
+        self.detach()
 
     def _make_hook(self, index: int, stop: bool):
         def hook(_module, _inputs, output):

@@ -4,7 +4,6 @@
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -12,9 +11,10 @@ import dask
 import dask.array as da
 import numpy as np
 
-from atcache.attention import map_agreement
+from atcache.agreement import map_agreement
 from atcache.errors import AtcacheError, first_line
-from atcache.spec import CacheSpec
+from atcache.scheduler import dask_scheduler
+from atcache.spec import CacheSpec, LetterboxTable
 from atcache.store import CacheStore
 
 NORM_TOLERANCE = 5e-3  # |(||A||_2) - 1| allowed for a float16 map of unit norm
@@ -31,7 +31,7 @@ class CacheView:
     spec: CacheSpec
     files: np.ndarray
     done: np.ndarray
-    letterbox: np.ndarray
+    letterbox: LetterboxTable
     maps: dict[int, da.Array]
     norms: dict[int, da.Array]
 
@@ -50,24 +50,11 @@ class CacheView:
 def open_cache(path: str | Path) -> CacheView:
     """Open a finished or partial cache for reading (the spec is checked as on every open)."""
     store = CacheStore.open(path)
+    arrays = {i: store.dask_layer(i) for i in store.spec.layer_indices}
     return CacheView(
         path=store.path, spec=store.spec, files=store.files(), done=store.done_mask(), letterbox=store.letterbox(),
-        maps={i: da.from_zarr(store.maps_array(i)) for i in store.spec.layer_indices},
-        norms={i: da.from_zarr(store.norms_array(i)) for i in store.spec.layer_indices},
+        maps={i: m for i, (m, _) in arrays.items()}, norms={i: n for i, (_, n) in arrays.items()},
     )
-
-
-@contextlib.contextmanager
-def dask_scheduler(workers: int | None = None, address: str | None = None):
-    """dask's threaded scheduler with `workers` threads, or dask.distributed: `local:N` or a scheduler address."""
-    if address:
-        from atcache.cluster import dask_client
-
-        with dask_client(address, threads_per_worker=max(1, workers or 1)):
-            yield
-        return
-    with dask.config.set(scheduler="threads", num_workers=workers or None):
-        yield
 
 
 # ---------------------------------------------------------------------------------------------------- statistics

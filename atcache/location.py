@@ -1,18 +1,21 @@
 """Where a cache store lives: a local directory or an fsspec URL (s3://, gs://, file://, memory://, ...).
 
 zarr opens both through its own storage layer (LocalStore / FsspecStore); this module holds the few operations a
-build needs around zarr: exists, atomic create-if-absent (ownership records), delete, size. Remote credentials and
-endpoints come from the usual places (AWS_* / GOOGLE_* environment, fsspec config such as FSSPEC_S3_ENDPOINT_URL)."""
+build needs around zarr (exists, read, write, atomic create-if-absent for ownership records, delete, list, size), all
+through fsspec, whose local filesystem does the local half. Remote credentials and endpoints come from the usual
+places (AWS_* / GOOGLE_* environment, fsspec config such as FSSPEC_S3_ENDPOINT_URL)."""
 
 from __future__ import annotations
 
 import errno
+import functools
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 from atcache.errors import AtcacheError
+
+BACKENDS = {"s3": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs"}  # pip package per scheme
 
 
 @dataclass(frozen=True)
@@ -49,74 +52,60 @@ class Location:
     def __str__(self) -> str:
         return self.url
 
-    # ------------------------------------------------------------------ fsspec for remote stores
-    def _fs(self):
+    @functools.cached_property
+    def _fs_root(self):
+        """(fsspec filesystem, root path inside it); local folders get parent directories made on write."""
+        from fsspec.core import url_to_fs
+
         try:
-            from fsspec.core import url_to_fs
-        except ImportError:  # pragma: no cover - fsspec comes with dask
-            raise AtcacheError("stores at URLs need fsspec: pip install fsspec") from None
-        try:
-            return url_to_fs(self.url)
+            return url_to_fs(self.url, **({} if self.remote else {"auto_mkdir": True}))
         except (ImportError, ValueError) as e:
             scheme = self.url.split("://", 1)[0]
-            extra = {"s3": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs"}.get(scheme, scheme)
-            raise AtcacheError(f"cannot open {self.url}: {e}; install the fsspec backend for {scheme}:// (pip install {extra})") from None
+            raise AtcacheError(f"cannot open {self.url}: {e}; install the fsspec backend for {scheme}:// "
+                               f"(pip install {BACKENDS.get(scheme, scheme)})") from None
 
-    def _key(self, name: str) -> str:
-        return f"{self.url}/{name}" if name else self.url
+    def _path(self, name: str = "") -> str:
+        fs, root = self._fs_root
+        return f"{root.rstrip('/')}/{name}" if name else root
 
     # ------------------------------------------------------------------ operations
     def exists(self, name: str = "") -> bool:
         """Is there a file (or, for name '', anything at all) at the store root / `name`?"""
-        if not self.remote:
-            return (self.local_path / name).exists() if name else self.local_path.exists()
-        fs, root = self._fs()
-        path = f"{root}/{name}" if name else root
-        return bool(fs.exists(path))
+        return bool(self._fs_root[0].exists(self._path(name)))
 
     def is_empty(self) -> bool:
-        if not self.remote:
-            return not self.local_path.exists() or (self.local_path.is_dir() and not any(self.local_path.iterdir()))
-        fs, root = self._fs()
-        return not fs.exists(root) or not fs.find(root, maxdepth=1)
+        fs, root = self._fs_root
+        return not fs.exists(root) or not fs.ls(root, detail=False)
 
     def read(self, name: str) -> bytes | None:
         """The bytes of `name`, or None if it does not exist."""
         try:
-            if not self.remote:
-                return (self.local_path / name).read_bytes()
-            fs, root = self._fs()
-            return fs.cat_file(f"{root}/{name}")
+            return self._fs_root[0].cat_file(self._path(name))
         except FileNotFoundError:
             return None
 
     def write(self, name: str, data: bytes) -> None:
+        """Replace `name` whole: readers see the old or the new bytes, never a torn file (an object PUT remotely; a
+        temporary file renamed over it locally)."""
+        fs, path = self._fs_root[0], self._path(name)
         if not self.remote:
-            path = self.local_path / name
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-            tmp.write_bytes(data)
-            tmp.replace(path)
+            tmp = f"{path}.{os.getpid()}.tmp"
+            fs.pipe_file(tmp, data)
+            os.replace(tmp, path)
             return
-        fs, root = self._fs()
-        fs.pipe_file(f"{root}/{name}", data)
+        fs.pipe_file(path, data)
 
     def create(self, name: str, data: bytes) -> bool:
         """Write `name` only if it does not exist yet, atomically (O_EXCL locally, If-None-Match on S3).
         True if this call created it."""
-        if not self.remote:
-            path = self.local_path / name
-            path.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            except FileExistsError:
-                return False
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            return True
-        fs, root = self._fs()
+        fs, path = self._fs_root[0], self._path(name)
         try:
-            fs.pipe_file(f"{root}/{name}", data, mode="create")
+            if self.remote:
+                fs.pipe_file(path, data, mode="create")
+            else:
+                fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+                with fs.open(path, "xb") as f:  # open(..., "x"): O_CREAT | O_EXCL
+                    f.write(data)
         except FileExistsError:
             return False
         except OSError as e:  # some backends report the failed precondition as a generic error
@@ -127,11 +116,7 @@ class Location:
 
     def delete(self, name: str) -> None:
         try:
-            if not self.remote:
-                (self.local_path / name).unlink()
-                return
-            fs, root = self._fs()
-            fs.rm_file(f"{root}/{name}")
+            self._fs_root[0].rm_file(self._path(name))
         except FileNotFoundError:
             pass
 
@@ -148,27 +133,22 @@ class Location:
 
     def list(self, prefix: str) -> list[str]:
         """Names (relative to the root) of the files under `prefix`/."""
-        if not self.remote:
-            base = self.local_path / prefix
-            return sorted(p.relative_to(self.local_path).as_posix() for p in base.rglob("*") if p.is_file()) if base.is_dir() else []
-        fs, root = self._fs()
-        return sorted(p[len(root.rstrip("/")) + 1:] for p in fs.find(f"{root}/{prefix}"))
+        fs, root = self._fs_root
+        start = len(root.rstrip("/")) + 1
+        return sorted(p[start:] for p in fs.find(self._path(prefix)))
 
     def remove_all(self) -> None:
         """Delete the store root and everything under it."""
-        if not self.remote:
-            path = self.local_path
-            if path.is_dir():
-                shutil.rmtree(path)
-            elif path.exists():
-                path.unlink()
-            return
-        fs, root = self._fs()
+        fs, root = self._fs_root
         if fs.exists(root):
             fs.rm(root, recursive=True)
 
     def nbytes(self) -> int:
-        if not self.remote:
-            return sum(f.stat().st_size for f in self.local_path.rglob("*") if f.is_file())
-        fs, root = self._fs()
+        """Bytes of every file under the root (another builder's temporary files may come and go meanwhile)."""
+        fs, root = self._fs_root
+        for _ in range(9):
+            try:
+                return int(fs.du(root, total=True)) if fs.exists(root) else 0
+            except FileNotFoundError:  # listed, then renamed or removed by a concurrent writer: list again
+                continue
         return int(fs.du(root, total=True))

@@ -35,10 +35,9 @@ def measure_training(settings, overrides: dict, steps: int | None = None, warmup
     The child's output is kept back; its last error line becomes the message when it fails.
     """
     with tempfile.TemporaryDirectory(prefix="atcache-measure-") as tmp:
-        request, result = Path(tmp) / "request.json", Path(tmp) / "result.json"
-        request.write_text(json.dumps({"settings": settings.to_json(), "overrides": overrides, "steps": steps,
-                                       "warmup": warmup, "loader_samples": loader_samples}))
-        proc = subprocess.run([sys.executable, "-m", "atcache.measure", str(request), str(result)],
+        result = Path(tmp) / "result.json"
+        run = json.dumps({"overrides": overrides, "steps": steps, "warmup": warmup, "loader_samples": loader_samples})
+        proc = subprocess.run([sys.executable, "-m", "atcache.measure", settings.to_json(), run, str(result)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         if proc.returncode != 0 or not result.is_file():
             lines = [x for x in proc.stderr.strip().splitlines() if x.strip()]
@@ -95,18 +94,19 @@ def _time_loader(dataset, samples: int) -> dict:
     return figures
 
 
-def _child(request_path: str, result_path: str) -> None:
+def _child(settings_json: str, run_json: str, result_path: str) -> None:
+    """`python -m atcache.measure SETTINGS RUN RESULT`: the settings as DistillSettings JSON, the run as JSON."""
     from atcache.env import prepare_ultralytics
 
     prepare_ultralytics()
     import torch
 
-    from atcache.train import AtcacheTrainer, DistillSettings, check_settings
+    from atcache.config import DistillSettings
+    from atcache.train import AtcacheTrainer
 
-    request = json.loads(Path(request_path).read_text())
-    settings = DistillSettings.from_json(request["settings"])
+    request = json.loads(run_json)
+    settings = DistillSettings.from_json(settings_json)
     overrides, steps, warmup = request["overrides"], request["steps"], request["warmup"]
-    check_settings(settings, overrides.get("imgsz", 640), overrides["data"], overrides.get("rect", False))
     trainer = AtcacheTrainer(overrides=overrides, settings=settings)
     cuda = trainer.device.type == "cuda"
     step_ends: list[tuple[int, float]] = []
@@ -175,7 +175,7 @@ def device_name(device) -> str:
 
 if __name__ == "__main__":
     try:
-        _child(sys.argv[1], sys.argv[2])
+        _child(*sys.argv[1:4])
     except AtcacheError as e:  # the parent reports the last stderr line
         sys.stderr.write(f"atcache: error: {e}\n")
         sys.exit(2)

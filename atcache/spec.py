@@ -7,7 +7,11 @@ import datetime as _dt
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 FORMAT_VERSION = 1
+# The letterbox array's columns, the one definition (the store writes them as the array's `columns` attribute).
+LETTERBOX_COLUMNS = ("h0", "w0", "h", "w", "pad_top", "pad_left", "ratio")
 
 # Fields that may differ between two specs of the same cache (informational only).
 INFORMATIONAL = ("created", "atcache_version", "ultralytics_version", "torch_version", "teacher_path", "data_yaml")
@@ -32,7 +36,36 @@ class Letterbox:
     interpolation: str = "INTER_LINEAR"
     pad: str = "center"  # ultralytics LetterBox(center=True): pad split evenly, top/left get the smaller half
     pad_value: int = 114
-    columns: tuple[str, ...] = ("h0", "w0", "h", "w", "pad_top", "pad_left", "ratio")
+    columns: tuple[str, ...] = LETTERBOX_COLUMNS
+
+
+@dataclass(frozen=True)
+class LetterboxTable:
+    """The stored letterbox of every row, read by column name: `table["pad_top"]` is (N,) float32 (see
+    LETTERBOX_COLUMNS); `values` (N, len(columns)) is the array as stored."""
+
+    values: np.ndarray
+    columns: tuple[str, ...] = LETTERBOX_COLUMNS
+
+    def __post_init__(self):
+        missing = [c for c in LETTERBOX_COLUMNS if c not in self.columns]
+        if missing or self.values.ndim != 2 or self.values.shape[1] != len(self.columns):
+            raise ValueError(f"letterbox array of shape {self.values.shape} with columns {list(self.columns)} lacks "
+                             f"{missing or 'a column per name'}")
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self.values[:, self.columns.index(name)]
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    def take(self, rows) -> "LetterboxTable":
+        """The table of the given rows only."""
+        return LetterboxTable(self.values[rows], self.columns)
+
+    def row(self, r: int) -> dict[str, float]:
+        """One row as {column: value}."""
+        return dict(zip(self.columns, self.values[r].tolist()))
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,7 @@
 Layout (N rows = images of one split, in ultralytics' order; R = chunk_rows):
     maps/<layer>   (N, H, W) float16   normalised attention map A          chunks (R, H, W), fill NaN
     norms/<layer>  (N,)      float32   ||a||_2 before normalisation        chunks (R,),      fill NaN
-    letterbox      (N, 7)    float32   h0, w0, h, w, pad_top, pad_left, ratio                  fill NaN
+    letterbox      (N, 7)    float32   columns spec.LETTERBOX_COLUMNS (attrs["columns"]), read by name  fill NaN
     files          (N,)      string    image path relative to the dataset root
     done           (N,)      bool      row written (set only after its data)
     attrs["atcache"]                   the CacheSpec (spec.py)
@@ -11,6 +11,8 @@ Layout (N rows = images of one split, in ultralytics' order; R = chunk_rows):
 Row-chunk k (rows k*R .. (k+1)*R) is the unit of writing, resuming and sharding: every array is chunked by R rows
 along axis 0, so one builder writing chunk k touches exactly one chunk file of each array and two builders with
 disjoint chunk ranges never read-modify-write the same file. Each chunk carries a crc32c checksum.
+Reading goes through `CacheStore.read` / `read_layer` / `letterbox`: a chunk that fails to decode, or a finished row
+that is not finite, is one AtcacheError naming the array and rows (training never runs on garbage).
 """
 
 from __future__ import annotations
@@ -31,10 +33,9 @@ from zarr.codecs import BloscCodec, BloscShuffle, Crc32cCodec
 
 from atcache.errors import AtcacheError, first_line
 from atcache.location import Location
-from atcache.spec import CacheSpec
+from atcache.spec import CacheSpec, LetterboxTable
 
 SPEC_ATTR = "atcache"
-LETTERBOX_WIDTH = 7
 CREATE_WAIT_S = 120.0
 CREATE_RECORD = "atcache-create.json"  # remote stores: who claimed the creation
 LOCK_PREFIX = "atcache-locks"  # ownership records of builders (ChunkClaim); zarr ignores these keys
@@ -53,7 +54,7 @@ def small_compressors(typesize: int) -> list:
 
 @dataclass(frozen=True)
 class ChunkData:
-    """The rows of one row-chunk, ready to write: maps[layer] (r, H, W) f16, norms[layer] (r,), letterbox (r, 7)."""
+    """The rows of one row-chunk, ready to write: maps[layer] (r, H, W) f16, norms[layer] (r,), letterbox (r, columns)."""
 
     maps: dict[int, np.ndarray]
     norms: dict[int, np.ndarray]
@@ -117,7 +118,8 @@ class CacheStore:
                 compressors=small_compressors(4), dimension_names=("row",), overwrite=True,
             )
         group.create_array(
-            "letterbox", shape=(n, LETTERBOX_WIDTH), chunks=(r, LETTERBOX_WIDTH), dtype="float32", fill_value=np.nan,
+            "letterbox", shape=(n, width := len(spec.letterbox.columns)), chunks=(r, width), dtype="float32",
+            fill_value=np.nan,
             compressors=small_compressors(4), dimension_names=("row", "field"),
             attributes={"columns": list(spec.letterbox.columns)}, overwrite=True,
         )
@@ -237,17 +239,52 @@ class CacheStore:
         per_layer = [f"{kind}/{layer}" for kind in ("maps", "norms") for layer in self.spec.layer_indices]
         return per_layer + ["letterbox", "files", "done"]
 
-    def maps_array(self, layer: int) -> zarr.Array:
-        return self.group[f"maps/{layer}"]
+    def read(self, name: str, a: int = 0, b: int | None = None) -> np.ndarray:
+        """Rows a:b (default: all) of array `name`; a chunk that fails to decode (crc32c mismatch, truncated file) is
+        one AtcacheError naming the array and the rows of the first chunk that fails."""
+        b = self.n_rows if b is None else b
+        try:
+            return np.asarray(self.group[name][a:b])
+        except Exception as e:
+            error = e
+        r = self.spec.chunk_rows
+        for k in range(a // r, -(-b // r)):  # which chunk: decode them one at a time
+            lo, hi = max(a, k * r), min(b, (k + 1) * r)
+            try:
+                self.group[name][lo:hi]
+            except Exception as e:
+                raise self.chunk_error(name, lo, hi, _decode_failure(e)) from None
+        raise self.chunk_error(name, a, b, _decode_failure(error)) from None
 
-    def norms_array(self, layer: int) -> zarr.Array:
-        return self.group[f"norms/{layer}"]
+    def read_layer(self, layer: int, a: int = 0, b: int | None = None,
+                   done: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(maps (r, H, W) float16, norms (r,) float32) of `layer` for rows a:b; with `done` (the store's done mask) a
+        finished row that holds NaN or Inf is refused in one line naming its chunk."""
+        maps = self.read(f"maps/{layer}", a, b)
+        norms = self.read(f"norms/{layer}", a, b).astype(np.float32, copy=False)
+        if done is not None:
+            for name, values in ((f"maps/{layer}", maps), (f"norms/{layer}", norms)):
+                bad = _nonfinite_finished(values, done[a:a + len(values)])
+                if len(bad):
+                    first = a + int(bad[0])
+                    raise self.chunk_error(name, *self.chunk_range(first // self.spec.chunk_rows),
+                                           f"hold non-finite values in {len(bad)} finished rows (first row {first})")
+        return maps, norms
 
-    def read_rows(self, layer: int, rows: slice | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return self.maps_array(layer)[rows], self.norms_array(layer)[rows]
+    def letterbox(self) -> LetterboxTable:
+        """Every row's letterbox, read by the column names stored with the array."""
+        columns = tuple(self.group["letterbox"].attrs.get("columns", self.spec.letterbox.columns))
+        return LetterboxTable(self.read("letterbox").astype(np.float32, copy=False), columns)
 
-    def letterbox(self) -> np.ndarray:
-        return np.asarray(self.group["letterbox"][:])
+    def dask_layer(self, layer: int):
+        """(maps (N, H, W), norms (N,)) of `layer` as dask arrays chunked as stored (reading errors surface at compute)."""
+        import dask.array as da
+
+        return da.from_zarr(self.group[f"maps/{layer}"]), da.from_zarr(self.group[f"norms/{layer}"])
+
+    def chunk_error(self, name: str, a: int, b: int, what: str) -> AtcacheError:
+        """One line naming the array and rows that cannot be used, and how to find and fix the rest."""
+        return AtcacheError(f"cache {self.path}: {name} rows {a}-{b - 1} {what}; {REPAIR_HINT.format(path=self.path)}")
 
     def nbytes_stored(self) -> int:
         """Bytes on disk (or in the bucket) of the whole store."""
@@ -262,8 +299,7 @@ class CacheStore:
         except Exception as e:
             return f"{type(e).__name__}: {e}".splitlines()[0]
         if name.startswith(("maps/", "norms/")):
-            finite = np.isfinite(np.asarray(block, dtype=np.float32).reshape(b - a, -1)).all(1)
-            bad = np.flatnonzero(done[a:b] & ~finite)
+            bad = _nonfinite_finished(np.asarray(block), done[a:b])
             if len(bad):
                 return f"{len(bad)} done rows are not finite (first row {a + bad[0]})"
         return None
@@ -304,13 +340,29 @@ class CacheStore:
     def write_chunk(self, k: int, data: ChunkData) -> None:
         """Write row-chunk k whole (data first, `done` last), so an interrupted write leaves it not done."""
         a, b = self.chunk_range(k)
-        if data.letterbox.shape != (b - a, LETTERBOX_WIDTH):
+        if data.letterbox.shape != (b - a, len(self.spec.letterbox.columns)):
             raise ValueError(f"chunk {k} holds {b - a} rows, got letterbox {data.letterbox.shape}")
         for layer in self.spec.layers:
             self.group[f"maps/{layer.index}"][a:b] = data.maps[layer.index].astype(self.spec.map_dtype, copy=False)
             self.group[f"norms/{layer.index}"][a:b] = data.norms[layer.index].astype(np.float32, copy=False)
         self.group["letterbox"][a:b] = data.letterbox.astype(np.float32, copy=False)
         self.group["done"][a:b] = data.ok.astype(bool, copy=False)
+
+
+REPAIR_HINT = 'run "atcache inspect --verify {path}", then "atcache build-cache ... --resume --repair"'
+
+
+def _decode_failure(e: Exception) -> str:
+    text = first_line(e)
+    if "checksum" in text.lower() or "crc" in text.lower():
+        return "cannot be decoded (checksum mismatch: corrupted chunk)"
+    return f"cannot be decoded ({type(e).__name__}: {text})"
+
+
+def _nonfinite_finished(values: np.ndarray, done: np.ndarray) -> np.ndarray:
+    """Offsets of the rows of a block (r, ...) that are finished (`done`, (r,)) but hold NaN or Inf."""
+    finite = np.isfinite(np.asarray(values, dtype=np.float32).reshape(len(values), -1)).all(1)
+    return np.flatnonzero(done & ~finite)
 
 
 def _exists_error(loc: Location) -> AtcacheError:

@@ -18,12 +18,12 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
+from atcache.config import DEFAULT_WINDOW
 from atcache.errors import AtcacheError
-from atcache.spec import CacheSpec
+from atcache.spec import CacheSpec, LetterboxTable
 from atcache.store import CacheStore
-from atcache.targets import TargetRendering, check_finite, padding_energy, read_letterbox, read_rows
+from atcache.targets import TargetRendering, padding_energy
 
-DEFAULT_WINDOW = 4  # chunks shuffled together
 GREY_ROWS = 2000  # rows sampled (from evenly spaced chunks) for the padding energy, as the in-RAM cache does
 
 
@@ -80,15 +80,17 @@ def lru_chunks(window: int, rows_per_chunk: float, buffer_rows: int) -> int:
     return 2 * window + math.ceil(buffer_rows / max(rows_per_chunk, 1.0)) + 1
 
 
-def use_sampler(loader, sampler) -> None:
-    """Make an ultralytics InfiniteDataLoader draw indices from `sampler`; call before its first iteration.
-
-    It wraps torch's BatchSampler in a _RepeatSampler; the trainer reads `loader.sampler` (len, set_epoch), which
-    torch freezes after __init__, so it is set the way ultralytics sets batch_sampler."""
+def with_sampler(loader, sampler):
+    """The same ultralytics InfiniteDataLoader (dataset, batch size, workers, collate, seeding: what ultralytics chose),
+    drawing its indices from `sampler`; call before the first iteration (no workers have started)."""
     if getattr(loader, "iterator", None) is not None:
         raise RuntimeError("the loader has started; set its sampler before the first batch")
-    loader.batch_sampler.sampler.sampler = sampler
-    object.__setattr__(loader, "sampler", sampler)
+    extra = {"prefetch_factor": loader.prefetch_factor} if loader.num_workers > 0 else {}
+    return type(loader)(
+        dataset=loader.dataset, batch_size=loader.batch_size, sampler=sampler, num_workers=loader.num_workers,
+        pin_memory=loader.pin_memory, collate_fn=loader.collate_fn, worker_init_fn=loader.worker_init_fn,
+        generator=loader.generator, drop_last=loader.drop_last, **extra,
+    )
 
 
 # ---------------------------------------------------------------------- rows read from the store on demand
@@ -107,10 +109,7 @@ def decode_chunk(store: CacheStore, k: int, layers: Sequence[int], done: np.ndar
     a, b = store.chunk_range(k)
     maps, norms = {}, {}
     for i in layers:
-        maps[i] = read_rows(store, f"maps/{i}", store.maps_array(i), a, b)
-        norms[i] = read_rows(store, f"norms/{i}", store.norms_array(i), a, b).astype(np.float32)
-        check_finite(store, f"maps/{i}", maps[i], done, a)
-        check_finite(store, f"norms/{i}", norms[i], done, a)
+        maps[i], norms[i] = store.read_layer(i, a, b, done)
     return DecodedChunk(a, maps, norms)
 
 
@@ -118,7 +117,7 @@ class StreamingCacheTargets(TargetRendering):
     """The cache's targets read from the store on demand: letterbox, files and done in RAM, maps and norms decoded a
     chunk at a time into an LRU of `capacity` chunks. Each process (every forked loader worker) opens its own handle."""
 
-    def __init__(self, path: str | Path, spec: CacheSpec, layers: Sequence[int], letterbox: np.ndarray,
+    def __init__(self, path: str | Path, spec: CacheSpec, layers: Sequence[int], letterbox: LetterboxTable,
                  files: np.ndarray, done: np.ndarray, grey: dict[int, float], capacity: int = 2 * DEFAULT_WINDOW + 1):
         self.path, self.spec, self.layers = str(path), spec, tuple(layers)  # a local path or a URL
         self.letterbox, self.files, self.done, self.grey = letterbox, files, done, grey
@@ -129,21 +128,21 @@ class StreamingCacheTargets(TargetRendering):
         self._lru: OrderedDict[int, DecodedChunk] = OrderedDict()
 
     @classmethod
-    def open(cls, path: str | Path, layers: Sequence[int], capacity: int = 2 * DEFAULT_WINDOW + 1,
+    def open(cls, cache: "str | Path | CacheStore", layers: Sequence[int], capacity: int = 2 * DEFAULT_WINDOW + 1,
              grey_rows: int | None = None) -> "StreamingCacheTargets":
         """Read what is small (letterbox, files, done) and the padding energies from evenly spaced chunks (enough for
         `grey_rows` rows, default GREY_ROWS)."""
         grey_rows = grey_rows or GREY_ROWS
-        store = CacheStore.open(path)
-        done, letterbox = store.done_mask(), read_letterbox(store)
+        store = cache if isinstance(cache, CacheStore) else CacheStore.open(cache)
+        done, letterbox = store.done_mask(), store.letterbox()
         n_sample = min(store.n_chunks, math.ceil(grey_rows / store.spec.chunk_rows))
         sampled = [decode_chunk(store, int(k), layers, done)
                    for k in np.unique(np.linspace(0, store.n_chunks - 1, n_sample).round().astype(int))]
         rows = np.concatenate([np.arange(c.start, c.start + len(c.norms[layers[0]])) for c in sampled])
         grey = {i: padding_energy(np.concatenate([c.maps[i] for c in sampled]),
-                                  np.concatenate([c.norms[i] for c in sampled]), letterbox[rows], done[rows],
+                                  np.concatenate([c.norms[i] for c in sampled]), letterbox.take(rows), done[rows],
                                   store.spec.layer(i).stride, sample=grey_rows) for i in layers}
-        return cls(path, store.spec, layers, letterbox, store.files(), done, grey, capacity)
+        return cls(store.path, store.spec, layers, letterbox, store.files(), done, grey, capacity)
 
     def __getstate__(self) -> dict:
         """Pickled (spawned workers, DDP) without the store handle and decoded chunks: the copy opens its own."""

@@ -11,7 +11,6 @@ Imports ultralytics: import this module after `env.prepare_ultralytics()`.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -25,25 +24,17 @@ from ultralytics.data.augment import (
 )
 from ultralytics.data.dataset import YOLODataset
 
-from atcache.errors import AtcacheError, first_line
+from atcache.config import TARGET_MODES
+from atcache.errors import AtcacheError
 from atcache.geometry import (
     Blend, Canvas, Placed, Source, View, bilinear, flip_matrix, render_grids, resize_matrix, translation, warp,
 )
-from atcache.data import SplitFiles, relative_to_root
-from atcache.spec import CacheSpec
+from atcache.data import relative_to_root
+from atcache.spec import CacheSpec, LetterboxTable
 from atcache.store import CacheStore
 
 VIEW_KEY = "atcache_view"
 TARGETS_KEY = "at_targets"
-TARGET_MODES = ("warp", "static")
-
-
-def default_ram_budget_gb() -> float:
-    """Half of this machine's physical memory."""
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30 / 2
-    except (ValueError, OSError, AttributeError):
-        return 8.0
 
 
 class TargetRendering:
@@ -52,7 +43,7 @@ class TargetRendering:
 
     spec: CacheSpec
     layers: tuple[int, ...]
-    letterbox: np.ndarray
+    letterbox: LetterboxTable
     files: np.ndarray
     done: np.ndarray
     grey: dict[int, float]
@@ -72,10 +63,11 @@ class TargetRendering:
     def leaf(self, layer: int):
         """Sampler of the cached energy at points given in a source's resized-image pixel coordinates."""
         s = self.stride(layer)
+        pad_top, pad_left = self.letterbox["pad_top"], self.letterbox["pad_left"]
         centre = (s - 1) / 2.0
 
         def sample(source: Source, xy: np.ndarray) -> np.ndarray:
-            top, left = self.letterbox[source.row, 4], self.letterbox[source.row, 5]
+            top, left = pad_top[source.row], pad_left[source.row]
             u = (xy[:, 0] + left - centre) / s
             v = (xy[:, 1] + top - centre) / s
             energy = self.energy(layer, source.row)
@@ -108,7 +100,7 @@ class TargetRendering:
 
 @dataclass
 class CacheTargets(TargetRendering):
-    """A finished cache in RAM: maps[layer] (N, H, W) float16, norms[layer] (N,), letterbox (N, 7), row of each file.
+    """A finished cache in RAM: maps[layer] (N, H, W) float16, norms[layer] (N,), letterbox, row of each file.
 
     Loaded once in the trainer process (padding energies included); forked loader workers share the arrays
     copy-on-write."""
@@ -117,22 +109,21 @@ class CacheTargets(TargetRendering):
     layers: tuple[int, ...]  # cache layer indices, in the order targets are returned
     maps: dict[int, np.ndarray]
     norms: dict[int, np.ndarray]
-    letterbox: np.ndarray
+    letterbox: LetterboxTable
     files: np.ndarray
     done: np.ndarray
     grey: dict[int, float] = field(default_factory=dict)  # per layer: see padding_energy
 
     @classmethod
-    def load(cls, path: str | Path, layers: Sequence[int]) -> "CacheTargets":
-        """Read the maps of `layers` into RAM, every chunk checked (call `check_cache` first for the other refusals)."""
-        store = CacheStore.open(path)
+    def load(cls, cache: "str | Path | CacheStore", layers: Sequence[int]) -> "CacheTargets":
+        """Read the maps of `layers` into RAM, every chunk checked (`train.check_cache` makes the other refusals)."""
+        store = cache if isinstance(cache, CacheStore) else CacheStore.open(cache)
         done = store.done_mask()
-        maps = {i: np.ascontiguousarray(read_array(store, f"maps/{i}", store.maps_array(i))) for i in layers}
-        norms = {i: np.asarray(read_array(store, f"norms/{i}", store.norms_array(i)), dtype=np.float32) for i in layers}
+        maps, norms = {}, {}
         for i in layers:
-            check_finite(store, f"maps/{i}", maps[i], done, 0)
-            check_finite(store, f"norms/{i}", norms[i], done, 0)
-        letterbox = read_letterbox(store)
+            maps[i], norms[i] = store.read_layer(i, done=done)
+            maps[i] = np.ascontiguousarray(maps[i])
+        letterbox = store.letterbox()
         grey = {i: padding_energy(maps[i], norms[i], letterbox, done, store.spec.layer(i).stride) for i in layers}
         return cls(spec=store.spec, layers=tuple(layers), maps=maps, norms=norms, letterbox=letterbox,
                    files=store.files(), done=done, grey=grey)
@@ -144,58 +135,7 @@ class CacheTargets(TargetRendering):
         return self.norms[layer][row]
 
 
-# ---------------------------------------------------------------------- reading chunks without training on garbage
-REPAIR_HINT = 'run "atcache inspect --verify {path}", then "atcache build-cache ... --resume --repair"'
-
-
-def chunk_error(store: CacheStore, name: str, a: int, b: int, what: str) -> AtcacheError:
-    """One line naming the array and rows that cannot be used, and how to find and fix the rest."""
-    return AtcacheError(f"cache {store.path}: {name} rows {a}-{b - 1} {what}; {REPAIR_HINT.format(path=store.path)}")
-
-
-def decode_failure(e: Exception) -> str:
-    text = first_line(e)
-    if "checksum" in text.lower() or "crc" in text.lower():
-        return "cannot be decoded (checksum mismatch: corrupted chunk)"
-    return f"cannot be decoded ({type(e).__name__}: {text})"
-
-
-def read_rows(store: CacheStore, name: str, array, a: int, b: int) -> np.ndarray:
-    """Rows a:b of a store array; a chunk that fails to decode (crc32c mismatch, truncated file) is one AtcacheError."""
-    try:
-        return np.asarray(array[a:b])
-    except Exception as e:
-        raise chunk_error(store, name, a, b, decode_failure(e)) from None
-
-
-def read_array(store: CacheStore, name: str, array) -> np.ndarray:
-    """A whole store array in one read; when that fails, the first chunk that does not decode is named."""
-    try:
-        return np.asarray(array[:])
-    except Exception:
-        for k in range(store.n_chunks):
-            read_rows(store, name, array, *store.chunk_range(k))
-        raise
-
-
-def read_letterbox(store: CacheStore) -> np.ndarray:
-    try:
-        return store.letterbox()
-    except Exception as e:
-        raise chunk_error(store, "letterbox", 0, store.n_rows, decode_failure(e)) from None
-
-
-def check_finite(store: CacheStore, name: str, values: np.ndarray, done: np.ndarray, start: int) -> None:
-    """Refuse done rows (of a block starting at row `start`) that hold NaN or Inf, naming the chunk they are in."""
-    finite = np.isfinite(values.reshape(len(values), -1)).all(1)
-    bad = np.flatnonzero(done[start:start + len(values)] & ~finite)
-    if len(bad):
-        first = start + int(bad[0])
-        a, b = store.chunk_range(first // store.spec.chunk_rows)
-        raise chunk_error(store, name, a, b, f"hold non-finite values in {len(bad)} finished rows (first row {first})")
-
-
-def padding_energy(maps: np.ndarray, norms: np.ndarray, letterbox: np.ndarray, done: np.ndarray, stride: int,
+def padding_energy(maps: np.ndarray, norms: np.ndarray, letterbox: LetterboxTable, done: np.ndarray, stride: int,
                    sample: int = 2000) -> float:
     """The teacher's typical energy on the grey fill: the median energy of cached cells that lie wholly in letterbox
     padding (over up to `sample` done rows). Warped targets use it where no image is near a cell."""
@@ -205,8 +145,9 @@ def padding_energy(maps: np.ndarray, norms: np.ndarray, letterbox: np.ndarray, d
     gh, gw = maps.shape[1:]
     ys, xs = np.arange(gh) * stride, np.arange(gw) * stride
     values = []
+    box = {c: letterbox[c].astype(int) for c in ("h", "w", "pad_top", "pad_left")}
     for row in rows[np.linspace(0, len(rows) - 1, min(len(rows), sample)).astype(int)]:
-        h, w, top, left = (int(x) for x in letterbox[row, 2:6])
+        h, w, top, left = (box[c][row] for c in ("h", "w", "pad_top", "pad_left"))
         mask = ((ys + stride <= top) | (ys >= top + h))[:, None] | ((xs + stride <= left) | (xs >= left + w))[None, :]
         if mask.any():
             values.append(maps[row][mask].astype(np.float32) * norms[row])
@@ -233,55 +174,6 @@ def join_rows(cached_files: np.ndarray, done: np.ndarray, rel_files: Sequence[st
     return rows
 
 
-def ram_need_gb(spec: CacheSpec, layers: Sequence[int]) -> float:
-    """GiB the float16 maps of `layers` take in RAM when the whole cache is loaded."""
-    return sum(spec.n_rows * spec.layer(i).height * spec.layer(i).width * 2 for i in layers) / 2**30
-
-
-def streams(need_gb: float, ram_budget_gb: float | None, stream: bool | None) -> bool:
-    """Whether training streams the cache from disk: forced by --stream/--no-stream, else when it exceeds the budget."""
-    budget = default_ram_budget_gb() if ram_budget_gb is None else ram_budget_gb
-    return need_gb > budget if stream is None else stream
-
-
-def check_cache(path: str | Path, layers: Sequence[int], imgsz: int, split: SplitFiles,
-                ram_budget_gb: float | None = None, stream: bool | None = None, ranks: int = 1) -> CacheSpec:
-    """Refuse, in one line each, a cache that does not fit this run: format, layers, imgsz, dataset, completeness, RAM
-    (an in-RAM cache is held once per training process on this machine: `ranks` copies under DDP)."""
-    store = CacheStore.open(path)  # checks the format version
-    spec = store.spec
-    missing = [i for i in layers if i not in spec.layer_indices]
-    if missing:
-        raise AtcacheError(
-            f"layer {missing[0]} is not in cache {path} (it holds layers {list(spec.layer_indices)}); "
-            "choose --layers among them or rebuild the cache with the layers you need"
-        )
-    if spec.imgsz != imgsz:
-        raise AtcacheError(
-            f"cache {path} was built at imgsz {spec.imgsz} but this run trains at imgsz {imgsz}; "
-            f"train with --imgsz {spec.imgsz} or rebuild the cache with build-cache --imgsz {imgsz}"
-        )
-    cached = store.files()
-    if spec.dataset_fingerprint != split.fingerprint():
-        added, removed = len(set(split.files) - set(cached)), len(set(cached) - set(split.files))
-        what = f"{added} images added, {removed} removed" if added or removed else "image files were edited or replaced"
-        raise AtcacheError(
-            f"the training split of {split.data_yaml} differs from the one cached in {path} ({what}); "
-            "rebuild the cache on this data with `atcache build-cache --overwrite`"
-        )
-    join_rows(cached, store.done_mask(), split.files)
-    need = ram_need_gb(spec, layers) * max(1, ranks)
-    budget = default_ram_budget_gb() if ram_budget_gb is None else ram_budget_gb
-    if need > budget and not streams(need, budget, stream):
-        copies = f" ({ranks} DDP processes on this machine, a copy each)" if ranks > 1 else ""
-        raise AtcacheError(
-            f"cache {path} needs {need:.2f} GiB of RAM for layers {list(layers)}{copies}, more than --ram-budget "
-            f"{budget:.2f} GiB, and --no-stream keeps it in RAM; raise --ram-budget or drop --no-stream to stream it "
-            "from disk chunk by chunk"
-        )
-    return spec
-
-
 # ---------------------------------------------------------------------- recording views through ultralytics' transforms
 # Subclasses of ultralytics' geometric transforms with the same state and randomness and one extra step: they update
 # labels[VIEW_KEY]. `track_transforms` swaps them in, so the images stay exactly what plain ultralytics produces.
@@ -293,8 +185,8 @@ class TrackedMosaic(Mosaic):
         else:  # 9 tiles on a 3s canvas, then the centre 2s crop
             placed = [(item["labels_patch"], item["padw"] + self.border[0], item["padh"] + self.border[1])
                       for item in params["layout"]]
-        layers = tuple(Placed(patch[VIEW_KEY], translation(dx, dy)) for patch, dx, dy in placed)
-        labels[VIEW_KEY] = Canvas(tuple(labels["img"].shape[:2]), layers, "mosaic")
+        tiles = tuple(Placed(patch[VIEW_KEY], translation(dx, dy)) for patch, dx, dy in placed)
+        labels[VIEW_KEY] = Canvas(tuple(labels["img"].shape[:2]), tiles, "mosaic")
         return labels
 
 

@@ -1,4 +1,5 @@
-"""Load a teacher: an ultralytics checkpoint (.pt) or a model YAML (random init with a fixed seed, for tests)."""
+"""Load a model (the teacher; visualize also loads a student this way): an ultralytics checkpoint (.pt) or a model YAML
+(random init with a fixed seed, for tests)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ YAML_INIT_SEED = 0
 
 
 @dataclass
-class Teacher:
+class LoadedModel:
     """A loaded model in eval mode with where it came from and checksums of its file and weights."""
 
     model: nn.Module
@@ -61,7 +62,7 @@ def resolve_model_yaml(spec: str) -> Path:
             raise AtcacheError(f"teacher {spec} does not exist; pass a trained checkpoint .pt or a model YAML") from None
 
 
-def load_teacher(spec: str | Path, nc: int = 80, device: torch.device | str = "cpu", fuse: bool = True) -> Teacher:
+def load_model(spec: str | Path, nc: int = 80, device: torch.device | str = "cpu", fuse: bool = True) -> LoadedModel:
     """The teacher in eval mode on `device`; `.pt` -> its weights, `.yaml` -> seeded random init with `nc` classes."""
     spec = str(spec)
     suffix = Path(spec).suffix.lower()
@@ -98,7 +99,7 @@ def load_teacher(spec: str | Path, nc: int = 80, device: torch.device | str = "c
         model = model.fuse(verbose=False)
     for p in model.parameters():
         p.requires_grad_(False)
-    return Teacher(model=model.to(device).eval(), path=path, name=name, file_sha256=sha, weights_sha256=wsha)
+    return LoadedModel(model=model.to(device).eval(), path=path, name=name, file_sha256=sha, weights_sha256=wsha)
 
 
 def save_random_teacher(cfg: str, path: str | Path, nc: int = 20, seed: int = 0, imgsz: int = 640) -> Path:

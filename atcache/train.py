@@ -5,15 +5,15 @@ One trainer serves three modes so that they are compared like for like:
     cache   AT targets streamed from the cache, aligned with the augmentation       `atcache train-from-cache`
             (in RAM, or read from disk chunk by chunk with a block-shuffled sampler when larger than --ram-budget)
     online  AT targets from a teacher forward on every augmented batch (the seed)   `atcache train-online`
-Settings travel in an environment variable because ultralytics' DDP workers rebuild the trainer from its args alone.
+The settings are checked once, when the trainer is made. ultralytics' DDP workers rebuild the trainer from its args
+alone, so `train()` hands them the settings as JSON in an environment variable, read only in those workers.
 Imports ultralytics: import this module after `env.prepare_ultralytics()`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
-import dataclasses
-import json
 import os
 import tempfile
 from dataclasses import dataclass
@@ -24,113 +24,124 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from ultralytics.cfg import get_cfg
 from ultralytics.models.yolo.detect import DetectionTrainer
 from ultralytics.utils import DEFAULT_CFG, LOGGER
 from ultralytics.utils.torch_utils import unwrap_model
 
 from atcache.attention import EPS, at_loss, attention_map
-from atcache.data import split_files
+from atcache.config import TARGET_MODES, TRAIN_MODES, DistillSettings
+from atcache.data import SplitFiles, split_files
+from atcache.devices import cuda_indices, ranks_on_this_node
 from atcache.errors import AtcacheError
 from atcache.hooks import FeatureHooks, probe_layers
+from atcache.maps import layer_maps
+from atcache.spec import CacheSpec
 from atcache.store import CacheStore
-from atcache.streaming import DEFAULT_WINDOW, BlockShuffleSampler, StreamingCacheTargets, lru_chunks, use_sampler
-from atcache.targets import (
-    TARGET_MODES, TARGETS_KEY, CacheTargets, TargetRendering, attach_targets, check_cache, ram_need_gb, streams,
-)
+from atcache.streaming import BlockShuffleSampler, StreamingCacheTargets, lru_chunks, with_sampler
+from atcache.targets import TARGETS_KEY, CacheTargets, TargetRendering, attach_targets, join_rows
 
 SETTINGS_ENV = "ATCACHE_TRAIN_SETTINGS"
-MODES = ("plain", "cache", "online")
-DEFAULT_LAYERS = (6, 8, 13, 16, 19, 22)
-DEFAULT_AT_WEIGHT = 1.0
 AT_LOSS = "at_loss"
 
 
+# ---------------------------------------------------------------------- does the cache fit this run
+def default_ram_budget_gb() -> float:
+    """Half of this machine's physical memory."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30 / 2
+    except (ValueError, OSError, AttributeError):
+        return 8.0
+
+
+def ram_need_gb(spec: CacheSpec, layers: Sequence[int]) -> float:
+    """GiB the float16 maps of `layers` take in RAM when the whole cache is loaded."""
+    return sum(spec.n_rows * spec.layer(i).height * spec.layer(i).width * 2 for i in layers) / 2**30
+
+
+def streams(need_gb: float, ram_budget_gb: float | None, stream: bool | None) -> bool:
+    """Whether training streams the cache from disk: forced by --stream/--no-stream, else when it exceeds the budget."""
+    budget = default_ram_budget_gb() if ram_budget_gb is None else ram_budget_gb
+    return need_gb > budget if stream is None else stream
+
+
+def check_cache(path: str | Path, layers: Sequence[int], imgsz: int, split: SplitFiles,
+                ram_budget_gb: float | None = None, stream: bool | None = None, ranks: int = 1,
+                store: CacheStore | None = None) -> CacheSpec:
+    """Refuse, in one line each, a cache that does not fit this run: format, layers, imgsz, dataset, completeness, RAM
+    (an in-RAM cache is held once per training process on this machine: `ranks` copies under DDP). `store`: the cache
+    at `path` already opened."""
+    store = store or CacheStore.open(path)  # opening checks the format version
+    spec = store.spec
+    missing = [i for i in layers if i not in spec.layer_indices]
+    if missing:
+        raise AtcacheError(
+            f"layer {missing[0]} is not in cache {path} (it holds layers {list(spec.layer_indices)}); "
+            "choose --layers among them or rebuild the cache with the layers you need"
+        )
+    if spec.imgsz != imgsz:
+        raise AtcacheError(
+            f"cache {path} was built at imgsz {spec.imgsz} but this run trains at imgsz {imgsz}; "
+            f"train with --imgsz {spec.imgsz} or rebuild the cache with build-cache --imgsz {imgsz}"
+        )
+    cached = store.files()
+    if spec.dataset_fingerprint != split.fingerprint():
+        added, removed = len(set(split.files) - set(cached)), len(set(cached) - set(split.files))
+        what = f"{added} images added, {removed} removed" if added or removed else "image files were edited or replaced"
+        raise AtcacheError(
+            f"the training split of {split.data_yaml} differs from the one cached in {path} ({what}); "
+            "rebuild the cache on this data with `atcache build-cache --overwrite`"
+        )
+    join_rows(cached, store.done_mask(), split.files)
+    need = ram_need_gb(spec, layers) * max(1, ranks)
+    budget = default_ram_budget_gb() if ram_budget_gb is None else ram_budget_gb
+    if need > budget and not streams(need, budget, stream):
+        copies = f" ({ranks} DDP processes on this machine, a copy each)" if ranks > 1 else ""
+        raise AtcacheError(
+            f"cache {path} needs {need:.2f} GiB of RAM for layers {list(layers)}{copies}, more than --ram-budget "
+            f"{budget:.2f} GiB, and --no-stream keeps it in RAM; raise --ram-budget or drop --no-stream to stream it "
+            "from disk chunk by chunk"
+        )
+    return spec
+
+
 @dataclass(frozen=True)
-class DistillSettings:
-    """What atcache adds to an ultralytics run; `layers` pairs (student layer, cache/teacher layer)."""
+class RunPlan:
+    """What the one settings check found: the AT map's (p, kind, eps) and, in cache mode, the opened store and whether
+    its targets are streamed from disk."""
 
-    mode: str = "plain"
-    cache: str = ""
-    teacher: str = ""
-    targets: str = "warp"
-    at_weight: float = DEFAULT_AT_WEIGHT
-    layers: tuple[tuple[int, int], ...] = ()
-    p: float = 2.0  # online mode; a cache brings its own p, kind and eps
-    kind: str = "sum_p"
-    ram_budget_gb: float | None = None
-    stream: bool | None = None  # None: stream the cache from disk when it needs more than ram_budget_gb
-    shuffle_window: int = DEFAULT_WINDOW  # streaming: chunks whose samples are shuffled together
-
-    def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self))
-
-    @classmethod
-    def from_json(cls, text: str) -> "DistillSettings":
-        d = json.loads(text)
-        d["layers"] = tuple(tuple(pair) for pair in d.get("layers", ()))
-        return cls(**d)
-
-    @classmethod
-    def from_env(cls) -> "DistillSettings":
-        text = os.environ.get(SETTINGS_ENV)
-        return cls.from_json(text) if text else cls()
-
-    @property
-    def student_layers(self) -> tuple[int, ...]:
-        return tuple(s for s, _ in self.layers)
-
-    @property
-    def source_layers(self) -> tuple[int, ...]:
-        return tuple(t for _, t in self.layers)
+    p: float
+    kind: str
+    eps: float
+    store: CacheStore | None = None
+    streaming: bool = False
 
 
-def parse_layer_map(text: str) -> tuple[tuple[int, int], ...]:
-    """'6,8,13' -> same index on both sides; '4:6,6:8' -> student layer 4 learns cache layer 6, ..."""
-    pairs = []
-    for item in (x for x in text.replace(" ", "").split(",") if x):
-        try:
-            s, _, t = item.partition(":")
-            pairs.append((int(s), int(t or s)))
-        except ValueError:
-            raise AtcacheError(f"--layers {text!r} is not a list like 6,8,13 or student:cache pairs like 4:6,6:8") from None
-    if not pairs:
-        raise AtcacheError("--layers is empty; give at least one layer index")
-    return tuple(pairs)
-
-
-def ranks_on_this_node(device: str | None = None) -> int:
-    """Training processes on this machine, each holding its own copy of an in-RAM cache: torchrun's LOCAL_WORLD_SIZE
-    inside a DDP rank, else the CUDA devices listed in --device (ultralytics starts one process per device)."""
-    if os.environ.get("LOCAL_WORLD_SIZE", "").isdigit():
-        return max(1, int(os.environ["LOCAL_WORLD_SIZE"]))
-    devices = [d.strip() for d in str(device or "").split(",") if d.strip()]
-    return len(devices) if len(devices) > 1 and all(d.isdigit() for d in devices) else 1
-
-
-def check_settings(s: DistillSettings, imgsz: int, data: str, rect: bool = False,
-                   device: str | None = None) -> tuple[float, str, float]:
-    """Refuse settings that cannot work before anything is built; returns the AT map's (p, kind, eps)."""
-    if s.mode not in MODES:
-        raise AtcacheError(f"unknown training mode {s.mode!r}; choose one of {', '.join(MODES)}")
-    for split in ("train", "val"):  # an empty or missing split is one line here, not ultralytics' traceback
-        split_files(data, split)
+def check_settings(s: DistillSettings, imgsz: int, data: str, rect: bool = False, device: str | None = None) -> RunPlan:
+    """Refuse settings that cannot work before anything is built (each split is listed once, the store opened once)."""
+    if s.mode not in TRAIN_MODES:
+        raise AtcacheError(f"unknown training mode {s.mode!r}; choose one of {', '.join(TRAIN_MODES)}")
+    train_split = split_files(data, "train")  # an empty or missing split is one line here, not ultralytics' traceback
+    split_files(data, "val")
     if s.mode == "plain":
-        return s.p, s.kind, EPS
+        return RunPlan(s.p, s.kind, EPS)
     if not s.layers:
         raise AtcacheError("attention transfer needs at least one layer (--layers)")
     if s.mode == "online":
         if Path(s.teacher).suffix.lower() not in (".yaml", ".yml") and not Path(s.teacher).is_file():
             raise AtcacheError(f"teacher {s.teacher} does not exist; pass the path of your trained checkpoint (.pt)")
-        return s.p, s.kind, EPS
+        return RunPlan(s.p, s.kind, EPS)
     if s.targets not in TARGET_MODES:
         raise AtcacheError(f"--targets {s.targets!r} is unknown; choose warp or static")
     if rect:
         raise AtcacheError("rect=True training is not supported with cached targets; drop rect")
     if s.shuffle_window < 1:
         raise AtcacheError(f"--shuffle-window {s.shuffle_window} must be at least 1 (chunks shuffled together)")
-    spec = check_cache(s.cache, s.source_layers, imgsz, split_files(data, "train"), s.ram_budget_gb, s.stream,
-                       ranks=ranks_on_this_node(device))
-    return spec.p, spec.kind, spec.eps
+    store = CacheStore.open(s.cache)
+    ranks = ranks_on_this_node(device)
+    spec = check_cache(s.cache, s.source_layers, imgsz, train_split, s.ram_budget_gb, s.stream, ranks, store)
+    streaming = streams(ram_need_gb(spec, s.source_layers) * ranks, s.ram_budget_gb, s.stream)
+    return RunPlan(spec.p, spec.kind, spec.eps, store, streaming)
 
 
 def cache_streams(s: DistillSettings, device: str | None = None) -> bool:
@@ -140,6 +151,31 @@ def cache_streams(s: DistillSettings, device: str | None = None) -> bool:
         return False
     need = ram_need_gb(CacheStore.open(s.cache).spec, s.source_layers) * ranks_on_this_node(device)
     return streams(need, s.ram_budget_gb, s.stream)
+
+
+def _settings_for(settings: DistillSettings | None, cfg) -> DistillSettings:
+    """The run's settings: as given, else (only in a DDP worker that ultralytics started, where the trainer is rebuilt
+    from its args alone) from SETTINGS_ENV, else plain. ultralytics' workers run under torch.distributed.run
+    (LOCAL_RANK) from its DDP file, which passes a cfg dict with save_dir ''."""
+    if settings is not None:
+        return settings
+    text = os.environ.get(SETTINGS_ENV)
+    ddp_worker = "LOCAL_RANK" in os.environ or (isinstance(cfg, dict) and cfg.get("save_dir") == "")
+    return DistillSettings.from_json(text) if text and ddp_worker else DistillSettings()
+
+
+@contextlib.contextmanager
+def _settings_in_environment(settings: DistillSettings):
+    """SETTINGS_ENV set while this process trains (and may launch ultralytics' DDP workers), then restored."""
+    previous = os.environ.get(SETTINGS_ENV)
+    os.environ[SETTINGS_ENV] = settings.to_json()
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(SETTINGS_ENV, None)
+        else:
+            os.environ[SETTINGS_ENV] = previous
 
 
 def unwrap_worker_error(message: str) -> str:
@@ -196,9 +232,10 @@ class AtcacheTrainer(DetectionTrainer):
     """DetectionTrainer + attention transfer (mode cache or online) or nothing (plain); everything else is ultralytics'."""
 
     def __init__(self, cfg=DEFAULT_CFG, overrides: dict | None = None, _callbacks=None, settings: DistillSettings | None = None):
-        self.settings = settings or DistillSettings.from_env()
-        os.environ[SETTINGS_ENV] = self.settings.to_json()  # for the DDP workers ultralytics launches
-        s = self.settings
+        self.settings = s = _settings_for(settings, cfg)
+        args = get_cfg(cfg, overrides)  # checked before ultralytics makes the run folder
+        self.plan = check_settings(s, args.imgsz, args.data, args.rect, args.device)
+        self.p, self.kind, self.eps, self.streaming = self.plan.p, self.plan.kind, self.plan.eps, self.plan.streaming
         launch = torchrun_world()
         # torchrun runs this on every rank, without the save_dir ultralytics' own launcher hands its workers
         self._share_run_folder = bool(launch) and not (overrides or {}).get("save_dir")
@@ -210,9 +247,6 @@ class AtcacheTrainer(DetectionTrainer):
         super().__init__(cfg, overrides, _callbacks)
         if launch:
             self._join_world(*launch)
-        self.p, self.kind, self.eps = check_settings(s, self.args.imgsz, self.args.data, self.args.rect,
-                                                     self.args.device)
-        self.streaming = cache_streams(s, self.args.device)
         self.cache_targets: TargetRendering | None = None
         self.teacher = None
         self._taps: FeatureHooks | None = None
@@ -222,8 +256,8 @@ class AtcacheTrainer(DetectionTrainer):
         `device` (BaseTrainer.__init__) and passes that with the global RANK to init_process_group (_setup_ddp); the
         per-rank batch and the loss scaling use it too. Across nodes that is this node's share only, so take torchrun's
         world. Under ultralytics' own single-node launcher the two agree and nothing changes."""
-        devices = self.args.device.split(":", 1)[-1].split(",")
-        if self.device.type in ("cpu", "mps") or not all(d.isdigit() for d in devices):
+        devices = cuda_indices(self.args.device)
+        if self.device.type in ("cpu", "mps") or not devices:
             raise AtcacheError(
                 f"torchrun started {world} processes but --device is {self.args.device or 'auto'}: ultralytics trains "
                 f"DDP on CUDA devices only; pass one index per process on this node, e.g. --device "
@@ -263,21 +297,22 @@ class AtcacheTrainer(DetectionTrainer):
         if mode == "train" and self.settings.mode == "cache":
             if self.cache_targets is None:
                 load = StreamingCacheTargets.open if self.streaming else CacheTargets.load
-                self.cache_targets = load(self.settings.cache, self.settings.source_layers)
+                self.cache_targets = load(self.plan.store, self.settings.source_layers)
             dataset = attach_targets(dataset, self.cache_targets, self.settings.targets, self.data["path"], self.args)
         return dataset
 
     def get_dataloader(self, dataset_path: str, batch_size: int = 16, rank: int = 0, mode: str = "train"):
-        """ultralytics' loader; when streaming, its training indices come chunk by chunk (BlockShuffleSampler)."""
+        """ultralytics' loader; when streaming, the same loader drawing its training indices chunk by chunk
+        (BlockShuffleSampler)."""
         loader = super().get_dataloader(dataset_path, batch_size, rank, mode)
         if mode != "train" or not self.streaming:
             return loader
         dataset, window = loader.dataset, self.settings.shuffle_window
         chunk_of = dataset.at_rows // self.cache_targets.spec.chunk_rows
         ddp = rank != -1 and dist.is_available() and dist.is_initialized()
-        use_sampler(loader, BlockShuffleSampler(chunk_of, window, self.args.seed,
-                                                rank=dist.get_rank() if ddp else 0,
-                                                world_size=dist.get_world_size() if ddp else 1))
+        loader = with_sampler(loader, BlockShuffleSampler(chunk_of, window, self.args.seed,
+                                                          rank=dist.get_rank() if ddp else 0,
+                                                          world_size=dist.get_world_size() if ddp else 1))
         buffer_rows = min(len(dataset), dataset.max_buffer_length * max(1, loader.num_workers))
         self.cache_targets.capacity = lru_chunks(window, len(chunk_of) / len(np.unique(chunk_of)), buffer_rows)
         LOGGER.info(f"atcache: streaming {self.settings.cache} from disk: chunks of {self.cache_targets.spec.chunk_rows} "
@@ -317,9 +352,9 @@ class AtcacheTrainer(DetectionTrainer):
         model = unwrap_model(self.model)
         student_strides = self._strides(model, self.settings.student_layers)
         if self.settings.mode == "online":
-            from atcache.teacher import load_teacher
+            from atcache.teacher import load_model
 
-            self.teacher = load_teacher(self.settings.teacher, nc=self.data["nc"], device=self.device).model
+            self.teacher = load_model(self.settings.teacher, nc=self.data["nc"], device=self.device).model
             source_strides = self._strides(self.teacher, self.settings.source_layers)
             source = "teacher"
         else:
@@ -345,31 +380,27 @@ class AtcacheTrainer(DetectionTrainer):
     def _arm_taps(self) -> None:
         """Hook the student layers for exactly one forward; `student_features` removes the hooks again."""
         if self._taps is not None:
-            self._taps.__exit__(None, None, None)
-        self._taps = FeatureHooks(unwrap_model(self.model), self.settings.student_layers).__enter__()
+            self._taps.detach()
+        self._taps = FeatureHooks(unwrap_model(self.model), self.settings.student_layers).attach()
 
     def student_features(self) -> list[torch.Tensor] | None:
         taps, self._taps = self._taps, None
         if taps is None:
             return None
-        taps.__exit__(None, None, None)
+        taps.detach()
         return [taps.features[i] for i in self.settings.student_layers]
 
     def teacher_maps(self, batch: dict) -> list[torch.Tensor]:
         if self.settings.mode == "cache":
             return batch[TARGETS_KEY]
-        with torch.no_grad():
-            hooks = FeatureHooks(self.teacher, self.settings.source_layers, stop_after_last=True)
-            with hooks:
-                feats = hooks.run(self.teacher, batch["img"])
-            with torch.autocast(device_type=batch["img"].device.type, enabled=False):
-                return [attention_map(f, self.p, self.kind, self.eps) for f in feats]
+        return layer_maps(self.teacher, batch["img"], self.settings.source_layers, self.p, self.kind, self.eps)[0]
 
     def train(self):
         """ultralytics' training; an AtcacheError raised in a loader worker (e.g. a corrupted chunk) comes back as its
         own one-line message instead of torch's wrapper with the worker's traceback."""
         try:
-            return super().train()
+            with _settings_in_environment(self.settings):  # for the DDP workers ultralytics may launch
+                return super().train()
         except AtcacheError as e:
             message = unwrap_worker_error(str(e))
             if message == str(e):
@@ -388,8 +419,6 @@ class AtcacheTrainer(DetectionTrainer):
 
 def train_student(settings: DistillSettings, overrides: dict) -> AtcacheTrainer:
     """Run one ultralytics training with atcache's settings; returns the finished trainer (save_dir, best, metrics)."""
-    check_settings(settings, overrides.get("imgsz", DEFAULT_CFG.imgsz), overrides["data"], overrides.get("rect", False),
-                   overrides.get("device"))
     trainer = AtcacheTrainer(overrides=overrides, settings=settings)
     LOGGER.info(f"atcache: mode={settings.mode} layers={list(settings.layers)} at_weight={settings.at_weight}")
     trainer.train()

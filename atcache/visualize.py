@@ -11,15 +11,15 @@ import numpy as np
 from atcache.errors import AtcacheError
 
 
-def map_on_image(a: np.ndarray, letterbox: np.ndarray, imgsz: int) -> np.ndarray:
+def map_on_image(a: np.ndarray, letterbox: dict[str, float], imgsz: int) -> np.ndarray:
     """A (H, W) map stretched over the imgsz x imgsz letterboxed input, cropped to the image and resized to the
-    original (h0, w0): the map in the original image's pixels."""
-    h0, w0, h, w, top, left = (int(round(x)) for x in letterbox[:6])
+    original (h0, w0): the map in the original image's pixels. `letterbox`: one row by column name."""
+    h0, w0, h, w, top, left = (int(round(letterbox[c])) for c in ("h0", "w0", "h", "w", "pad_top", "pad_left"))
     full = cv2.resize(a.astype(np.float32), (imgsz, imgsz), interpolation=cv2.INTER_LINEAR)
     return cv2.resize(full[top:top + h, left:left + w], (w0, h0), interpolation=cv2.INTER_LINEAR)
 
 
-def choose_rows(files: np.ndarray, done: np.ndarray, images: int, wanted: Sequence[str], root: Path) -> list[int]:
+def _choose_rows(files: np.ndarray, done: np.ndarray, images: int, wanted: Sequence[str], root: Path) -> list[int]:
     """Rows of the named images (relative to the dataset root or absolute), or `images` done rows spread evenly."""
     from atcache.data import relative_to_root
 
@@ -40,26 +40,23 @@ def choose_rows(files: np.ndarray, done: np.ndarray, images: int, wanted: Sequen
     return sorted({int(candidates[int(i)]) for i in np.linspace(0, len(candidates) - 1, min(images, len(candidates)))})
 
 
-def student_maps(student: str, images: list[np.ndarray], layers: Sequence[int], spec, nc: int) -> list[list[np.ndarray]]:
+def _student_maps(student: str, images: list[np.ndarray], layers: Sequence[int], spec, nc: int) -> list[list[np.ndarray]]:
     """The student's attention maps (per image, per layer) on the same letterboxed inputs the teacher saw."""
     import torch
 
-    from atcache.attention import attention_map
     from atcache.data import to_tensor
-    from atcache.hooks import FeatureHooks
-    from atcache.teacher import load_teacher
+    from atcache.maps import layer_maps
+    from atcache.teacher import load_model
 
-    model = load_teacher(student, nc=nc, device="cpu").model
-    x = torch.stack([to_tensor(im) for im in images]).float().div_(255)
-    with torch.no_grad(), FeatureHooks(model, layers, stop_after_last=True) as hooks:
-        feats = hooks.run(model, x)
+    model = load_model(student, nc=nc, device="cpu").model
+    maps, _ = layer_maps(model, torch.stack([to_tensor(im) for im in images]), layers, spec.p, spec.kind, spec.eps)
     out = [[None] * len(layers) for _ in images]
-    for k, (layer, f) in enumerate(zip(layers, feats)):
+    for k, (layer, m) in enumerate(zip(layers, maps)):
         want = (spec.layer(layer).height, spec.layer(layer).width)
-        if tuple(f.shape[-2:]) != want:
-            raise AtcacheError(f"student layer {layer} gives {tuple(f.shape[-2:])} maps, the cache {want}; "
+        if tuple(m.shape[-2:]) != want:
+            raise AtcacheError(f"student layer {layer} gives {tuple(m.shape[-2:])} maps, the cache {want}; "
                                "the student must share the teacher's layer strides (same YOLO family)")
-        for n, a in enumerate(attention_map(f, spec.p, spec.kind, spec.eps).numpy()):
+        for n, a in enumerate(m.numpy()):
             out[n][k] = a
     return out
 
@@ -76,46 +73,46 @@ def visualize_cache(cache: str | Path, data: str | Path, out: str | Path, images
     from atcache.data import letterbox_image, read_image, split_files
     from atcache.inspection import open_cache
 
-    view = open_cache(cache)
-    spec = view.spec
+    opened = open_cache(cache)
+    spec = opened.spec
     split = split_files(data, spec.split)
     if split.fingerprint() != spec.dataset_fingerprint:
         raise AtcacheError(f"the {spec.split} split of {data} is not the dataset cache {cache} was built on; "
                            "pass the data YAML the cache was built with")
-    rows = choose_rows(view.files, view.done, images, files, split.root)
-    layers = view.layers
-    pictures = [read_image(split.root / view.files[r]) for r in rows]
-    teacher = [[view.maps[i][r].compute().astype(np.float32) for i in layers] for r in rows]
-    students = (student_maps(student, [letterbox_image(p, spec.imgsz)[0] for p in pictures], layers, spec,
+    rows = _choose_rows(opened.files, opened.done, images, files, split.root)
+    layers = opened.layers
+    pictures = [read_image(split.root / opened.files[r]) for r in rows]
+    teacher = [[opened.maps[i][r].compute().astype(np.float32) for i in layers] for r in rows]
+    students = (_student_maps(student, [letterbox_image(p, spec.imgsz)[0] for p in pictures], layers, spec,
                              len(split.names)) if student else None)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for n, (r, picture) in enumerate(zip(rows, pictures)):
-        rgb = picture[..., ::-1]
+        rgb, letterbox = picture[..., ::-1], opened.letterbox.row(r)
         grid_rows = 3 if students else 1
         fig, axes = plt.subplots(grid_rows, len(layers) + 1, figsize=(2.6 * (len(layers) + 1), 2.6 * grid_rows),
                                  squeeze=False)
         for ax in axes.ravel():
             ax.axis("off")
         axes[0, 0].imshow(rgb)
-        axes[0, 0].set_title(Path(view.files[r]).name, fontsize=8)
+        axes[0, 0].set_title(Path(opened.files[r]).name, fontsize=8)
         for k, layer in enumerate(layers):
             stride = spec.layer(layer).stride
             t = teacher[n][k]
             axes[0, k + 1].imshow(rgb)
-            axes[0, k + 1].imshow(map_on_image(t, view.letterbox[r], spec.imgsz), cmap="jet", alpha=0.5)
+            axes[0, k + 1].imshow(map_on_image(t, letterbox, spec.imgsz), cmap="jet", alpha=0.5)
             axes[0, k + 1].set_title(f"teacher L{layer} (s{stride})", fontsize=8)
             if students:
                 s = students[n][k]
                 distance = float(np.linalg.norm(s - t))
                 axes[1, k + 1].imshow(rgb)
-                axes[1, k + 1].imshow(map_on_image(s, view.letterbox[r], spec.imgsz), cmap="jet", alpha=0.5)
+                axes[1, k + 1].imshow(map_on_image(s, letterbox, spec.imgsz), cmap="jet", alpha=0.5)
                 axes[1, k + 1].set_title(f"student L{layer}", fontsize=8)
-                axes[2, k + 1].imshow(map_on_image(np.abs(s - t), view.letterbox[r], spec.imgsz), cmap="magma")
+                axes[2, k + 1].imshow(map_on_image(np.abs(s - t), letterbox, spec.imgsz), cmap="magma")
                 axes[2, k + 1].set_title(f"|S-T| L{layer} AT {distance:.3f}", fontsize=8)
         fig.tight_layout()
-        path = out / f"{n:03d}_{Path(view.files[r]).stem}.png"
+        path = out / f"{n:03d}_{Path(opened.files[r]).stem}.png"
         fig.savefig(path, dpi=80)
         plt.close(fig)
         written.append(path)

@@ -45,11 +45,11 @@ def loader_rate(dataset, workers: int, batch: int, samples: int, streaming: bool
     """Samples/s through ultralytics' training DataLoader (after one warm-up batch, which starts the workers)."""
     from ultralytics.data.build import build_dataloader
 
-    from atcache.streaming import BlockShuffleSampler, use_sampler
+    from atcache.streaming import BlockShuffleSampler, with_sampler
 
     loader = build_dataloader(dataset, batch=batch, workers=workers, shuffle=True, rank=-1)
     if streaming:
-        use_sampler(loader, BlockShuffleSampler(dataset.at_rows // dataset.at_cache.spec.chunk_rows, window, seed=0))
+        loader = with_sampler(loader, BlockShuffleSampler(dataset.at_rows // dataset.at_cache.spec.chunk_rows, window, seed=0))
 
     def batches():
         while True:
@@ -195,7 +195,8 @@ def scale_figures(path: Path, window: int, random_rows: int) -> dict:
 
     from atcache.streaming import StreamingCacheTargets, epoch_order, lru_chunks
     from atcache.store import CacheStore
-    from atcache.targets import CacheTargets, ram_need_gb
+    from atcache.targets import CacheTargets
+    from atcache.train import ram_need_gb
 
     store = CacheStore.open(path)
     layers = store.spec.layer_indices

@@ -163,7 +163,7 @@ def broken_jpegs(tmp_path) -> Path:
 
 
 def test_truncated_and_unterminated_jpegs_end_to_end(broken_jpegs, teacher_pt, tmp_path):
-    from atcache.targets import check_cache
+    from atcache.train import check_cache
 
     images = broken_jpegs.parent / "images" / "train"
     cut, tail = images / "cut.jpg", images / "tail.jpg"

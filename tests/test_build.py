@@ -188,17 +188,15 @@ def test_vanishing_activations_are_flagged(voc_yaml, tmp_path, built_cache):
 
 
 def test_several_devices_run_one_shard_process_each(built_cache, voc_yaml, tmp_path, teacher_pt):
-    from atcache.build import build_cache_on_devices
-
     out = tmp_path / "multi.zarr"
-    cfg = build_config(voc_yaml, out, teacher=str(teacher_pt), workers=0)
-    lines = build_cache_on_devices(cfg, ["cpu", "cpu"])
+    cfg = build_config(voc_yaml, out, teacher=str(teacher_pt), workers=0, device="cpu,cpu")
+    lines = build_cache(cfg).device_lines()
     assert len(lines) == 2 and all("img/s" in line for line in lines)
     assert_same_store(out, built_cache)
     with pytest.raises(AtcacheError, match="already exists"):
-        build_cache_on_devices(cfg, ["cpu", "cpu"])
+        build_cache(cfg)
     with pytest.raises(AtcacheError, match="CUDA device 7 is not available"):
-        build_cache_on_devices(build_config(voc_yaml, tmp_path / "x.zarr"), ["cpu", "7"])
+        build_cache(build_config(voc_yaml, tmp_path / "x.zarr", device="cpu,7"))
 
 
 def test_yaml_teacher_rows_equal_a_seeded_ultralytics_model(voc_yaml, tmp_path):

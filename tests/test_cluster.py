@@ -12,8 +12,9 @@ import pytest
 import zarr
 
 from atcache.build import build_cache
-from atcache.cluster import task_blocks, worker_device
-from atcache.cluster import parse_scheduler
+from atcache.runners import _task_blocks as task_blocks
+from atcache.runners import _worker_device as worker_device
+from atcache.scheduler import parse_scheduler
 from atcache.errors import AtcacheError
 from conftest import build_config
 from test_build import assert_same_store, cli_command
@@ -85,21 +86,21 @@ def test_task_blocks_and_worker_devices(monkeypatch):
     assert task_blocks(range(10), 2) == [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9]]
     assert task_blocks(range(3), 4) == [[0], [1], [2]]
     assert max(map(len, task_blocks(range(1000), 1))) == 16
-    monkeypatch.setattr("atcache.cluster.this_worker_name", lambda: "3")
+    monkeypatch.setattr("atcache.scheduler.this_worker_name", lambda: "3")
     assert worker_device("0,1") == "1" and worker_device("cpu") == "cpu"
-    monkeypatch.setattr("atcache.cluster.this_worker_name", lambda: "")
+    monkeypatch.setattr("atcache.scheduler.this_worker_name", lambda: "")
     assert worker_device("2,3") == "2"
 
 
 def test_a_retried_task_removes_what_its_lost_attempt_left_mid_write(built_cache, voc_yaml, teacher_pt, tmp_path):
-    from atcache.cluster import build_chunks_task
+    from atcache.runners import compute_block
     from atcache.store import CacheStore
 
     out = tmp_path / "c.zarr"
     build_cache(build_config(voc_yaml, out, teacher=str(teacher_pt), shard=(0, 2)))  # chunks 0-1 done, 2-3 not
     leftover = out / "norms" / "22" / "c" / "3.0123456789abcdef.partial"  # a worker killed while writing chunk 3
     leftover.write_bytes(b"half a chunk")
-    rows, skipped = build_chunks_task(build_config(voc_yaml, out, teacher=str(teacher_pt), resume=True), [2, 3])
+    rows, skipped = compute_block(build_config(voc_yaml, out, teacher=str(teacher_pt), resume=True), [2, 3], "cpu")
     assert (rows, skipped) == (15, []) and not leftover.exists()
     assert CacheStore.open(out).done_mask().all()
     assert_same_store(built_cache, out)

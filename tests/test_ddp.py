@@ -53,11 +53,13 @@ def _settings(cache: Path):
 
 
 # ---------------------------------------------------------------------- ultralytics' own launcher (one node)
-def test_ultralytics_ddp_file_rebuilds_atcache_trainer_and_settings(voc_yaml, built_cache, tmp_path):
+def test_ultralytics_ddp_file_rebuilds_atcache_trainer_and_settings(voc_yaml, built_cache, tmp_path, monkeypatch):
     """generate_ddp_file (what `--device 0,1,2,3` runs under torch.distributed.run) for an AtcacheTrainer: the
     pickled state names atcache.train.AtcacheTrainer by reference, the script keeps this process' sys.path, and a
-    process that only inherits our environment rebuilds the trainer with the same DistillSettings."""
+    process that only inherits the environment `train()` launches it with rebuilds the trainer with the same
+    DistillSettings."""
     from conftest import TEST_IMGSZ
+    from ultralytics.models.yolo.detect import DetectionTrainer
     from ultralytics.utils.dist import generate_ddp_file
 
     from atcache.train import SETTINGS_ENV, AtcacheTrainer
@@ -66,7 +68,12 @@ def test_ultralytics_ddp_file_rebuilds_atcache_trainer_and_settings(voc_yaml, bu
     overrides = {"model": "yolo11n.yaml", "data": str(voc_yaml), "epochs": 1, "imgsz": TEST_IMGSZ, "batch": 4,
                  "device": "cpu", "plots": False, "workers": 0, "project": str(tmp_path), "name": "ddp"}
     trainer = AtcacheTrainer(overrides=overrides, settings=settings)
-    assert os.environ[SETTINGS_ENV] == settings.to_json()  # set in the launching process, inherited by the workers
+    assert SETTINGS_ENV not in os.environ  # making a trainer leaves the environment alone
+    launched = {}
+    monkeypatch.setattr(DetectionTrainer, "train", lambda self: launched.update(env=os.environ.get(SETTINGS_ENV)))
+    trainer.train()  # where ultralytics launches its DDP workers
+    assert launched["env"] == settings.to_json()  # set in the launching process, inherited by the workers
+    assert SETTINGS_ENV not in os.environ  # and taken back afterwards
     file = Path(generate_ddp_file(trainer))
     state = file.with_suffix(".pt")
     try:
@@ -89,7 +96,8 @@ def test_ultralytics_ddp_file_rebuilds_atcache_trainer_and_settings(voc_yaml, bu
             "print(trainer.settings.to_json())\n"
             "print(trainer.save_dir)\n"
         )
-        done = subprocess.run([sys.executable, "-c", worker], env=_env(), capture_output=True, text=True, timeout=120)
+        done = subprocess.run([sys.executable, "-c", worker], env=_env(**{SETTINGS_ENV: launched["env"]}),
+                              capture_output=True, text=True, timeout=120)
     finally:
         file.unlink(missing_ok=True)
         state.unlink(missing_ok=True)

@@ -3,7 +3,7 @@ import torch
 
 from atcache.errors import AtcacheError
 from atcache.hooks import FeatureHooks, probe_layers
-from atcache.teacher import load_teacher
+from atcache.teacher import load_model
 
 LAYERS = (6, 8, 13, 16, 19, 22)
 
@@ -13,7 +13,7 @@ LAYERS = (6, 8, 13, 16, 19, 22)
     [("yolo11n.yaml", (128, 256, 128, 64, 128, 256)), ("yolo11s.yaml", (256, 512, 256, 128, 256, 512))],
 )
 def test_hooks_capture_expected_shapes(name, channels):
-    teacher = load_teacher(name, nc=20)
+    teacher = load_model(name, nc=20)
     x = torch.rand(2, 3, 64, 64)
     with torch.no_grad(), FeatureHooks(teacher.model, LAYERS) as hooks:
         feats = hooks.run(teacher.model, x)
@@ -22,7 +22,7 @@ def test_hooks_capture_expected_shapes(name, channels):
 
 
 def test_early_stop_gives_the_same_maps_as_full_forward():
-    model = load_teacher("yolo11n.yaml", nc=20).model
+    model = load_model("yolo11n.yaml", nc=20).model
     x = torch.rand(1, 3, 64, 64)
     with torch.no_grad(), FeatureHooks(model, LAYERS) as full:
         a = full.run(model, x)
@@ -34,7 +34,7 @@ def test_early_stop_gives_the_same_maps_as_full_forward():
 
 
 def test_bad_layers():
-    model = load_teacher("yolo11n.yaml", nc=20).model
+    model = load_model("yolo11n.yaml", nc=20).model
     with pytest.raises(AtcacheError, match="layer 40 does not exist.*0..23"):
         probe_layers(model, (6, 40), 64, torch.device("cpu"))
     with pytest.raises(AtcacheError, match="layer 23 outputs"):
@@ -42,8 +42,8 @@ def test_bad_layers():
 
 
 def test_yaml_teacher_is_reproducible_and_missing_teacher_is_clear(tmp_path):
-    assert load_teacher("yolo11n.yaml").weights_sha256 == load_teacher("yolo11n.yaml").weights_sha256
+    assert load_model("yolo11n.yaml").weights_sha256 == load_model("yolo11n.yaml").weights_sha256
     with pytest.raises(AtcacheError, match="does not exist"):
-        load_teacher(tmp_path / "missing.pt")
+        load_model(tmp_path / "missing.pt")
     with pytest.raises(AtcacheError, match="neither a checkpoint"):
-        load_teacher(tmp_path / "teacher.onnx")
+        load_model(tmp_path / "teacher.onnx")

@@ -181,7 +181,7 @@ def test_training_streams_a_cache_over_the_ram_budget(voc_yaml, built_cache, tmp
 
 def test_a_cache_over_the_budget_is_refused_only_with_no_stream(voc_yaml, built_cache):
     from atcache.data import split_files
-    from atcache.targets import check_cache
+    from atcache.train import check_cache
 
     split = split_files(voc_yaml, "train")
     assert check_cache(built_cache, TEST_LAYERS, TEST_IMGSZ, split, ram_budget_gb=1e-6).imgsz == TEST_IMGSZ
@@ -285,8 +285,9 @@ def test_trainer_reports_a_corrupted_chunk_met_in_a_loader_worker(voc_yaml, corr
 def test_every_ddp_process_on_the_machine_counts_against_the_ram_budget(voc_yaml, built_cache, monkeypatch):
     from atcache.data import split_files
     from atcache.store import CacheStore
-    from atcache.targets import check_cache, ram_need_gb
-    from atcache.train import DistillSettings, cache_streams, ranks_on_this_node
+    from atcache.train import check_cache, ram_need_gb
+    from atcache.devices import ranks_on_this_node
+    from atcache.train import DistillSettings, cache_streams
 
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     assert ranks_on_this_node("0,1,2,3") == 4 and ranks_on_this_node("0") == 1 and ranks_on_this_node("cpu") == 1

@@ -74,8 +74,9 @@ def test_recorded_views_reproduce_the_augmented_images(voc_yaml, built_cache):
 def test_flipped_target_is_the_flipped_unflipped_target(voc_yaml, built_cache):
     ds = make_dataset(voc_yaml, built_cache)
     cache, row = ds.at_cache, 3
-    top, left = cache.letterbox[row, 4], cache.letterbox[row, 5]
-    h, w = int(cache.letterbox[row, 2]), int(cache.letterbox[row, 3])
+    box = cache.letterbox.row(row)
+    top, left = box["pad_top"], box["pad_left"]
+    h, w = int(box["h"]), int(box["w"])
     placed = Canvas((TEST_IMGSZ, TEST_IMGSZ), (Placed(Source(row, (h, w)), translation(left, top)),))
     flipped = warp(placed, flip_matrix((TEST_IMGSZ, TEST_IMGSZ), "horizontal"), (TEST_IMGSZ, TEST_IMGSZ))
     for plain, mirrored, layer in zip(cache.warped(placed), cache.warped(flipped), TEST_LAYERS):
@@ -129,7 +130,7 @@ def test_untrackable_augmentation_is_refused(voc_yaml, built_cache):
 
 # ---------------------------------------------------------------------- the cache against the run
 def check(cache, voc_yaml, layers=TEST_LAYERS, imgsz=TEST_IMGSZ):
-    from atcache.targets import check_cache
+    from atcache.train import check_cache
 
     return check_cache(cache, layers, imgsz, split_files(voc_yaml, "train"))
 

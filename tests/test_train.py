@@ -93,13 +93,13 @@ def test_static_cache_loss_equals_online_teacher_loss(voc_yaml, built_cache, tea
     from atcache.attention import at_loss, attention_map
     from atcache.hooks import FeatureHooks
     from atcache.targets import TargetDataset
-    from atcache.teacher import load_teacher
+    from atcache.teacher import load_model
     from ultralytics.nn.tasks import DetectionModel
 
     ds = make_dataset(voc_yaml, built_cache, mode="static", hsv_h=0, hsv_s=0, hsv_v=0)
     batch = TargetDataset.collate_fn([ds[i] for i in range(6)])
     img = batch["img"].float() / 255
-    teacher = load_teacher(str(teacher_pt), device="cpu").model
+    teacher = load_model(str(teacher_pt), device="cpu").model
     with torch.no_grad(), FeatureHooks(teacher, TEST_LAYERS, stop_after_last=True) as hooks:
         online = [attention_map(f) for f in hooks.run(teacher, img)]
     for cached, live in zip(batch["at_targets"], online):
@@ -151,7 +151,7 @@ def test_ddp_worker_rebuilds_the_trainer_from_the_environment(voc_yaml, built_ca
     trainer = AtcacheTrainer(overrides=overrides, settings=settings)
     file = generate_ddp_file(trainer)
     try:
-        env = {**os.environ, SETTINGS_ENV: os.environ[SETTINGS_ENV]}
+        env = {**os.environ, SETTINGS_ENV: settings.to_json()}  # what AtcacheTrainer.train() launches workers with
         done = subprocess.run([sys.executable, file], env=env, capture_output=True, text=True, timeout=300)
     finally:
         os.remove(file)

@@ -7,6 +7,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from atcache.cli import app
+from atcache.spec import LETTERBOX_COLUMNS
 from atcache.visualize import map_on_image
 from conftest import TEST_LAYERS
 
@@ -42,7 +43,7 @@ def test_map_on_image_follows_the_letterbox():
     # a 40x20 (h0, w0) image resized to 64x32 inside a 64x64 letterbox, padded 16 px left and right
     a = np.zeros((4, 4), np.float32)
     a[:, 1] = 1.0  # the second column of cells (letterboxed x 16..31) is the image's left half
-    out = map_on_image(a, np.array([40, 20, 64, 32, 0, 16, 1.6]), 64)
+    out = map_on_image(a, dict(zip(LETTERBOX_COLUMNS, [40, 20, 64, 32, 0, 16, 1.6])), 64)
     assert out.shape == (40, 20)
     # cell 1's centre is letterboxed x 23.5 = image x (23.5 - 16) / 1.6 = 4.7: the peak, fading to the right
     assert set(out.argmax(1)) <= {4, 5} and out[:, 15:].max() == 0 and out[:, :8].mean() > 0.6

@@ -1,0 +1,163 @@
+"""Stage 1's inner loop, the same in every runner: the teacher over the rows of some row-chunks, batches that never
+span two chunks, each finished chunk written whole on a background thread."""
+
+from __future__ import annotations
+
+import errno
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+
+from atcache.config import BuildConfig
+from atcache.data import LetterboxedImages, SplitFiles
+from atcache.errors import AtcacheError, first_line
+from atcache.maps import layer_maps
+from atcache.store import CacheStore, ChunkData, iter_rows
+
+
+class _ChunkBatches(torch.utils.data.Sampler):
+    """Batches that never span two row-chunks, so a chunk's batches are the same whether built whole or resumed."""
+
+    def __init__(self, store: CacheStore, chunks: Sequence[int], batch: int, position: dict[int, int]):
+        self.store, self.chunks, self.batch, self.position = store, list(chunks), batch, position
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for k in self.chunks:
+            a, b = self.store.chunk_range(k)
+            for s in range(a, b, self.batch):
+                yield [self.position[r] for r in range(s, min(s + self.batch, b))]
+
+    def __len__(self) -> int:
+        sizes = (b - a for a, b in map(self.store.chunk_range, self.chunks))
+        return sum(-(-size // self.batch) for size in sizes)
+
+
+class _ChunkWriter:
+    """Writes finished row-chunks on one background thread (at most `depth` waiting) so compression and I/O overlap
+    the teacher; after a failed write nothing more is written and the failure is one AtcacheError."""
+
+    def __init__(self, store: CacheStore, depth: int = 2):
+        self.store, self.depth = store, depth
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="atcache-writer")
+        self.pending: deque[Future] = deque()
+        self.written, self.failed = 0, False
+
+    def _write(self, k: int, data: ChunkData) -> None:
+        if self.failed:
+            return
+        try:
+            self.store.write_chunk(k, data)
+        except BaseException:
+            self.failed = True
+            raise
+        self.written += 1
+
+    def _settle(self, keep: int) -> None:
+        while len(self.pending) > keep:
+            try:
+                self.pending.popleft().result()
+            except BaseException as e:
+                raise AtcacheError(_write_error_message(self.store, e, self.written)) from e
+
+    def put(self, k: int, data: ChunkData) -> None:
+        self._settle(self.depth - 1)
+        self.pending.append(self.pool.submit(self._write, k, data))
+
+    def close(self) -> None:
+        try:
+            self._settle(0)
+        finally:
+            self.pool.shutdown(wait=True)
+
+
+def _write_error_message(store: CacheStore, error: BaseException, written: int) -> str:
+    """One line for a failed chunk write: disk full, permission, or the storage layer's own message."""
+    code = getattr(error, "errno", None)
+    kept = f"the {written} row-chunk(s) written before are kept" if written else "finished row-chunks are kept"
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        what = "no space left on the device"
+        fix = "free space (or choose another --out), then rerun with --resume"
+    elif code in (errno.EACCES, errno.EPERM, errno.EROFS) or isinstance(error, PermissionError):
+        what = "permission denied" if code != errno.EROFS else "read-only file system"
+        fix = "make the store writable (or choose another --out), then rerun with --resume"
+    else:
+        what = f"{type(error).__name__}: {first_line(error)}"
+        fix = "fix the storage problem, then rerun with --resume"
+    return f"writing to cache {store.path} failed ({what}); {kept}; {fix}"
+
+
+class _ChunkAssembler:
+    """Collects the per-batch results of one row-chunk until it is complete."""
+
+    def __init__(self, store: CacheStore, k: int):
+        self.k, (self.a, self.b) = k, store.chunk_range(k)
+        self.parts: list[tuple[np.ndarray, dict, dict, np.ndarray, np.ndarray]] = []
+        self.count = 0
+
+    def add(self, rows, maps, norms, letterbox, ok) -> bool:
+        self.parts.append((rows, maps, norms, letterbox, ok))
+        self.count += len(rows)
+        return self.count == self.b - self.a
+
+    def data(self) -> ChunkData:
+        rows = np.concatenate([p[0] for p in self.parts])
+        if not np.array_equal(rows, np.arange(self.a, self.b)):
+            raise RuntimeError(f"chunk {self.k} assembled rows out of order")
+        layers = self.parts[0][1].keys()
+        return ChunkData(
+            maps={i: np.concatenate([p[1][i] for p in self.parts]) for i in layers},
+            norms={i: np.concatenate([p[2][i] for p in self.parts]) for i in layers},
+            letterbox=np.concatenate([p[3] for p in self.parts]),
+            ok=np.concatenate([p[4] for p in self.parts]),
+        )
+
+
+def compute_chunks(cfg: BuildConfig, model: torch.nn.Module, split: SplitFiles, store: CacheStore,
+                   todo: Sequence[int], device: torch.device) -> list[tuple[str, str]]:
+    """Teacher maps for the rows of row-chunks `todo` (model on `device`), each chunk written when its last batch is
+    done; returns the images skipped as unreadable (--skip-bad; without it the first one stops the build)."""
+    from tqdm import tqdm
+
+    rows = list(iter_rows(todo, store))
+    position = {r: i for i, r in enumerate(rows)}
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.backends.cudnn.benchmark = True
+    loader = torch.utils.data.DataLoader(
+        LetterboxedImages(split, rows, cfg.imgsz), batch_sampler=_ChunkBatches(store, todo, cfg.batch, position),
+        num_workers=cfg.workers, pin_memory=cuda, persistent_workers=False,
+        prefetch_factor=4 if cfg.workers > 0 else None,
+    )
+    writer = _ChunkWriter(store)
+    skipped: list[tuple[str, str]] = []
+    chunk_iter = iter(todo)
+    assembler = _ChunkAssembler(store, next(chunk_iter))
+    bar = tqdm(total=len(rows), desc=f"build-cache {Path(cfg.out).name}", unit="img", disable=not cfg.progress,
+               dynamic_ncols=True)
+    try:
+        for batch_rows, images, letterbox, errors in loader:
+            ok = np.array([not e for e in errors], dtype=bool)
+            for r, e in zip(batch_rows.tolist(), errors):
+                if e:
+                    if not cfg.skip_bad:
+                        raise AtcacheError(e)
+                    skipped.append((split.files[r], e))
+            maps, norms = layer_maps(model, images, cfg.layers, cfg.p, cfg.kind)
+            bad = ~torch.as_tensor(ok, device=maps[0].device)
+            for a, n in zip(maps, norms):
+                a[bad] = float("nan")
+                n[bad] = float("nan")
+            if assembler.add(batch_rows.numpy(), {i: a.to(torch.float16).cpu().numpy() for i, a in zip(cfg.layers, maps)},
+                             {i: n.cpu().numpy() for i, n in zip(cfg.layers, norms)}, letterbox.numpy(), ok):
+                writer.put(assembler.k, assembler.data())
+                nxt = next(chunk_iter, None)
+                assembler = _ChunkAssembler(store, nxt) if nxt is not None else None
+            bar.update(len(batch_rows))
+    finally:
+        bar.close()
+        writer.close()
+    return skipped
