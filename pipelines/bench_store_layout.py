@@ -34,18 +34,12 @@ import zarr
 from zarr.codecs import BloscCodec, BloscShuffle, Crc32cCodec
 
 import atcache.store as store_mod
-from atcache.spec import CacheSpec, LayerSpec
-from atcache.store import LETTERBOX_WIDTH, CacheStore, ChunkData, small_compressors
+from atcache.spec import LETTERBOX_COLUMNS, CacheSpec
+from atcache.store import CacheStore, ChunkData, small_compressors
+from atcache.synthetic import fake_spec, fill_store, seed_layers
 
-# VOC at imgsz 640: (index, stride, channels, H, W) of the cached teacher layers.
-LAYERS = (
-    LayerSpec(6, 16, 128, 40, 40),
-    LayerSpec(8, 32, 256, 20, 20),
-    LayerSpec(13, 16, 128, 40, 40),
-    LayerSpec(16, 8, 64, 80, 80),
-    LayerSpec(19, 16, 128, 40, 40),
-    LayerSpec(22, 32, 256, 20, 20),
-)
+LAYERS = seed_layers(640)  # VOC at imgsz 640: the cached teacher layers
+LETTERBOX_WIDTH = len(LETTERBOX_COLUMNS)
 IMGSZ = 640
 SEED = 0
 
@@ -126,11 +120,7 @@ def codec(name: str) -> list:
 
 # ---------------------------------------------------------------------------------------------- writing
 def make_spec(n: int, r: int) -> CacheSpec:
-    return CacheSpec(
-        layers=LAYERS, imgsz=IMGSZ, p=2.0, kind="sum_p", eps=1e-8, teacher_sha256="bench",
-        teacher_weights_sha256="bench", teacher_name="bench", split="train", dataset_fingerprint="bench",
-        n_rows=n, chunk_rows=r,
-    ).stamped()
+    return fake_spec(LAYERS, n, r, imgsz=IMGSZ, teacher="bench")
 
 
 def write_store(path: Path, n: int, r: int, codec_name: str, data) -> tuple[float, float]:
@@ -142,12 +132,9 @@ def write_store(path: Path, n: int, r: int, codec_name: str, data) -> tuple[floa
         t0 = time.perf_counter()
         st = CacheStore.create(path, make_spec(n, r), files)
         t1 = time.perf_counter()
-        ok = np.ones(r, bool)
-        for k in range(st.n_chunks):
-            a, b = st.chunk_range(k)
-            st.write_chunk(k, ChunkData(
-                maps={i: m[a:b] for i, m in maps16.items()}, norms={i: v[a:b] for i, v in norms.items()},
-                letterbox=lb[a:b], ok=ok[: b - a]))
+        fill_store(st, lambda spec, a, b: ChunkData(
+            maps={i: m[a:b] for i, m in maps16.items()}, norms={i: v[a:b] for i, v in norms.items()},
+            letterbox=lb[a:b], ok=np.ones(b - a, bool)))
         t2 = time.perf_counter()
     return t1 - t0, t2 - t1
 

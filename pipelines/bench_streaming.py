@@ -159,31 +159,10 @@ def build(data_yaml: Path, teacher: str, out: Path, imgsz: int, chunk_rows: int)
 def synthetic_store(path: Path, rows: int, chunk_rows: int) -> Path:
     """A finished store with the seed's six layers at imgsz 640 (40x40, 20x20, 40x40, 80x80, 40x40, 20x20 maps) and
     smooth random maps (they compress like real ones), written chunk by chunk through CacheStore."""
-    import numpy as np
-    import torch.nn.functional as F
+    from atcache.synthetic import fake_spec, fake_store, seed_layers
 
-    from atcache.spec import CacheSpec, LayerSpec, Letterbox
-    from atcache.store import CacheStore, ChunkData
-
-    if (path / "zarr.json").is_file():
-        return path
-    layers = tuple(LayerSpec(i, s, 256, 640 // s, 640 // s) for i, s in zip((6, 8, 13, 16, 19, 22), (16, 32, 16, 8, 16, 32)))
-    spec = CacheSpec(layers=layers, imgsz=640, p=2.0, kind="sum_p", eps=1e-8, teacher_sha256="synthetic",
-                     teacher_weights_sha256="synthetic", teacher_name="synthetic", split="train",
-                     dataset_fingerprint="synthetic", n_rows=rows, chunk_rows=chunk_rows,
-                     letterbox=Letterbox(columns=("h0", "w0", "h", "w", "pad_top", "pad_left", "ratio"))).stamped()
-    store = CacheStore.create(path, spec, [f"images/{i:07d}.jpg" for i in range(rows)])
-    rng = np.random.default_rng(0)
-    for k in range(store.n_chunks):
-        a, b = store.chunk_range(k)
-        maps, norms = {}, {}
-        for layer in layers:
-            low = __import__("torch").from_numpy(rng.random((b - a, 1, 5, 5), dtype=np.float32))
-            m = F.interpolate(low, size=(layer.height, layer.width), mode="bilinear", align_corners=False)[:, 0].numpy()
-            maps[layer.index] = (m / np.linalg.norm(m, axis=(1, 2), keepdims=True)).astype(np.float16)
-            norms[layer.index] = rng.random(b - a, dtype=np.float32) + 0.5
-        lb = np.tile(np.array([480, 640, 480, 640, 80, 0, 1.0], np.float32), (b - a, 1))
-        store.write_chunk(k, ChunkData(maps, norms, lb, np.ones(b - a, bool)))
+    if not (path / "zarr.json").is_file():
+        fake_store(path, fake_spec(seed_layers(640), rows, chunk_rows))
     return path
 
 

@@ -1,8 +1,11 @@
-"""Shared fixtures: an offline ultralytics, a small synthetic VOC dataset, and one cache built from it."""
+"""Shared fixtures and helpers: an offline ultralytics, a small synthetic VOC dataset, one cache built from it, and
+the assertions several test modules make (one-line errors, equal stores, clean stores)."""
 
 from __future__ import annotations
 
+import csv
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -12,6 +15,8 @@ os.environ["YOLO_CONFIG_DIR"] = str(_CONFIG)
 os.environ["YOLO_OFFLINE"] = "1"
 os.environ.setdefault("YOLO_VERBOSE", "False")
 
+import numpy as np  # noqa: E402
+import zarr  # noqa: E402
 import pytest  # noqa: E402
 
 from atcache.env import prepare_ultralytics  # noqa: E402
@@ -64,3 +69,82 @@ def built_cache(voc_yaml, teacher_pt, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("cache") / "teacher.zarr"
     build_cache(build_config(voc_yaml, out, teacher=str(teacher_pt), workers=2))
     return out
+
+
+# ---------------------------------------------------------------------- helpers shared by several test modules
+def store_arrays(path):
+    g = zarr.open_group(str(path), mode="r")
+    out = {"files": list(g["files"][:]), "done": g["done"][:], "letterbox": g["letterbox"][:]}
+    for layer in TEST_LAYERS:
+        out[f"maps/{layer}"] = g[f"maps/{layer}"][:]
+        out[f"norms/{layer}"] = g[f"norms/{layer}"][:]
+    return out
+
+
+def assert_one_line_error(result, *needles):
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    lines = [l for l in result.output.splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("atcache: error:"), result.output
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+def assert_same_store(a, b):
+    x, y = store_arrays(a), store_arrays(b)
+    assert x.keys() == y.keys()
+    for key in x:
+        if key == "files":
+            assert x[key] == y[key]
+        else:
+            np.testing.assert_array_equal(x[key], y[key], err_msg=key)
+
+
+def cli_command(voc_yaml, teacher_pt, out):
+    """`python -m atcache build-cache` with the settings of the session's `built_cache`."""
+    return [sys.executable, "-m", "atcache", "build-cache", "--teacher", str(teacher_pt), "--data", str(voc_yaml),
+            "--out", str(out), "--imgsz", str(TEST_IMGSZ), "--batch", "4", "--device", "cpu", "--workers", "0",
+            "--chunk-rows", "8", "--no-progress"]
+
+
+def assert_clean(out: Path) -> None:
+    assert not list(out.rglob("*.partial")), "leftovers of interrupted writes"
+    from atcache.store import LOCK_PREFIX
+
+    assert not (out / LOCK_PREFIX).exists(), "ownership records left behind"
+
+
+def target_dataset(voc_yaml, cache, mode="warp", layers=TEST_LAYERS, **hyp):
+    """The training dataset ultralytics builds for these settings, with cached targets attached."""
+    from ultralytics.cfg import get_cfg
+    from ultralytics.data.build import build_yolo_dataset
+    from ultralytics.data.utils import check_det_dataset
+
+    from atcache.targets import CacheTargets, attach_targets
+
+    args = get_cfg(overrides={"imgsz": TEST_IMGSZ, "data": str(voc_yaml), **hyp})
+    data = check_det_dataset(str(voc_yaml))
+    ds = build_yolo_dataset(args, data["train"], batch=4, data=data, mode="train")
+    return attach_targets(ds, CacheTargets.load(cache, layers), mode, data["path"], args)
+
+
+def traced_views(ds, n):
+    """(augmented image, recorded view) for n samples, with the view taken before __getitem__ drops it."""
+    from atcache.targets import VIEW_KEY
+
+    out = []
+    for i in range(n):
+        labels = ds.transforms(ds.get_image_and_label(i % len(ds)))
+        out.append((labels["img"].numpy().transpose(1, 2, 0)[..., ::-1].astype(np.float64), labels[VIEW_KEY]))
+    return out
+
+
+COMMON = ["--student", "yolo11n.yaml", "--epochs", "1", "--imgsz", str(TEST_IMGSZ), "--batch", "4", "--device", "cpu",
+          "plots=False", "workers=0", "nbs=4"]  # nbs=batch: an optimizer step on every batch
+
+
+def results(run: Path) -> dict[str, float]:
+    with open(run / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    return {k.strip(): float(v) for k, v in rows[-1].items()}
+

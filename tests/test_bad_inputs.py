@@ -18,8 +18,7 @@ from atcache import VOC_NAMES
 from atcache.cli import app
 from atcache.data import letterbox_image, read_image, split_files
 from atcache.errors import AtcacheError
-from conftest import TEST_IMGSZ
-from test_cli import assert_one_line_error
+from conftest import TEST_IMGSZ, assert_one_line_error
 
 runner = CliRunner()
 LAYERS = "16,22"

@@ -1,7 +1,6 @@
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -12,33 +11,7 @@ import zarr
 
 from atcache.build import build_cache
 from atcache.errors import AtcacheError
-from conftest import TEST_IMGSZ, TEST_LAYERS, build_config
-
-
-def store_arrays(path):
-    g = zarr.open_group(str(path), mode="r")
-    out = {"files": list(g["files"][:]), "done": g["done"][:], "letterbox": g["letterbox"][:]}
-    for layer in TEST_LAYERS:
-        out[f"maps/{layer}"] = g[f"maps/{layer}"][:]
-        out[f"norms/{layer}"] = g[f"norms/{layer}"][:]
-    return out
-
-
-def assert_same_store(a, b):
-    x, y = store_arrays(a), store_arrays(b)
-    assert x.keys() == y.keys()
-    for key in x:
-        if key == "files":
-            assert x[key] == y[key]
-        else:
-            np.testing.assert_array_equal(x[key], y[key], err_msg=key)
-
-
-def cli_command(voc_yaml, teacher_pt, out):
-    """`python -m atcache build-cache` with the settings of the session's `built_cache`."""
-    return [sys.executable, "-m", "atcache", "build-cache", "--teacher", str(teacher_pt), "--data", str(voc_yaml),
-            "--out", str(out), "--imgsz", str(TEST_IMGSZ), "--batch", "4", "--device", "cpu", "--workers", "0",
-            "--chunk-rows", "8", "--no-progress"]
+from conftest import TEST_IMGSZ, TEST_LAYERS, assert_same_store, build_config, cli_command
 
 
 def test_rows_equal_an_independent_recomputation(built_cache, voc_yaml, teacher_pt):

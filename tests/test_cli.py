@@ -8,7 +8,7 @@ import zarr
 from typer.testing import CliRunner
 
 from atcache.cli import app
-from conftest import TEST_IMGSZ
+from conftest import TEST_IMGSZ, assert_one_line_error
 
 runner = CliRunner()
 COMMANDS = ["make-demo-data", "prepare-voc", "build-cache", "train", "train-from-cache", "train-online", "demo", "bench"]
@@ -27,15 +27,6 @@ def test_help(command):
 def build_args(voc_yaml, teacher, out, *extra):
     return ["build-cache", "--teacher", teacher, "--data", voc_yaml, "--out", out, "--imgsz", TEST_IMGSZ,
             "--batch", 4, "--device", "cpu", "--workers", 0, "--chunk-rows", 8, "--no-progress", *extra]
-
-
-def assert_one_line_error(result, *needles):
-    assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output
-    lines = [l for l in result.output.splitlines() if l.strip()]
-    assert len(lines) == 1 and lines[0].startswith("atcache: error:"), result.output
-    for n in needles:
-        assert n in lines[0], lines[0]
 
 
 def test_build_cache_summary(voc_yaml, teacher_pt, tmp_path):

@@ -16,9 +16,7 @@ from atcache.runners import _task_blocks as task_blocks
 from atcache.runners import _worker_device as worker_device
 from atcache.scheduler import parse_scheduler
 from atcache.errors import AtcacheError
-from conftest import build_config
-from test_build import assert_same_store, cli_command
-from test_drills import assert_clean
+from conftest import assert_clean, assert_same_store, build_config, cli_command
 
 pytest.importorskip("distributed")
 

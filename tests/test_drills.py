@@ -14,8 +14,7 @@ import zarr
 from atcache.build import build_cache
 from atcache.errors import AtcacheError
 from atcache.store import LOCK_PREFIX, CacheStore, ChunkClaim
-from conftest import TEST_LAYERS, build_config
-from test_build import assert_same_store, cli_command
+from conftest import TEST_LAYERS, assert_clean, assert_same_store, build_config, cli_command
 
 DRILL = Path(__file__).with_name("drill_build.py")
 N_KILLS = 10
@@ -44,11 +43,6 @@ def assert_done_rows_hold_their_data(out: Path, reference: Path) -> int:
         np.testing.assert_array_equal(g[f"norms/{layer}"][:][done], ref[f"norms/{layer}"][:][done])
     np.testing.assert_array_equal(g["letterbox"][:][done], ref["letterbox"][:][done])
     return int(done.sum())
-
-
-def assert_clean(out: Path) -> None:
-    assert not list(out.rglob("*.partial")), "leftovers of interrupted writes"
-    assert not (out / LOCK_PREFIX).exists(), "ownership records left behind"
 
 
 @pytest.fixture(scope="module")

@@ -8,9 +8,7 @@ from typer.testing import CliRunner
 
 from atcache.cli import app
 from atcache.location import Location
-from conftest import TEST_IMGSZ
-from test_build import assert_same_store
-from test_train import COMMON, results
+from conftest import COMMON, TEST_IMGSZ, assert_same_store, results
 
 pytest.importorskip("s3fs")
 moto_server = pytest.importorskip("moto.server")

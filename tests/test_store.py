@@ -4,25 +4,17 @@ import zarr
 
 from atcache.errors import AtcacheError
 from atcache.spec import CacheSpec, LayerSpec
-from atcache.store import CacheStore, ChunkData, chunks_for_shard
+from atcache.store import CacheStore, chunks_for_shard
+from atcache.synthetic import fake_spec, random_chunk
 
 
 def make_spec(n_rows=10, chunk_rows=4, imgsz=64, teacher="abc"):
-    return CacheSpec(
-        layers=(LayerSpec(6, 16, 8, 4, 4), LayerSpec(8, 32, 16, 2, 2)), imgsz=imgsz, p=2.0, kind="sum_p", eps=1e-8,
-        teacher_sha256=teacher, teacher_weights_sha256="w", teacher_name="t", split="train",
-        dataset_fingerprint="fp", n_rows=n_rows, chunk_rows=chunk_rows,
-    ).stamped()
+    layers = (LayerSpec(6, 16, 8, 4, 4), LayerSpec(8, 32, 16, 2, 2))
+    return fake_spec(layers, n_rows, chunk_rows, imgsz=imgsz, teacher=teacher)
 
 
 def chunk(store, k, seed=0):
-    a, b = store.chunk_range(k)
-    rng = np.random.default_rng(seed + k)
-    return ChunkData(
-        maps={l.index: rng.random((b - a, l.height, l.width)).astype(np.float16) for l in store.spec.layers},
-        norms={l.index: rng.random(b - a).astype(np.float32) for l in store.spec.layers},
-        letterbox=rng.random((b - a, 7)).astype(np.float32), ok=np.ones(b - a, bool),
-    )
+    return random_chunk(store.spec, *store.chunk_range(k), np.random.default_rng(seed + k))
 
 
 FILES = [f"images/train2012/{i:03d}.jpg" for i in range(10)]

@@ -13,9 +13,7 @@ from typer.testing import CliRunner
 
 from atcache.cli import app
 from atcache.errors import AtcacheError
-from conftest import TEST_IMGSZ, TEST_LAYERS
-from test_cli import assert_one_line_error
-from test_targets import make_dataset, traced_views
+from conftest import TEST_IMGSZ, TEST_LAYERS, assert_one_line_error, target_dataset, traced_views
 
 runner = CliRunner()
 CHUNK_ROWS = 8  # conftest's build_config
@@ -103,7 +101,7 @@ def test_streamed_targets_equal_the_in_ram_targets(voc_yaml, built_cache):
 
     random.seed(0)
     np.random.seed(0)
-    ds = make_dataset(voc_yaml, built_cache, mixup=0.5, degrees=10, fliplr=0.5)
+    ds = target_dataset(voc_yaml, built_cache, mixup=0.5, degrees=10, fliplr=0.5)
     ram = ds.at_cache
     streamed = StreamingCacheTargets.open(built_cache, TEST_LAYERS, capacity=2)
     assert streamed.grey == ram.grey  # a cache this small is sampled whole for the padding energy
@@ -126,7 +124,7 @@ def decodes_per_chunk(voc_yaml, cache, order, capacity, **hyp) -> dict:
     """Decodes of each chunk when the dataset is read in `order` with a streaming cache of `capacity` chunks."""
     from atcache.streaming import StreamingCacheTargets
 
-    ds = make_dataset(voc_yaml, cache, **hyp)
+    ds = target_dataset(voc_yaml, cache, **hyp)
     ds.at_cache = StreamingCacheTargets.open(cache, TEST_LAYERS, capacity=capacity)
     for i in order:
         ds[int(i)]
@@ -136,7 +134,7 @@ def decodes_per_chunk(voc_yaml, cache, order, capacity, **hyp) -> dict:
 def test_block_order_decodes_each_chunk_once_per_epoch(voc_yaml, built_cache):
     from atcache.streaming import BlockShuffleSampler
 
-    ds = make_dataset(voc_yaml, built_cache)
+    ds = target_dataset(voc_yaml, built_cache)
     sampler = BlockShuffleSampler(ds.at_rows // CHUNK_ROWS, window=2, seed=0)
     chunks = set((ds.at_rows // CHUNK_ROWS).tolist())
     for _ in range(2):  # two epochs, two orders: each chunk decoded once per epoch with a window-sized LRU
@@ -151,7 +149,7 @@ def test_mosaic_partners_stay_within_the_trainers_lru(voc_yaml, built_cache):
     from atcache.streaming import BlockShuffleSampler, StreamingCacheTargets, lru_chunks
 
     random.seed(0)
-    ds = make_dataset(voc_yaml, built_cache, mosaic=1.0)
+    ds = target_dataset(voc_yaml, built_cache, mosaic=1.0)
     ds.max_buffer_length = 4  # a buffer of half a chunk: partners from the current and the previous window only
     assert lru_chunks(1, CHUNK_ROWS, ds.max_buffer_length) >= 2
     ds.at_cache = StreamingCacheTargets.open(built_cache, TEST_LAYERS, capacity=2)

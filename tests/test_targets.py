@@ -11,32 +11,7 @@ import zarr
 from atcache.data import letterbox_image, read_image, resize_long_side, split_files
 from atcache.errors import AtcacheError
 from atcache.geometry import Canvas, Placed, Source, bilinear, evaluate, flip_matrix, translation, warp
-from conftest import TEST_IMGSZ, TEST_LAYERS, build_config
-
-
-def make_dataset(voc_yaml, cache, mode="warp", layers=TEST_LAYERS, **hyp):
-    """The training dataset ultralytics builds for these settings, with cached targets attached."""
-    from ultralytics.cfg import get_cfg
-    from ultralytics.data.build import build_yolo_dataset
-    from ultralytics.data.utils import check_det_dataset
-
-    from atcache.targets import CacheTargets, attach_targets
-
-    args = get_cfg(overrides={"imgsz": TEST_IMGSZ, "data": str(voc_yaml), **hyp})
-    data = check_det_dataset(str(voc_yaml))
-    ds = build_yolo_dataset(args, data["train"], batch=4, data=data, mode="train")
-    return attach_targets(ds, CacheTargets.load(cache, layers), mode, data["path"], args)
-
-
-def traced_views(ds, n):
-    """(augmented image, recorded view) for n samples, with the view taken before __getitem__ drops it."""
-    from atcache.targets import VIEW_KEY
-
-    out = []
-    for i in range(n):
-        labels = ds.transforms(ds.get_image_and_label(i % len(ds)))
-        out.append((labels["img"].numpy().transpose(1, 2, 0)[..., ::-1].astype(np.float64), labels[VIEW_KEY]))
-    return out
+from conftest import TEST_IMGSZ, TEST_LAYERS, build_config, target_dataset, traced_views
 
 
 def test_recorded_views_reproduce_the_augmented_images(voc_yaml, built_cache):
@@ -45,7 +20,7 @@ def test_recorded_views_reproduce_the_augmented_images(voc_yaml, built_cache):
     (114), which the view leaves at 0 outside every source."""
     random.seed(0)
     np.random.seed(0)
-    ds = make_dataset(voc_yaml, built_cache, mosaic=1.0, mixup=0.5, degrees=10, shear=5, translate=0.1, scale=0.5,
+    ds = target_dataset(voc_yaml, built_cache, mosaic=1.0, mixup=0.5, degrees=10, shear=5, translate=0.1, scale=0.5,
                       fliplr=0.5, flipud=0.5, hsv_h=0, hsv_s=0, hsv_v=0)
     split = split_files(voc_yaml, "train")
     files = ds.at_cache.files
@@ -72,7 +47,7 @@ def test_recorded_views_reproduce_the_augmented_images(voc_yaml, built_cache):
 
 
 def test_flipped_target_is_the_flipped_unflipped_target(voc_yaml, built_cache):
-    ds = make_dataset(voc_yaml, built_cache)
+    ds = target_dataset(voc_yaml, built_cache)
     cache, row = ds.at_cache, 3
     box = cache.letterbox.row(row)
     top, left = box["pad_top"], box["pad_left"]
@@ -92,7 +67,7 @@ def test_flipped_target_is_the_flipped_unflipped_target(voc_yaml, built_cache):
 
 
 def test_static_targets_are_the_stored_maps_of_the_same_image(voc_yaml, built_cache):
-    ds = make_dataset(voc_yaml, built_cache, mode="static", hsv_h=0, hsv_s=0, hsv_v=0)
+    ds = target_dataset(voc_yaml, built_cache, mode="static", hsv_h=0, hsv_s=0, hsv_v=0)
     split = split_files(voc_yaml, "train")
     for i in (0, 5, 11):
         item = ds[i]
@@ -105,7 +80,7 @@ def test_static_targets_are_the_stored_maps_of_the_same_image(voc_yaml, built_ca
 
 
 def test_rows_are_joined_by_path_not_position(voc_yaml, built_cache):
-    ds = make_dataset(voc_yaml, built_cache, fraction=0.5)  # a subset: positions no longer line up with rows
+    ds = target_dataset(voc_yaml, built_cache, fraction=0.5)  # a subset: positions no longer line up with rows
     split = split_files(voc_yaml, "train")
     for i, row in enumerate(ds.at_rows):
         assert split.root / ds.at_cache.files[row] == Path(ds.im_files[i]).resolve()
@@ -114,7 +89,7 @@ def test_rows_are_joined_by_path_not_position(voc_yaml, built_cache):
 def test_batches_carry_one_target_per_layer(voc_yaml, built_cache):
     from atcache.targets import TargetDataset
 
-    ds = make_dataset(voc_yaml, built_cache)
+    ds = target_dataset(voc_yaml, built_cache)
     batch = TargetDataset.collate_fn([ds[i] for i in range(3)])
     shapes = [tuple(t.shape) for t in batch["at_targets"]]
     assert shapes == [(3, TEST_IMGSZ // s, TEST_IMGSZ // s) for s in (16, 32, 16, 8, 16, 32)]
@@ -125,7 +100,7 @@ def test_batches_carry_one_target_per_layer(voc_yaml, built_cache):
 
 def test_untrackable_augmentation_is_refused(voc_yaml, built_cache):
     with pytest.raises(AtcacheError, match="cutmix=0.5 cannot be aligned"):
-        make_dataset(voc_yaml, built_cache, cutmix=0.5)
+        target_dataset(voc_yaml, built_cache, cutmix=0.5)
 
 
 # ---------------------------------------------------------------------- the cache against the run

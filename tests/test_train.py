@@ -12,19 +12,9 @@ import torch
 from typer.testing import CliRunner
 
 from atcache.cli import app
-from conftest import TEST_IMGSZ, TEST_LAYERS, build_config
-from test_cli import assert_one_line_error
-from test_targets import make_dataset
+from conftest import COMMON, TEST_IMGSZ, TEST_LAYERS, assert_one_line_error, build_config, results, target_dataset
 
 runner = CliRunner()
-COMMON = ["--student", "yolo11n.yaml", "--epochs", "1", "--imgsz", str(TEST_IMGSZ), "--batch", "4", "--device", "cpu",
-          "plots=False", "workers=0", "nbs=4"]  # nbs=batch: an optimizer step on every batch
-
-
-def results(run: Path) -> dict[str, float]:
-    with open(run / "results.csv") as f:
-        rows = list(csv.DictReader(f))
-    return {k.strip(): float(v) for k, v in rows[-1].items()}
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +86,7 @@ def test_static_cache_loss_equals_online_teacher_loss(voc_yaml, built_cache, tea
     from atcache.teacher import load_model
     from ultralytics.nn.tasks import DetectionModel
 
-    ds = make_dataset(voc_yaml, built_cache, mode="static", hsv_h=0, hsv_s=0, hsv_v=0)
+    ds = target_dataset(voc_yaml, built_cache, mode="static", hsv_h=0, hsv_s=0, hsv_v=0)
     batch = TargetDataset.collate_fn([ds[i] for i in range(6)])
     img = batch["img"].float() / 255
     teacher = load_model(str(teacher_pt), device="cpu").model
