@@ -1,15 +1,37 @@
-"""atcache: attention-transfer distillation for YOLO with the teacher run once (cached maps in Zarr)."""
+"""atcache: attention-transfer distillation for YOLO with the teacher run once (cached maps in Zarr).
 
-__version__ = "0.1.0"
+The public Python API (everything else is internal). Names load on first use, so `import atcache` stays light:
+    open_cache(path)              a cache opened read-only: spec, files, done, letterbox, dask arrays per layer
+    CacheSpec, LayerSpec          the frozen description of a cache, stored in it and checked on every open
+    CacheStore                    a handle on a store: create / open, read_layer, letterbox, write_chunk
+    BuildConfig, build_cache      stage 1: the teacher once over a split into a store (one process, devices, dask)
+    DistillSettings, AtcacheTrainer, train_student
+                                  stage 2: ultralytics' DetectionTrainer with attention transfer (plain/cache/online)
+    layer_maps                    the one recipe for a model's attention maps on a batch of images
+    attention_map, at_loss        the AT math
+    inspect_cache, verify_cache, compare_caches, measure_fidelity, FidelityConfig
+                                  looking at a cache
+    AtcacheError                  the one error type: a one-line message naming the problem and the fix
+"""
 
-VOC_NAMES = (
-    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
-    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
-)
+import importlib
+
+from atcache.version import __version__
+from atcache.voc import VOC_NAMES
+
+_EXPORTS = {
+    "open_cache": "inspection", "inspect_cache": "inspection", "verify_cache": "inspection",
+    "compare_caches": "inspection", "CacheSpec": "spec", "LayerSpec": "spec", "CacheStore": "store",
+    "BuildConfig": "config", "DistillSettings": "config", "build_cache": "build", "AtcacheTrainer": "train",
+    "train_student": "train", "layer_maps": "maps", "attention_map": "attention", "at_loss": "attention",
+    "measure_fidelity": "fidelity", "FidelityConfig": "fidelity", "AtcacheError": "errors",
+}
+__all__ = ["__version__", "VOC_NAMES", *_EXPORTS]
 
 
-def open_cache(path):
-    """A cache opened read-only for notebooks: spec, files, and per-layer dask arrays (see atcache.inspection)."""
-    from atcache.inspection import open_cache as _open
-
-    return _open(path)
+def __getattr__(name: str):
+    """PEP 562: import the module behind a public name when it is first used (training ones need ultralytics'
+    environment prepared first: atcache.env.prepare_ultralytics)."""
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'atcache' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"atcache.{_EXPORTS[name]}"), name)

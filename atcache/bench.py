@@ -326,7 +326,7 @@ def _versions() -> dict:
     import ultralytics
     import zarr
 
-    from atcache import __version__
+    from atcache.version import __version__
 
     return {"atcache": __version__, "torch": torch.__version__, "cuda": torch.version.cuda, "ultralytics": ultralytics.__version__,
             "zarr": zarr.__version__, "numcodecs": numcodecs.__version__, "dask": dask.__version__}

@@ -15,7 +15,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from atcache import __version__
+from atcache.version import __version__
 from atcache.attention import EPS, KINDS
 from atcache.config import BuildConfig
 from atcache.data import SplitFiles, split_files

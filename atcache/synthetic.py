@@ -14,7 +14,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from atcache import VOC_NAMES
+from atcache.voc import VOC_NAMES
 
 # (year, image_set, share of all images): the proportions of VOC 2007+2012.
 SPLITS = (("2012", "train", 0.27), ("2012", "val", 0.27), ("2007", "train", 0.12), ("2007", "val", 0.12), ("2007", "test", 0.22))

@@ -15,8 +15,12 @@ from pathlib import Path
 
 import yaml
 
-from atcache import VOC_NAMES
 from atcache.errors import AtcacheError
+
+VOC_NAMES = (
+    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
+)
 
 VOC_SETS = (("2012", "train"), ("2012", "val"), ("2007", "train"), ("2007", "val"), ("2007", "test"))
 TRAIN_DIRS = ("images/train2012", "images/train2007", "images/val2012", "images/val2007")

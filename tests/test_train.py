@@ -127,6 +127,21 @@ def test_online_refuses_a_missing_teacher(voc_yaml, tmp_path):
     assert_one_line_error(runner.invoke(app, args), "nope.pt does not exist")
 
 
+def test_a_trainer_without_settings_is_plain_after_a_cache_trainer(voc_yaml, built_cache, tmp_path):
+    """Settings never leak from one trainer to the next one made in the same process (a notebook, pytest): only
+    ultralytics' DDP workers read them from the environment."""
+    from atcache.train import SETTINGS_ENV, AtcacheTrainer, DistillSettings
+
+    overrides = {"model": "yolo11n.yaml", "data": str(voc_yaml), "epochs": 1, "imgsz": TEST_IMGSZ, "batch": 4,
+                 "device": "cpu", "plots": False, "workers": 0, "project": str(tmp_path)}
+    cached = DistillSettings(mode="cache", cache=str(built_cache), layers=tuple((i, i) for i in TEST_LAYERS))
+    first = AtcacheTrainer(overrides={**overrides, "name": "first"}, settings=cached)
+    second = AtcacheTrainer(overrides={**overrides, "name": "second"})
+    assert first.settings.mode == "cache" and first.plan.store is not None
+    assert second.settings == DistillSettings() and second.settings.mode == "plain" and second.plan.store is None
+    assert SETTINGS_ENV not in os.environ
+
+
 @pytest.mark.slow
 def test_ddp_worker_rebuilds_the_trainer_from_the_environment(voc_yaml, built_cache, tmp_path):
     """ultralytics' DDP launch pickles the trainer class and its args only; the worker script it writes must still
