@@ -19,7 +19,7 @@ import torch
 from atcache.build import build_cache
 from atcache.config import DEFAULT_LAYERS, BuildConfig, DistillSettings
 from atcache.data import LetterboxedImages, SplitFiles, split_files
-from atcache.devices import resolve_device
+from atcache.devices import parse_devices, resolve_device
 from atcache.errors import AtcacheError
 from atcache.measure import device_name
 
@@ -60,7 +60,7 @@ class BenchConfig:
 
 def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict:
     """Measure everything, write the JSON report into OUT/bench.json, and return it."""
-    if "," in cfg.device:
+    if len(parse_devices(cfg.device)) > 1:
         raise AtcacheError(f"--device {cfg.device}: bench measures one device; pass one (0, 1, ... or cpu)")
     if cfg.steps < 1 or cfg.warmup < 0 or cfg.repeats < 1:
         raise AtcacheError("--steps and --repeats must be at least 1, --warmup at least 0")
@@ -72,7 +72,7 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.device)
 
-    data_yaml = bench_dataset(cfg, out, log)
+    data_yaml = _bench_dataset(cfg, out, log)
     split = split_files(data_yaml, "train")
     requested = cfg
     if Path(cfg.teacher).suffix.lower() in (".yaml", ".yml"):
@@ -84,9 +84,9 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict:
         cfg = replace(cfg, teacher=str(teacher))
     log(f"bench: {len(split.files)} training images at imgsz {cfg.imgsz}, batch {cfg.batch}, on {device_name(device)}")
     cache = out / "bench_cache.zarr"
-    build = measure_build(cfg, data_yaml, split, cache, device, log)
-    storage = measure_storage(cfg, split, cache, device)
-    train = measure_trainers(cfg, data_yaml, split, cache, log)
+    build = _measure_build(cfg, data_yaml, split, cache, device, log)
+    storage = _measure_storage(cfg, split, cache, device)
+    train = _measure_trainers(cfg, data_yaml, split, cache, log)
     loader = loader_figures(train)
     ratios = {
         "cache_over_plain": train["cache"]["img_per_s"] / train["plain"]["img_per_s"],
@@ -114,7 +114,7 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------------- data
-def bench_dataset(cfg: BenchConfig, out: Path, log) -> Path:
+def _bench_dataset(cfg: BenchConfig, out: Path, log) -> Path:
     """The first N training images (and a few validation images) of --data, or of generated synthetic data, linked
     into OUT/data with their labels: the user's dataset folder is never written to (no label cache rewritten)."""
     source = Path(cfg.data) if cfg.data else None
@@ -158,7 +158,7 @@ def _link_subset(split: SplitFiles, rows, target: Path, name: str) -> None:
 
 
 # --------------------------------------------------------------------------------------------------------- build
-def inference_pass(model, split: SplitFiles, cfg: BenchConfig, device: torch.device) -> float:
+def _inference_pass(model, split: SplitFiles, cfg: BenchConfig, device: torch.device) -> float:
     """Seconds for the floor: the same decoding and letterboxing as the build, then the teacher's full forward."""
     cuda = device.type == "cuda"
     workers = _build_workers(cfg)
@@ -176,17 +176,17 @@ def inference_pass(model, split: SplitFiles, cfg: BenchConfig, device: torch.dev
     return time.perf_counter() - t0
 
 
-def measure_build(cfg: BenchConfig, data_yaml: Path, split: SplitFiles, cache: Path, device: torch.device, log) -> dict:
+def _measure_build(cfg: BenchConfig, data_yaml: Path, split: SplitFiles, cache: Path, device: torch.device, log) -> dict:
     """build-cache img/s against the teacher's pure inference on the same batches, alternating, medians of repeats."""
     from atcache.teacher import load_model
 
     teacher = load_model(cfg.teacher, nc=len(split.names), device=device)
     torch.backends.cudnn.benchmark = device.type == "cuda"  # as build-cache sets it
     n = len(split.files)
-    inference_pass(teacher.model, split, cfg, device)  # warm-up: page cache, cudnn autotuning, workers
+    _inference_pass(teacher.model, split, cfg, device)  # warm-up: page cache, cudnn autotuning, workers
     inference, build = [], []
     for r in range(cfg.repeats):
-        inference.append(n / inference_pass(teacher.model, split, cfg, device))
+        inference.append(n / _inference_pass(teacher.model, split, cfg, device))
         report = build_cache(BuildConfig(
             teacher=cfg.teacher, data=str(data_yaml), out=str(cache), layers=cfg.layers, imgsz=cfg.imgsz,
             batch=cfg.batch, device=cfg.device, workers=_build_workers(cfg), overwrite=True, progress=False))
@@ -207,7 +207,7 @@ def _build_workers(cfg: BenchConfig) -> int:
 
 
 # ------------------------------------------------------------------------------------------------------- storage
-def measure_storage(cfg: BenchConfig, split: SplitFiles, cache: Path, device: torch.device, rows: int = 64) -> dict:
+def _measure_storage(cfg: BenchConfig, split: SplitFiles, cache: Path, device: torch.device, rows: int = 64) -> dict:
     """Bytes per image, and the stored float16 maps against the same teacher run in float32 (cosine, max abs)."""
     from atcache.agreement import map_agreement
     from atcache.maps import layer_maps
@@ -240,7 +240,7 @@ def measure_storage(cfg: BenchConfig, split: SplitFiles, cache: Path, device: to
 
 
 # ------------------------------------------------------------------------------------------------------ training
-def measure_trainers(cfg: BenchConfig, data_yaml: Path, split: SplitFiles, cache: Path, log) -> dict:
+def _measure_trainers(cfg: BenchConfig, data_yaml: Path, split: SplitFiles, cache: Path, log) -> dict:
     """Each trainer for warmup + steps batches in a fresh process: same data, student, batch, device."""
     from atcache.measure import measure_training
 

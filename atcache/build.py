@@ -120,6 +120,8 @@ def build_cache(cfg: BuildConfig) -> BuildReport:
         loop_seconds = time.perf_counter() - t_loop
         done = store.done_mask()  # rows done now, whichever process (or attempt of a retried task) wrote them
         computed = int(sum(done[slice(*store.chunk_range(k))].sum() for k in todo))
+        if done.all():  # nobody writes a chunk of a complete store: what killed writers left can go
+            store.sweep_partial_writes()
     return BuildReport(
         out=str(cfg.out), computed=computed, already_done=already, total_rows=store.n_rows,
         seconds=time.perf_counter() - t0, loop_seconds=loop_seconds, store_bytes=store.nbytes_stored(),
@@ -160,8 +162,7 @@ def _open_store(cfg: BuildConfig, teacher: LoadedModel, split: SplitFiles, devic
 @contextlib.contextmanager
 def _claim_chunks(store: CacheStore, owned: Sequence[int], cfg: BuildConfig):
     """Own the row-chunks this builder will compute (refused if a live builder holds any), repair damaged ones with
-    --repair, and yield (the chunks still to compute, {repaired chunk: arrays}). Leftovers of an interrupted write
-    in those chunks are removed first."""
+    --repair, and yield (the chunks still to compute, {repaired chunk: arrays})."""
     owned = list(owned)
     complete = store.complete_chunks()
     candidates = owned if cfg.repair else [k for k in owned if not complete[k]]
@@ -169,7 +170,6 @@ def _claim_chunks(store: CacheStore, owned: Sequence[int], cfg: BuildConfig):
         yield [], {}
         return
     with ChunkClaim(store, candidates, break_locks=cfg.break_locks):
-        store.remove_partial_writes(candidates)
         repaired = store.damaged_chunks(candidates) if cfg.repair else {}
         if repaired:
             store.mark_not_done(repaired)

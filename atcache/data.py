@@ -179,7 +179,7 @@ def resize_long_side(im: np.ndarray, imgsz: int) -> np.ndarray:
     return im
 
 
-def letterbox_pads(h: int, w: int, imgsz: int) -> tuple[int, int, int, int]:
+def _letterbox_pads(h: int, w: int, imgsz: int) -> tuple[int, int, int, int]:
     """(top, bottom, left, right) of ultralytics LetterBox(center=True) for an already-resized (h, w) image."""
     dh, dw = (imgsz - h) / 2, (imgsz - w) / 2
     return round(dh - 0.1), round(dh + 0.1), round(dw - 0.1), round(dw + 0.1)
@@ -190,7 +190,7 @@ def letterbox_image(im: np.ndarray, imgsz: int) -> tuple[np.ndarray, np.ndarray]
     h0, w0 = im.shape[:2]
     resized = resize_long_side(im, imgsz)
     h, w = resized.shape[:2]
-    top, bottom, left, right = letterbox_pads(h, w, imgsz)
+    top, bottom, left, right = _letterbox_pads(h, w, imgsz)
     out = cv2.copyMakeBorder(resized, top, bottom, left, right, cv2.BORDER_CONSTANT, value=(PAD_VALUE,) * 3)
     values = {"h0": h0, "w0": w0, "h": h, "w": w, "pad_top": top, "pad_left": left, "ratio": h / h0}
     row = np.array([values[c] for c in LETTERBOX_COLUMNS], dtype=np.float32)

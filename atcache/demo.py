@@ -19,7 +19,7 @@ DEMO_HYP = {"optimizer": "AdamW", "lr0": 0.004, "warmup_epochs": 1, "warmup_bias
 STUDENT_RUNS = ("plain", "cache", "online")
 
 
-def train_teacher(model: str, data_yaml: Path, project: Path, epochs: int, imgsz: int, device: str,
+def _train_teacher(model: str, data_yaml: Path, project: Path, epochs: int, imgsz: int, device: str,
                   batch: int = 16) -> tuple[Path, dict]:
     """Briefly train the teacher with plain ultralytics; its best.pt (a real user checkpoint) and final metrics."""
     from ultralytics import YOLO
@@ -38,6 +38,7 @@ def run_demo(out: Path, images: int, imgsz: int, teacher: str, teacher_epochs: i
              student: str = "yolo11n.yaml", student_epochs: int = 3, batch: int = 16) -> Iterator[str]:
     """Generate VOC-format data, convert it with prepare-voc, train a teacher briefly, build its cache, then train the
     student plain, from the cache and online for the same epochs; write the comparison into OUT/demo_results.*"""
+    from atcache.devices import resolve_device
     from atcache.measure import device_name, measure_training
     from atcache.synthetic import make_demo_data
     from atcache.voc import prepare_voc
@@ -55,7 +56,7 @@ def run_demo(out: Path, images: int, imgsz: int, teacher: str, teacher_epochs: i
     teacher_model = teacher
     if teacher_epochs > 0 and not teacher.endswith(".pt"):
         t0 = time.perf_counter()
-        best, teacher_metrics = train_teacher(teacher, data_yaml, out, teacher_epochs, imgsz, device, batch)
+        best, teacher_metrics = _train_teacher(teacher, data_yaml, out, teacher_epochs, imgsz, device, batch)
         yield f"teacher: {teacher} {teacher_epochs} epoch(s) in {time.perf_counter() - t0:.0f}s -> {best}"
         teacher = str(best)
     cache = out / "teacher_cache.zarr"
@@ -86,7 +87,7 @@ def run_demo(out: Path, images: int, imgsz: int, teacher: str, teacher_epochs: i
         yield (f"student {name}: {student} {student_epochs} epoch(s) in {time.perf_counter() - t0:.0f}s -> "
                f"{students[name]['save_dir']}")
     results = {
-        "device": device_name(device if device == "cpu" else f"cuda:{device}"),
+        "device": device_name(resolve_device(device)),
         "data": {"images": images, "train_images": students["plain"]["train_images"], "imgsz": imgsz},
         "teacher": {"model": teacher_model, "checkpoint": teacher, "epochs": teacher_epochs, "metrics": teacher_metrics},
         "student": {"model": student, "epochs": student_epochs, "batch": batch, "hyp": DEMO_HYP},
@@ -95,7 +96,7 @@ def run_demo(out: Path, images: int, imgsz: int, teacher: str, teacher_epochs: i
         "runs": students,
         "seconds": time.perf_counter() - t_start,
     }
-    table = results_table(results)
+    table = _results_table(results)
     (out / "demo_results.json").write_text(json.dumps(results, indent=2) + "\n")
     (out / "demo_results.md").write_text(table + "\n")
     yield ""
@@ -104,7 +105,7 @@ def run_demo(out: Path, images: int, imgsz: int, teacher: str, teacher_epochs: i
     yield f"results: {out / 'demo_results.md'} and {out / 'demo_results.json'} ({results['seconds']:.0f}s in all)"
 
 
-def results_table(results: dict) -> str:
+def _results_table(results: dict) -> str:
     """The demo's comparison as a Markdown table: accuracy, speed, memory, and what the cache costs on disk."""
     runs, cache = results["runs"], results["cache"]
     mem = "peak CUDA GB" if runs["plain"]["mem_kind"] == "cuda_max_allocated" else "peak RSS GB"

@@ -21,10 +21,10 @@ def prepare_ultralytics(config_dir: str | Path | None = None) -> None:
         os.environ["YOLO_CONFIG_DIR"] = str(Path(config_dir).resolve())
     from ultralytics.utils import USER_CONFIG_DIR
 
-    install_font(USER_CONFIG_DIR)
+    _install_font(USER_CONFIG_DIR)
 
 
-def install_font(config_dir: Path) -> None:
+def _install_font(config_dir: Path) -> None:
     """Copy matplotlib's DejaVuSans.ttf as the fonts ultralytics looks for, where they are missing."""
     import matplotlib
 

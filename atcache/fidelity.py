@@ -126,10 +126,10 @@ def measure_fidelity(cfg: FidelityConfig) -> dict:
         for k, (_, view) in enumerate(samples):
             figures = {layer: (float(c[k]), float(d[k])) for layer, (c, d) in agreement.items()}
             records.append((view_kinds(view), figures))
-    return fidelity_report(cfg, layers, records)
+    return _fidelity_report(cfg, layers, records)
 
 
-def fidelity_report(cfg: FidelityConfig, layers, records) -> dict:
+def _fidelity_report(cfg: FidelityConfig, layers, records) -> dict:
     """Aggregate per-sample figures by layer, for all samples and per augmentation kind (a sample counts for every
     kind it went through; 'none' = letterbox only)."""
     def stats(values):

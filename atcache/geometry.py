@@ -141,7 +141,7 @@ def _evaluate(view: View, xy: np.ndarray, ids: np.ndarray, leaf, extend: bool = 
     raise TypeError(f"not a view: {type(view).__name__}")
 
 
-def cell_centres(shape: tuple[int, int], stride: int) -> tuple[np.ndarray, tuple[int, int]]:
+def _cell_centres(shape: tuple[int, int], stride: int) -> tuple[np.ndarray, tuple[int, int]]:
     """Pixel coordinates (P, 2) of the centres of the stride x stride cells of an (h, w) image, and the grid shape."""
     gh, gw = shape[0] // stride, shape[1] // stride
     c = (stride - 1) / 2.0
@@ -151,7 +151,7 @@ def cell_centres(shape: tuple[int, int], stride: int) -> tuple[np.ndarray, tuple
 
 def render(view: View, stride: int, leaf: Leaf) -> np.ndarray:
     """The view sampled at the cell centres of its stride-`stride` grid: (h // stride, w // stride) float64."""
-    xy, grid = cell_centres(view.shape, stride)
+    xy, grid = _cell_centres(view.shape, stride)
     values, _ = evaluate(view, xy, leaf)
     return values.reshape(grid)
 
@@ -162,7 +162,7 @@ def render_grids(view: View, strides: Sequence[int], leaf: GridLeaf,
     leaf(source, xy, grid) receives each point's grid index (0..len(strides)-1). With `fill`, points no image covers
     take what the leaf of the first source around them gives beyond its image (NaN: nothing), then fill[grid];
     without, they are 0."""
-    grids = [cell_centres(view.shape, s) for s in strides]
+    grids = [_cell_centres(view.shape, s) for s in strides]
     bounds = np.cumsum([0] + [len(xy) for xy, _ in grids])
     xy = np.concatenate([xy for xy, _ in grids])
     def grid_leaf(source, pts, ids):

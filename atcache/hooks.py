@@ -14,7 +14,7 @@ class _StopForward(Exception):
     """Raised by the last hook to skip the layers (and the Detect head) that no cached layer needs."""
 
 
-def layer_modules(model: nn.Module) -> nn.ModuleList | nn.Sequential:
+def _layer_modules(model: nn.Module) -> nn.ModuleList | nn.Sequential:
     """The indexable layer list of an ultralytics model (`model.model`), unwrapping DDP/EMA-style wrappers."""
     inner = getattr(model, "module", model)
     layers = getattr(inner, "model", None)
@@ -23,8 +23,8 @@ def layer_modules(model: nn.Module) -> nn.ModuleList | nn.Sequential:
     return layers
 
 
-def check_layer_indices(model: nn.Module, layers: Sequence[int]) -> None:
-    n = len(layer_modules(model))
+def _check_layer_indices(model: nn.Module, layers: Sequence[int]) -> None:
+    n = len(_layer_modules(model))
     bad = [i for i in layers if not 0 <= i < n]
     if bad:
         raise AtcacheError(f"layer {bad[0]} does not exist: this model has layers 0..{n - 1}; choose --layers among them")
@@ -38,13 +38,13 @@ class FeatureHooks:
     layer (use `run(model, x)`)."""
 
     def __init__(self, model: nn.Module, layers: Sequence[int], stop_after_last: bool = False):
-        check_layer_indices(model, layers)
+        _check_layer_indices(model, layers)
         self.model, self.layers, self.stop = model, tuple(layers), stop_after_last
         self.features: dict[int, torch.Tensor] = {}
         self._handles: list = []
 
     def attach(self) -> "FeatureHooks":
-        modules = layer_modules(self.model)
+        modules = _layer_modules(self.model)
         last = max(self.layers)
         for i in self.layers:
             self._handles.append(modules[i].register_forward_hook(self._make_hook(i, i == last and self.stop)))

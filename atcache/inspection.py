@@ -72,7 +72,7 @@ def _row_figures(block: np.ndarray) -> np.ndarray:
     return np.stack([norm, entropy, x.argmax(1).astype(np.float32), bad.astype(np.float32)], axis=1)
 
 
-def layer_statistics(view: CacheView, layer: int) -> dict:
+def _layer_statistics(view: CacheView, layer: int) -> dict:
     """The dask graph of one layer's figures (computed together with the other layers' by `inspect_cache`)."""
     maps, norms = view.maps[layer], view.norms[layer]
     rows = maps.map_blocks(_row_figures, dtype=np.float32, drop_axis=(1, 2), new_axis=1,
@@ -81,7 +81,7 @@ def layer_statistics(view: CacheView, layer: int) -> dict:
     return {"rows": rows, "norms": norms, "values": values}
 
 
-def summarise(x: np.ndarray) -> dict:
+def _summarise(x: np.ndarray) -> dict:
     """mean, std, min, 5/50/95th percentile and max of a vector (empty -> nulls)."""
     x = np.asarray(x, dtype=np.float64)
     x = x[np.isfinite(x)]
@@ -97,7 +97,7 @@ def inspect_cache(path: str | Path, workers: int | None = None, scheduler: str |
     the spec and the store's size."""
     view = open_cache(path)
     done = view.done
-    graphs = {i: layer_statistics(view, i) for i in view.layers}
+    graphs = {i: _layer_statistics(view, i) for i in view.layers}
     with dask_scheduler(workers, scheduler):
         try:
             (computed,) = dask.compute(graphs)
@@ -118,12 +118,12 @@ def inspect_cache(path: str | Path, workers: int | None = None, scheduler: str |
             "stride": layer_spec.stride, "shape": [layer_spec.height, layer_spec.width],
             "rows_done": int(done.sum()), "rows_missing": int((~done).sum()),
             "non_finite_values": int(bad.sum()), "rows_with_non_finite": int((bad > 0).sum()),
-            "map_norm": summarise(norm), "rows_norm_off_1": int(off.sum()),
+            "map_norm": _summarise(norm), "rows_norm_off_1": int(off.sum()),
             "value_histogram": {"edges": np.linspace(0, 1, VALUE_BINS + 1).tolist(), "counts": values.tolist()},
-            "stored_norm": summarise(stored),
+            "stored_norm": _summarise(stored),
             "stored_norm_log10_histogram": None if edges is None else {
                 "edges": edges.tolist(), "counts": np.histogram(np.log10(positive), bins=edges)[0].tolist()},
-            "entropy": summarise(entropy),
+            "entropy": _summarise(entropy),
             "peak_heatmap": heat.tolist(),
         }
     store_bytes = CacheStore.open(path).nbytes_stored()
@@ -179,7 +179,7 @@ def compare_caches(path: str | Path, other: str | Path, workers: int | None = No
                                   dtype=np.float32, drop_axis=(1, 2), new_axis=1)
     with dask_scheduler(workers, scheduler):
         (computed,) = dask.compute(graphs)
-    layers = {str(i): {"cosine": summarise(v[:, 0]), "at_distance": summarise(v[:, 1])} for i, v in computed.items()}
+    layers = {str(i): {"cosine": _summarise(v[:, 0]), "at_distance": _summarise(v[:, 1])} for i, v in computed.items()}
     for i in one.layers:
         if i not in two.layers:
             skipped[str(i)] = f"not in {other}"

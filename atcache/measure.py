@@ -56,7 +56,7 @@ def step_figures(step_ends: list[tuple[int, float]], batch: int, warmup: int) ->
             "img_per_s": batch / median, "step_s": [round(s, 5) for s in steps]}
 
 
-def epoch_seconds(results_csv: Path) -> list[float]:
+def _epoch_seconds(results_csv: Path) -> list[float]:
     """Seconds of each epoch (training + validation) from ultralytics' cumulative `time` column."""
     if not Path(results_csv).is_file():
         return []
@@ -65,7 +65,7 @@ def epoch_seconds(results_csv: Path) -> list[float]:
     return [b - a for a, b in zip([0.0] + times, times)]
 
 
-def peak_rss_gb() -> float:
+def _peak_rss_gb() -> float:
     """This process's peak resident memory (Linux reports KiB, macOS bytes)."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2**30 if sys.platform == "darwin" else peak / 2**20
@@ -138,14 +138,14 @@ def _child(settings_json: str, run_json: str, result_path: str) -> None:
         "batch": trainer.batch_size, "workers": trainer.train_loader.num_workers,
         "train_images": len(trainer.train_loader.dataset), "wall_s": wall, "finished": finished,
         **step_figures(step_ends, trainer.batch_size, warmup if not finished else min(warmup, 1)),
-        "peak_mem_gb": torch.cuda.max_memory_allocated(trainer.device) / 2**30 if cuda else peak_rss_gb(),
+        "peak_mem_gb": torch.cuda.max_memory_allocated(trainer.device) / 2**30 if cuda else _peak_rss_gb(),
         "mem_kind": "cuda_max_allocated" if cuda else "peak_rss",
         "device": device_name(trainer.device),
         "torch_threads": torch.get_num_threads(),
         "save_dir": str(trainer.save_dir),
     }
     if finished:
-        epochs = epoch_seconds(trainer.csv)
+        epochs = _epoch_seconds(trainer.csv)
         result["epoch_s"] = epochs
         result["mean_epoch_s"] = statistics.mean(epochs[1:] or epochs) if epochs else None
         result["metrics"] = {k: float(v) for k, v in (trainer.metrics or {}).items() if k in METRIC_KEYS}

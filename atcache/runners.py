@@ -139,7 +139,6 @@ def compute_block(cfg: BuildConfig, chunks: Sequence[int], device: str, threads:
     todo = [k for k in chunks if not complete[k]]
     if not todo:
         return 0, []
-    store.remove_partial_writes(todo)  # what a lost attempt of this task left mid-write
     if multiprocessing.current_process().daemon and cfg.workers:  # a daemonic dask worker cannot fork loaders
         cfg = dataclasses.replace(cfg, workers=0)
     skipped = compute_chunks(cfg, teacher.model, split, store, todo, resolve_device(device))

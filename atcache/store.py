@@ -141,7 +141,7 @@ class CacheStore:
         Creation is claimed atomically (mkdir locally, a create-if-absent record remotely), so n shard processes
         started together create it exactly once."""
         loc = Location.of(path)
-        clear_for_build(loc, resume=resume or join, overwrite=overwrite)
+        _clear_for_build(loc, resume=resume or join, overwrite=overwrite)
         if _claim_creation(loc):
             return cls.create(loc, spec, files)
         if not (resume or join):  # another process created it since the check above
@@ -317,18 +317,16 @@ class CacheStore:
         """Rewrite the image list (for --repair of a damaged `files` chunk; the list is known from the split)."""
         self.group["files"][:] = np.asarray(files, dtype=object)
 
-    def remove_partial_writes(self, chunks: Iterable[int]) -> int:
-        """Delete the temporary files an interrupted local write left in row-chunks `chunks` (zarr writes
-        `<chunk key>.<uuid>.partial`, then renames); returns how many."""
+    def sweep_partial_writes(self) -> int:
+        """Delete the temporary files interrupted local writes left behind (zarr writes a `.partial` file, then renames
+        it); returns how many. Only safe while no chunk is being written: a build calls it once every row-chunk is
+        complete. Object stores write whole objects and leave none."""
         if self.location.remote or not self.location.local_path.is_dir():
             return 0
-        wanted, removed = {str(k) for k in chunks}, 0
-        for f in self.location.local_path.rglob("*.partial"):
-            parts = f.relative_to(self.location.local_path).parts
-            if "c" in parts and parts.index("c") + 1 < len(parts) and parts[parts.index("c") + 1].split(".")[0] in wanted:
-                f.unlink(missing_ok=True)
-                removed += 1
-        return removed
+        leftovers = list(self.location.local_path.rglob("*.partial"))
+        for f in leftovers:
+            f.unlink(missing_ok=True)
+        return len(leftovers)
 
     def mark_not_done(self, chunks: Iterable[int]) -> None:
         """Forget row-chunks (their data will be recomputed); `done` goes first so no row is ever done without data."""
@@ -399,7 +397,7 @@ def _parse_record(raw: bytes) -> dict:
     return record if isinstance(record, dict) else {}
 
 
-def clear_for_build(path: "str | Path | Location", *, resume: bool, overwrite: bool) -> None:
+def _clear_for_build(path: "str | Path | Location", *, resume: bool, overwrite: bool) -> None:
     """Before a build: --overwrite deletes an existing store; without --resume an existing one is refused."""
     loc = Location.of(path)
     present = not loc.is_empty()

@@ -43,7 +43,7 @@ def epoch_order(chunk_of: np.ndarray, window: int, seed: int, epoch: int) -> np.
     return np.concatenate(blocks) if blocks else np.zeros(0, dtype=np.int64)
 
 
-def rank_share(order: np.ndarray, rank: int, world_size: int) -> np.ndarray:
+def _rank_share(order: np.ndarray, rank: int, world_size: int) -> np.ndarray:
     """DDP rank `rank`'s contiguous slice of an epoch order (disjoint, covering; wrapped to equal lengths as torch's
     DistributedSampler pads), so each rank still reads whole chunks."""
     per = math.ceil(len(order) / world_size)
@@ -71,7 +71,7 @@ class BlockShuffleSampler(torch.utils.data.Sampler):
     def __iter__(self) -> Iterator[int]:
         epoch, self.epoch = self.epoch, self.epoch + 1
         order = epoch_order(self.chunk_of, self.window, self.seed, epoch)
-        return iter(rank_share(order, self.rank, self.world_size).tolist())
+        return iter(_rank_share(order, self.rank, self.world_size).tolist())
 
 
 def lru_chunks(window: int, rows_per_chunk: float, buffer_rows: int) -> int:
@@ -103,7 +103,7 @@ class DecodedChunk:
     norms: dict[int, np.ndarray]
 
 
-def decode_chunk(store: CacheStore, k: int, layers: Sequence[int], done: np.ndarray) -> DecodedChunk:
+def _decode_chunk(store: CacheStore, k: int, layers: Sequence[int], done: np.ndarray) -> DecodedChunk:
     """Decode row-chunk k of all `layers` together; a chunk that fails its checksum, or a finished row that is not
     finite, stops training with one line naming the array and rows."""
     a, b = store.chunk_range(k)
@@ -136,7 +136,7 @@ class StreamingCacheTargets(TargetRendering):
         store = cache if isinstance(cache, CacheStore) else CacheStore.open(cache)
         done, letterbox = store.done_mask(), store.letterbox()
         n_sample = min(store.n_chunks, math.ceil(grey_rows / store.spec.chunk_rows))
-        sampled = [decode_chunk(store, int(k), layers, done)
+        sampled = [_decode_chunk(store, int(k), layers, done)
                    for k in np.unique(np.linspace(0, store.n_chunks - 1, n_sample).round().astype(int))]
         rows = np.concatenate([np.arange(c.start, c.start + len(c.norms[layers[0]])) for c in sampled])
         grey = {i: padding_energy(np.concatenate([c.maps[i] for c in sampled]),
@@ -158,7 +158,7 @@ class StreamingCacheTargets(TargetRendering):
         if hit is not None:
             self._lru.move_to_end(k)
             return hit
-        decoded = decode_chunk(self._store, k, self.layers, self.done)
+        decoded = _decode_chunk(self._store, k, self.layers, self.done)
         self.decoded[k] += 1
         self._lru[k] = decoded
         while len(self._lru) > max(1, self.capacity):

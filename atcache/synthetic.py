@@ -80,7 +80,7 @@ def _texture(texture: str, w: int, h: int, colour, rng: np.random.Generator) -> 
     return base
 
 
-def draw_image(rng: np.random.Generator, w: int, h: int, max_objects: int = 6) -> tuple[np.ndarray, list[SyntheticObject]]:
+def _draw_image(rng: np.random.Generator, w: int, h: int, max_objects: int = 6) -> tuple[np.ndarray, list[SyntheticObject]]:
     """One BGR image and its objects (boxes in VOC convention)."""
     img = _background(rng, h, w)
     objects = []
@@ -109,7 +109,7 @@ def draw_image(rng: np.random.Generator, w: int, h: int, max_objects: int = 6) -
     return img, objects
 
 
-def annotation_xml(folder: str, filename: str, w: int, h: int, objects: list[SyntheticObject]) -> ET.ElementTree:
+def _annotation_xml(folder: str, filename: str, w: int, h: int, objects: list[SyntheticObject]) -> ET.ElementTree:
     """A VOC annotation with the same elements as the real devkit's."""
     root = ET.Element("annotation")
     ET.SubElement(root, "folder").text = folder
@@ -160,9 +160,9 @@ def make_demo_data(out: str | Path, images: int = 400, size: int = 160, seed: in
             long = int(size * rng.uniform(0.75, 1.0))
             aspect = rng.uniform(0.6, 1.6)
             w, h = (long, max(16, int(long / aspect))) if aspect >= 1 else (max(16, int(long * aspect)), long)
-            img, objects = draw_image(rng, w, h)
+            img, objects = _draw_image(rng, w, h)
             cv2.imwrite(str(voc / "JPEGImages" / f"{image_id}.jpg"), img, [cv2.IMWRITE_JPEG_QUALITY, 90])
-            annotation_xml(f"VOC{year}", f"{image_id}.jpg", w, h, objects).write(
+            _annotation_xml(f"VOC{year}", f"{image_id}.jpg", w, h, objects).write(
                 voc / "Annotations" / f"{image_id}.xml", encoding="unicode"
             )
             ids.append(image_id)

@@ -176,7 +176,7 @@ def join_rows(cached_files: np.ndarray, done: np.ndarray, rel_files: Sequence[st
 
 # ---------------------------------------------------------------------- recording views through ultralytics' transforms
 # Subclasses of ultralytics' geometric transforms with the same state and randomness and one extra step: they update
-# labels[VIEW_KEY]. `track_transforms` swaps them in, so the images stay exactly what plain ultralytics produces.
+# labels[VIEW_KEY]. `_track_transforms` swaps them in, so the images stay exactly what plain ultralytics produces.
 class TrackedMosaic(Mosaic):
     def apply_image(self, labels, params=None):
         labels = super().apply_image(labels, params)
@@ -232,7 +232,7 @@ TRACKED = {Mosaic: TrackedMosaic, RandomPerspective: TrackedRandomPerspective, M
 PHOTOMETRIC = (RandomHSV, Format)
 
 
-def track_transforms(transforms) -> None:
+def _track_transforms(transforms) -> None:
     """Make every geometric transform of an ultralytics pipeline record the view; refuse what cannot be tracked."""
     seen: set[int] = set()
 
@@ -268,7 +268,7 @@ def track_transforms(transforms) -> None:
     visit(transforms)
 
 
-def static_transforms(imgsz: int, hyp) -> list:
+def _static_transforms(imgsz: int, hyp) -> list:
     """Letterbox (as the cache) + photometric augmentation only: the cached maps are the exact targets."""
     return [LetterBox(new_shape=(imgsz, imgsz), scaleup=False, center=True),
             RandomHSV(hgain=hyp.hsv_h, sgain=hyp.hsv_s, vgain=hyp.hsv_v)]
@@ -286,9 +286,9 @@ class TargetDataset(YOLODataset):
     def build_transforms(self, hyp):
         transforms = super().build_transforms(hyp)
         if self.at_mode == "static":
-            transforms.transforms[:-1] = static_transforms(self.imgsz, hyp)  # keep Format
+            transforms.transforms[:-1] = _static_transforms(self.imgsz, hyp)  # keep Format
         else:
-            track_transforms(transforms)
+            _track_transforms(transforms)
         return transforms
 
     def get_image_and_label(self, index):

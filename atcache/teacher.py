@@ -43,7 +43,7 @@ def weights_sha256(model: nn.Module) -> str:
     return h.hexdigest()
 
 
-def resolve_model_yaml(spec: str) -> Path:
+def _resolve_model_yaml(spec: str) -> Path:
     """A model YAML path, or a bare ultralytics name like 'yolo11n.yaml' looked up in the installed package."""
     p = Path(spec)
     if p.is_file():
@@ -80,7 +80,7 @@ def load_model(spec: str | Path, nc: int = 80, device: torch.device | str = "cpu
     elif suffix in (".yaml", ".yml"):
         from ultralytics.nn.tasks import DetectionModel, yaml_model_load
 
-        yaml_path = resolve_model_yaml(spec)
+        yaml_path = _resolve_model_yaml(spec)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(YAML_INIT_SEED)
             try:

@@ -117,7 +117,7 @@ class RunPlan:
     streaming: bool = False
 
 
-def check_settings(s: DistillSettings, imgsz: int, data: str, rect: bool = False, device: str | None = None) -> RunPlan:
+def _check_settings(s: DistillSettings, imgsz: int, data: str, rect: bool = False, device: str | None = None) -> RunPlan:
     """Refuse settings that cannot work before anything is built (each split is listed once, the store opened once)."""
     if s.mode not in TRAIN_MODES:
         raise AtcacheError(f"unknown training mode {s.mode!r}; choose one of {', '.join(TRAIN_MODES)}")
@@ -186,7 +186,7 @@ def unwrap_worker_error(message: str) -> str:
     return lines[-1].split("AtcacheError: ", 1)[1].strip() if lines else message
 
 
-def torchrun_world() -> tuple[int, int, int] | None:
+def _torchrun_world() -> tuple[int, int, int] | None:
     """(WORLD_SIZE, RANK, LOCAL_WORLD_SIZE) when torchrun (one node or several; ultralytics' own launcher runs it too)
     started this process as one rank of several, None otherwise."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -234,9 +234,9 @@ class AtcacheTrainer(DetectionTrainer):
     def __init__(self, cfg=DEFAULT_CFG, overrides: dict | None = None, _callbacks=None, settings: DistillSettings | None = None):
         self.settings = s = _settings_for(settings, cfg)
         args = get_cfg(cfg, overrides)  # checked before ultralytics makes the run folder
-        self.plan = check_settings(s, args.imgsz, args.data, args.rect, args.device)
+        self.plan = _check_settings(s, args.imgsz, args.data, args.rect, args.device)
         self.p, self.kind, self.eps, self.streaming = self.plan.p, self.plan.kind, self.plan.eps, self.plan.streaming
-        launch = torchrun_world()
+        launch = _torchrun_world()
         # torchrun runs this on every rank, without the save_dir ultralytics' own launcher hands its workers
         self._share_run_folder = bool(launch) and not (overrides or {}).get("save_dir")
         if self._share_run_folder and launch[1] > 0:

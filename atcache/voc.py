@@ -33,7 +33,7 @@ def voc_box_to_yolo(w: int, h: int, xmin: float, xmax: float, ymin: float, ymax:
     return x / w, y / h, (xmax - xmin) / w, (ymax - ymin) / h
 
 
-def convert_annotation(xml_path: Path) -> list[str]:
+def _convert_annotation(xml_path: Path) -> list[str]:
     """YOLO label lines for one VOC XML; AtcacheError naming the file if it is malformed."""
     try:
         root = ET.parse(xml_path).getroot()
@@ -73,7 +73,7 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
-def find_devkit(devkit: str | Path) -> Path:
+def _find_devkit(devkit: str | Path) -> Path:
     """Accept PATH/VOCdevkit, or its parent, as long as VOC2007 or VOC2012 is inside."""
     p = Path(devkit)
     for cand in (p, p / "VOCdevkit", p / "images" / "VOCdevkit"):
@@ -106,7 +106,7 @@ def prepare_voc(devkit: str | Path, out: str | Path, progress: bool = True) -> P
     """Convert every VOC year/set present under `devkit` into `out`; returns the data YAML written there."""
     from tqdm import tqdm
 
-    devkit, out = find_devkit(devkit), Path(out).resolve()
+    devkit, out = _find_devkit(devkit), Path(out).resolve()
     work, listings = [], []
     for year, image_set in VOC_SETS:
         listing = devkit / f"VOC{year}" / "ImageSets" / "Main" / f"{image_set}.txt"
@@ -127,7 +127,7 @@ def prepare_voc(devkit: str | Path, out: str | Path, progress: bool = True) -> P
     for year, image_set, image_id in tqdm(work, desc="prepare-voc", unit="img", disable=not progress):
         voc = devkit / f"VOC{year}"
         image = voc / "JPEGImages" / f"{image_id}.jpg"
-        lines = convert_annotation(voc / "Annotations" / f"{image_id}.xml")
+        lines = _convert_annotation(voc / "Annotations" / f"{image_id}.xml")
         _link_or_copy(image, out / "images" / f"{image_set}{year}" / image.name)
         label = out / "labels" / f"{image_set}{year}" / f"{image_id}.txt"
         text = "".join(line + "\n" for line in lines)

@@ -90,7 +90,8 @@ def test_task_blocks_and_worker_devices(monkeypatch):
     assert worker_device("2,3") == "2"
 
 
-def test_a_retried_task_removes_what_its_lost_attempt_left_mid_write(built_cache, voc_yaml, teacher_pt, tmp_path):
+def test_what_a_lost_attempt_left_mid_write_is_swept_once_the_store_is_complete(built_cache, voc_yaml, teacher_pt,
+                                                                                tmp_path):
     from atcache.runners import compute_block
     from atcache.store import CacheStore
 
@@ -98,7 +99,11 @@ def test_a_retried_task_removes_what_its_lost_attempt_left_mid_write(built_cache
     build_cache(build_config(voc_yaml, out, teacher=str(teacher_pt), shard=(0, 2)))  # chunks 0-1 done, 2-3 not
     leftover = out / "norms" / "22" / "c" / "3.0123456789abcdef.partial"  # a worker killed while writing chunk 3
     leftover.write_bytes(b"half a chunk")
-    rows, skipped = compute_block(build_config(voc_yaml, out, teacher=str(teacher_pt), resume=True), [2, 3], "cpu")
-    assert (rows, skipped) == (15, []) and not leftover.exists()
+    resume = build_config(voc_yaml, out, teacher=str(teacher_pt), resume=True)
+    rows, skipped = compute_block(resume, [2, 3], "cpu")  # the retried task computes what is not done yet
+    assert (rows, skipped) == (15, [])
     assert CacheStore.open(out).done_mask().all()
+    report = build_cache(resume)  # a build that finds (or leaves) the store complete sweeps the leftovers
+    assert report.computed == 0 and not leftover.exists()
+    assert_clean(out)
     assert_same_store(built_cache, out)

@@ -142,6 +142,49 @@ def test_a_trainer_without_settings_is_plain_after_a_cache_trainer(voc_yaml, bui
     assert SETTINGS_ENV not in os.environ
 
 
+class FirstBatch(Exception):
+    pass
+
+
+def test_settings_are_checked_once_before_the_first_batch(voc_yaml, built_cache, tmp_path, monkeypatch):
+    """A cache run opens the store once and lists each split once (atcache's own listings; ultralytics lists its own)
+    from the trainer's construction to its first training batch."""
+    import atcache.train
+    from atcache.store import CacheStore
+    from atcache.train import DistillSettings, train_student
+
+    calls = {"open": 0, "split": []}
+    open_store, list_split = CacheStore.open.__func__, atcache.train.split_files
+
+    def counting_open(cls, *args, **kwargs):
+        calls["open"] += 1
+        return open_store(cls, *args, **kwargs)
+
+    def counting_split(data, split):
+        calls["split"].append(split)
+        return list_split(data, split)
+
+    monkeypatch.setattr(CacheStore, "open", classmethod(counting_open))
+    monkeypatch.setattr(atcache.train, "split_files", counting_split)
+    monkeypatch.setattr(atcache.train.AtcacheTrainer, "_setup_train", _stop_after(atcache.train.AtcacheTrainer._setup_train))
+    settings = DistillSettings(mode="cache", cache=str(built_cache), layers=tuple((i, i) for i in TEST_LAYERS))
+    overrides = {"model": "yolo11n.yaml", "data": str(voc_yaml), "epochs": 1, "imgsz": TEST_IMGSZ, "batch": 4,
+                 "device": "cpu", "plots": False, "workers": 0, "project": str(tmp_path), "name": "once"}
+    with pytest.raises(FirstBatch):
+        train_student(settings, overrides)
+    assert calls == {"open": 1, "split": ["train", "val"]}
+
+
+def _stop_after(setup):
+    """_setup_train, then stop: the loaders, the cached targets and the criterion are all made by then."""
+    def wrapped(self):
+        setup(self)
+        assert self.cache_targets is not None
+        raise FirstBatch
+
+    return wrapped
+
+
 @pytest.mark.slow
 def test_ddp_worker_rebuilds_the_trainer_from_the_environment(voc_yaml, built_cache, tmp_path):
     """ultralytics' DDP launch pickles the trainer class and its args only; the worker script it writes must still
