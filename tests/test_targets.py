@@ -152,3 +152,27 @@ def test_changed_images_are_refused(voc_yaml, built_cache, tmp_path):
     victim.write_bytes(victim.read_bytes() + b"\0" * 10)
     with pytest.raises(AtcacheError, match="edited or replaced"):
         check(built_cache, yaml_copy)
+
+
+def test_letterbox_columns_are_read_by_name(voc_yaml, built_cache, tmp_path):
+    """A store whose letterbox columns are stored in another order (attr `columns` says which) gives the same
+    letterbox by name and the same warped targets: nothing reads a column by position."""
+    from atcache.store import CacheStore
+    from atcache.targets import CacheTargets
+
+    copy = tmp_path / "reordered.zarr"
+    shutil.copytree(built_cache, copy)
+    arr = zarr.open_group(str(copy), mode="r+")["letterbox"]
+    columns = list(arr.attrs["columns"])
+    order = columns[::-1]
+    arr[:] = arr[:][:, [columns.index(c) for c in order]]
+    arr.attrs["columns"] = order
+    a, b = CacheStore.open(built_cache).letterbox(), CacheStore.open(copy).letterbox()
+    assert b.columns == tuple(order) != a.columns
+    for c in columns:
+        np.testing.assert_array_equal(a[c], b[c])
+    views = [view for _, view in traced_views(target_dataset(voc_yaml, built_cache), 6)]
+    one, two = CacheTargets.load(built_cache, TEST_LAYERS), CacheTargets.load(copy, TEST_LAYERS)
+    for view in views:
+        for x, y in zip(one.warped(view), two.warped(view)):
+            np.testing.assert_array_equal(x, y)

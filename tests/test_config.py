@@ -1,0 +1,57 @@
+"""The one serialized form of the configs: every field survives the trip to a child process."""
+
+import dataclasses
+
+import pytest
+
+from atcache.config import BuildConfig, DistillSettings, parse_layers, parse_shard
+from atcache.errors import AtcacheError
+
+
+def _all_changed(cls, **required):
+    """An instance where every field differs from its default (so a field that falls back to it shows)."""
+    values = dict(required)
+    for f in dataclasses.fields(cls):
+        if f.name in values:
+            continue
+        default = f.default
+        if isinstance(default, bool):
+            values[f.name] = not default
+        elif isinstance(default, (int, float)) and not isinstance(default, bool):
+            values[f.name] = default + 3
+        elif isinstance(default, str):
+            values[f.name] = default + "x"
+        elif f.name == "layers":
+            values[f.name] = ((4, 6), (8, 8)) if cls is DistillSettings else (2, 4)
+        elif f.name == "shard":
+            values[f.name] = (1, 3)
+        elif f.name == "ram_budget_gb":
+            values[f.name] = 1.5
+        elif f.name == "stream":
+            values[f.name] = False
+        else:
+            raise AssertionError(f"no test value for {cls.__name__}.{f.name}")
+    return cls(**values)
+
+
+@pytest.mark.parametrize("cls,required", [(BuildConfig, {"teacher": "t.pt", "data": "d.yaml", "out": "c.zarr"}),
+                                          (DistillSettings, {})])
+def test_every_field_survives_json(cls, required):
+    cfg = _all_changed(cls, **required)
+    assert all(getattr(cfg, f.name) != f.default for f in dataclasses.fields(cls) if f.name not in required)
+    again = cls.from_json(cfg.to_json())
+    assert again == cfg and type(again.layers) is tuple
+
+
+def test_layer_and_shard_parsing():
+    assert parse_layers("6, 8,13") == (6, 8, 13)
+    assert parse_layers("4:6,8", pairs=True) == ((4, 6), (8, 8))
+    assert parse_shard("1/4") == (1, 4)
+    with pytest.raises(AtcacheError, match="comma-separated list of layer indices, e.g. 6,8,13,16,19,22"):
+        parse_layers("6,x")
+    with pytest.raises(AtcacheError, match="student:cache pairs"):
+        parse_layers("4:x", pairs=True)
+    with pytest.raises(AtcacheError, match="empty"):
+        parse_layers(",")
+    with pytest.raises(AtcacheError, match="out of range"):
+        parse_shard("4/4")
