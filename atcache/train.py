@@ -140,17 +140,17 @@ def _check_settings(s: DistillSettings, imgsz: int, data: str, rect: bool = Fals
     store = CacheStore.open(s.cache)
     ranks = ranks_on_this_node(device)
     spec = check_cache(s.cache, s.source_layers, imgsz, train_split, s.ram_budget_gb, s.stream, ranks, store)
-    streaming = streams(ram_need_gb(spec, s.source_layers) * ranks, s.ram_budget_gb, s.stream)
-    return RunPlan(spec.p, spec.kind, spec.eps, store, streaming)
+    return RunPlan(spec.p, spec.kind, spec.eps, store, _streams(spec, s, ranks))
 
 
 def cache_streams(s: DistillSettings, device: str | None = None) -> bool:
     """Whether a cache run reads its targets from disk chunk by chunk instead of loading them into RAM (every DDP
     process on this machine would hold its own copy)."""
-    if s.mode != "cache":
-        return False
-    need = ram_need_gb(CacheStore.open(s.cache).spec, s.source_layers) * ranks_on_this_node(device)
-    return streams(need, s.ram_budget_gb, s.stream)
+    return s.mode == "cache" and _streams(CacheStore.open(s.cache).spec, s, ranks_on_this_node(device))
+
+
+def _streams(spec: CacheSpec, s: DistillSettings, ranks: int) -> bool:
+    return streams(ram_need_gb(spec, s.source_layers) * ranks, s.ram_budget_gb, s.stream)
 
 
 def _settings_for(settings: DistillSettings | None, cfg) -> DistillSettings:
