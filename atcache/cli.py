@@ -192,6 +192,7 @@ BatchOpt = Annotated[int, typer.Option(help="Batch size over all devices.")]
 DeviceOpt = Annotated[str, typer.Option(help="cpu, a CUDA index, or several (0,1) for DDP.")]
 ProjectOpt = Annotated[Path, typer.Option(help="Parent of the run folder (ultralytics' project).")]
 AtWeightOpt = Annotated[float, typer.Option(help="Weight of the AT loss added to the detection loss.")]
+AugSeedOpt = Annotated[Optional[int], typer.Option(help="Seeded augmentation: each sample's augmentation and each epoch's order a function of (seed, epoch, index) alone, so runs see identical batches.")]
 
 
 @app.command("train", context_settings=EXTRA_ARGS)
@@ -206,12 +207,13 @@ def train_cmd(
     device: DeviceOpt = "0",
     project: ProjectOpt = Path("runs/detect"),
     name: Annotated[str, typer.Option(help="Run name (ultralytics adds a number if it exists).")] = "train",
+    aug_seed: AugSeedOpt = None,
 ):
     """Baseline: train the student alone with the same trainer (no distillation). Extra key=value go to ultralytics."""
     prepare_ultralytics()
     from atcache.config import DistillSettings
 
-    _train(DistillSettings(mode="plain"), student, data, epochs, imgsz, batch, device, project, name, ctx.args)
+    _train(DistillSettings(mode="plain", aug_seed=aug_seed), student, data, epochs, imgsz, batch, device, project, name, ctx.args)
 
 
 @app.command("train-from-cache", context_settings=EXTRA_ARGS)
@@ -233,6 +235,7 @@ def train_from_cache_cmd(
     shuffle_window: Annotated[int, typer.Option(help="Streaming: chunks whose samples are shuffled together (more: closer to a full shuffle, more RAM per loader worker).")] = 4,
     project: ProjectOpt = Path("runs/detect"),
     name: Annotated[str, typer.Option(help="Run name (ultralytics adds a number if it exists).")] = "train-from-cache",
+    aug_seed: AugSeedOpt = None,
 ):
     """Train the student with AT targets streamed from the cache; the teacher is never loaded. Extra key=value go to ultralytics."""
     prepare_ultralytics()
@@ -241,7 +244,8 @@ def train_from_cache_cmd(
 
     pairs = parse_layers(layers, pairs=True) if layers else tuple((i, i) for i in CacheStore.open(cache).spec.layer_indices)
     settings = DistillSettings(mode="cache", cache=str(cache), targets=targets, at_weight=at_weight, layers=pairs,
-                               ram_budget_gb=ram_budget, stream=stream, shuffle_window=shuffle_window)
+                               ram_budget_gb=ram_budget, stream=stream, shuffle_window=shuffle_window,
+                               aug_seed=aug_seed)
     _train(settings, student, data, epochs, imgsz, batch, device, project, name, ctx.args)
 
 
@@ -262,13 +266,14 @@ def train_online_cmd(
     kind: Annotated[str, typer.Option(help="Attention map: sum_p, sum or max_p.")] = "sum_p",
     project: ProjectOpt = Path("runs/detect"),
     name: Annotated[str, typer.Option(help="Run name (ultralytics adds a number if it exists).")] = "train-online",
+    aug_seed: AugSeedOpt = None,
 ):
     """Baseline: the seed's online AT (teacher forward every step), same trainer, loss and weight. Extra key=value go to ultralytics."""
     prepare_ultralytics()
     from atcache.config import DistillSettings
 
     settings = DistillSettings(mode="online", teacher=teacher, at_weight=at_weight, layers=parse_layers(layers, pairs=True),
-                               p=p, kind=kind)
+                               p=p, kind=kind, aug_seed=aug_seed)
     _train(settings, student, data, epochs, imgsz, batch, device, project, name, ctx.args)
 
 

@@ -76,6 +76,7 @@ class DistillSettings(JsonConfig):
     ram_budget_gb: float | None = None
     stream: bool | None = None  # None: stream the cache from disk when it needs more than ram_budget_gb
     shuffle_window: int = DEFAULT_WINDOW  # streaming: chunks whose samples are shuffled together
+    aug_seed: int | None = None  # each sample's augmentation and each epoch's order from (aug_seed, epoch, index)
 
     @property
     def student_layers(self) -> tuple[int, ...]:

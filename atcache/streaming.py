@@ -13,13 +13,13 @@ import os
 from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
-import torch
 
 from atcache.config import DEFAULT_WINDOW
 from atcache.errors import AtcacheError
+from atcache.seeding import EpochSampler
 from atcache.spec import CacheSpec, LetterboxTable
 from atcache.store import CacheStore
 from atcache.targets import TargetRendering, padding_energy
@@ -43,35 +43,17 @@ def epoch_order(chunk_of: np.ndarray, window: int, seed: int, epoch: int) -> np.
     return np.concatenate(blocks) if blocks else np.zeros(0, dtype=np.int64)
 
 
-def _rank_share(order: np.ndarray, rank: int, world_size: int) -> np.ndarray:
-    """DDP rank `rank`'s contiguous slice of an epoch order (disjoint, covering; wrapped to equal lengths as torch's
-    DistributedSampler pads), so each rank still reads whole chunks."""
-    per = math.ceil(len(order) / world_size)
-    return np.resize(order, per * world_size)[rank * per:(rank + 1) * per]
-
-
-class BlockShuffleSampler(torch.utils.data.Sampler):
-    """Chunk-grouped, window-shuffled sample order (see `epoch_order`), a new one at every pass.
-
-    ultralytics calls `set_epoch` only under DDP, and its persistent loader may start the next pass before that call,
-    so each `__iter__` takes the next epoch and `set_epoch` only moves the counter forward (resume sets the start)."""
+class BlockShuffleSampler(EpochSampler):
+    """Chunk-grouped, window-shuffled sample order (see `epoch_order`), a new one at every pass; epochs counted and
+    DDP ranks sliced as EpochSampler does, so each rank still reads whole chunks."""
 
     def __init__(self, chunk_of: Sequence[int], window: int = DEFAULT_WINDOW, seed: int = 0, rank: int = 0,
-                 world_size: int = 1):
-        self.chunk_of, self.window, self.seed = np.asarray(chunk_of), max(1, int(window)), int(seed)
-        self.rank, self.world_size = rank, max(1, world_size)
-        self.epoch = 0
+                 world_size: int = 1, encode_epoch: bool = False):
+        super().__init__(len(chunk_of), seed, rank, world_size, encode_epoch)
+        self.chunk_of, self.window = np.asarray(chunk_of), max(1, int(window))
 
-    def __len__(self) -> int:
-        return math.ceil(len(self.chunk_of) / self.world_size)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = max(self.epoch, int(epoch))
-
-    def __iter__(self) -> Iterator[int]:
-        epoch, self.epoch = self.epoch, self.epoch + 1
-        order = epoch_order(self.chunk_of, self.window, self.seed, epoch)
-        return iter(_rank_share(order, self.rank, self.world_size).tolist())
+    def order(self, epoch: int) -> np.ndarray:
+        return epoch_order(self.chunk_of, self.window, self.seed, epoch)
 
 
 def lru_chunks(window: int, rows_per_chunk: float, buffer_rows: int) -> int:

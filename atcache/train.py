@@ -38,6 +38,7 @@ from atcache.hooks import FeatureHooks, probe_layers
 from atcache.maps import layer_maps
 from atcache.spec import CacheSpec
 from atcache.store import CacheStore
+from atcache.seeding import EpochSampler, seed_augmentation
 from atcache.streaming import BlockShuffleSampler, StreamingCacheTargets, lru_chunks, with_sampler
 from atcache.targets import TARGETS_KEY, CacheTargets, TargetRendering, attach_targets, join_rows
 
@@ -299,26 +300,38 @@ class AtcacheTrainer(DetectionTrainer):
                 load = StreamingCacheTargets.open if self.streaming else CacheTargets.load
                 self.cache_targets = load(self.plan.store, self.settings.source_layers)
             dataset = attach_targets(dataset, self.cache_targets, self.settings.targets, self.data["path"], self.args)
+        if mode == "train" and self.settings.aug_seed is not None:
+            dataset = seed_augmentation(dataset, self.settings.aug_seed, self.args, self.epochs)
         return dataset
 
     def get_dataloader(self, dataset_path: str, batch_size: int = 16, rank: int = 0, mode: str = "train"):
-        """ultralytics' loader; when streaming, the same loader drawing its training indices chunk by chunk
-        (BlockShuffleSampler)."""
+        """ultralytics' loader; when streaming or seeded, the same loader drawing its training indices from atcache's
+        sampler: chunk by chunk (BlockShuffleSampler) and/or with the epoch in each index (--aug-seed)."""
         loader = super().get_dataloader(dataset_path, batch_size, rank, mode)
-        if mode != "train" or not self.streaming:
+        seeded = self.settings.aug_seed is not None
+        if mode != "train" or not (self.streaming or seeded):
             return loader
         dataset, window = loader.dataset, self.settings.shuffle_window
-        chunk_of = dataset.at_rows // self.cache_targets.spec.chunk_rows
         ddp = rank != -1 and dist.is_available() and dist.is_initialized()
-        loader = with_sampler(loader, BlockShuffleSampler(chunk_of, window, self.args.seed,
-                                                          rank=dist.get_rank() if ddp else 0,
-                                                          world_size=dist.get_world_size() if ddp else 1))
+        share = {"rank": dist.get_rank() if ddp else 0, "world_size": dist.get_world_size() if ddp else 1,
+                 "encode_epoch": seeded}
+        seed = self.settings.aug_seed if seeded else self.args.seed
+        if not self.streaming:
+            return with_sampler(loader, EpochSampler(len(dataset), seed, **share))
+        chunk_of = dataset.at_rows // self.cache_targets.spec.chunk_rows
+        loader = with_sampler(loader, BlockShuffleSampler(chunk_of, window, seed, **share))
         buffer_rows = min(len(dataset), dataset.max_buffer_length * max(1, loader.num_workers))
         self.cache_targets.capacity = lru_chunks(window, len(chunk_of) / len(np.unique(chunk_of)), buffer_rows)
         LOGGER.info(f"atcache: streaming {self.settings.cache} from disk: chunks of {self.cache_targets.spec.chunk_rows} "
                     f"rows in a shuffled order, samples shuffled within {window} chunks, "
                     f"{self.cache_targets.capacity} decoded chunks kept per loader process")
         return loader
+
+    def _close_dataloader_mosaic(self):
+        """ultralytics' switch, then its loader restarts (reset): the epoch sampler resumes at this epoch exactly."""
+        super()._close_dataloader_mosaic()
+        if isinstance(self.train_loader.sampler, EpochSampler):
+            self.train_loader.sampler.set_epoch(self.epoch, exact=True)
 
     def preprocess_batch(self, batch: dict) -> dict:
         batch = super().preprocess_batch(batch)
@@ -345,10 +358,10 @@ class AtcacheTrainer(DetectionTrainer):
     # ------------------------------------------------------------------ model and loss
     def _setup_train(self):
         super()._setup_train()
+        if isinstance(self.train_loader.sampler, EpochSampler):
+            self.train_loader.sampler.set_epoch(self.start_epoch)  # a resumed run continues the epochs' orders
         if self.settings.mode == "plain":
             return
-        if isinstance(self.train_loader.sampler, BlockShuffleSampler):
-            self.train_loader.sampler.set_epoch(self.start_epoch)  # a resumed run continues the epochs' orders
         model = unwrap_model(self.model)
         student_strides = self._strides(model, self.settings.student_layers)
         if self.settings.mode == "online":

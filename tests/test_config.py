@@ -29,6 +29,8 @@ def _all_changed(cls, **required):
             values[f.name] = 1.5
         elif f.name == "stream":
             values[f.name] = False
+        elif f.name == "aug_seed":
+            values[f.name] = 7
         else:
             raise AssertionError(f"no test value for {cls.__name__}.{f.name}")
     return cls(**values)
