@@ -43,10 +43,11 @@ class BuildReport:
     warnings: list[str] = field(default_factory=list)
     repaired: dict[int, list[str]] = field(default_factory=dict)  # row-chunk -> arrays that failed to decode
     parts: list[tuple[str, int, float, list]] = field(default_factory=list)  # per device process: rows, s, skipped
+    replayed: int = 0  # replay samples (augmented views) computed now
 
     @property
     def img_per_s(self) -> float:
-        return self.computed / self.seconds if self.seconds > 0 else 0.0
+        return (self.computed + self.replayed) / self.seconds if self.seconds > 0 else 0.0
 
     @property
     def bytes_per_image(self) -> float:
@@ -54,15 +55,16 @@ class BuildReport:
 
     def summary(self) -> str:
         repaired = f"repaired {len(self.repaired)} damaged row-chunk(s); " if self.repaired else ""
+        replayed = f" and {self.replayed} replayed views" if self.replayed else ""
         return (
-            f"{repaired}{self.computed} images in {self.seconds:.1f}s ({self.img_per_s:.1f} img/s), "
+            f"{repaired}{self.computed} images{replayed} in {self.seconds:.1f}s ({self.img_per_s:.1f} img/s), "
             f"{self.already_done} already done, {len(self.skipped)} skipped; store {self.out}: "
             f"{self.store_bytes / 1e6:.1f} MB, {self.bytes_per_image / 1e3:.1f} KB/image"
         )
 
     def device_lines(self) -> list[str]:
         """One summary per device process of a several-device build (none for the other runners)."""
-        return [f"device {d}: " + dataclasses.replace(self, computed=rows, seconds=seconds, already_done=0,
+        return [f"device {d}: " + dataclasses.replace(self, computed=rows, replayed=0, seconds=seconds, already_done=0,
                                                       skipped=skipped, repaired={}).summary()
                 for d, rows, seconds, skipped in self.parts]
 
@@ -92,7 +94,14 @@ def _make_spec(cfg: BuildConfig, teacher: LoadedModel, split: SplitFiles, device
         split=cfg.split, dataset_fingerprint=split.fingerprint(), n_rows=len(split.files), chunk_rows=cfg.chunk_rows,
         letterbox=Letterbox(), teacher_path=teacher.path, data_yaml=split.data_yaml,
         atcache_version=__version__, ultralytics_version=ultralytics.__version__, torch_version=torch.__version__,
+        replay=_replay_spec(cfg) if cfg.replay_epochs else None,
     )
+
+
+def _replay_spec(cfg: BuildConfig):
+    from atcache.replay import replay_spec
+
+    return replay_spec(cfg, cfg.imgsz)
 
 
 def build_cache(cfg: BuildConfig) -> BuildReport:
@@ -106,9 +115,9 @@ def build_cache(cfg: BuildConfig) -> BuildReport:
     store = _open_store(cfg, teacher, split, device, join=cfg.shard[1] > 1)
     if not here:
         del teacher
-    owned = chunks_for_shard(store.n_chunks, *cfg.shard)
+    owned = chunks_for_shard(store.n_units, *cfg.shard)
     with _claim_chunks(store, owned, cfg) as (todo, repaired):
-        already = store.rows_in(sorted(set(owned) - set(todo)))
+        already = store.unit_rows(sorted(set(owned) - set(todo)))[0]
         t_loop = time.perf_counter()
         result = RunResult()
         if todo and here:
@@ -118,14 +127,18 @@ def build_cache(cfg: BuildConfig) -> BuildReport:
         elif todo:
             result = run_on_devices(cfg, store, todo, devices)
         loop_seconds = time.perf_counter() - t_loop
-        done = store.done_mask()  # rows done now, whichever process (or attempt of a retried task) wrote them
-        computed = int(sum(done[slice(*store.chunk_range(k))].sum() for k in todo))
-        if done.all():  # nobody writes a chunk of a complete store: what killed writers left can go
+        complete = store.complete_units()  # done now, whichever process (or attempt of a retried task) wrote them
+        done, replay_done = store.done_mask(), store.replay_done() if store.spec.replay else None
+        computed = int(sum(done[slice(*store.chunk_range(k))].sum() for k in todo if k < store.n_chunks))
+        replayed = int(sum(replay_done[e, a:b].sum() for e, a, b in
+                           (store.replay_unit(u) for u in todo if u >= store.n_chunks)))
+        if complete.all():  # nobody writes a chunk of a complete store: what killed writers left can go
             store.sweep_partial_writes()
     return BuildReport(
         out=str(cfg.out), computed=computed, already_done=already, total_rows=store.n_rows,
         seconds=time.perf_counter() - t0, loop_seconds=loop_seconds, store_bytes=store.nbytes_stored(),
         skipped=result.skipped, warnings=vanishing_layers(store), repaired=repaired, parts=result.parts,
+        replayed=replayed,
     )
 
 
@@ -139,6 +152,10 @@ def _check_flags(cfg: BuildConfig) -> list[str]:
         raise AtcacheError("--repair works on an existing store: pass --resume --repair")
     if cfg.repair and cfg.overwrite:
         raise AtcacheError("--repair keeps the store and --overwrite deletes it; pass one of them")
+    if cfg.replay_epochs < 0:
+        raise AtcacheError(f"--replay-epochs {cfg.replay_epochs} must be 0 (no replay arrays) or more")
+    if not cfg.replay_epochs and (cfg.augment or cfg.aug_seed):
+        raise AtcacheError("--aug-seed and augmentation key=value shape the replay arrays; add --replay-epochs E")
     devices = parse_devices(cfg.device) or ["cpu"]
     if cfg.scheduler:
         if cfg.shard != (0, 1):
@@ -164,16 +181,16 @@ def _claim_chunks(store: CacheStore, owned: Sequence[int], cfg: BuildConfig):
     """Own the row-chunks this builder will compute (refused if a live builder holds any), repair damaged ones with
     --repair, and yield (the chunks still to compute, {repaired chunk: arrays})."""
     owned = list(owned)
-    complete = store.complete_chunks()
+    complete = store.complete_units()
     candidates = owned if cfg.repair else [k for k in owned if not complete[k]]
     if not candidates:
         yield [], {}
         return
     with ChunkClaim(store, candidates, break_locks=cfg.break_locks):
-        repaired = store.damaged_chunks(candidates) if cfg.repair else {}
+        repaired = store.damaged_chunks([k for k in candidates if k < store.n_chunks]) if cfg.repair else {}
         if repaired:
             store.mark_not_done(repaired)
-            complete = store.complete_chunks()
+            complete = store.complete_units()
         yield [k for k in candidates if not complete[k]], repaired
 
 

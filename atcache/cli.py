@@ -79,9 +79,10 @@ def prepare_voc_cmd(
     typer.echo(f"dataset ready: {data_yaml}")
 
 
-@app.command("build-cache")
+@app.command("build-cache", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 @_friendly
 def build_cache_cmd(
+    ctx: typer.Context,
     teacher: Annotated[str, typer.Option(help="Teacher: a trained ultralytics checkpoint .pt, or a model YAML (random init).")],
     data: Annotated[Path, typer.Option(help="Ultralytics detection data YAML.")],
     out: Annotated[str, typer.Option(help="Cache store to write: a Zarr v3 folder (voc_m.zarr) or an fsspec URL (s3://bucket/voc_m.zarr).")],
@@ -102,8 +103,12 @@ def build_cache_cmd(
     scheduler: Annotated[Optional[str], typer.Option(help="Build on dask.distributed: local:N worker processes here, or a scheduler address tcp://host:8786.")] = None,
     break_locks: Annotated[bool, typer.Option(help="Take over row-chunks claimed by another builder that is known to be dead.")] = False,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    replay_epochs: Annotated[int, typer.Option(help="Also store the teacher's maps on every augmented view of this many epochs of seeded training (train-from-cache --targets replay).")] = 0,
+    aug_seed: Annotated[int, typer.Option(help="The replay's augmentation seed (train with the same --aug-seed, or let training take it from the cache).")] = 0,
 ):
-    """Run the teacher once over a split and write per-layer attention maps into a chunked Zarr v3 store."""
+    """Run the teacher once over a split and write per-layer attention maps into a chunked Zarr v3 store. With
+    --replay-epochs, extra key=value (mosaic=, mixup=, scale=, fliplr=, hsv_h=, close_mosaic=, epochs=, ...) set the
+    ultralytics augmentation the replay arrays are made with."""
     prepare_ultralytics()
     from atcache.build import build_cache
     from atcache.config import BuildConfig
@@ -119,7 +124,8 @@ def build_cache_cmd(
         teacher=teacher, data=str(data), out=str(out), split=split, layers=parse_layers(layers), imgsz=imgsz,
         batch=batch, device=device, p=p, kind=kind, workers=workers, resume=resume, overwrite=overwrite,
         shard=parse_shard(shard), chunk_rows=chunk_rows, skip_bad=skip_bad, progress=progress, repair=repair,
-        break_locks=break_locks, scheduler=scheduler or "",
+        break_locks=break_locks, scheduler=scheduler or "", replay_epochs=replay_epochs, aug_seed=aug_seed,
+        augment=tuple(sorted(_ultralytics_overrides(ctx.args, ("model", "data", "imgsz", "batch", "device")).items())),
     )
     report = build_cache(cfg)
     for k, arrays in sorted(report.repaired.items()):
@@ -138,8 +144,9 @@ TRAIN_OPTION_KEYS = ("model", "data", "epochs", "imgsz", "batch", "device", "pro
 EXTRA_ARGS = {"allow_extra_args": True, "ignore_unknown_options": True}
 
 
-def _ultralytics_overrides(extra: list[str]) -> dict:
-    """`key=value` words after the options -> ultralytics train arguments (checked against its defaults)."""
+def _ultralytics_overrides(extra: list[str], reserved: tuple[str, ...] = TRAIN_OPTION_KEYS) -> dict:
+    """`key=value` words after the options -> ultralytics train arguments (checked against its defaults); `reserved`
+    keys are atcache options of the command."""
     from ultralytics.cfg import smart_value
     from ultralytics.utils import DEFAULT_CFG_DICT
 
@@ -149,7 +156,7 @@ def _ultralytics_overrides(extra: list[str]) -> dict:
         key = key.lstrip("-").replace("-", "_")
         if not sep or not key:
             raise AtcacheError(f"unexpected argument {word!r}; extra ultralytics arguments are written key=value (e.g. lr0=0.01)")
-        if key in TRAIN_OPTION_KEYS:
+        if key in reserved:
             raise AtcacheError(f"{key}= is an atcache option here; use --{'student' if key == 'model' else key}")
         if key not in DEFAULT_CFG_DICT:
             raise AtcacheError(f"{key!r} is not an ultralytics train argument; see `yolo cfg` for the valid ones")
@@ -166,7 +173,7 @@ def _train(settings, student: str, data: Path, epochs: int, imgsz: int, batch: i
         raise AtcacheError(f"student checkpoint {student} does not exist; pass a .pt you have or a model YAML (yolo11s.yaml)")
     if not data.is_file():
         raise AtcacheError(f"data YAML {data} does not exist; pass the YAML written by `atcache prepare-voc` or your own")
-    overrides = {"model": student, "data": str(data), "epochs": epochs, "imgsz": imgsz, "batch": batch,
+    overrides = {"model": student, "data": str(data), **({} if epochs is None else {"epochs": epochs}), "imgsz": imgsz, "batch": batch,
                  "device": _default_device(device, "training"), "project": str(project.resolve()), "name": name,
                  **_ultralytics_overrides(extra)}
     trainer = train_student(settings, overrides)
@@ -223,12 +230,12 @@ def train_from_cache_cmd(
     cache: Annotated[str, typer.Option(help="Cache store written by build-cache for this data's train split (a folder or an fsspec URL).")],
     student: StudentOpt,
     data: DataOpt,
-    epochs: EpochsOpt = 100,
+    epochs: Annotated[Optional[int], typer.Option(help="Training epochs (default 100; with --targets replay the cache's).")] = None,
     imgsz: ImgszOpt = 640,
     batch: BatchOpt = 64,
     device: DeviceOpt = "0",
     at_weight: AtWeightOpt = 1.0,
-    targets: Annotated[str, typer.Option(help="warp: align maps with mosaic/affine/flip/mixup; static: no geometric aug, exact maps.")] = "warp",
+    targets: Annotated[str, typer.Option(help="warp: align maps with mosaic/affine/flip/mixup; static: no geometric aug, exact maps; replay: the teacher's maps on every augmented view (build-cache --replay-epochs).")] = "warp",
     layers: Annotated[str, typer.Option(help="Layers to distil: 6,8,13 (same index in student and cache) or student:cache pairs 4:6,6:8. Default: all cached layers.")] = "",
     ram_budget: Annotated[Optional[float], typer.Option(help="GiB of RAM the cache may take (default: half of this machine's memory); a larger cache is streamed from disk.")] = None,
     stream: Annotated[Optional[bool], typer.Option("--stream/--no-stream", help="Read the maps from disk chunk by chunk (block-shuffled order) instead of RAM. Default: only when the cache exceeds --ram-budget.")] = None,
@@ -243,6 +250,8 @@ def train_from_cache_cmd(
     from atcache.store import CacheStore
 
     pairs = parse_layers(layers, pairs=True) if layers else tuple((i, i) for i in CacheStore.open(cache).spec.layer_indices)
+    if epochs is None and targets != "replay":
+        epochs = 100
     settings = DistillSettings(mode="cache", cache=str(cache), targets=targets, at_weight=at_weight, layers=pairs,
                                ram_budget_gb=ram_budget, stream=stream, shuffle_window=shuffle_window,
                                aug_seed=aug_seed)

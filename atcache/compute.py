@@ -161,3 +161,20 @@ def compute_chunks(cfg: BuildConfig, model: torch.nn.Module, split: SplitFiles, 
         bar.close()
         writer.close()
     return skipped
+
+
+def compute_units(cfg: BuildConfig, model: torch.nn.Module, split: SplitFiles, store: CacheStore,
+                  units: Sequence[int], device: torch.device) -> list[tuple[str, str]]:
+    """Row-chunks of the static arrays (`compute_chunks`) and replay chunks (`replay.compute_replay`) among `units`;
+    returns the images skipped as unreadable."""
+    static = [u for u in units if store.replay_unit(u) is None]
+    replayed = [u for u in units if store.replay_unit(u) is not None]
+    skipped = compute_chunks(cfg, model, split, store, static, device) if static else []
+    if replayed:
+        from atcache.env import prepare_ultralytics
+
+        prepare_ultralytics()
+        from atcache.replay import compute_replay
+
+        compute_replay(cfg, model, store, replayed, device)
+    return skipped

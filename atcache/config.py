@@ -15,7 +15,7 @@ DEFAULT_CHUNK_ROWS = 256
 DEFAULT_WINDOW = 4  # streaming: row-chunks whose samples are shuffled together
 DEFAULT_AT_WEIGHT = 1.0
 TRAIN_MODES = ("plain", "cache", "online")
-TARGET_MODES = ("warp", "static")
+TARGET_MODES = ("warp", "static", "replay")
 
 
 def _tuples(x):
@@ -59,6 +59,9 @@ class BuildConfig(JsonConfig):
     break_locks: bool = False  # take over row-chunks another builder claimed (only when that builder is dead)
     scheduler: str = ""  # dask.distributed: 'local:N' or a scheduler address; '' = this machine
     retries: int = 2  # dask retries of a failed build task (a lost worker)
+    replay_epochs: int = 0  # also cache the maps of every augmented view of this many epochs of seeded training
+    aug_seed: int = 0  # the replay's --aug-seed
+    augment: tuple[tuple[str, object], ...] = ()  # ultralytics augmentation settings (key, value) for the replay
 
 
 @dataclass(frozen=True)

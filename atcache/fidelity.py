@@ -77,10 +77,26 @@ def training_dataset(cfg: FidelityConfig, store, layers: tuple[int, ...]):
     unknown = [k for k in cfg.hyp if k not in DEFAULT_CFG.__dict__]
     if unknown:
         raise AtcacheError(f"{unknown[0]!r} is not an ultralytics argument; pass augmentation settings such as mosaic=0")
-    hyp = get_cfg(DEFAULT_CFG, {**cfg.hyp, "imgsz": store.spec.imgsz})
+    replay = store.spec.replay if cfg.targets == "replay" else None
+    if cfg.targets == "replay":  # the augmentation the replay arrays were made with, seeded as they were
+        if replay is None:
+            raise AtcacheError(f"cache {cfg.cache} has no replay arrays; build them with build-cache ... --replay-epochs E")
+        differ = [k for k, v in cfg.hyp.items() if replay.augment.get(k, v) != v]
+        if differ:
+            raise AtcacheError(f"{differ[0]}={cfg.hyp[differ[0]]} differs from the replay arrays of cache {cfg.cache} "
+                               f"(built with {differ[0]}={replay.augment[differ[0]]}); leave it out")
+    hyp = get_cfg(DEFAULT_CFG, {**cfg.hyp, **(replay.augment if replay else {}), "imgsz": store.spec.imgsz})
     data = load_data_yaml(cfg.data)
     dataset = build_yolo_dataset(hyp, data["train"], cfg.batch, data, mode="train", stride=32)
-    return attach_targets(dataset, CacheTargets.load(store, layers), cfg.targets, data["path"], hyp)
+    if replay is None:
+        return attach_targets(dataset, CacheTargets.load(store, layers), cfg.targets, data["path"], hyp)
+    from atcache.replay import ReplayTargets
+    from atcache.seeding import seed_augmentation
+
+    targets = ReplayTargets(store.path, store.spec, layers)
+    targets.check_dataset(dataset.im_files, data["path"])
+    dataset = attach_targets(dataset, targets, "replay", data["path"], hyp)
+    return seed_augmentation(dataset, replay.aug_seed, hyp, hyp.epochs)
 
 
 def measure_fidelity(cfg: FidelityConfig) -> dict:
@@ -116,7 +132,8 @@ def measure_fidelity(cfg: FidelityConfig) -> dict:
     rng = np.random.default_rng(cfg.seed)
     records = []  # (kinds, {layer: (cosine, distance)})
     for _ in tqdm(range(cfg.batches), desc="fidelity", unit="batch"):
-        samples = [dataset.sample_with_view(int(i)) for i in rng.integers(0, len(dataset), cfg.batch)]
+        keys = rng.integers(0, len(dataset) * (spec.replay.epochs if cfg.targets == "replay" else 1), cfg.batch)
+        samples = [dataset.sample_with_view(int(k)) for k in keys]  # replay: key = epoch * N + index
         images = torch.stack([labels["img"] for labels, _ in samples])
         live, _ = layer_maps(teacher.model, images, layers, spec.p, spec.kind, spec.eps)
         agreement = {}  # layer -> (cosine (B,), distance (B,))

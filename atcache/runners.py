@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from atcache.compute import compute_chunks
+from atcache.compute import compute_units
 from atcache.config import BuildConfig
 from atcache.data import SplitFiles, split_files
 from atcache.errors import AtcacheError
@@ -31,7 +31,7 @@ class RunResult:
 # ---------------------------------------------------------------------------------------------------- the runners
 def run_here(cfg: BuildConfig, store: CacheStore, todo: Sequence[int], teacher, split: SplitFiles, device) -> RunResult:
     """The chunks computed in this process, with the teacher already loaded on `device`."""
-    return RunResult(skipped=compute_chunks(cfg, teacher.model, split, store, todo, device))
+    return RunResult(skipped=compute_units(cfg, teacher.model, split, store, todo, device))
 
 
 def run_on_devices(cfg: BuildConfig, store: CacheStore, todo: Sequence[int], devices: Sequence[str]) -> RunResult:
@@ -72,7 +72,7 @@ def run_on_cluster(cfg: BuildConfig, store: CacheStore, todo: Sequence[int]) -> 
             task_cfg = dataclasses.replace(task_cfg, workers=min(cfg.workers, max(0, threads - 1)))
         futures = client.map(cluster_task, [task_cfg.to_json()] * len(blocks), blocks, [threads] * len(blocks),
                              retries=cfg.retries, pure=False, key=[f"atcache-build-{b[0]}-{b[-1]}" for b in blocks])
-        bar = tqdm(total=store.rows_in(todo), desc=f"build-cache {store.location.name} ({n_workers} workers)",
+        bar = tqdm(total=sum(store.unit_rows(todo)), desc=f"build-cache {store.location.name} ({n_workers} workers)",
                    unit="img", disable=not cfg.progress, dynamic_ncols=True)
         try:
             for future in as_completed(futures):
@@ -135,14 +135,14 @@ def compute_block(cfg: BuildConfig, chunks: Sequence[int], device: str, threads:
     if teacher.weights_sha256 != store.spec.teacher_weights_sha256:
         raise AtcacheError(f"worker loaded other teacher weights from {cfg.teacher} than the cache was created with; "
                            "every worker needs the same teacher file at the same path")
-    complete = store.complete_chunks()
+    complete = store.complete_units()
     todo = [k for k in chunks if not complete[k]]
     if not todo:
         return 0, []
     if multiprocessing.current_process().daemon and cfg.workers:  # a daemonic dask worker cannot fork loaders
         cfg = dataclasses.replace(cfg, workers=0)
-    skipped = compute_chunks(cfg, teacher.model, split, store, todo, resolve_device(device))
-    return store.rows_in(todo) - len(skipped), skipped
+    skipped = compute_units(cfg, teacher.model, split, store, todo, resolve_device(device))
+    return sum(store.unit_rows(todo)) - len(skipped), skipped
 
 
 def cluster_task(cfg_json: str, chunks: Sequence[int], threads: int = 0) -> tuple[int, list[tuple[str, str]]]:

@@ -84,24 +84,41 @@ def _unbuffered(transforms) -> None:
 
 def _seeded_class(base: type) -> type:
     """`base` whose `dataset[epoch * N + index]` is sample `index` augmented as epoch `epoch` does it, from (aug_seed,
-    epoch, index) alone. Methods only: `seed_augmentation` swaps the class of the dataset ultralytics built in place."""
+    epoch, index) alone. Methods only: `seed_augmentation` swaps the class of the dataset ultralytics built in place.
+    A TargetDataset's `sample_with_view` takes the same keys (fidelity, replay targets)."""
 
     def decode(self, key: int) -> tuple[int, int]:
         """(epoch, dataset index) of a sampled key."""
         return divmod(int(key), len(self))
 
-    def __getitem__(self, key):
+    @contextlib.contextmanager
+    def seeded(self, key: int):
+        """Within: the epoch's pipeline and seeded generators; yields the dataset index."""
         epoch, index = self.decode(key)
         self.transforms = self.aug_pipelines[epoch >= self.aug_close_from]
+        self.at_epoch = epoch  # replay targets are looked up by (epoch, index)
         with seeded_rng(self.aug_seed, epoch, index):
-            return base.__getitem__(self, index)
+            yield index
 
     def close_mosaic(self, hyp) -> None:
         """The trainer's close_mosaic: nothing to do, each sample's epoch chooses its pipeline."""
 
+    methods = {"decode": decode, "seeded": seeded, "close_mosaic": close_mosaic}
+    if issubclass(base, TargetDataset):
+        def sample_with_view(self, key):
+            with self.seeded(key) as index:
+                return base.sample_with_view(self, index)
+
+        methods |= {"sample_with_view": sample_with_view, "__getitem__": lambda self, key: self.sample_with_view(key)[0]}
+    else:
+        def __getitem__(self, key):
+            with self.seeded(key) as index:
+                return base.__getitem__(self, index)
+
+        methods["__getitem__"] = __getitem__
     name = f"Seeded{base.__name__}"
     return type(name, (base,), {"__module__": __name__, "__qualname__": name, "__doc__": _seeded_class.__doc__,
-                                "decode": decode, "__getitem__": __getitem__, "close_mosaic": close_mosaic})
+                                **methods})
 
 
 SeededYOLODataset = _seeded_class(YOLODataset)

@@ -68,6 +68,29 @@ class LetterboxTable:
         return dict(zip(self.columns, self.values[r].tolist()))
 
 
+# ultralytics training settings that shape the augmented images (recorded with replay arrays, checked by training)
+AUGMENT_KEYS = ("epochs", "close_mosaic", "mosaic", "mixup", "cutmix", "copy_paste", "copy_paste_mode", "scale",
+                "translate", "degrees", "shear", "perspective", "fliplr", "flipud", "hsv_h", "hsv_s", "hsv_v", "bgr")
+
+
+@dataclass(frozen=True)
+class ReplaySpec:
+    """The replay arrays: the teacher's maps on exactly the augmented images seeded training sees, for `epochs` epochs
+    of `samples` samples (ultralytics' training dataset, whose image list hashes to `files_sha256`), stored per epoch
+    in that epoch's training order (EpochSampler(samples, aug_seed)), chunked by `chunk_rows` positions."""
+
+    epochs: int
+    aug_seed: int
+    samples: int
+    chunk_rows: int
+    files_sha256: str
+    augment: dict  # AUGMENT_KEYS -> the value the build used
+
+    @property
+    def chunks_per_epoch(self) -> int:
+        return -(-self.samples // self.chunk_rows)
+
+
 @dataclass(frozen=True)
 class CacheSpec:
     """Everything that determines the cached values; two stores with equal specs hold equal data."""
@@ -93,6 +116,7 @@ class CacheSpec:
     ultralytics_version: str = ""
     torch_version: str = ""
     created: str = ""
+    replay: ReplaySpec | None = None  # --replay-epochs: maps of every augmented view, see ReplaySpec
 
     @property
     def layer_indices(self) -> tuple[int, ...]:
@@ -110,7 +134,10 @@ class CacheSpec:
         return dataclasses.replace(self, created=now)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        if d["replay"] is None:  # a store without replay arrays reads (and is written) as before they existed
+            del d["replay"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "CacheSpec":
@@ -123,6 +150,8 @@ class CacheSpec:
         if "columns" in lb:
             lb["columns"] = tuple(lb["columns"])
         d["letterbox"] = Letterbox(**lb)
+        if d.get("replay") is not None:
+            d["replay"] = ReplaySpec(**d["replay"])
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
 
@@ -130,11 +159,11 @@ class CacheSpec:
         """Human-readable 'field: ours vs theirs' for every field that determines the data and differs."""
         out = []
         a, b = self.to_dict(), other.to_dict()
-        for key in a:
+        for key in list(a) + [k for k in b if k not in a]:
             if key in INFORMATIONAL:
                 continue
-            if a[key] != b.get(key):
-                out.append(f"{key}: {_short(a[key])} vs {_short(b.get(key))}")
+            if a.get(key) != b.get(key):
+                out.append(f"{key}: {_short(a.get(key))} vs {_short(b.get(key))}")
         return out
 
 

@@ -128,6 +128,8 @@ class CacheStore:
         files_arr = group.create_array("files", shape=(n,), chunks=(r,), dtype=str, fill_value="",
                                        dimension_names=("row",), overwrite=True)
         files_arr[:] = np.asarray(files, dtype=object)
+        if spec.replay is not None:
+            _create_replay_arrays(group, spec)
         group.attrs[SPEC_ATTR] = spec.to_dict()  # written last: a store with a spec is complete
         return cls(loc, group, spec)
 
@@ -233,6 +235,83 @@ class CacheStore:
         """(n_chunks,) bool: every row of the chunk is done."""
         done = self.done_mask()
         return np.array([done[a:b].all() for a, b in map(self.chunk_range, range(self.n_chunks))], dtype=bool)
+
+    # ------------------------------------------------------------------ units: row-chunks, then replay chunks
+    # The unit of writing, resuming, claiming and sharding: units 0 .. n_chunks-1 are the row-chunks of the static
+    # arrays; with replay arrays, unit n_chunks + e * K + k is positions k*R' .. (k+1)*R' of epoch e (K chunks each).
+    @property
+    def n_units(self) -> int:
+        replay = self.spec.replay
+        return self.n_chunks + (replay.epochs * replay.chunks_per_epoch if replay else 0)
+
+    def replay_unit(self, u: int) -> tuple[int, int, int] | None:
+        """(epoch, first position, end position) of replay unit u; None for a row-chunk of the static arrays."""
+        if u < self.n_chunks:
+            return None
+        replay = self.spec.replay
+        e, k = divmod(u - self.n_chunks, replay.chunks_per_epoch)
+        return e, k * replay.chunk_rows, min((k + 1) * replay.chunk_rows, replay.samples)
+
+    def unit_rows(self, units: Iterable[int]) -> tuple[int, int]:
+        """(rows of row-chunks, samples of replay chunks) that the units hold."""
+        static = replayed = 0
+        for u in units:
+            r = self.replay_unit(u)
+            if r is None:
+                a, b = self.chunk_range(u)
+                static += b - a
+            else:
+                replayed += r[2] - r[1]
+        return static, replayed
+
+    def complete_units(self) -> np.ndarray:
+        """(n_units,) bool: every row (or replayed sample) of the unit is done."""
+        out = list(self.complete_chunks())
+        if self.spec.replay is not None:
+            done = self.replay_done()
+            out += [bool(done[e, a:b].all()) for e, a, b in map(self.replay_unit, range(self.n_chunks, self.n_units))]
+        return np.array(out, dtype=bool)
+
+    def replay_done(self) -> np.ndarray:
+        """(E, M) bool: replayed samples written; a chunk that cannot be decoded counts as not done."""
+        try:
+            return np.asarray(self.group["replay/done"][:], dtype=bool)
+        except Exception:
+            replay = self.spec.replay
+            out = np.zeros((replay.epochs, replay.samples), dtype=bool)
+            for e, a, b in map(self.replay_unit, range(self.n_chunks, self.n_units)):
+                try:
+                    out[e, a:b] = self.group["replay/done"][e, a:b]
+                except Exception:
+                    pass
+            return out
+
+    def write_replay(self, u: int, maps: dict[int, np.ndarray], norms: dict[int, np.ndarray], samples: np.ndarray,
+                     records: np.ndarray) -> None:
+        """Write replay unit u whole (data first, `done` last): per layer the maps (r, H, W) and norms (r,) of the
+        positions, the dataset index of each position and the fingerprint of its augmented image."""
+        e, a, b = self.replay_unit(u)
+        for layer in self.spec.layers:
+            self.group[f"replay/maps/{layer.index}"][e, a:b] = maps[layer.index].astype(self.spec.map_dtype, copy=False)
+            self.group[f"replay/norms/{layer.index}"][e, a:b] = norms[layer.index].astype(np.float32, copy=False)
+        self.group["replay/sample"][e, a:b] = samples.astype(np.int32, copy=False)
+        self.group["replay/record"][e, a:b] = records.astype(np.uint64, copy=False)
+        self.group["replay/done"][e, a:b] = True
+
+    def read_replay(self, layers: Sequence[int], e: int, a: int, b: int) -> tuple[dict[int, np.ndarray], np.ndarray]:
+        """({layer: maps (r, H, W) float16}, fingerprints (r,) uint64) of positions a:b of epoch e; a chunk that fails
+        to decode is one AtcacheError naming the array, epoch and positions."""
+        out = {}
+        for name in [f"replay/maps/{i}" for i in layers] + ["replay/record", "replay/done"]:
+            try:
+                out[name] = np.asarray(self.group[name][e, a:b])
+            except Exception as error:
+                raise AtcacheError(f"cache {self.path}: {name} epoch {e} positions {a}-{b - 1} "
+                                   f"{_decode_failure(error)}; rebuild the replay arrays with build-cache --overwrite") from None
+        if not out["replay/done"].all():
+            raise AtcacheError(f"cache {self.path}: replay epoch {e} positions {a}-{b - 1} are not built yet; finish "
+                               "the cache with `atcache build-cache ... --resume`")
+        return {i: out[f"replay/maps/{i}"] for i in layers}, out["replay/record"]
 
     def array_names(self) -> list[str]:
         """Every array of the store; each is chunked by `chunk_rows` rows along axis 0."""
@@ -348,6 +427,23 @@ class CacheStore:
 
 
 REPAIR_HINT = 'run "atcache inspect --verify {path}", then "atcache build-cache ... --resume --repair"'
+
+
+def _create_replay_arrays(group: zarr.Group, spec: CacheSpec) -> None:
+    """The replay arrays (E epochs x M positions), chunked by one epoch x chunk_rows positions: one replay unit."""
+    e, m, r = spec.replay.epochs, spec.replay.samples, spec.replay.chunk_rows
+    for layer in spec.layers:
+        group.create_array(
+            f"replay/maps/{layer.index}", shape=(e, m, layer.height, layer.width), chunks=(1, r, layer.height, layer.width),
+            dtype=spec.map_dtype, fill_value=np.nan, compressors=map_compressors(),
+            dimension_names=("epoch", "position", "y", "x"), overwrite=True,
+        )
+        group.create_array(f"replay/norms/{layer.index}", shape=(e, m), chunks=(1, r), dtype="float32",
+                           fill_value=np.nan, compressors=small_compressors(4), dimension_names=("epoch", "position"),
+                           overwrite=True)
+    for name, dtype, fill, size in (("sample", "int32", -1, 4), ("record", "uint64", 0, 8), ("done", "bool", False, 1)):
+        group.create_array(f"replay/{name}", shape=(e, m), chunks=(1, r), dtype=dtype, fill_value=fill,
+                           compressors=small_compressors(size), dimension_names=("epoch", "position"), overwrite=True)
 
 
 def _decode_failure(e: Exception) -> str:

@@ -279,7 +279,7 @@ class TargetDataset(YOLODataset):
 
     Made from the dataset ultralytics built (see `attach_targets`), so every other behaviour stays its own."""
 
-    at_cache: TargetRendering  # CacheTargets (in RAM) or streaming.StreamingCacheTargets
+    at_cache: TargetRendering  # CacheTargets (in RAM), streaming.StreamingCacheTargets, or replay.ReplayTargets
     at_rows: np.ndarray
     at_mode: str
 
@@ -303,7 +303,12 @@ class TargetDataset(YOLODataset):
         """A training sample with its targets, and the view tree they were rendered from."""
         labels = self.transforms(self.get_image_and_label(index))
         view = labels.pop(VIEW_KEY)
-        maps = self.at_cache.static(view.row) if self.at_mode == "static" else self.at_cache.warped(view)
+        if self.at_mode == "replay":  # the teacher's maps on this very image (seeding.py sets at_epoch)
+            maps = self.at_cache.maps(self.at_epoch, index, labels["img"])
+        elif self.at_mode == "static":
+            maps = self.at_cache.static(view.row)
+        else:
+            maps = self.at_cache.warped(view)
         labels[TARGETS_KEY] = [torch.from_numpy(m) for m in maps]
         return labels, view
 
@@ -320,10 +325,10 @@ def attach_targets(dataset: YOLODataset, cache: TargetRendering, mode: str, root
     if type(dataset) is not YOLODataset:
         raise AtcacheError(f"cached targets need a plain detection dataset, got {type(dataset).__name__}; use task=detect")
     if mode not in TARGET_MODES:
-        raise AtcacheError(f"--targets {mode!r} is unknown; choose warp or static")
+        raise AtcacheError(f"--targets {mode!r} is unknown; choose warp, static or replay")
     if dataset.rect:
         raise AtcacheError("rect=True training is not supported with cached targets; drop rect")
-    rows = cache.rows_for(dataset.im_files, root)
+    rows = np.arange(len(dataset)) if mode == "replay" else cache.rows_for(dataset.im_files, root)
     dataset.__class__ = TargetDataset
     dataset.at_cache, dataset.at_rows, dataset.at_mode = cache, rows, mode
     dataset.transforms = dataset.build_transforms(hyp)

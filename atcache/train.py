@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import os
 import tempfile
 from dataclasses import dataclass
@@ -133,13 +134,16 @@ def _check_settings(s: DistillSettings, imgsz: int, data: str, rect: bool = Fals
             raise AtcacheError(f"teacher {s.teacher} does not exist; pass the path of your trained checkpoint (.pt)")
         return RunPlan(s.p, s.kind, EPS)
     if s.targets not in TARGET_MODES:
-        raise AtcacheError(f"--targets {s.targets!r} is unknown; choose warp or static")
+        raise AtcacheError(f"--targets {s.targets!r} is unknown; choose warp, static or replay")
     if rect:
         raise AtcacheError("rect=True training is not supported with cached targets; drop rect")
     if s.shuffle_window < 1:
         raise AtcacheError(f"--shuffle-window {s.shuffle_window} must be at least 1 (chunks shuffled together)")
     store = CacheStore.open(s.cache)
     ranks = ranks_on_this_node(device)
+    if s.targets == "replay":  # read chunk by chunk in training order, never loaded whole
+        spec = check_cache(s.cache, s.source_layers, imgsz, train_split, stream=True, store=store)
+        return RunPlan(spec.p, spec.kind, spec.eps, store, streaming=False)
     spec = check_cache(s.cache, s.source_layers, imgsz, train_split, s.ram_budget_gb, s.stream, ranks, store)
     return RunPlan(spec.p, spec.kind, spec.eps, store, _streams(spec, s, ranks))
 
@@ -152,6 +156,29 @@ def cache_streams(s: DistillSettings, device: str | None = None) -> bool:
 
 def _streams(spec: CacheSpec, s: DistillSettings, ranks: int) -> bool:
     return streams(ram_need_gb(spec, s.source_layers) * ranks, s.ram_budget_gb, s.stream)
+
+
+def _replay_overrides(s: DistillSettings, overrides: dict | None) -> tuple[dict, DistillSettings]:
+    """--targets replay: the augmentation settings, epochs and aug-seed the cache's replay arrays were made with, for
+    every one the run does not give; a given one that differs is refused in one line naming it."""
+    replay = CacheStore.open(s.cache).spec.replay
+    if replay is None:
+        raise AtcacheError(f"cache {s.cache} has no replay arrays; build them with `atcache build-cache ... "
+                           "--replay-epochs E` (or train with --targets warp or static)")
+    given = dict(overrides or {})
+    for key, value in replay.augment.items():
+        if key in given and given[key] != value:
+            raise AtcacheError(
+                f"{key}={given[key]} differs from the replay arrays of cache {s.cache}, built with {key}={value}; leave "
+                f"{key} out (training takes it from the cache) or rebuild the cache with `atcache build-cache ... "
+                f"--replay-epochs {replay.epochs} {key}={given[key]}`")
+    if replay.augment["epochs"] > replay.epochs:
+        raise AtcacheError(f"cache {s.cache} holds replay arrays for {replay.epochs} of {replay.augment['epochs']} "
+                           f"epochs; rebuild it with --replay-epochs {replay.augment['epochs']} to train them all")
+    if s.aug_seed is not None and s.aug_seed != replay.aug_seed:
+        raise AtcacheError(f"--aug-seed {s.aug_seed} differs from the replay arrays of cache {s.cache}, built with "
+                           f"--aug-seed {replay.aug_seed}; leave it out or rebuild with --aug-seed {s.aug_seed}")
+    return {**replay.augment, **given}, dataclasses.replace(s, aug_seed=replay.aug_seed)
 
 
 def _settings_for(settings: DistillSettings | None, cfg) -> DistillSettings:
@@ -234,6 +261,9 @@ class AtcacheTrainer(DetectionTrainer):
 
     def __init__(self, cfg=DEFAULT_CFG, overrides: dict | None = None, _callbacks=None, settings: DistillSettings | None = None):
         self.settings = s = _settings_for(settings, cfg)
+        if s.mode == "cache" and s.targets == "replay":
+            overrides, s = _replay_overrides(s, overrides)
+            self.settings = s
         args = get_cfg(cfg, overrides)  # checked before ultralytics makes the run folder
         self.plan = _check_settings(s, args.imgsz, args.data, args.rect, args.device)
         self.p, self.kind, self.eps, self.streaming = self.plan.p, self.plan.kind, self.plan.eps, self.plan.streaming
@@ -297,12 +327,22 @@ class AtcacheTrainer(DetectionTrainer):
         dataset = super().build_dataset(img_path, mode, batch)
         if mode == "train" and self.settings.mode == "cache":
             if self.cache_targets is None:
-                load = StreamingCacheTargets.open if self.streaming else CacheTargets.load
-                self.cache_targets = load(self.plan.store, self.settings.source_layers)
+                self.cache_targets = self._load_targets()
             dataset = attach_targets(dataset, self.cache_targets, self.settings.targets, self.data["path"], self.args)
         if mode == "train" and self.settings.aug_seed is not None:
             dataset = seed_augmentation(dataset, self.settings.aug_seed, self.args, self.epochs)
+        if mode == "train" and self.settings.targets == "replay" and self.settings.mode == "cache":
+            self.cache_targets.check_dataset(dataset.im_files, self.data["path"])
         return dataset
+
+    def _load_targets(self):
+        """The cache's targets for training: replay arrays (read in order), streamed chunks, or the maps in RAM."""
+        if self.settings.targets == "replay":
+            from atcache.replay import ReplayTargets
+
+            return ReplayTargets(self.plan.store.path, self.plan.store.spec, self.settings.source_layers)
+        load = StreamingCacheTargets.open if self.streaming else CacheTargets.load
+        return load(self.plan.store, self.settings.source_layers)
 
     def get_dataloader(self, dataset_path: str, batch_size: int = 16, rank: int = 0, mode: str = "train"):
         """ultralytics' loader; when streaming or seeded, the same loader drawing its training indices from atcache's

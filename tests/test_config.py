@@ -31,6 +31,8 @@ def _all_changed(cls, **required):
             values[f.name] = False
         elif f.name == "aug_seed":
             values[f.name] = 7
+        elif f.name == "augment":
+            values[f.name] = (("mosaic", 0.5), ("fliplr", 0.0))
         else:
             raise AssertionError(f"no test value for {cls.__name__}.{f.name}")
     return cls(**values)

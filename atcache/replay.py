@@ -1,0 +1,194 @@
+"""Replay targets (`build-cache --replay-epochs E`, `train-from-cache --targets replay`): the teacher's maps on exactly
+the augmented images seeded training sees, for every epoch, computed once and read back in training order.
+
+The build makes the training dataset as ultralytics does (same data YAML, imgsz and augmentation settings), seeds it
+(`seeding.py`), and runs the teacher over epoch e's order, position by position; each position keeps the dataset
+index and a fingerprint of the augmented image beside the maps. Training recomputes the fingerprint of every sample
+and refuses a mismatch. Imports ultralytics: import this module after `env.prepare_ultralytics()`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections import OrderedDict
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from atcache.config import BuildConfig
+from atcache.errors import AtcacheError
+from atcache.maps import layer_maps
+from atcache.seeding import EpochSampler, seed_augmentation
+from atcache.spec import AUGMENT_KEYS, CacheSpec, ReplaySpec
+from atcache.store import CacheStore
+
+
+def augment_settings(given: dict, epochs: int, imgsz: int):
+    """ultralytics' training settings (an IterableSimpleNamespace) with the given augmentation keys; `epochs` is the
+    number of cached epochs unless given. Refuses keys that do not shape augmentation."""
+    from ultralytics.cfg import get_cfg
+    from ultralytics.utils import DEFAULT_CFG
+
+    unknown = [k for k in given if k not in AUGMENT_KEYS]
+    if unknown:
+        raise AtcacheError(f"{unknown[0]}= does not shape augmentation; build-cache takes "
+                           f"{', '.join(k + '=' for k in AUGMENT_KEYS)}")
+    hyp = get_cfg(DEFAULT_CFG, {"epochs": epochs, **given, "imgsz": imgsz})
+    if hyp.epochs < epochs:
+        raise AtcacheError(f"epochs={hyp.epochs} is fewer than --replay-epochs {epochs}; cache at most the epochs "
+                           "training runs")
+    return hyp
+
+
+def training_dataset(data_yaml: str, hyp, seed: int):
+    """The training split as ultralytics' trainer builds it (YOLODataset with its augmentations), seeded."""
+    from ultralytics.data.build import build_yolo_dataset
+
+    from atcache.data import load_data_yaml
+
+    data = load_data_yaml(data_yaml)
+    dataset = build_yolo_dataset(hyp, data["train"], 16, data, mode="train", stride=32)
+    return seed_augmentation(dataset, seed, hyp, hyp.epochs), data
+
+
+def files_sha256(im_files: Sequence[str], root: str | Path) -> str:
+    """sha256 over the training dataset's image list (paths relative to the dataset root), in its order."""
+    from atcache.data import relative_to_root
+
+    h = hashlib.sha256()
+    for f in im_files:
+        h.update(relative_to_root(f, Path(root).resolve()).encode() + b"\n")
+    return h.hexdigest()
+
+
+def replay_spec(cfg: BuildConfig, imgsz: int) -> ReplaySpec:
+    """What the replay arrays will hold, from the settings and the training dataset they imply."""
+    hyp = augment_settings(dict(cfg.augment), cfg.replay_epochs, imgsz)
+    dataset, data = training_dataset(cfg.data, hyp, cfg.aug_seed)
+    return ReplaySpec(epochs=cfg.replay_epochs, aug_seed=cfg.aug_seed, samples=len(dataset),
+                      chunk_rows=cfg.chunk_rows, files_sha256=files_sha256(dataset.im_files, data["path"]),
+                      augment={k: getattr(hyp, k) for k in AUGMENT_KEYS})
+
+
+def fingerprint(image: torch.Tensor) -> int:
+    """64-bit fingerprint of an augmented image (3, H, W) uint8, as the dataset returns it."""
+    return int.from_bytes(hashlib.blake2b(image.numpy().tobytes(), digest_size=8).digest(), "little")
+
+
+class _UnitBatches(torch.utils.data.Sampler):
+    """Batches of sampled keys (epoch * M + index) that never span two replay units."""
+
+    def __init__(self, units: Sequence[tuple[int, int, int]], orders: dict[int, np.ndarray], samples: int, batch: int):
+        self.units, self.orders, self.samples, self.batch = list(units), orders, samples, batch
+
+    def __iter__(self):
+        for e, a, b in self.units:
+            keys = (self.orders[e][a:b] + e * self.samples).tolist()
+            for s in range(0, len(keys), self.batch):
+                yield keys[s:s + self.batch]
+
+    def __len__(self) -> int:
+        return sum(-(-(b - a) // self.batch) for _, a, b in self.units)
+
+
+def compute_replay(cfg: BuildConfig, model: torch.nn.Module, store: CacheStore, units: Sequence[int],
+                   device: torch.device) -> int:
+    """Teacher maps on the augmented images of replay units `units`, each written whole; returns samples computed."""
+    from tqdm import tqdm
+
+    replay = store.spec.replay
+    hyp = augment_settings(dict(replay.augment), replay.epochs, store.spec.imgsz)
+    dataset, data = training_dataset(cfg.data, hyp, replay.aug_seed)
+    if len(dataset) != replay.samples or files_sha256(dataset.im_files, data["path"]) != replay.files_sha256:
+        raise AtcacheError(f"ultralytics builds another training set from {cfg.data} than the replay arrays of cache "
+                           f"{store.path} were made for; rebuild the cache with --overwrite")
+    spans = [store.replay_unit(u) for u in units]
+    sampler = EpochSampler(replay.samples, replay.aug_seed)
+    orders = {e: sampler.order(e) for e in sorted({e for e, _, _ in spans})}
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_sampler=_UnitBatches(spans, orders, replay.samples, cfg.batch), num_workers=cfg.workers,
+        collate_fn=dataset.collate_fn, pin_memory=device.type == "cuda",
+        prefetch_factor=4 if cfg.workers > 0 else None,
+    )
+    bar = tqdm(total=sum(b - a for _, a, b in spans), desc=f"replay {Path(cfg.out).name}", unit="img",
+               disable=not cfg.progress, dynamic_ncols=True)
+    batches, unit_iter = iter(loader), iter(zip(units, spans))
+    done = 0
+    try:
+        for u, (e, a, b) in unit_iter:
+            parts = []
+            while sum(len(p[0]) for p in parts) < b - a:
+                batch = next(batches)
+                maps, norms = layer_maps(model, batch["img"], cfg.layers, store.spec.p, store.spec.kind, store.spec.eps)
+                records = np.array([fingerprint(im) for im in batch["img"]], dtype=np.uint64)
+                parts.append((records, [m.to(torch.float16).cpu().numpy() for m in maps],
+                              [n.cpu().numpy() for n in norms]))
+                bar.update(len(records))
+            store.write_replay(
+                u, maps={i: np.concatenate([p[1][j] for p in parts]) for j, i in enumerate(cfg.layers)},
+                norms={i: np.concatenate([p[2][j] for p in parts]) for j, i in enumerate(cfg.layers)},
+                samples=orders[e][a:b], records=np.concatenate([p[0] for p in parts]))
+            done += b - a
+    finally:
+        bar.close()
+    return done
+
+
+class ReplayTargets:
+    """Training's reader of the replay arrays: the stored maps of (epoch, dataset index), one replay chunk decoded at a
+    time into a small LRU (a rank reads its positions in order). Each process (every loader worker) opens its own
+    store handle."""
+
+    def __init__(self, path: str, spec: CacheSpec, layers: Sequence[int], capacity: int = 4):
+        self.path, self.spec, self.replay, self.layers = str(path), spec, spec.replay, tuple(layers)
+        self.capacity = capacity
+        self._store: CacheStore | None = None
+        self._pid: int | None = None
+        self._lru: OrderedDict = OrderedDict()
+        self._positions: dict[int, np.ndarray] = {}
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_store": None, "_pid": None, "_lru": OrderedDict()}
+
+    def check_dataset(self, im_files: Sequence[str], root: str | Path) -> None:
+        """Refuse a training set other than the one the replay arrays were made for (ultralytics dropped or added
+        images, another data YAML)."""
+        if len(im_files) != self.replay.samples or files_sha256(im_files, root) != self.replay.files_sha256:
+            raise AtcacheError(f"this run's training set ({len(im_files)} images) is not the one the replay arrays of "
+                               f"cache {self.path} were made for ({self.replay.samples} images); rebuild the cache on "
+                               "this data with build-cache --overwrite --replay-epochs E")
+
+    def position(self, epoch: int, index: int) -> int:
+        """Where sample `index` sits in epoch `epoch`'s training order."""
+        if epoch not in self._positions:
+            order = EpochSampler(self.replay.samples, self.replay.aug_seed).order(epoch)
+            self._positions[epoch] = np.argsort(order)
+        return int(self._positions[epoch][index])
+
+    def maps(self, epoch: int, index: int, image: torch.Tensor) -> list[np.ndarray]:
+        """Per layer the stored map (H, W) float32 of this sample, after its augmented image's fingerprint matched."""
+        if epoch >= self.replay.epochs:
+            raise AtcacheError(f"epoch {epoch} is not in the replay arrays of {self.path} ({self.replay.epochs} "
+                               "epochs); train at most that many epochs or rebuild with a larger --replay-epochs")
+        if self._pid != os.getpid():
+            self._store, self._pid = CacheStore.open(self.path), os.getpid()
+            self._lru.clear()
+        p = self.position(epoch, index)
+        r = self.replay.chunk_rows
+        key = (epoch, p // r)
+        if key not in self._lru:
+            a = p // r * r
+            self._lru[key] = (a, *self._store.read_replay(self.layers, epoch, a, min(a + r, self.replay.samples)))
+            while len(self._lru) > self.capacity:
+                self._lru.popitem(last=False)
+        self._lru.move_to_end(key)
+        a, maps, records = self._lru[key]
+        if int(records[p - a]) != fingerprint(image):
+            raise AtcacheError(
+                f"the augmented image of sample {index} in epoch {epoch} differs from the one cache {self.path} "
+                "replayed (fingerprint mismatch): another ultralytics or OpenCV version, or other data or "
+                "augmentation settings than the build; rebuild the cache here with the same settings")
+        return [maps[i][p - a].astype(np.float32) for i in self.layers]
