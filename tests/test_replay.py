@@ -1,0 +1,182 @@
+"""Replay targets: the teacher's maps on every augmented view of E seeded epochs, built once (resumable, shardable),
+read back in training order; exact against the live teacher; training and online AT see the same batches."""
+
+import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+from typer.testing import CliRunner
+
+from atcache.build import build_cache
+from atcache.cli import app
+from conftest import TEST_IMGSZ, TEST_LAYERS, assert_clean, assert_one_line_error, build_config, cli_command
+
+REPLAY = dict(replay_epochs=2, aug_seed=11, augment=(("close_mosaic", 1), ("mixup", 0.5)))
+REPLAY_ARGS = ["--replay-epochs", "2", "--aug-seed", "11", "close_mosaic=1", "mixup=0.5"]
+DRILL = Path(__file__).with_name("drill_build.py")
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def replay_cache(voc_yaml, teacher_pt, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("replay") / "replay.zarr"
+    report = build_cache(build_config(voc_yaml, out, teacher=str(teacher_pt), **REPLAY))
+    assert report.computed == 31 and report.replayed == 2 * 31
+    return out
+
+
+def replay_arrays(path) -> dict:
+    g = zarr.open_group(str(path), mode="r")
+    out = {name: g[f"replay/{name}"][:] for name in ("sample", "record", "done")}
+    for layer in TEST_LAYERS:
+        out[f"maps/{layer}"] = g[f"replay/maps/{layer}"][:]
+        out[f"norms/{layer}"] = g[f"replay/norms/{layer}"][:]
+    return out
+
+
+def assert_same_replay(a, b):
+    x, y = replay_arrays(a), replay_arrays(b)
+    for key in x:
+        np.testing.assert_array_equal(x[key], y[key], err_msg=key)
+
+
+def test_replay_arrays_hold_every_epoch_in_training_order(replay_cache):
+    from atcache.seeding import EpochSampler
+    from atcache.store import CacheStore
+
+    store = CacheStore.open(replay_cache)
+    replay = store.spec.replay
+    assert (replay.epochs, replay.samples, replay.aug_seed) == (2, 31, 11)
+    assert replay.augment["close_mosaic"] == 1 and replay.augment["mixup"] == 0.5 and replay.augment["epochs"] == 2
+    arrays = replay_arrays(replay_cache)
+    assert arrays["done"].all() and arrays["maps/16"].shape == (2, 31, TEST_IMGSZ // 8, TEST_IMGSZ // 8)
+    for e in range(2):  # position p of epoch e holds the sample epoch e's sampler visits p-th
+        np.testing.assert_array_equal(arrays["sample"][e], EpochSampler(31, 11).order(e))
+    assert len(np.unique(arrays["record"])) == 62  # every augmented view is another image
+    norms = np.linalg.norm(arrays["maps/6"].astype(np.float32).reshape(62, -1), axis=1)
+    np.testing.assert_allclose(norms, 1.0, atol=5e-3)
+
+
+def test_replay_targets_are_the_live_teachers_maps(replay_cache, voc_yaml, teacher_pt):
+    """Live teacher on the replayed images vs the stored maps, default augmentation + mixup, both epochs (the second
+    is a close_mosaic epoch)."""
+    from atcache.fidelity import FidelityConfig, measure_fidelity
+
+    report = measure_fidelity(FidelityConfig(cache=str(replay_cache), teacher=str(teacher_pt), data=str(voc_yaml),
+                                             batches=6, batch=8, targets="replay", device="cpu", seed=1))
+    assert {"mosaic", "mixup", "flip"} <= {k for combo in report["combinations"] for k in combo.split("+")}
+    assert any("mosaic" not in combo for combo in report["combinations"])  # close_mosaic samples too
+    for layer in map(str, TEST_LAYERS):
+        assert report["layers"][layer]["all"]["cosine_mean"] >= 0.999, layer
+        assert report["layers"][layer]["all"]["cosine_p5"] >= 0.99, layer
+
+
+def test_two_shards_equal_one_process(replay_cache, voc_yaml, teacher_pt, tmp_path):
+    out = tmp_path / "shards.zarr"
+    for i in range(2):
+        build_cache(build_config(voc_yaml, out, teacher=str(teacher_pt), shard=(i, 2), **REPLAY))
+    assert_same_replay(replay_cache, out)
+    assert_clean(out)
+
+
+def test_kill_during_the_replay_then_resume_is_identical(replay_cache, voc_yaml, teacher_pt, tmp_path):
+    args = cli_command(voc_yaml, teacher_pt, tmp_path / "count.zarr") + REPLAY_ARGS
+    count = subprocess.run([sys.executable, str(DRILL), "count", "0", "--"] + args[3:], capture_output=True, text=True,
+                           timeout=300)
+    assert count.returncode == 0, count.stderr
+    writes = int(count.stderr.rsplit("writes=", 1)[1].split()[0])
+    per_unit = 2 * len(TEST_LAYERS) + 3  # maps and norms per layer, sample, record, done
+    for n in (writes - 3 * per_unit - 2, writes - 3):  # both in the replay (the static arrays come first)
+        out = tmp_path / f"killed-{n}.zarr"
+        args = cli_command(voc_yaml, teacher_pt, out) + REPLAY_ARGS
+        run = subprocess.run([sys.executable, str(DRILL), "kill", str(n), "--"] + args[3:], capture_output=True,
+                             text=True, timeout=300)
+        assert run.returncode == -9, run.stderr[-2000:]
+        done = zarr.open_group(str(out), mode="r")["replay/done"][:]
+        assert 0 < done.sum() < done.size
+        ref = replay_arrays(replay_cache)
+        got = replay_arrays(out)
+        for key in ("maps/16", "record", "sample"):  # a position is never done without its data
+            np.testing.assert_array_equal(got[key][done], ref[key][done])
+        build_cache(build_config(voc_yaml, out, teacher=str(teacher_pt), resume=True, **REPLAY))
+        assert_same_replay(replay_cache, out)
+        assert_clean(out)
+
+
+def replay_run_losses(settings, voc_yaml, tmp_path, name) -> tuple[list, list]:
+    from atcache.train import AtcacheTrainer
+
+    class Recording(AtcacheTrainer):
+        def preprocess_batch(self, batch):
+            self.seen.append(tuple(batch["im_file"]))
+            return super().preprocess_batch(batch)
+
+    # lr 0: both students stay the same network, so at_loss differs only by the targets (live vs replayed)
+    overrides = {"model": "yolo11n.yaml", "data": str(voc_yaml), "imgsz": TEST_IMGSZ, "batch": 4, "device": "cpu",
+                 "plots": False, "workers": 0, "project": str(tmp_path), "name": name, "val": False, "nbs": 4,
+                 "optimizer": "SGD", "lr0": 0.0, "warmup_bias_lr": 0.0, "warmup_epochs": 0}
+    if settings.mode == "online":
+        overrides |= {"epochs": 2, "close_mosaic": 1, "mixup": 0.5}
+    trainer = Recording(overrides=overrides, settings=settings)
+    trainer.seen, losses = [], []
+    trainer.add_callback("on_train_batch_end", lambda t: losses.append(float(t.loss_items["at_loss"])))
+    trainer.train()
+    return trainer.seen, losses
+
+
+@pytest.mark.slow
+def test_replay_training_sees_the_online_runs_batches_and_losses(replay_cache, voc_yaml, teacher_pt, tmp_path):
+    """train-online --aug-seed 11 and train-from-cache --targets replay on the cache built with 11: identical batches,
+    and per-step at_loss equal within float16 tolerance over both epochs."""
+    from atcache.config import DistillSettings
+
+    layers = tuple((i, i) for i in TEST_LAYERS)
+    online = DistillSettings(mode="online", teacher=str(teacher_pt), layers=layers, aug_seed=11)
+    replay = DistillSettings(mode="cache", cache=str(replay_cache), targets="replay", layers=layers)
+    seen_online, loss_online = replay_run_losses(online, voc_yaml, tmp_path, "online")
+    seen_replay, loss_replay = replay_run_losses(replay, voc_yaml, tmp_path, "replay")
+    assert seen_replay == seen_online and len(seen_replay) == 2 * 8
+    assert all(math.isfinite(x) and x > 0 for x in loss_replay)
+    np.testing.assert_allclose(loss_replay, loss_online, rtol=1e-3)  # float16 storage of unit-norm maps
+
+
+def common(voc_yaml, cache, tmp_path, *extra):
+    return ["train-from-cache", "--cache", str(cache), "--data", str(voc_yaml), "--student", "yolo11n.yaml", "--imgsz",
+            str(TEST_IMGSZ), "--batch", "4", "--device", "cpu", "--targets", "replay", "--project", str(tmp_path),
+            *extra]
+
+
+@pytest.mark.parametrize("extra,needles", [
+    (["mosaic=0.5"], ["mosaic=0.5 differs from the replay arrays", "built with mosaic=1.0", "--replay-epochs 2 mosaic=0.5"]),
+    (["--epochs", "3"], ["epochs=3 differs", "built with epochs=2"]),
+    (["--aug-seed", "4"], ["--aug-seed 4 differs", "built with --aug-seed 11"]),
+])
+def test_training_refuses_other_settings_than_the_replay(replay_cache, voc_yaml, tmp_path, extra, needles):
+    assert_one_line_error(runner.invoke(app, common(voc_yaml, replay_cache, tmp_path, *extra)), *needles)
+
+
+def test_replay_refusals(replay_cache, built_cache, voc_yaml, teacher_pt, tmp_path):
+    assert_one_line_error(runner.invoke(app, common(voc_yaml, built_cache, tmp_path)), "has no replay arrays",
+                          "--replay-epochs E")
+    short = tmp_path / "short.zarr"  # one epoch cached of a 2-epoch schedule
+    build_cache(build_config(voc_yaml, short, teacher=str(teacher_pt), replay_epochs=1, augment=(("epochs", 2),)))
+    assert_one_line_error(runner.invoke(app, common(voc_yaml, short, tmp_path)), "replay arrays for 1 of 2 epochs")
+    base = cli_command(voc_yaml, teacher_pt, tmp_path / "x.zarr")[4:]
+    assert_one_line_error(runner.invoke(app, ["build-cache", *base, "--aug-seed", "3"]), "add --replay-epochs E")
+    assert_one_line_error(runner.invoke(app, ["build-cache", *base, "--replay-epochs", "1", "lr0=0.1"]),
+                          "lr0= does not shape augmentation")
+
+
+def test_a_fingerprint_mismatch_stops_training_in_one_line(replay_cache, voc_yaml, tmp_path):
+    tampered = tmp_path / "tampered.zarr"
+    shutil.copytree(replay_cache, tampered)
+    record = zarr.open_group(str(tampered), mode="r+")["replay/record"]
+    record[:] = record[:] + np.uint64(1)
+    result = runner.invoke(app, common(voc_yaml, tampered, tmp_path, "--name", "t", "plots=False", "workers=0"))
+    assert_one_line_error(result, "differs from the one cache", "fingerprint mismatch", "in epoch 0",
+                          "another ultralytics or OpenCV version")
