@@ -29,9 +29,10 @@ GOALS = {
     "cache_over_online": (">=", 1.8),
     "mem_cache_over_plain": ("<=", 1.05),
     "build_over_inference": (">=", 0.90),
+    "replay_over_plain": (">=", 0.97),
 }
 GOAL_SETUP = {"teacher": "yolo11m", "student": "yolo11s", "imgsz": 640, "batch": 64}
-TRAINERS = ("plain", "cache", "online")
+TRAINERS = ("plain", "cache", "online", "replay")
 
 
 @dataclass(frozen=True)
@@ -86,7 +87,9 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict:
     cache = out / "bench_cache.zarr"
     build = _measure_build(cfg, data_yaml, split, cache, device, log)
     storage = _measure_storage(cfg, split, cache, device)
-    train = _measure_trainers(cfg, data_yaml, split, cache, log)
+    replay_cache = out / "bench_replay.zarr"
+    replay = _measure_replay_build(cfg, data_yaml, split, replay_cache, build, device, log)
+    train = _measure_trainers(cfg, data_yaml, split, cache, replay_cache, log)
     loader = loader_figures(train)
     ratios = {
         "cache_over_plain": train["cache"]["img_per_s"] / train["plain"]["img_per_s"],
@@ -95,6 +98,8 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict:
         "mem_online_over_plain": train["online"]["peak_mem_gb"] / train["plain"]["peak_mem_gb"],
         "build_over_inference": build["build_img_per_s"] / build["inference_img_per_s"],
         "loader_targets_over_training_need": loader.get("targets_over_training_need"),
+        "replay_over_plain": train["replay"]["img_per_s"] / train["plain"]["img_per_s"],
+        "replay_build_over_floor": replay["replay_build_img_per_s"] / replay["floor_img_per_s"],
     }
     report = {
         "device": device_name(device),
@@ -105,6 +110,7 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict:
         "goals": goals(ratios, requested, device),
         "train": train,
         "build": build,
+        "replay_build": replay,
         "loader": loader,
         "storage": storage,
         "seconds": time.perf_counter() - t0,
@@ -240,14 +246,58 @@ def _measure_storage(cfg: BenchConfig, split: SplitFiles, cache: Path, device: t
 
 
 # ------------------------------------------------------------------------------------------------------ training
-def _measure_trainers(cfg: BenchConfig, data_yaml: Path, split: SplitFiles, cache: Path, log) -> dict:
+def _train_epochs(cfg: BenchConfig, split: SplitFiles) -> int:
+    """Epochs the measured trainers run: enough for warmup + steps batch intervals inside epochs."""
+    per_epoch = max(math.ceil(len(split.files) / cfg.batch) - 1, 1)  # step intervals inside one epoch
+    return math.ceil((cfg.warmup + cfg.steps) / per_epoch) + 1
+
+
+def _measure_replay_build(cfg: BenchConfig, data_yaml: Path, split: SplitFiles, cache: Path, build: dict,
+                          device: torch.device, log) -> dict:
+    """A replay build for the trainers' epochs: its views/s (its loop less the static build's, measured before on the
+    same images) against the floor, ultralytics' augmented loader plus the teacher's full forward on the same batches."""
+    from atcache.replay import augment_settings, training_dataset
+    from atcache.seeding import EpochSampler
+    from atcache.teacher import load_model
+
+    epochs = _train_epochs(cfg, split)
+    report = build_cache(BuildConfig(
+        teacher=cfg.teacher, data=str(data_yaml), out=str(cache), layers=cfg.layers, imgsz=cfg.imgsz,
+        batch=cfg.batch, device=cfg.device, workers=_build_workers(cfg), overwrite=True, progress=False,
+        replay_epochs=epochs, augment=(("close_mosaic", 0),)))
+    static_s = build["images"] / build["build_img_per_s"]
+    replay_s = max(report.loop_seconds - static_s, 1e-9)
+    dataset, _ = training_dataset(str(data_yaml), augment_settings({"close_mosaic": 0}, epochs, cfg.imgsz), 0)
+    workers = _build_workers(cfg)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch, sampler=EpochSampler(len(dataset), encode_epoch=True),
+                                         num_workers=workers, collate_fn=dataset.collate_fn,
+                                         prefetch_factor=4 if workers else None)
+    model = load_model(cfg.teacher, nc=len(split.names), device=device).model
+    cuda = device.type == "cuda"
+    t0, views = time.perf_counter(), 0
+    with torch.no_grad():
+        for batch in loader:
+            x = batch["img"].to(device, non_blocking=True).float().div_(255)
+            with torch.autocast(device.type, dtype=torch.float16, enabled=cuda):
+                model(x)
+            views += len(x)
+    if cuda:
+        torch.cuda.synchronize(device)
+    floor = views / (time.perf_counter() - t0)
+    out = {"epochs": epochs, "views": report.replayed, "replay_build_img_per_s": report.replayed / replay_s,
+           "floor_img_per_s": floor, "bytes_per_view": (report.store_bytes - build["store_bytes"]) / max(report.replayed, 1)}
+    log(f"bench: replay build {out['replay_build_img_per_s']:.1f} views/s vs floor {floor:.1f} img/s "
+        f"(augmented loader + teacher forward)")
+    return out
+
+
+def _measure_trainers(cfg: BenchConfig, data_yaml: Path, split: SplitFiles, cache: Path, replay_cache: Path, log) -> dict:
     """Each trainer for warmup + steps batches in a fresh process: same data, student, batch, device."""
     from atcache.measure import measure_training
 
-    per_epoch = max(math.ceil(len(split.files) / cfg.batch) - 1, 1)  # step intervals inside one epoch
     overrides = {
         "model": cfg.student, "data": str(data_yaml), "imgsz": cfg.imgsz, "batch": cfg.batch, "device": cfg.device,
-        "workers": cfg.workers, "epochs": math.ceil((cfg.warmup + cfg.steps) / per_epoch) + 1,
+        "workers": cfg.workers, "epochs": _train_epochs(cfg, split),
         "project": str(Path(cfg.out).resolve() / "train"), "exist_ok": True, "plots": False, "val": False,
         "save": False, "close_mosaic": 0, "nbs": cfg.batch,  # nbs=batch: an optimizer step every batch, for all three
         "seed": 0, "deterministic": False,
@@ -257,12 +307,13 @@ def _measure_trainers(cfg: BenchConfig, data_yaml: Path, split: SplitFiles, cach
         "plain": DistillSettings(mode="plain"),
         "cache": DistillSettings(mode="cache", cache=str(cache), layers=layers),
         "online": DistillSettings(mode="online", teacher=cfg.teacher, layers=layers),
+        "replay": DistillSettings(mode="cache", cache=str(replay_cache), targets="replay", layers=layers),
     }
     out = {}
     for name, settings in plan.items():
         log(f"bench: training {name} ({cfg.warmup} warm-up + {cfg.steps} measured steps)")
         out[name] = measure_training(settings, {**overrides, "name": name}, steps=cfg.steps, warmup=cfg.warmup,
-                                     loader_samples=cfg.loader_samples if name != "online" else 0)
+                                     loader_samples=cfg.loader_samples if name in ("plain", "cache") else 0)
         log(f"bench: {name}: {out[name]['img_per_s']:.1f} img/s, peak memory {out[name]['peak_mem_gb']:.2f} GB "
             f"({out[name]['mem_kind']})")
     return out
@@ -303,7 +354,10 @@ def format_report(report: dict) -> str:
     t, b, s, r = report["train"], report["build"], report["storage"], report["ratios"]
     lines = [f"device: {report['device']}", "", f"{'trainer':<8} {'img/s':>9} {'median step s':>14} {'peak mem GB':>12}"]
     lines += [f"{k:<8} {t[k]['img_per_s']:>9.1f} {t[k]['median_step_s']:>14.4f} {t[k]['peak_mem_gb']:>12.2f}" for k in TRAINERS]
+    rb = report["replay_build"]
     lines += ["", f"build {b['build_img_per_s']:.1f} img/s vs teacher inference {b['inference_img_per_s']:.1f} img/s",
+              f"replay build {rb['replay_build_img_per_s']:.1f} views/s vs augmented loader + teacher "
+              f"{rb['floor_img_per_s']:.1f} img/s ({rb['views']} views, {rb['bytes_per_view'] / 1e3:.1f} KB/view)",
               f"store {s['bytes_per_image'] / 1e3:.1f} KB/image ({s['map_dtype']}; raw {s['raw_float16_bytes_per_image'] / 1e3:.1f} KB); "
               f"cosine vs float32 >= {min(v['min'] for v in s['cosine_vs_float32'].values()):.6f}"]
     loader = report["loader"]

@@ -4,7 +4,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import dask
@@ -129,11 +129,20 @@ def inspect_cache(path: str | Path, workers: int | None = None, scheduler: str |
     store_bytes = CacheStore.open(path).nbytes_stored()
     return {
         "path": view.path,
-        "spec": asdict(view.spec),
+        "spec": view.spec.to_dict(),
         "rows": int(len(done)), "rows_done": int(done.sum()),
         "store_bytes": store_bytes, "bytes_per_image": store_bytes / max(len(done), 1),
         "layers": layers,
+        **({"replay": _replay_summary(path)} if view.spec.replay else {}),
     }
+
+
+def _replay_summary(path) -> dict:
+    """Epochs, samples and positions done of the replay arrays."""
+    store = CacheStore.open(path)
+    done = store.replay_done()
+    return {"epochs": store.spec.replay.epochs, "samples": store.spec.replay.samples, "aug_seed": store.spec.replay.aug_seed,
+            "positions_done": int(done.sum()), "epochs_done": int(done.all(axis=1).sum())}
 
 
 # ----------------------------------------------------------------------------------------------------- integrity
@@ -141,14 +150,20 @@ def verify_cache(path: str | Path, workers: int | None = None, scheduler: str | 
     """Decode every chunk of every array (crc32c checked by zarr); one entry per chunk that fails, or a done row
     whose map is not finite, with its array, layer and row range."""
     store = CacheStore.open(path)
-    names = store.array_names()
     done = store.done_mask()
+    replay_done = store.replay_done() if store.spec.replay else None
 
     def check(name: str, k: int) -> dict | None:
-        problem = store.chunk_problem(name, k, done)
-        return None if problem is None else {"array": name, "chunk": k, "rows": list(store.chunk_range(k)), "error": problem}
+        replay = name.startswith("replay/")
+        problem = store.chunk_problem(name, k, replay_done if replay else done)
+        if problem is None:
+            return None
+        e, a, b = store.replay_unit(k) if replay else (None, *store.chunk_range(k))
+        return {"array": name, "chunk": k, "rows": [a, b], "error": problem, **({"epoch": e} if replay else {})}
 
-    tasks = [dask.delayed(check)(name, k) for name in names for k in range(store.n_chunks)]
+    tasks = [dask.delayed(check)(name, k) for name in store.array_names() for k in range(store.n_chunks)]
+    tasks += [dask.delayed(check)(name, u) for name in store.replay_array_names()
+              for u in range(store.n_chunks, store.n_units)]
     with dask_scheduler(workers, scheduler):
         results = dask.compute(*tasks)
     return [r for r in results if r is not None]
@@ -195,6 +210,8 @@ def format_inspection(report: dict) -> str:
         f"teacher {spec['teacher_name']} ({spec['teacher_weights_sha256'][:12]}), imgsz {spec['imgsz']}, p {spec['p']}, "
         f"kind {spec['kind']}, split {spec['split']}, {report['rows_done']}/{report['rows']} rows done, "
         f"{report['store_bytes'] / 1e6:.2f} MB ({report['bytes_per_image'] / 1e3:.1f} KB/image)",
+        *([f"replay: {r['epochs']} epochs x {r['samples']} samples (aug-seed {r['aug_seed']}), "
+           f"{r['positions_done']}/{r['epochs'] * r['samples']} views done"] if (r := report.get("replay")) else []),
         "",
         f"{'layer':>5} {'stride':>6} {'grid':>7} {'done':>7} {'missing':>7} {'non-finite':>10} {'norm!=1':>7} "
         f"{'||a|| p50':>10} {'A max':>9} {'entropy p50':>11} {'peak cell':>9}",

@@ -370,18 +370,27 @@ class CacheStore:
         return self.location.nbytes()
 
     def chunk_problem(self, name: str, k: int, done: np.ndarray) -> str | None:
-        """Why row-chunk k of array `name` cannot be trusted: it fails to decode (checksum mismatch, truncated file)
-        or, for maps/norms, a done row (per `done`, the store's done mask) is not finite; None if it is sound."""
-        a, b = self.chunk_range(k)
+        """Why unit k of array `name` cannot be trusted: it fails to decode (checksum mismatch, truncated file) or, for
+        maps/norms, a done row (per `done`, the store's done mask; for replay arrays the replay done mask) is not
+        finite; None if it is sound. k is a row-chunk, or for `replay/...` arrays a replay unit."""
+        replay = self.replay_unit(k) if name.startswith("replay/") else None
+        e, a, b = replay if replay else (None, *self.chunk_range(k))
         try:
-            block = self.group[name][a:b]
-        except Exception as e:
-            return f"{type(e).__name__}: {e}".splitlines()[0]
-        if name.startswith(("maps/", "norms/")):
-            bad = _nonfinite_finished(np.asarray(block), done[a:b])
+            block = self.group[name][a:b] if replay is None else self.group[name][e, a:b]
+        except Exception as error:
+            return f"{type(error).__name__}: {error}".splitlines()[0]
+        if "maps/" in name or "norms/" in name:
+            bad = _nonfinite_finished(np.asarray(block), done[a:b] if replay is None else done[e, a:b])
             if len(bad):
                 return f"{len(bad)} done rows are not finite (first row {a + bad[0]})"
         return None
+
+    def replay_array_names(self) -> list[str]:
+        """The replay arrays (none without --replay-epochs); each is chunked by one epoch x chunk_rows positions."""
+        if self.spec.replay is None:
+            return []
+        per_layer = [f"replay/{kind}/{layer}" for kind in ("maps", "norms") for layer in self.spec.layer_indices]
+        return per_layer + ["replay/sample", "replay/record", "replay/done"]
 
     def damaged_chunks(self, chunks: Iterable[int]) -> dict[int, list[str]]:
         """Row-chunks (of `chunks`) with an array whose chunk cannot be trusted (see chunk_problem): {k: [arrays]}."""

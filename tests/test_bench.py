@@ -36,12 +36,15 @@ def test_report_has_every_field(bench):
     for key in ("cache_over_plain", "cache_over_online", "mem_cache_over_plain", "build_over_inference"):
         assert report["ratios"][key] > 0
     assert report["device"].startswith("CPU") and report["versions"]["ultralytics"]
-    for name in ("plain", "cache", "online"):
+    for name in ("plain", "cache", "online", "replay"):
         run = report["train"][name]
         assert run["steps"] == STEPS and len(run["step_s"]) == STEPS and run["batch"] == BATCH
         assert run["img_per_s"] == pytest.approx(BATCH / run["median_step_s"])
         assert run["peak_mem_gb"] > 0.1 and run["mem_kind"] == "peak_rss"
     assert report["build"]["build_img_per_s"] > 0 and report["build"]["inference_img_per_s"] > 0
+    rb = report["replay_build"]
+    assert rb["views"] == rb["epochs"] * 16 and rb["replay_build_img_per_s"] > 0 and rb["floor_img_per_s"] > 0
+    assert rb["bytes_per_view"] > 0 and "replay build" in result.output
     assert report["loader"]["targets_per_s_per_worker"] > 0 and report["loader"]["plain_samples_per_s_per_worker"] > 0
     assert report["storage"]["bytes_per_image"] > 0 and report["storage"]["map_dtype"] == "float16"
     assert set(report["storage"]["cosine_vs_float32"]) == {"6", "16", "22"}
@@ -57,6 +60,9 @@ def test_ratios_follow_from_the_raw_figures(bench):
     assert r["mem_cache_over_plain"] == pytest.approx(t["cache"]["peak_mem_gb"] / t["plain"]["peak_mem_gb"])
     b = report["build"]
     assert r["build_over_inference"] == pytest.approx(b["build_img_per_s"] / b["inference_img_per_s"])
+    assert r["replay_over_plain"] == pytest.approx(t["replay"]["img_per_s"] / t["plain"]["img_per_s"])
+    rb = report["replay_build"]
+    assert r["replay_build_over_floor"] == pytest.approx(rb["replay_build_img_per_s"] / rb["floor_img_per_s"])
     assert report["loader"]["training_need_img_per_s"] == t["cache"]["img_per_s"]
 
 

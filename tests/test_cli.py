@@ -91,16 +91,17 @@ def test_demo_quick(tmp_path):
     demo = tmp_path / "demo"
     assert (demo / "teacher" / "weights" / "best.pt").is_file() and (demo / "teacher" / "results.csv").is_file()
     assert zarr.open_group(str(demo / "teacher_cache.zarr"), mode="r")["done"][:].all()
-    for name in ("plain", "cache", "online"):
+    assert zarr.open_group(str(demo / "teacher_replay.zarr"), mode="r")["replay/done"][:].all()
+    for name in ("plain", "cache", "replay", "online"):
         header = (demo / "students" / name / "results.csv").read_text().splitlines()[0]
         assert ("train/at_loss" in header) == (name != "plain")
         assert (demo / "students" / name / "weights" / "best.pt").is_file()
     results = json.loads((demo / "demo_results.json").read_text())
-    for name in ("plain", "cache", "online"):
+    for name in ("plain", "cache", "replay", "online"):
         run_ = results["runs"][name]
         assert run_["finished"] and run_["img_per_s"] > 0 and run_["peak_mem_gb"] > 0 and len(run_["epoch_s"]) == 1
         assert set(run_["metrics"]) >= {"metrics/mAP50(B)", "metrics/mAP50-95(B)"}
     assert results["cache"]["bytes_per_image"] > 0
     table = (demo / "demo_results.md").read_text()
-    assert table.count("| `train") == 3 and "KB/image" in table and "mAP50-95" in table
+    assert table.count("| `train") == 4 and "KB/image" in table and "KB/view" in table and "mAP50-95" in table
     assert table.splitlines()[0] in result.output

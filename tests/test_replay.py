@@ -180,3 +180,21 @@ def test_a_fingerprint_mismatch_stops_training_in_one_line(replay_cache, voc_yam
     result = runner.invoke(app, common(voc_yaml, tampered, tmp_path, "--name", "t", "plots=False", "workers=0"))
     assert_one_line_error(result, "differs from the one cache", "fingerprint mismatch", "in epoch 0",
                           "another ultralytics or OpenCV version")
+
+
+def test_inspect_and_verify_understand_replay_arrays(replay_cache, tmp_path):
+    from atcache.inspection import inspect_cache, verify_cache
+
+    report = inspect_cache(replay_cache)
+    assert report["replay"] == {"epochs": 2, "samples": 31, "aug_seed": 11, "positions_done": 62, "epochs_done": 2}
+    assert verify_cache(replay_cache) == []
+    damaged = tmp_path / "damaged.zarr"
+    shutil.copytree(replay_cache, damaged)
+    chunk = damaged / "replay" / "maps" / "16" / "c" / "1" / "2" / "0" / "0"  # epoch 1, positions 16-23
+    raw = bytearray(chunk.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    chunk.write_bytes(bytes(raw))
+    [bad] = verify_cache(damaged)
+    assert (bad["array"], bad["epoch"], bad["rows"]) == ("replay/maps/16", 1, [16, 24])
+    result = runner.invoke(app, ["inspect", str(damaged), "--verify"])
+    assert result.exit_code == 1 and "corrupted: replay/maps/16" in result.output
