@@ -44,6 +44,7 @@ class BuildReport:
     repaired: dict[int, list[str]] = field(default_factory=dict)  # row-chunk -> arrays that failed to decode
     parts: list[tuple[str, int, float, list]] = field(default_factory=list)  # per device process: rows, s, skipped
     replayed: int = 0  # replay samples (augmented views) computed now
+    views: int = 0  # replay samples the store holds when complete (epochs x samples)
 
     @property
     def img_per_s(self) -> float:
@@ -60,6 +61,8 @@ class BuildReport:
             f"{repaired}{self.computed} images{replayed} in {self.seconds:.1f}s ({self.img_per_s:.1f} img/s), "
             f"{self.already_done} already done, {len(self.skipped)} skipped; store {self.out}: "
             f"{self.store_bytes / 1e6:.1f} MB, {self.bytes_per_image / 1e3:.1f} KB/image"
+            + (f" ({self.store_bytes / (self.total_rows + self.views) / 1e3:.1f} KB per image or replayed view)"
+               if self.views else "")
         )
 
     def device_lines(self) -> list[str]:
@@ -138,7 +141,7 @@ def build_cache(cfg: BuildConfig) -> BuildReport:
         out=str(cfg.out), computed=computed, already_done=already, total_rows=store.n_rows,
         seconds=time.perf_counter() - t0, loop_seconds=loop_seconds, store_bytes=store.nbytes_stored(),
         skipped=result.skipped, warnings=vanishing_layers(store), repaired=repaired, parts=result.parts,
-        replayed=replayed,
+        replayed=replayed, views=store.spec.replay.epochs * store.spec.replay.samples if store.spec.replay else 0,
     )
 
 

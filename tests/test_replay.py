@@ -198,3 +198,12 @@ def test_inspect_and_verify_understand_replay_arrays(replay_cache, tmp_path):
     assert (bad["array"], bad["epoch"], bad["rows"]) == ("replay/maps/16", 1, [16, 24])
     result = runner.invoke(app, ["inspect", str(damaged), "--verify"])
     assert result.exit_code == 1 and "corrupted: replay/maps/16" in result.output
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("runner_kw", [{"device": "cpu,cpu"}, {"scheduler": "local:2"}], ids=["devices", "dask"])
+def test_device_processes_and_dask_build_the_same_replay(replay_cache, voc_yaml, teacher_pt, tmp_path, runner_kw):
+    out = tmp_path / "other.zarr"
+    report = build_cache(build_config(voc_yaml, out, teacher=str(teacher_pt), workers=0, **runner_kw, **REPLAY))
+    assert report.replayed == 62 and "KB per image or replayed view" in report.summary()
+    assert_same_replay(replay_cache, out)
