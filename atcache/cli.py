@@ -385,6 +385,11 @@ def inspect_cmd(
                        f"{c['cosine']['min']:.6f}; AT distance mean {c['at_distance']['mean']:.4g} p95 {c['at_distance']['p95']:.4g}")
         for i, why in report["compare"]["skipped"].items():
             typer.echo(f"  layer {i:>3}: skipped ({why})")
+        if "replay" in report["compare"]:
+            typer.echo(f"replayed views in common: {report['compare']['replay']['common_views']}")
+            for i, c in report["compare"]["replay"]["layers"].items():
+                typer.echo(f"  layer {i:>3}: cosine mean {c['cosine']['mean']:.6f} p5 {c['cosine']['p5']:.6f}; "
+                           f"AT distance mean {c['at_distance']['mean']:.4g}")
     if json_out is not None:
         json_out.parent.mkdir(parents=True, exist_ok=True)
         json_out.write_text(json.dumps(report, indent=2) + "\n")
@@ -400,15 +405,16 @@ def visualize_cmd(
     images: Annotated[int, typer.Option(help="How many images (spread over the cache).")] = 4,
     files: Annotated[str, typer.Option(help="Comma-separated images instead (paths relative to the dataset root).")] = "",
     student: Annotated[Optional[str], typer.Option(help="A student .pt (or YAML): adds its maps and |S-T| with the AT distance.")] = None,
+    epoch: Annotated[Optional[int], typer.Option(help="Replay arrays: the augmented images of this cached epoch with the teacher's maps on them.")] = None,
 ):
     """PNG grids: each image with the teacher's cached map of every layer over it (through the stored letterbox), and
-    with --student the student's maps and their difference."""
+    with --student the student's maps and their difference; with --epoch, a replay epoch's augmented images."""
     from atcache.visualize import visualize_cache
 
     if student and student.endswith(".pt") and not Path(student).is_file():
         raise AtcacheError(f"student checkpoint {student} does not exist; pass a trained .pt")
     wanted = [f.strip() for f in files.split(",") if f.strip()]
-    for path in visualize_cache(cache, data, out, images=images, files=wanted, student=student):
+    for path in visualize_cache(cache, data, out, images=images, files=wanted, student=student, epoch=epoch):
         typer.echo(str(path))
 
 

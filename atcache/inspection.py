@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -198,7 +199,28 @@ def compare_caches(path: str | Path, other: str | Path, workers: int | None = No
     for i in one.layers:
         if i not in two.layers:
             skipped[str(i)] = f"not in {other}"
-    return {"path": str(path), "other": str(other), "common_images": len(pairs), "layers": layers, "skipped": skipped}
+    report = {"path": str(path), "other": str(other), "common_images": len(pairs), "layers": layers, "skipped": skipped}
+    replay = _compare_replay(path, other, [i for i in common if str(i) not in skipped], workers, scheduler)
+    return {**report, **({"replay": replay} if replay else {})}
+
+
+def _compare_replay(path, other, layers, workers, scheduler) -> dict | None:
+    """Per layer, cosine and AT distance over the replayed views both caches hold, when both replayed the same views
+    (epochs, samples, image list, seed and augmentation); None otherwise."""
+    one, two = CacheStore.open(path), CacheStore.open(other)
+    a, b = one.spec.replay, two.spec.replay
+    if a is None or b is None or dataclasses.replace(a, chunk_rows=0) != dataclasses.replace(b, chunk_rows=0):
+        return None
+    done = (one.replay_done() & two.replay_done()).reshape(-1)
+    graphs = {}
+    for i in layers:
+        x, y = (da.from_zarr(s.group[f"replay/maps/{i}"]) for s in (one, two))
+        x, y = (m.reshape((-1, *m.shape[2:]))[np.flatnonzero(done)] for m in (x, y))
+        graphs[i] = da.map_blocks(_pair_figures, x, y.rechunk(x.chunks), dtype=np.float32, drop_axis=(1, 2), new_axis=1)
+    with dask_scheduler(workers, scheduler):
+        (computed,) = dask.compute(graphs)
+    return {"common_views": int(done.sum()),
+            "layers": {str(i): {"cosine": _summarise(v[:, 0]), "at_distance": _summarise(v[:, 1])} for i, v in computed.items()}}
 
 
 # ------------------------------------------------------------------------------------------------------- printing

@@ -61,16 +61,58 @@ def _student_maps(student: str, images: list[np.ndarray], layers: Sequence[int],
     return out
 
 
+def _cached_panels(opened, split, images: int, files: Sequence[str]):
+    """(names, BGR pictures, letterboxes, per picture the cached maps per layer) of images of the cache's split."""
+    from atcache.data import read_image
+
+    rows = _choose_rows(opened.files, opened.done, images, files, split.root)
+    pictures = [read_image(split.root / opened.files[r]) for r in rows]
+    maps = [[opened.maps[i][r].compute().astype(np.float32) for i in opened.layers] for r in rows]
+    return [Path(opened.files[r]).name for r in rows], pictures, [opened.letterbox.row(r) for r in rows], maps
+
+
+def _replay_panels(cache, data, spec, epoch: int, images: int):
+    """The same for `images` positions spread over replay epoch `epoch`: the augmented images (rebuilt as training
+    sees them, fingerprints checked) with the teacher's maps on them."""
+    from atcache.env import prepare_ultralytics
+
+    prepare_ultralytics()
+    from atcache.replay import ReplayTargets, augment_settings, training_dataset
+    from atcache.seeding import EpochSampler
+
+    replay = spec.replay
+    if replay is None:
+        raise AtcacheError(f"cache {cache} has no replay arrays; drop --epoch or build them with --replay-epochs E")
+    if not 0 <= epoch < replay.epochs:
+        raise AtcacheError(f"--epoch {epoch} is not among the cached epochs 0..{replay.epochs - 1}")
+    dataset, root = training_dataset(str(data), augment_settings(dict(replay.augment), replay.epochs, spec.imgsz),
+                                     replay.aug_seed)
+    targets = ReplayTargets(str(cache), spec, spec.layer_indices)
+    targets.check_dataset(dataset.im_files, root["path"])
+    order = EpochSampler(replay.samples, replay.aug_seed).order(epoch)
+    positions = np.unique(np.linspace(0, replay.samples - 1, min(images, replay.samples)).astype(int))
+    names, pictures, maps = [], [], []
+    for p in positions:
+        index = int(order[p])
+        image = dataset[epoch * replay.samples + index]["img"]
+        names.append(f"e{epoch} p{p}: {Path(dataset.im_files[index]).name}")
+        pictures.append(np.ascontiguousarray(image.numpy().transpose(1, 2, 0)[..., ::-1]))  # RGB CHW -> BGR HWC
+        maps.append(targets.maps(epoch, index, image))
+    full = {"h0": spec.imgsz, "w0": spec.imgsz, "h": spec.imgsz, "w": spec.imgsz, "pad_top": 0, "pad_left": 0}
+    return names, pictures, [full] * len(names), maps
+
+
 def visualize_cache(cache: str | Path, data: str | Path, out: str | Path, images: int = 4, files: Sequence[str] = (),
-                    student: str | None = None) -> list[Path]:
+                    student: str | None = None, epoch: int | None = None) -> list[Path]:
     """One PNG per image: the image, then per layer the teacher's cached map over it; with a student, a row of the
-    student's maps and a row of |student - teacher| with the per-layer AT distance in the titles."""
+    student's maps and a row of |student - teacher| with the per-layer AT distance in the titles. With `epoch`, the
+    augmented images of that replay epoch with their replayed maps."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from atcache.data import letterbox_image, read_image, split_files
+    from atcache.data import letterbox_image, split_files
     from atcache.inspection import open_cache
 
     opened = open_cache(cache)
@@ -79,24 +121,26 @@ def visualize_cache(cache: str | Path, data: str | Path, out: str | Path, images
     if split.fingerprint() != spec.dataset_fingerprint:
         raise AtcacheError(f"the {spec.split} split of {data} is not the dataset cache {cache} was built on; "
                            "pass the data YAML the cache was built with")
-    rows = _choose_rows(opened.files, opened.done, images, files, split.root)
+    if epoch is None:
+        names, pictures, letterboxes, teacher = _cached_panels(opened, split, images, files)
+        inputs = [letterbox_image(p, spec.imgsz)[0] for p in pictures]
+    else:
+        names, pictures, letterboxes, teacher = _replay_panels(cache, data, spec, epoch, images)
+        inputs = pictures  # already the imgsz x imgsz training input
     layers = opened.layers
-    pictures = [read_image(split.root / opened.files[r]) for r in rows]
-    teacher = [[opened.maps[i][r].compute().astype(np.float32) for i in layers] for r in rows]
-    students = (_student_maps(student, [letterbox_image(p, spec.imgsz)[0] for p in pictures], layers, spec,
-                             len(split.names)) if student else None)
+    students = _student_maps(student, inputs, layers, spec, len(split.names)) if student else None
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     written = []
-    for n, (r, picture) in enumerate(zip(rows, pictures)):
-        rgb, letterbox = picture[..., ::-1], opened.letterbox.row(r)
+    for n, (name, picture, letterbox) in enumerate(zip(names, pictures, letterboxes)):
+        rgb = picture[..., ::-1]
         grid_rows = 3 if students else 1
         fig, axes = plt.subplots(grid_rows, len(layers) + 1, figsize=(2.6 * (len(layers) + 1), 2.6 * grid_rows),
                                  squeeze=False)
         for ax in axes.ravel():
             ax.axis("off")
         axes[0, 0].imshow(rgb)
-        axes[0, 0].set_title(Path(opened.files[r]).name, fontsize=8)
+        axes[0, 0].set_title(name, fontsize=8)
         for k, layer in enumerate(layers):
             stride = spec.layer(layer).stride
             t = teacher[n][k]
@@ -112,7 +156,8 @@ def visualize_cache(cache: str | Path, data: str | Path, out: str | Path, images
                 axes[2, k + 1].imshow(map_on_image(np.abs(s - t), letterbox, spec.imgsz), cmap="magma")
                 axes[2, k + 1].set_title(f"|S-T| L{layer} AT {distance:.3f}", fontsize=8)
         fig.tight_layout()
-        path = out / f"{n:03d}_{Path(opened.files[r]).stem}.png"
+        stem = Path(name.rsplit(": ", 1)[-1]).stem
+        path = out / (f"{n:03d}_{stem}.png" if epoch is None else f"e{epoch:03d}_{n:03d}_{stem}.png")
         fig.savefig(path, dpi=80)
         plt.close(fig)
         written.append(path)

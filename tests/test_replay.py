@@ -1,6 +1,7 @@
 """Replay targets: the teacher's maps on every augmented view of E seeded epochs, built once (resumable, shardable),
 read back in training order; exact against the live teacher; training and online AT see the same batches."""
 
+import csv
 import math
 import shutil
 import subprocess
@@ -77,11 +78,16 @@ def test_replay_targets_are_the_live_teachers_maps(replay_cache, voc_yaml, teach
 
 
 def test_two_shards_equal_one_process(replay_cache, voc_yaml, teacher_pt, tmp_path):
+    from atcache.inspection import compare_caches
+
     out = tmp_path / "shards.zarr"
     for i in range(2):
         build_cache(build_config(voc_yaml, out, teacher=str(teacher_pt), shard=(i, 2), **REPLAY))
     assert_same_replay(replay_cache, out)
     assert_clean(out)
+    replay = compare_caches(replay_cache, out)["replay"]  # inspect --compare joins the replayed views too
+    assert replay["common_views"] == 62
+    assert all(c["cosine"]["min"] > 0.99999 and c["at_distance"]["max"] == 0 for c in replay["layers"].values())
 
 
 def test_kill_during_the_replay_then_resume_is_identical(replay_cache, voc_yaml, teacher_pt, tmp_path):
@@ -126,7 +132,9 @@ def replay_run_losses(settings, voc_yaml, tmp_path, name) -> tuple[list, list]:
     trainer.seen, losses = [], []
     trainer.add_callback("on_train_batch_end", lambda t: losses.append(float(t.loss_items["at_loss"])))
     trainer.train()
-    return trainer.seen, losses
+    with open(trainer.csv) as f:
+        losses_csv = [float(row["train/at_loss"]) for row in csv.DictReader(f, skipinitialspace=True)]
+    return trainer.seen, losses, losses_csv
 
 
 @pytest.mark.slow
@@ -138,11 +146,13 @@ def test_replay_training_sees_the_online_runs_batches_and_losses(replay_cache, v
     layers = tuple((i, i) for i in TEST_LAYERS)
     online = DistillSettings(mode="online", teacher=str(teacher_pt), layers=layers, aug_seed=11)
     replay = DistillSettings(mode="cache", cache=str(replay_cache), targets="replay", layers=layers)
-    seen_online, loss_online = replay_run_losses(online, voc_yaml, tmp_path, "online")
-    seen_replay, loss_replay = replay_run_losses(replay, voc_yaml, tmp_path, "replay")
+    seen_online, loss_online, csv_online = replay_run_losses(online, voc_yaml, tmp_path, "online")
+    seen_replay, loss_replay, csv_replay = replay_run_losses(replay, voc_yaml, tmp_path, "replay")
     assert seen_replay == seen_online and len(seen_replay) == 2 * 8
     assert all(math.isfinite(x) and x > 0 for x in loss_replay)
     np.testing.assert_allclose(loss_replay, loss_online, rtol=1e-3)  # float16 storage of unit-norm maps
+    assert len(csv_replay) == 2
+    np.testing.assert_allclose(csv_replay, csv_online, rtol=1e-3)  # results.csv: the epochs' mean at_loss
 
 
 def common(voc_yaml, cache, tmp_path, *extra):
@@ -207,3 +217,17 @@ def test_device_processes_and_dask_build_the_same_replay(replay_cache, voc_yaml,
     report = build_cache(build_config(voc_yaml, out, teacher=str(teacher_pt), workers=0, **runner_kw, **REPLAY))
     assert report.replayed == 62 and "KB per image or replayed view" in report.summary()
     assert_same_replay(replay_cache, out)
+
+
+def test_visualize_shows_a_replay_epoch(replay_cache, built_cache, voc_yaml, tmp_path):
+    from PIL import Image
+
+    from atcache.visualize import visualize_cache
+
+    paths = visualize_cache(replay_cache, voc_yaml, tmp_path / "png", images=3, epoch=1)
+    assert len(paths) == 3 and all(p.name.startswith("e001_") for p in paths)
+    assert Image.open(paths[0]).size[0] > 400
+    assert_one_line_error(runner.invoke(app, ["visualize", str(built_cache), "--data", str(voc_yaml), "--out",
+                                              str(tmp_path / "x"), "--epoch", "0"]), "has no replay arrays")
+    assert_one_line_error(runner.invoke(app, ["visualize", str(replay_cache), "--data", str(voc_yaml), "--out",
+                                              str(tmp_path / "x"), "--epoch", "2"]), "not among the cached epochs 0..1")
