@@ -24,7 +24,7 @@ from atcache.errors import AtcacheError
 from atcache.hooks import probe_layers
 from atcache.runners import RunResult, run_here, run_on_cluster, run_on_devices
 from atcache.spec import CacheSpec, LayerSpec, Letterbox
-from atcache.store import CacheStore, ChunkClaim, chunks_for_shard
+from atcache.store import MAP_DTYPES, CacheStore, ChunkClaim, chunks_for_shard
 from atcache.teacher import LoadedModel, load_model
 
 
@@ -83,6 +83,8 @@ def _make_spec(cfg: BuildConfig, teacher: LoadedModel, split: SplitFiles, device
         raise AtcacheError(f"--imgsz {cfg.imgsz} is not a multiple of the teacher's max stride {max_stride}; use e.g. {max(max_stride, cfg.imgsz // max_stride * max_stride)}")
     if cfg.chunk_rows < 1 or cfg.batch < 1:
         raise AtcacheError("--batch and --chunk-rows must be at least 1")
+    if cfg.dtype not in MAP_DTYPES:
+        raise AtcacheError(f"--dtype {cfg.dtype!r} is unknown; choose one of {', '.join(MAP_DTYPES)}")
     shapes = probe_layers(teacher.model, cfg.layers, cfg.imgsz, device)
     layers = []
     for index, (c, h, w) in zip(cfg.layers, shapes):
@@ -95,6 +97,7 @@ def _make_spec(cfg: BuildConfig, teacher: LoadedModel, split: SplitFiles, device
         layers=tuple(layers), imgsz=cfg.imgsz, p=float(cfg.p), kind=cfg.kind, eps=EPS,
         teacher_sha256=teacher.file_sha256, teacher_weights_sha256=teacher.weights_sha256, teacher_name=teacher.name,
         split=cfg.split, dataset_fingerprint=split.fingerprint(), n_rows=len(split.files), chunk_rows=cfg.chunk_rows,
+        map_dtype=cfg.dtype,
         letterbox=Letterbox(), teacher_path=teacher.path, data_yaml=split.data_yaml,
         atcache_version=__version__, ultralytics_version=ultralytics.__version__, torch_version=torch.__version__,
         replay=_replay_spec(cfg) if cfg.replay_epochs else None,

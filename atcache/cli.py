@@ -105,6 +105,7 @@ def build_cache_cmd(
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
     replay_epochs: Annotated[int, typer.Option(help="Also store the teacher's maps on every augmented view of this many epochs of seeded training (train-from-cache --targets replay).")] = 0,
     aug_seed: Annotated[int, typer.Option(help="The replay's augmentation seed (train with the same --aug-seed, or let training take it from the cache).")] = 0,
+    dtype: Annotated[str, typer.Option(help="Stored maps: float16, or uint8 (square-root domain with a scale per map: about half the bytes, cosine >= 0.9999).")] = "float16",
 ):
     """Run the teacher once over a split and write per-layer attention maps into a chunked Zarr v3 store. With
     --replay-epochs, extra key=value (mosaic=, mixup=, scale=, fliplr=, hsv_h=, close_mosaic=, epochs=, ...) set the
@@ -124,7 +125,7 @@ def build_cache_cmd(
         teacher=teacher, data=str(data), out=str(out), split=split, layers=parse_layers(layers), imgsz=imgsz,
         batch=batch, device=device, p=p, kind=kind, workers=workers, resume=resume, overwrite=overwrite,
         shard=parse_shard(shard), chunk_rows=chunk_rows, skip_bad=skip_bad, progress=progress, repair=repair,
-        break_locks=break_locks, scheduler=scheduler or "", replay_epochs=replay_epochs, aug_seed=aug_seed,
+        break_locks=break_locks, scheduler=scheduler or "", replay_epochs=replay_epochs, aug_seed=aug_seed, dtype=dtype,
         augment=tuple(sorted(_ultralytics_overrides(ctx.args, ("model", "data", "imgsz", "batch", "device")).items())),
     )
     report = build_cache(cfg)

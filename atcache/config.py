@@ -62,6 +62,7 @@ class BuildConfig(JsonConfig):
     replay_epochs: int = 0  # also cache the maps of every augmented view of this many epochs of seeded training
     aug_seed: int = 0  # the replay's --aug-seed
     augment: tuple[tuple[str, object], ...] = ()  # ultralytics augmentation settings (key, value) for the replay
+    dtype: str = "float16"  # stored maps: float16, or uint8 (square-root domain, a scale per map; store.encode_maps)
 
 
 @dataclass(frozen=True)

@@ -127,7 +127,7 @@ def write_store(path: Path, n: int, r: int, codec_name: str, data) -> tuple[floa
     """Create + write all rows through CacheStore; returns (create_s, write_s)."""
     maps16, norms, lb, _ = data
     files = [f"images/{i:06d}.jpg" for i in range(n)]
-    patch = mock.patch.object(store_mod, "map_compressors", lambda: codec(codec_name))
+    patch = mock.patch.object(store_mod, "map_compressors", lambda *dtype: codec(codec_name))
     with patch:
         t0 = time.perf_counter()
         st = CacheStore.create(path, make_spec(n, r), files)

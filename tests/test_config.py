@@ -19,6 +19,8 @@ def _all_changed(cls, **required):
             values[f.name] = not default
         elif isinstance(default, (int, float)) and not isinstance(default, bool):
             values[f.name] = default + 3
+        elif f.name == "dtype":
+            values[f.name] = "uint8"
         elif isinstance(default, str):
             values[f.name] = default + "x"
         elif f.name == "layers":

@@ -1,0 +1,85 @@
+"""`build-cache --dtype uint8`: maps stored in the square-root domain with a scale per map, read back decoded by every
+reader (training in RAM and streamed, replay, inspect/compare, open_cache), close to the float16 store."""
+
+import numpy as np
+import pytest
+import zarr
+from typer.testing import CliRunner
+
+from atcache.build import build_cache
+from atcache.cli import app
+from atcache.store import decode_maps, encode_maps
+from conftest import COMMON, TEST_LAYERS, build_config, results
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def uint8_cache(voc_yaml, teacher_pt, tmp_path_factory):
+    out = tmp_path_factory.mktemp("uint8") / "uint8.zarr"
+    build_cache(build_config(voc_yaml, out, teacher=str(teacher_pt), dtype="uint8", workers=2))
+    return out
+
+
+def test_encoding_round_trip_and_unfinished_rows():
+    rng = np.random.default_rng(0)
+    maps = rng.random((5, 8, 8)).astype(np.float32) ** 3
+    maps[2] = np.nan  # a row whose image could not be read
+    q, scales = encode_maps(maps, "uint8")
+    assert q.dtype == np.uint8 and q.max() == 255 and np.isnan(scales[2]) and (q[2] == 0).all()
+    back = decode_maps(q, scales).astype(np.float32)
+    assert np.isnan(back[2]).all()
+    ok = [0, 1, 3, 4]
+    x, y = maps[ok].reshape(4, -1), back[ok].reshape(4, -1)
+    cosine = (x * y).sum(1) / np.linalg.norm(x, axis=1) / np.linalg.norm(y, axis=1)
+    assert cosine.min() > 0.9999
+    assert encode_maps(maps, "float16")[1] is None
+
+
+def test_uint8_store_is_smaller_and_close_to_float16(uint8_cache, built_cache):
+    from atcache import open_cache
+    from atcache.inspection import compare_caches, verify_cache
+    from atcache.store import CacheStore
+
+    store = CacheStore.open(uint8_cache)
+    assert store.spec.map_dtype == "uint8" and zarr.open_group(str(uint8_cache))["maps/16"].dtype == np.uint8
+    assert "scales/16" in store.array_names() and verify_cache(uint8_cache) == []
+    def map_bytes(path):  # the maps' chunk files (at 64 px the scales' metadata outweighs what they save overall)
+        return sum(f.stat().st_size for f in (path / "maps").rglob("*") if f.is_file() and f.name != "zarr.json")
+
+    assert map_bytes(uint8_cache) < 0.8 * map_bytes(built_cache)
+    compared = compare_caches(uint8_cache, built_cache)
+    for layer in map(str, TEST_LAYERS):
+        assert compared["layers"][layer]["cosine"]["min"] >= 0.9999, layer
+    view = open_cache(uint8_cache)  # decoded maps whatever the dtype
+    maps = view.maps[16][:4].compute()
+    assert maps.dtype == np.float16
+    np.testing.assert_allclose(np.linalg.norm(maps.astype(np.float32).reshape(4, -1), axis=1), 1.0, atol=5e-3)
+
+
+@pytest.mark.parametrize("stream", ["--no-stream", "--stream"])
+def test_training_from_a_uint8_cache(uint8_cache, voc_yaml, tmp_path, stream):
+    result = runner.invoke(app, ["train-from-cache", "--cache", str(uint8_cache), "--data", str(voc_yaml),
+                                 "--project", str(tmp_path), "--name", "u8", stream, *COMMON])
+    assert result.exit_code == 0, result.output
+    row = results(tmp_path / "u8")
+    assert np.isfinite(row["train/at_loss"]) and row["train/at_loss"] > 0
+
+
+def test_replay_arrays_in_uint8(voc_yaml, teacher_pt, tmp_path):
+    from atcache.fidelity import FidelityConfig, measure_fidelity
+
+    out = tmp_path / "replay8.zarr"
+    build_cache(build_config(voc_yaml, out, teacher=str(teacher_pt), dtype="uint8", replay_epochs=1))
+    assert zarr.open_group(str(out))["replay/maps/6"].dtype == np.uint8
+    report = measure_fidelity(FidelityConfig(cache=str(out), teacher=str(teacher_pt), data=str(voc_yaml), batches=2,
+                                             batch=8, targets="replay", device="cpu"))
+    for layer in map(str, TEST_LAYERS):
+        assert report["layers"][layer]["all"]["cosine_mean"] >= 0.999, layer
+
+
+def test_an_unknown_dtype_is_one_line(voc_yaml, teacher_pt, tmp_path):
+    from atcache.errors import AtcacheError
+
+    with pytest.raises(AtcacheError, match="--dtype 'int4' is unknown; choose one of float16, uint8"):
+        build_cache(build_config(voc_yaml, tmp_path / "x.zarr", teacher=str(teacher_pt), dtype="int4"))
