@@ -214,7 +214,7 @@ def _compare_replay(path, other, layers, workers, scheduler) -> dict | None:
     done = (one.replay_done() & two.replay_done()).reshape(-1)
     graphs = {}
     for i in layers:
-        x, y = (da.from_zarr(s.group[f"replay/maps/{i}"]) for s in (one, two))
+        x, y = (s.dask_replay_maps(i) for s in (one, two))
         x, y = (m.reshape((-1, *m.shape[2:]))[np.flatnonzero(done)] for m in (x, y))
         graphs[i] = da.map_blocks(_pair_figures, x, y.rechunk(x.chunks), dtype=np.float32, drop_axis=(1, 2), new_axis=1)
     with dask_scheduler(workers, scheduler):

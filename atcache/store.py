@@ -401,6 +401,17 @@ class CacheStore:
             maps = da.map_blocks(decode_maps, maps, scales[:, None, None], dtype=np.float16)
         return maps, da.from_zarr(self.group[f"norms/{layer}"])
 
+    def dask_replay_maps(self, layer: int):
+        """Replay maps (E, M, H, W) of `layer` as a dask array chunked as stored, decoded like `dask_layer`'s."""
+        import dask.array as da
+
+        maps = da.from_zarr(self.group[f"replay/maps/{layer}"])
+        if self.spec.map_dtype == "uint8":
+            scales = da.from_zarr(self.group[f"replay/scales/{layer}"])
+            maps = da.map_blocks(lambda q, s: decode_maps(q.reshape(-1, *q.shape[2:]), s.reshape(-1)).reshape(q.shape),
+                                 maps, scales[:, :, None, None], dtype=np.float16)
+        return maps
+
     def chunk_error(self, name: str, a: int, b: int, what: str) -> AtcacheError:
         """One line naming the array and rows that cannot be used, and how to find and fix the rest."""
         return AtcacheError(f"cache {self.path}: {name} rows {a}-{b - 1} {what}; {REPAIR_HINT.format(path=self.path)}")

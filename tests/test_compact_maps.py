@@ -83,3 +83,14 @@ def test_an_unknown_dtype_is_one_line(voc_yaml, teacher_pt, tmp_path):
 
     with pytest.raises(AtcacheError, match="--dtype 'int4' is unknown; choose one of float16, uint8"):
         build_cache(build_config(voc_yaml, tmp_path / "x.zarr", teacher=str(teacher_pt), dtype="int4"))
+
+
+def test_compare_decodes_uint8_replay_arrays(voc_yaml, teacher_pt, tmp_path):
+    from atcache.inspection import compare_caches
+
+    a, b = tmp_path / "f16.zarr", tmp_path / "u8.zarr"
+    build_cache(build_config(voc_yaml, a, teacher=str(teacher_pt), replay_epochs=1))
+    build_cache(build_config(voc_yaml, b, teacher=str(teacher_pt), replay_epochs=1, dtype="uint8"))
+    replay = compare_caches(b, a)["replay"]
+    assert replay["common_views"] == 31
+    assert all(c["cosine"]["min"] >= 0.9999 for c in replay["layers"].values())
