@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import functools
 import os
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -96,16 +97,19 @@ class Location:
         fs.pipe_file(path, data)
 
     def create(self, name: str, data: bytes) -> bool:
-        """Write `name` only if it does not exist yet, atomically (O_EXCL locally, If-None-Match on S3).
-        True if this call created it."""
+        """Write `name` only if it does not exist yet, atomically and whole (locally a temporary file hard-linked into
+        place, which fails if the name exists; If-None-Match on S3). True if this call created it."""
         fs, path = self._fs_root[0], self._path(name)
         try:
             if self.remote:
                 fs.pipe_file(path, data, mode="create")
             else:
-                fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-                with fs.open(path, "xb") as f:  # open(..., "x"): O_CREAT | O_EXCL
-                    f.write(data)
+                tmp = f"{path}.{uuid.uuid4().hex}.tmp"
+                fs.pipe_file(tmp, data)
+                try:
+                    os.link(tmp, path)  # readers never see the record half-written
+                finally:
+                    os.unlink(tmp)
         except FileExistsError:
             return False
         except OSError as e:  # some backends report the failed precondition as a generic error

@@ -197,8 +197,8 @@ class CacheStore:
             if raw is None and not loc.exists("zarr.json"):
                 if not loc.is_empty() and not wait:
                     raise AtcacheError(f"{loc} exists and is not an atcache store; choose another --out or remove it")
-            elif raw is None or not owner_alive(_parse_record(raw)):
-                return None
+            elif raw is None or (_parse_record(raw) and not owner_alive(_parse_record(raw))):
+                return None  # (an unreadable record is one being written: wait for it)
             if time.monotonic() >= deadline:
                 return None
             time.sleep(0.2)
@@ -668,6 +668,8 @@ class ChunkClaim:
     def sweep_dead(self) -> None:
         """Delete the records of dead builders (a kill -9 leaves them behind, also for chunks they had finished)."""
         for name in self.location.list(LOCK_PREFIX):
+            if name.endswith(".tmp"):  # another builder's record on its way into place (Location.create)
+                continue
             raw = self.location.read(name)
             record = _parse_record(raw) if raw is not None else {}
             if name.startswith(f"{LOCK_PREFIX}/owners/"):
