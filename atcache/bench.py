@@ -164,22 +164,27 @@ def _link_subset(split: SplitFiles, rows, target: Path, name: str) -> None:
 
 
 # --------------------------------------------------------------------------------------------------------- build
-def _inference_pass(model, split: SplitFiles, cfg: BenchConfig, device: torch.device) -> float:
-    """Seconds for the floor: the same decoding and letterboxing as the build, then the teacher's full forward."""
+def _forward_seconds(model, images, device: torch.device) -> float:
+    """Seconds for a floor: the batches of uint8 images `images` yields, each through the teacher's full forward."""
     cuda = device.type == "cuda"
-    workers = _build_workers(cfg)
-    loader = torch.utils.data.DataLoader(
-        LetterboxedImages(split, range(len(split.files)), cfg.imgsz), batch_size=cfg.batch, num_workers=workers,
-        pin_memory=cuda, prefetch_factor=4 if workers else None)
     t0 = time.perf_counter()
     with torch.no_grad():
-        for _, images, _, _ in loader:
-            x = images.to(device, non_blocking=True).float().div_(255)
+        for batch in images:
+            x = batch.to(device, non_blocking=True).float().div_(255)
             with torch.autocast(device.type, dtype=torch.float16, enabled=cuda):
                 model(x)
     if cuda:
         torch.cuda.synchronize(device)
     return time.perf_counter() - t0
+
+
+def _inference_pass(model, split: SplitFiles, cfg: BenchConfig, device: torch.device) -> float:
+    """Seconds for the floor: the same decoding and letterboxing as the build, then the teacher's full forward."""
+    workers = _build_workers(cfg)
+    loader = torch.utils.data.DataLoader(
+        LetterboxedImages(split, range(len(split.files)), cfg.imgsz), batch_size=cfg.batch, num_workers=workers,
+        pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None)
+    return _forward_seconds(model, (images for _, images, _, _ in loader), device)
 
 
 def _measure_build(cfg: BenchConfig, data_yaml: Path, split: SplitFiles, cache: Path, device: torch.device, log) -> dict:
@@ -273,17 +278,7 @@ def _measure_replay_build(cfg: BenchConfig, data_yaml: Path, split: SplitFiles, 
                                          num_workers=workers, collate_fn=dataset.collate_fn,
                                          prefetch_factor=4 if workers else None)
     model = load_model(cfg.teacher, nc=len(split.names), device=device).model
-    cuda = device.type == "cuda"
-    t0, views = time.perf_counter(), 0
-    with torch.no_grad():
-        for batch in loader:
-            x = batch["img"].to(device, non_blocking=True).float().div_(255)
-            with torch.autocast(device.type, dtype=torch.float16, enabled=cuda):
-                model(x)
-            views += len(x)
-    if cuda:
-        torch.cuda.synchronize(device)
-    floor = views / (time.perf_counter() - t0)
+    floor = len(dataset) / _forward_seconds(model, (batch["img"] for batch in loader), device)
     out = {"epochs": epochs, "views": report.replayed, "replay_build_img_per_s": report.replayed / replay_s,
            "floor_img_per_s": floor, "bytes_per_view": (report.store_bytes - build["store_bytes"]) / max(report.replayed, 1)}
     log(f"bench: replay build {out['replay_build_img_per_s']:.1f} views/s vs floor {floor:.1f} img/s "
