@@ -64,6 +64,15 @@ def files_sha256(im_files: Sequence[str], root: str | Path) -> str:
     return h.hexdigest()
 
 
+def check_training_set(replay: ReplaySpec, im_files: Sequence[str], root: str | Path, cache: str) -> None:
+    """Refuse a training set other than the one the replay arrays were made for (ultralytics dropped or added images,
+    another data YAML): the build's children and training both check it."""
+    if len(im_files) != replay.samples or files_sha256(im_files, root) != replay.files_sha256:
+        raise AtcacheError(f"this training set ({len(im_files)} images) is not the one the replay arrays of cache "
+                           f"{cache} were made for ({replay.samples} images); rebuild the cache on this data with "
+                           "build-cache --overwrite --replay-epochs E")
+
+
 def replay_spec(cfg: BuildConfig, imgsz: int) -> ReplaySpec:
     """What the replay arrays will hold, from the settings and the training dataset they imply."""
     hyp = augment_settings(dict(cfg.augment), cfg.replay_epochs, imgsz)
@@ -95,16 +104,14 @@ class _UnitBatches(torch.utils.data.Sampler):
 
 
 def compute_replay(cfg: BuildConfig, model: torch.nn.Module, store: CacheStore, units: Sequence[int],
-                   device: torch.device) -> int:
-    """Teacher maps on the augmented images of replay units `units`, each written whole; returns samples computed."""
+                   device: torch.device) -> None:
+    """Teacher maps on the augmented images of replay units `units`, each written whole."""
     from tqdm import tqdm
 
     replay = store.spec.replay
     hyp = augment_settings(dict(replay.augment), replay.epochs, store.spec.imgsz)
     dataset, data = training_dataset(cfg.data, hyp, replay.aug_seed)
-    if len(dataset) != replay.samples or files_sha256(dataset.im_files, data["path"]) != replay.files_sha256:
-        raise AtcacheError(f"ultralytics builds another training set from {cfg.data} than the replay arrays of cache "
-                           f"{store.path} were made for; rebuild the cache with --overwrite")
+    check_training_set(replay, dataset.im_files, data["path"], store.path)
     spans = [store.replay_unit(u) for u in units]
     sampler = EpochSampler(replay.samples, replay.aug_seed)
     orders = {e: sampler.order(e) for e in sorted({e for e, _, _ in spans})}
@@ -115,10 +122,9 @@ def compute_replay(cfg: BuildConfig, model: torch.nn.Module, store: CacheStore, 
     )
     bar = tqdm(total=sum(b - a for _, a, b in spans), desc=f"replay {Path(cfg.out).name}", unit="img",
                disable=not cfg.progress, dynamic_ncols=True)
-    batches, unit_iter = iter(loader), iter(zip(units, spans))
-    done = 0
+    batches = iter(loader)
     try:
-        for u, (e, a, b) in unit_iter:
+        for u, (e, a, b) in zip(units, spans):
             parts = []
             while sum(len(p[0]) for p in parts) < b - a:
                 batch = next(batches)
@@ -131,10 +137,8 @@ def compute_replay(cfg: BuildConfig, model: torch.nn.Module, store: CacheStore, 
                 u, maps={i: np.concatenate([p[1][j] for p in parts]) for j, i in enumerate(cfg.layers)},
                 norms={i: np.concatenate([p[2][j] for p in parts]) for j, i in enumerate(cfg.layers)},
                 samples=orders[e][a:b], records=np.concatenate([p[0] for p in parts]))
-            done += b - a
     finally:
         bar.close()
-    return done
 
 
 class ReplayTargets:
@@ -154,12 +158,8 @@ class ReplayTargets:
         return {**self.__dict__, "_store": None, "_pid": None, "_lru": OrderedDict()}
 
     def check_dataset(self, im_files: Sequence[str], root: str | Path) -> None:
-        """Refuse a training set other than the one the replay arrays were made for (ultralytics dropped or added
-        images, another data YAML)."""
-        if len(im_files) != self.replay.samples or files_sha256(im_files, root) != self.replay.files_sha256:
-            raise AtcacheError(f"this run's training set ({len(im_files)} images) is not the one the replay arrays of "
-                               f"cache {self.path} were made for ({self.replay.samples} images); rebuild the cache on "
-                               "this data with build-cache --overwrite --replay-epochs E")
+        """Refuse a training set other than the one the replay arrays were made for."""
+        check_training_set(self.replay, im_files, root, self.path)
 
     def position(self, epoch: int, index: int) -> int:
         """Where sample `index` sits in epoch `epoch`'s training order."""
