@@ -119,7 +119,8 @@ class RunPlan:
     streaming: bool = False
 
 
-def _check_settings(s: DistillSettings, imgsz: int, data: str, rect: bool = False, device: str | None = None) -> RunPlan:
+def _check_settings(s: DistillSettings, imgsz: int, data: str, rect: bool = False, device: str | None = None,
+                    store: CacheStore | None = None) -> RunPlan:
     """Refuse settings that cannot work before anything is built (each split is listed once, the store opened once)."""
     if s.mode not in TRAIN_MODES:
         raise AtcacheError(f"unknown training mode {s.mode!r}; choose one of {', '.join(TRAIN_MODES)}")
@@ -139,7 +140,7 @@ def _check_settings(s: DistillSettings, imgsz: int, data: str, rect: bool = Fals
         raise AtcacheError("rect=True training is not supported with cached targets; drop rect")
     if s.shuffle_window < 1:
         raise AtcacheError(f"--shuffle-window {s.shuffle_window} must be at least 1 (chunks shuffled together)")
-    store = CacheStore.open(s.cache)
+    store = store or CacheStore.open(s.cache)
     ranks = ranks_on_this_node(device)
     if s.targets == "replay":  # read chunk by chunk in training order, never loaded whole
         spec = check_cache(s.cache, s.source_layers, imgsz, train_split, stream=True, store=store)
@@ -158,10 +159,10 @@ def _streams(spec: CacheSpec, s: DistillSettings, ranks: int) -> bool:
     return streams(ram_need_gb(spec, s.source_layers) * ranks, s.ram_budget_gb, s.stream)
 
 
-def _replay_overrides(s: DistillSettings, overrides: dict | None) -> tuple[dict, DistillSettings]:
+def _replay_overrides(s: DistillSettings, overrides: dict | None, store: CacheStore) -> tuple[dict, DistillSettings]:
     """--targets replay: the augmentation settings, epochs and aug-seed the cache's replay arrays were made with, for
     every one the run does not give; a given one that differs is refused in one line naming it."""
-    replay = CacheStore.open(s.cache).spec.replay
+    replay = store.spec.replay
     if replay is None:
         raise AtcacheError(f"cache {s.cache} has no replay arrays; build them with `atcache build-cache ... "
                            "--replay-epochs E` (or train with --targets warp or static)")
@@ -261,11 +262,13 @@ class AtcacheTrainer(DetectionTrainer):
 
     def __init__(self, cfg=DEFAULT_CFG, overrides: dict | None = None, _callbacks=None, settings: DistillSettings | None = None):
         self.settings = s = _settings_for(settings, cfg)
+        store = None
         if s.mode == "cache" and s.targets == "replay":
-            overrides, s = _replay_overrides(s, overrides)
+            store = CacheStore.open(s.cache)  # the one open: the settings check below reuses it
+            overrides, s = _replay_overrides(s, overrides, store)
             self.settings = s
         args = get_cfg(cfg, overrides)  # checked before ultralytics makes the run folder
-        self.plan = _check_settings(s, args.imgsz, args.data, args.rect, args.device)
+        self.plan = _check_settings(s, args.imgsz, args.data, args.rect, args.device, store)
         self.p, self.kind, self.eps, self.streaming = self.plan.p, self.plan.kind, self.plan.eps, self.plan.streaming
         launch = _torchrun_world()
         # torchrun runs this on every rank, without the save_dir ultralytics' own launcher hands its workers
