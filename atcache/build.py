@@ -133,13 +133,13 @@ def build_cache(cfg: BuildConfig) -> BuildReport:
         elif todo:
             result = run_on_devices(cfg, store, todo, devices)
         loop_seconds = time.perf_counter() - t_loop
-        complete = store.complete_units()  # done now, whichever process (or attempt of a retried task) wrote them
+        # done now, whichever process (or attempt of a retried task) wrote them
         done, replay_done = store.done_mask(), store.replay_done() if store.spec.replay else None
         computed = int(sum(done[slice(*store.chunk_range(k))].sum() for k in todo if k < store.n_chunks))
         replayed = int(sum(replay_done[e, a:b].sum() for e, a, b in
                            (store.replay_unit(u) for u in todo if u >= store.n_chunks)))
-        if complete.all():  # nobody writes a chunk of a complete store: what killed writers left can go
-            store.sweep_partial_writes()
+        if done.all() and (replay_done is None or replay_done.all()):  # complete: nobody writes a chunk of it, so
+            store.sweep_partial_writes()  # what killed writers left can go
     return BuildReport(
         out=str(cfg.out), computed=computed, already_done=already, total_rows=store.n_rows,
         seconds=time.perf_counter() - t0, loop_seconds=loop_seconds, store_bytes=store.nbytes_stored(),
