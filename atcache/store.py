@@ -234,10 +234,6 @@ class CacheStore:
     def n_chunks(self) -> int:
         return -(-self.spec.n_rows // self.spec.chunk_rows)
 
-    def rows_in(self, chunks: Iterable[int]) -> int:
-        """How many rows the row-chunks `chunks` hold."""
-        return sum(b - a for a, b in map(self.chunk_range, chunks))
-
     def chunk_range(self, k: int) -> tuple[int, int]:
         r = self.spec.chunk_rows
         return k * r, min((k + 1) * r, self.spec.n_rows)
