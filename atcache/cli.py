@@ -9,9 +9,10 @@ from typing import Annotated, Optional
 
 import typer
 
-from atcache.config import DEFAULT_LAYERS, parse_layers, parse_shard
+from atcache.config import DEFAULT_AT_WEIGHT, DEFAULT_LAYERS, parse_layers, parse_shard
 from atcache.env import prepare_ultralytics
 from atcache.errors import AtcacheError
+from atcache.study import STUDY_MODES
 
 app = typer.Typer(
     name="atcache",
@@ -307,6 +308,42 @@ def demo_cmd(
 
     for line in run_demo(out=out, images=images, imgsz=imgsz, teacher=teacher, teacher_epochs=teacher_epochs,
                          device=device, quick=quick, student=student, student_epochs=student_epochs):
+        typer.echo(line)
+
+
+@app.command("study")
+@_friendly
+def study_cmd(
+    out: Annotated[Path, typer.Option(help="Run folder (data, teacher, caches, students, accuracy.json/.md).")] = Path("runs/accuracy"),
+    images: Annotated[int, typer.Option(help="Synthetic images to generate (~22% become the validation split).")] = 1600,
+    imgsz: Annotated[int, typer.Option(help="Image size of teacher and students.")] = 160,
+    teacher: Annotated[str, typer.Option(help="Teacher model YAML, trained here on the whole training split.")] = "yolo11s.yaml",
+    teacher_epochs: Annotated[int, typer.Option(help="Teacher epochs (a teacher trained with the same settings in OUT is reused).")] = 15,
+    student: Annotated[str, typer.Option(help="Student model YAML.")] = "yolo11n.yaml",
+    student_images: Annotated[int, typer.Option(help="Training images the students see (the first N of the split).")] = 300,
+    student_epochs: Annotated[int, typer.Option(help="Epochs of every student run.")] = 10,
+    seeds: Annotated[str, typer.Option(help="Comma-separated seeds (each run's seed and --aug-seed).")] = "0,1,2",
+    modes: Annotated[str, typer.Option(help="Comma-separated modes among plain, online, static, warp, replay.")] = ",".join(STUDY_MODES),
+    at_weights: Annotated[str, typer.Option(help="Comma-separated --at-weight values; every AT mode runs once per value.")] = str(DEFAULT_AT_WEIGHT),
+    batch: Annotated[int, typer.Option(help="Batch size.")] = 16,
+    device: Annotated[str, typer.Option(help="cpu or a CUDA index.")] = "cpu",
+):
+    """Seeded accuracy study: students trained plain, online AT and from the cache (static, warp, replay targets) with
+    the same data, budget and --aug-seed per seed; mean and std of mAP over seeds on the whole validation split."""
+    prepare_ultralytics(out / "ultralytics")
+    from atcache.study import StudyConfig, run_study
+
+    unknown = [m for m in modes.split(",") if m not in STUDY_MODES]
+    if unknown:
+        raise AtcacheError(f"--modes {unknown[0]!r} is unknown; choose among {', '.join(STUDY_MODES)}")
+    try:
+        config = StudyConfig(images=images, imgsz=imgsz, teacher=teacher, teacher_epochs=teacher_epochs, student=student,
+                             student_images=student_images, student_epochs=student_epochs,
+                             seeds=tuple(int(x) for x in seeds.split(",")), modes=tuple(modes.split(",")),
+                             at_weights=tuple(float(x) for x in at_weights.split(",")), batch=batch, device=device)
+    except ValueError as e:
+        raise AtcacheError(f"--seeds and --at-weights take comma-separated numbers ({e})") from None
+    for line in run_study(config, out):
         typer.echo(line)
 
 

@@ -19,7 +19,7 @@ DEMO_HYP = {"optimizer": "AdamW", "lr0": 0.004, "warmup_epochs": 1, "warmup_bias
 STUDENT_RUNS = ("plain", "cache", "replay", "online")
 
 
-def _train_teacher(model: str, data_yaml: Path, project: Path, epochs: int, imgsz: int, device: str,
+def train_teacher(model: str, data_yaml: Path, project: Path, epochs: int, imgsz: int, device: str,
                   batch: int = 16) -> tuple[Path, dict]:
     """Briefly train the teacher with plain ultralytics; its best.pt (a real user checkpoint) and final metrics."""
     from ultralytics import YOLO
@@ -56,7 +56,7 @@ def run_demo(out: Path, images: int, imgsz: int, teacher: str, teacher_epochs: i
     teacher_model = teacher
     if teacher_epochs > 0 and not teacher.endswith(".pt"):
         t0 = time.perf_counter()
-        best, teacher_metrics = _train_teacher(teacher, data_yaml, out, teacher_epochs, imgsz, device, batch)
+        best, teacher_metrics = train_teacher(teacher, data_yaml, out, teacher_epochs, imgsz, device, batch)
         yield f"teacher: {teacher} {teacher_epochs} epoch(s) in {time.perf_counter() - t0:.0f}s -> {best}"
         teacher = str(best)
     cache = out / "teacher_cache.zarr"
