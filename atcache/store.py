@@ -370,17 +370,26 @@ class CacheStore:
                    done: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(maps (r, H, W) float16, norms (r,) float32) of `layer` for rows a:b; with `done` (the store's done mask) a
         finished row that holds NaN or Inf is refused in one line naming its chunk."""
+        stored, norms, scales = self.read_stored_layer(layer, a, b, done)
+        return decode_maps(stored, scales), norms
+
+    def read_stored_layer(self, layer: int, a: int = 0, b: int | None = None, done: np.ndarray | None = None
+                          ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """read_layer without decoding: (maps as stored (float16, or uint8), norms, per-map scales (uint8) or None);
+        what keeps a uint8 cache uint8 in RAM (`decode_maps` decodes rows on use)."""
         uint8 = self.spec.map_dtype == "uint8"
-        maps = decode_maps(self.read(f"maps/{layer}", a, b), self.read(f"scales/{layer}", a, b) if uint8 else None)
+        stored = self.read(f"maps/{layer}", a, b)
+        scales = self.read(f"scales/{layer}", a, b).astype(np.float32, copy=False) if uint8 else None
         norms = self.read(f"norms/{layer}", a, b).astype(np.float32, copy=False)
         if done is not None:
-            for name, values in ((f"maps/{layer}", maps), (f"norms/{layer}", norms)):
+            finite = ((f"scales/{layer}", scales),) if uint8 else ((f"maps/{layer}", stored),)
+            for name, values in finite + ((f"norms/{layer}", norms),):
                 bad = _nonfinite_finished(values, done[a:a + len(values)])
                 if len(bad):
                     first = a + int(bad[0])
                     raise self.chunk_error(name, *self.chunk_range(first // self.spec.chunk_rows),
                                            f"hold non-finite values in {len(bad)} finished rows (first row {first})")
-        return maps, norms
+        return stored, norms, scales
 
     def letterbox(self) -> LetterboxTable:
         """Every row's letterbox, read by the column names stored with the array."""

@@ -121,9 +121,12 @@ class StreamingCacheTargets(TargetRendering):
         sampled = [_decode_chunk(store, int(k), layers, done)
                    for k in np.unique(np.linspace(0, store.n_chunks - 1, n_sample).round().astype(int))]
         rows = np.concatenate([np.arange(c.start, c.start + len(c.norms[layers[0]])) for c in sampled])
-        grey = {i: padding_energy(np.concatenate([c.maps[i] for c in sampled]),
-                                  np.concatenate([c.norms[i] for c in sampled]), letterbox.take(rows), done[rows],
-                                  store.spec.layer(i).stride, sample=grey_rows) for i in layers}
+        def energy_of(i):
+            maps, norms = np.concatenate([c.maps[i] for c in sampled]), np.concatenate([c.norms[i] for c in sampled])
+            return lambda r: maps[r].astype(np.float32) * norms[r]
+
+        grey = {i: padding_energy(energy_of(i), letterbox.take(rows), done[rows], store.spec.layer(i).stride,
+                                  sample=grey_rows) for i in layers}
         return cls(store.path, store.spec, layers, letterbox, store.files(), done, grey, capacity)
 
     def __getstate__(self) -> dict:

@@ -30,8 +30,9 @@ from atcache.geometry import (
     Blend, Canvas, Placed, Source, View, bilinear, flip_matrix, render_grids, resize_matrix, translation, warp,
 )
 from atcache.data import relative_to_root
+from atcache.render import PIECES_KEY, BatchRenderer, collate_pieces, flatten
 from atcache.spec import CacheSpec, LetterboxTable
-from atcache.store import CacheStore
+from atcache.store import CacheStore, decode_maps
 
 VIEW_KEY = "atcache_view"
 TARGETS_KEY = "at_targets"
@@ -100,10 +101,11 @@ class TargetRendering:
 
 @dataclass
 class CacheTargets(TargetRendering):
-    """A finished cache in RAM: maps[layer] (N, H, W) float16, norms[layer] (N,), letterbox, row of each file.
+    """A finished cache in RAM: maps[layer] (N, H, W) as stored (float16, or uint8 with scales[layer] (N,): see
+    store.decode_maps), norms[layer] (N,), letterbox, row of each file.
 
     Loaded once in the trainer process (padding energies included); forked loader workers share the arrays
-    copy-on-write."""
+    copy-on-write, and `batch_renderer` holds them as tensors for rendering whole batches on the training device."""
 
     spec: CacheSpec
     layers: tuple[int, ...]  # cache layer indices, in the order targets are returned
@@ -113,44 +115,69 @@ class CacheTargets(TargetRendering):
     files: np.ndarray
     done: np.ndarray
     grey: dict[int, float] = field(default_factory=dict)  # per layer: see padding_energy
+    scales: dict[int, np.ndarray] | None = None  # uint8 maps only
 
     @classmethod
     def load(cls, cache: "str | Path | CacheStore", layers: Sequence[int]) -> "CacheTargets":
-        """Read the maps of `layers` into RAM, every chunk checked (`train.check_cache` makes the other refusals)."""
+        """Read the maps of `layers` into RAM as stored, every chunk checked (`train.check_cache` makes the other
+        refusals)."""
         store = cache if isinstance(cache, CacheStore) else CacheStore.open(cache)
         done = store.done_mask()
-        maps, norms = {}, {}
+        maps, norms, scales = {}, {}, {}
         for i in layers:
-            maps[i], norms[i] = store.read_layer(i, done=done)
+            maps[i], norms[i], scales[i] = store.read_stored_layer(i, done=done)
             maps[i] = np.ascontiguousarray(maps[i])
         letterbox = store.letterbox()
-        grey = {i: padding_energy(maps[i], norms[i], letterbox, done, store.spec.layer(i).stride) for i in layers}
-        return cls(spec=store.spec, layers=tuple(layers), maps=maps, norms=norms, letterbox=letterbox,
-                   files=store.files(), done=done, grey=grey)
+        targets = cls(spec=store.spec, layers=tuple(layers), maps=maps, norms=norms, letterbox=letterbox,
+                      files=store.files(), done=done, scales=scales if store.spec.map_dtype == "uint8" else None)
+        targets.grey = {i: padding_energy(targets.energy_of(i), letterbox, done, store.spec.layer(i).stride)
+                        for i in layers}
+        return targets
 
     def map_row(self, layer: int, row: int) -> np.ndarray:
-        return self.maps[layer][row]
+        if self.scales is None:
+            return self.maps[layer][row]
+        return decode_maps(self.maps[layer][row:row + 1], self.scales[layer][row:row + 1])[0]
 
     def norm(self, layer: int, row: int) -> float:
         return self.norms[layer][row]
 
+    def energy_of(self, layer: int):
+        """row -> (H, W) float32 energy of `layer`."""
+        return lambda row: self.energy(layer, row)
 
-def padding_energy(maps: np.ndarray, norms: np.ndarray, letterbox: LetterboxTable, done: np.ndarray, stride: int,
-                   sample: int = 2000) -> float:
+    def pad_of(self, row: int) -> tuple[float, float]:
+        """(top, left) letterbox pad of a row."""
+        return float(self.letterbox["pad_top"][row]), float(self.letterbox["pad_left"][row])
+
+    def batch_renderer(self, device) -> BatchRenderer:
+        """The maps as tensors on `device` (shared, not copied, on a CPU) for rendering whole batches there."""
+        return BatchRenderer({i: self.maps[i] for i in self.layers}, self.norms, self.scales,
+                             {i: self.stride(i) for i in self.layers}, self.grey, self.spec.eps, device)
+
+    def ram_bytes(self) -> int:
+        """Bytes of the maps, norms and scales held."""
+        held = list(self.maps.values()) + list(self.norms.values()) + list((self.scales or {}).values())
+        return sum(a.nbytes for a in held)
+
+
+def padding_energy(energy, letterbox: LetterboxTable, done: np.ndarray, stride: int, sample: int = 2000) -> float:
     """The teacher's typical energy on the grey fill: the median energy of cached cells that lie wholly in letterbox
-    padding (over up to `sample` done rows). Warped targets use it where no image is near a cell."""
+    padding (over up to `sample` done rows; `energy(row)` -> (H, W) float32). Warped targets use it where no image is
+    near a cell."""
     rows = np.flatnonzero(done)
     if not len(rows):
         return 0.0
-    gh, gw = maps.shape[1:]
-    ys, xs = np.arange(gh) * stride, np.arange(gw) * stride
     values = []
     box = {c: letterbox[c].astype(int) for c in ("h", "w", "pad_top", "pad_left")}
     for row in rows[np.linspace(0, len(rows) - 1, min(len(rows), sample)).astype(int)]:
+        e = energy(row)
+        gh, gw = e.shape
+        ys, xs = np.arange(gh) * stride, np.arange(gw) * stride
         h, w, top, left = (box[c][row] for c in ("h", "w", "pad_top", "pad_left"))
         mask = ((ys + stride <= top) | (ys >= top + h))[:, None] | ((xs + stride <= left) | (xs >= left + w))[None, :]
         if mask.any():
-            values.append(maps[row][mask].astype(np.float32) * norms[row])
+            values.append(e[mask])
     return float(np.median(np.concatenate(values))) if values else 0.0
 
 
@@ -282,6 +309,7 @@ class TargetDataset(YOLODataset):
     at_cache: TargetRendering  # CacheTargets (in RAM), streaming.StreamingCacheTargets, or replay.ReplayTargets
     at_rows: np.ndarray
     at_mode: str
+    at_pieces: bool = False  # warp: ship flattened views (PIECES_KEY), rendered per batch by render.BatchRenderer
 
     def build_transforms(self, hyp):
         transforms = super().build_transforms(hyp)
@@ -303,6 +331,9 @@ class TargetDataset(YOLODataset):
         """A training sample with its targets, and the view tree they were rendered from."""
         labels = self.transforms(self.get_image_and_label(index))
         view = labels.pop(VIEW_KEY)
+        if self.at_mode == "warp" and self.at_pieces:  # rendered with the whole batch on the training device
+            labels[PIECES_KEY] = flatten(view, self.at_cache.pad_of)
+            return labels, view
         if self.at_mode == "replay":  # the teacher's maps on this very image (seeding.py sets at_epoch)
             maps = self.at_cache.maps(self.at_epoch, index, labels["img"])
         elif self.at_mode == "static":
@@ -314,14 +345,22 @@ class TargetDataset(YOLODataset):
 
     @staticmethod
     def collate_fn(batch):
+        if PIECES_KEY in batch[0]:
+            pieces = collate_pieces([b.pop(PIECES_KEY) for b in batch])
+            out = YOLODataset.collate_fn(batch)
+            out[PIECES_KEY] = pieces
+            return out
         targets = [b.pop(TARGETS_KEY) for b in batch]
         out = YOLODataset.collate_fn(batch)
         out[TARGETS_KEY] = [torch.stack(layer) for layer in zip(*targets)]
         return out
 
 
-def attach_targets(dataset: YOLODataset, cache: TargetRendering, mode: str, root: str | Path, hyp) -> TargetDataset:
-    """Turn the YOLODataset ultralytics built for training into a TargetDataset over `cache` (rows joined by path)."""
+def attach_targets(dataset: YOLODataset, cache: TargetRendering, mode: str, root: str | Path, hyp,
+                   pieces: bool = False) -> TargetDataset:
+    """Turn the YOLODataset ultralytics built for training into a TargetDataset over `cache` (rows joined by path).
+    pieces=True (warp targets from a cache in RAM): samples carry their flattened view (`at_pieces`) instead of
+    rendered targets, for `render.BatchRenderer` to render the whole batch on the training device."""
     if type(dataset) is not YOLODataset:
         raise AtcacheError(f"cached targets need a plain detection dataset, got {type(dataset).__name__}; use task=detect")
     if mode not in TARGET_MODES:
@@ -331,5 +370,6 @@ def attach_targets(dataset: YOLODataset, cache: TargetRendering, mode: str, root
     rows = np.arange(len(dataset)) if mode == "replay" else cache.rows_for(dataset.im_files, root)
     dataset.__class__ = TargetDataset
     dataset.at_cache, dataset.at_rows, dataset.at_mode = cache, rows, mode
+    dataset.at_pieces = pieces and mode == "warp" and isinstance(cache, CacheTargets)
     dataset.transforms = dataset.build_transforms(hyp)
     return dataset

@@ -38,8 +38,9 @@ from atcache.errors import AtcacheError
 from atcache.hooks import FeatureHooks, probe_layers
 from atcache.maps import layer_maps
 from atcache.spec import CacheSpec
-from atcache.store import CacheStore
+from atcache.render import PIECES_KEY
 from atcache.seeding import EpochSampler, seed_augmentation
+from atcache.store import CacheStore
 from atcache.streaming import BlockShuffleSampler, StreamingCacheTargets, lru_chunks, with_sampler
 from atcache.targets import TARGETS_KEY, CacheTargets, TargetRendering, attach_targets, join_rows
 
@@ -284,6 +285,7 @@ class AtcacheTrainer(DetectionTrainer):
         self.cache_targets: TargetRendering | None = None
         self.teacher = None
         self._taps: FeatureHooks | None = None
+        self._renderer = None  # render.BatchRenderer of warp targets, made on the first batch
 
     def _join_world(self, world: int, rank: int, local_world: int) -> None:
         """torchrun started this process as global `rank` of `world`. ultralytics sizes the DDP world by the devices in
@@ -331,7 +333,8 @@ class AtcacheTrainer(DetectionTrainer):
         if mode == "train" and self.settings.mode == "cache":
             if self.cache_targets is None:
                 self.cache_targets = self._load_targets()
-            dataset = attach_targets(dataset, self.cache_targets, self.settings.targets, self.data["path"], self.args)
+            dataset = attach_targets(dataset, self.cache_targets, self.settings.targets, self.data["path"], self.args,
+                                     pieces=True)
         if mode == "train" and self.settings.aug_seed is not None:
             dataset = seed_augmentation(dataset, self.settings.aug_seed, self.args, self.epochs)
         if mode == "train" and self.settings.targets == "replay" and self.settings.mode == "cache":
@@ -380,6 +383,10 @@ class AtcacheTrainer(DetectionTrainer):
         batch = super().preprocess_batch(batch)
         if self.settings.mode == "plain":
             return batch
+        if PIECES_KEY in batch:  # warp targets of the whole batch, rendered here on the training device
+            if self._renderer is None:
+                self._renderer = self.cache_targets.batch_renderer(self.device)
+            batch[TARGETS_KEY] = self._renderer.render(batch.pop(PIECES_KEY))
         if TARGETS_KEY in batch:
             batch[TARGETS_KEY] = self._fit_targets(batch[TARGETS_KEY], batch["img"].shape[-2:])
         self._arm_taps()

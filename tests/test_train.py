@@ -231,3 +231,25 @@ def test_interrupted_run_resumes_with_ultralytics_resume(runs, built_cache, voc_
         rows = list(csv.DictReader(f))
     assert [int(float(r["epoch"])) for r in rows] == [1, 2]
     assert all(math.isfinite(float(r["train/at_loss"])) for r in rows)
+
+
+def test_warp_training_ships_views_and_renders_whole_batches(voc_yaml, built_cache, tmp_path):
+    """A cache in RAM: loader samples carry flattened views, the batch renders to the numpy reference's targets."""
+    import numpy as np
+
+    from atcache.config import DistillSettings
+    from atcache.render import PIECES_KEY
+    from atcache.train import AtcacheTrainer
+
+    settings = DistillSettings(mode="cache", cache=str(built_cache), layers=tuple((i, i) for i in TEST_LAYERS))
+    trainer = AtcacheTrainer(overrides={"model": "yolo11n.yaml", "data": str(voc_yaml), "imgsz": TEST_IMGSZ, "batch": 4,
+                                        "device": "cpu", "project": str(tmp_path), "workers": 0}, settings=settings)
+    trainer.model = trainer.get_model(cfg="yolo11n.yaml", verbose=False)
+    ds = trainer.build_dataset(trainer.data["train"], "train", 4)
+    samples = [ds.sample_with_view(i) for i in range(4)]
+    batch = ds.collate_fn([s for s, _ in samples])
+    assert PIECES_KEY in batch and "at_targets" not in batch
+    rendered = trainer.cache_targets.batch_renderer("cpu").render(batch[PIECES_KEY])
+    for k in range(len(TEST_LAYERS)):
+        want = np.stack([ds.at_cache.warped(view)[k] for _, view in samples])
+        np.testing.assert_allclose(rendered[k].numpy(), want, atol=1e-4)
