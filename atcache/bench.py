@@ -33,6 +33,7 @@ GOALS = {
 }
 GOAL_SETUP = {"teacher": "yolo11m", "student": "yolo11s", "imgsz": 640, "batch": 64}
 TRAINERS = ("plain", "cache", "online", "replay")
+MIN_STEPS = 16  # measured steps per trainer and round below which the bench warns
 
 
 @dataclass(frozen=True)
@@ -53,18 +54,26 @@ class BenchConfig:
     device: str = "cpu"
     repeats: int = 3
     loader_samples: int = 200
+    rounds: int = 3  # interleaved rounds of the trainers, each in a rotated order
 
     @property
     def n_images(self) -> int:
-        return self.images or 8 * self.batch
+        """Enough images that warmup + steps step intervals fall inside the first epoch."""
+        return self.images or self.batch * (self.warmup + self.steps + 2)
 
 
 def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict:
     """Measure everything, write the JSON report into OUT/bench.json, and return it."""
     if len(parse_devices(cfg.device)) > 1:
         raise AtcacheError(f"--device {cfg.device}: bench measures one device; pass one (0, 1, ... or cpu)")
-    if cfg.steps < 1 or cfg.warmup < 0 or cfg.repeats < 1:
-        raise AtcacheError("--steps and --repeats must be at least 1, --warmup at least 0")
+    if cfg.steps < 1 or cfg.warmup < 0 or cfg.repeats < 1 or cfg.rounds < 1:
+        raise AtcacheError("--steps, --repeats and --rounds must be at least 1, --warmup at least 0")
+    _check_epoch_holds_steps(cfg.n_images, cfg)
+    warnings = []
+    if cfg.steps < MIN_STEPS or cfg.rounds < 3:
+        warnings.append(f"{cfg.steps} measured steps x {cfg.rounds} rounds: fewer than {MIN_STEPS} steps or 3 rounds "
+                        "give noisy training ratios")
+        log(f"bench: warning: {warnings[-1]}")
     for model in (cfg.teacher, cfg.student):
         if model.endswith(".pt") and not Path(model).is_file():
             raise AtcacheError(f"checkpoint {model} does not exist; pass a .pt you have or a model YAML (yolo11m.yaml)")
@@ -75,6 +84,7 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict:
 
     data_yaml = _bench_dataset(cfg, out, log)
     split = split_files(data_yaml, "train")
+    _check_epoch_holds_steps(len(split.files), cfg)
     requested = cfg
     if Path(cfg.teacher).suffix.lower() in (".yaml", ".yml"):
         from atcache.teacher import save_random_teacher
@@ -91,6 +101,10 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict:
     replay = _measure_replay_build(cfg, data_yaml, split, replay_cache, build, device, log)
     train = _measure_trainers(cfg, data_yaml, split, cache, replay_cache, log)
     loader = loader_figures(train)
+    spread = {name: {"min": min(v), "max": max(v)} for name, v in (
+        ("cache_over_plain", round_ratios(train, "cache", "plain")),
+        ("cache_over_online", round_ratios(train, "cache", "online")),
+        ("replay_over_plain", round_ratios(train, "replay", "plain")))}
     ratios = {
         "cache_over_plain": train["cache"]["img_per_s"] / train["plain"]["img_per_s"],
         "cache_over_online": train["cache"]["img_per_s"] / train["online"]["img_per_s"],
@@ -107,7 +121,9 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict:
         "config": asdict(requested),
         "teacher_used": cfg.teacher,
         "ratios": ratios,
+        "ratio_spread_over_rounds": spread,
         "goals": goals(ratios, requested, device),
+        "warnings": warnings,
         "train": train,
         "build": build,
         "replay_build": replay,
@@ -117,6 +133,16 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict:
     }
     (out / "bench.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
+
+
+def _check_epoch_holds_steps(images: int, cfg: BenchConfig) -> None:
+    """Trainers are measured inside their first epoch: refuse data too small for warmup + steps step intervals."""
+    per_epoch = math.ceil(images / cfg.batch) - 1
+    if per_epoch < cfg.warmup + cfg.steps:
+        raise AtcacheError(
+            f"{images} training images at batch {cfg.batch} give {per_epoch} step intervals per epoch, fewer than "
+            f"--warmup {cfg.warmup} + --steps {cfg.steps}; trainers are measured inside one epoch: use --images "
+            f"{cfg.batch * (cfg.warmup + cfg.steps + 2)} or more (0: that many), or fewer --steps")
 
 
 # ---------------------------------------------------------------------------------------------------------- data
@@ -287,7 +313,9 @@ def _measure_replay_build(cfg: BenchConfig, data_yaml: Path, split: SplitFiles, 
 
 
 def _measure_trainers(cfg: BenchConfig, data_yaml: Path, split: SplitFiles, cache: Path, replay_cache: Path, log) -> dict:
-    """Each trainer for warmup + steps batches in a fresh process: same data, student, batch, device."""
+    """Each trainer for warmup + steps batches inside one epoch, in a fresh process (same data, student, batch, device),
+    interleaved: `rounds` rounds, each in an order rotated by one, so drift and warm-up hit every trainer alike. Per
+    trainer: the medians over rounds, the per-round figures and their spread."""
     from atcache.measure import measure_training
 
     overrides = {
@@ -304,14 +332,48 @@ def _measure_trainers(cfg: BenchConfig, data_yaml: Path, split: SplitFiles, cach
         "online": DistillSettings(mode="online", teacher=cfg.teacher, layers=layers),
         "replay": DistillSettings(mode="cache", cache=str(replay_cache), targets="replay", layers=layers),
     }
-    out = {}
-    for name, settings in plan.items():
-        log(f"bench: training {name} ({cfg.warmup} warm-up + {cfg.steps} measured steps)")
-        out[name] = measure_training(settings, {**overrides, "name": name}, steps=cfg.steps, warmup=cfg.warmup,
-                                     loader_samples=cfg.loader_samples if name in ("plain", "cache") else 0)
-        log(f"bench: {name}: {out[name]['img_per_s']:.1f} img/s, peak memory {out[name]['peak_mem_gb']:.2f} GB "
-            f"({out[name]['mem_kind']})")
+    _read_once([split.absolute(i) for i in range(len(split.files))] + [p for c in (cache, replay_cache)
+                                                                       for p in Path(c).rglob("*") if p.is_file()])
+    runs: dict[str, list[dict]] = {name: [] for name in plan}
+    for r in range(cfg.rounds):
+        order = TRAINERS[r % len(TRAINERS):] + TRAINERS[:r % len(TRAINERS)]
+        for name in order:
+            loader = cfg.loader_samples if r == 0 and name in ("plain", "cache") else 0
+            result = measure_training(plan[name], {**overrides, "name": name}, steps=cfg.steps, warmup=cfg.warmup,
+                                      loader_samples=loader)
+            runs[name].append({**result, "round": r, "position": order.index(name)})
+            log(f"bench: round {r + 1}/{cfg.rounds} {name}: {result['img_per_s']:.1f} img/s, peak memory "
+                f"{result['peak_mem_gb']:.2f} GB ({result['mem_kind']})")
+    return {name: _over_rounds(results) for name, results in runs.items()}
+
+
+def _read_once(paths) -> None:
+    """Read every file the trainers will read, so that no trainer pays for a cold page cache (the first one did)."""
+    for p in paths:
+        with open(p, "rb") as f:
+            while f.read(1 << 24):
+                pass
+
+
+def _over_rounds(results: list[dict]) -> dict:
+    """One trainer's rounds: medians of img/s, step time and peak memory, the spread of img/s, every round's figures
+    (the rest, e.g. loader timings, from the first round)."""
+    ips = [r["img_per_s"] for r in results]
+    med = statistics.median(ips)
+    out = {**results[0], "rounds": len(results), "img_per_s": med,
+           "median_step_s": statistics.median(r["median_step_s"] for r in results),
+           "peak_mem_gb": statistics.median(r["peak_mem_gb"] for r in results),
+           "img_per_s_rounds": ips, "peak_mem_gb_rounds": [r["peak_mem_gb"] for r in results],
+           "position_in_round": [r["position"] for r in results],
+           "img_per_s_spread": (max(ips) - min(ips)) / med if med else None,
+           "step_s_rounds": [r.get("step_s") for r in results]}
+    out.pop("step_s", None)
     return out
+
+
+def round_ratios(train: dict, a: str, b: str) -> list[float]:
+    """a/b img/s per round (the two measured in the same round)."""
+    return [x / y for x, y in zip(train[a]["img_per_s_rounds"], train[b]["img_per_s_rounds"])]
 
 
 def loader_figures(train: dict) -> dict:
@@ -324,8 +386,12 @@ def loader_figures(train: dict) -> dict:
         "plain_samples_per_s_per_worker": plain.get("samples_per_s"),
         "cache_samples_per_s_per_worker": cache.get("samples_per_s"),
         "targets_per_s_per_worker": cache.get("targets_per_s"),
+        "rendered_targets_per_s": cache.get("rendered_targets_per_s"),
+        "render_batch": cache.get("render_batch"),
         "training_need_img_per_s": need,
     }
+    if plain.get("samples_per_s") and cache.get("samples_per_s"):
+        out["cache_samples_over_plain"] = cache["samples_per_s"] / plain["samples_per_s"]
     if cache.get("targets_per_s"):
         out["targets_over_training_need"] = workers * cache["targets_per_s"] / need
         out["cache_samples_over_training_need"] = workers * cache["samples_per_s"] / need
@@ -347,8 +413,10 @@ def goals(ratios: dict, cfg: BenchConfig, device: torch.device) -> dict:
 def format_report(report: dict) -> str:
     """The bench as a few readable lines (the JSON has everything)."""
     t, b, s, r = report["train"], report["build"], report["storage"], report["ratios"]
-    lines = [f"device: {report['device']}", "", f"{'trainer':<8} {'img/s':>9} {'median step s':>14} {'peak mem GB':>12}"]
-    lines += [f"{k:<8} {t[k]['img_per_s']:>9.1f} {t[k]['median_step_s']:>14.4f} {t[k]['peak_mem_gb']:>12.2f}" for k in TRAINERS]
+    lines = [f"device: {report['device']}", "",
+             f"{'trainer':<8} {'img/s':>9} {'rounds (img/s)':>24} {'median step s':>14} {'peak mem GB':>12}"]
+    lines += [f"{k:<8} {t[k]['img_per_s']:>9.1f} {' '.join(f'{x:.1f}' for x in t[k]['img_per_s_rounds']):>24} "
+              f"{t[k]['median_step_s']:>14.4f} {t[k]['peak_mem_gb']:>12.2f}" for k in TRAINERS]
     rb = report["replay_build"]
     lines += ["", f"build {b['build_img_per_s']:.1f} img/s vs teacher inference {b['inference_img_per_s']:.1f} img/s",
               f"replay build {rb['replay_build_img_per_s']:.1f} views/s vs augmented loader + teacher "
@@ -356,14 +424,23 @@ def format_report(report: dict) -> str:
               f"store {s['bytes_per_image'] / 1e3:.1f} KB/image ({s['map_dtype']}; raw {s['raw_float16_bytes_per_image'] / 1e3:.1f} KB); "
               f"cosine vs float32 >= {min(v['min'] for v in s['cosine_vs_float32'].values()):.6f}"]
     loader = report["loader"]
-    if loader.get("targets_per_s_per_worker"):
+    if loader.get("cache_samples_over_plain"):
+        lines.append(f"loader: {loader['cache_samples_per_s_per_worker']:.0f} samples/s per worker with warp targets vs "
+                     f"{loader['plain_samples_per_s_per_worker']:.0f} without ({loader['cache_samples_over_plain']:.2f}x)")
+    if loader.get("rendered_targets_per_s"):
+        lines.append(f"warp targets rendered on the training device: {loader['rendered_targets_per_s']:.0f} targets/s "
+                     f"(batch {loader['render_batch']}) vs training need {loader['training_need_img_per_s']:.1f} img/s")
+    elif loader.get("targets_per_s_per_worker"):
         lines.append(f"loader: {loader['targets_per_s_per_worker']:.0f} targets/s per worker x {max(loader['workers'], 1)} "
                      f"vs training need {loader['training_need_img_per_s']:.1f} img/s")
-    lines += ["", "ratios:"]
+    lines += ["", "ratios (medians over rounds; [min, max] of the same-round ratios):"]
     for name, value in r.items():
         goal = report["goals"].get(name)
         mark = f"   goal {goal['goal']}: {'met' if goal['met'] else 'missed'}" if goal else ""
-        lines.append(f"  {name:<34} {value:>7.3f}{mark}" if value is not None else f"  {name:<34}     n/a")
+        spread = report.get("ratio_spread_over_rounds", {}).get(name)
+        within = f" [{spread['min']:.3f}, {spread['max']:.3f}]" if spread else ""
+        lines.append(f"  {name:<34} {value:>7.3f}{within}{mark}" if value is not None else f"  {name:<34}     n/a")
+    lines += [f"warning: {w}" for w in report.get("warnings", [])]
     if not report["goals"]["reference_setup"]:
         lines.append(f"  (goals are set for {report['goals']['setup']}; this run is not that setup)")
     return "\n".join(lines)

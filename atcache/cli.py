@@ -356,11 +356,12 @@ def bench_cmd(
     layers: Annotated[str, typer.Option(help="Comma-separated teacher layers (student layers of the same index).")] = LAYERS_TEXT,
     imgsz: Annotated[int, typer.Option(help="Image size.")] = 640,
     batch: Annotated[int, typer.Option(help="Batch size (build, inference and training).")] = 64,
-    steps: Annotated[int, typer.Option(help="Measured training steps per trainer (after the warm-up).")] = 30,
+    steps: Annotated[int, typer.Option(help="Measured training steps per trainer and round, inside its first epoch (after the warm-up).")] = 30,
     warmup: Annotated[int, typer.Option(help="Training steps run before measuring.")] = 5,
-    images: Annotated[int, typer.Option(help="Training images used (0: 8 batches' worth).")] = 0,
+    images: Annotated[int, typer.Option(help="Training images used (0: warmup + steps + 2 batches, so one epoch holds the measured steps).")] = 0,
     workers: Annotated[int, typer.Option(help="DataLoader workers (ultralytics uses none on a CPU).")] = 8,
     repeats: Annotated[int, typer.Option(help="Alternating build / inference passes; medians are reported.")] = 3,
+    rounds: Annotated[int, typer.Option(help="Interleaved rounds of the four trainers (rotated order); medians and spread are reported.")] = 3,
     device: Annotated[str, typer.Option(help="One device: a CUDA index or cpu.")] = "0",
     out: Annotated[Path, typer.Option(help="Run folder (data links, cache, training runs, bench.json).")] = Path("runs/bench"),
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the JSON report here.")] = None,
@@ -372,7 +373,7 @@ def bench_cmd(
 
     cfg = BenchConfig(out=str(out), data=str(data or ""), teacher=teacher, student=student, layers=parse_layers(layers),
                       imgsz=imgsz, batch=batch, steps=steps, warmup=warmup, images=images, workers=workers,
-                      device=_default_device(device, "training"), repeats=repeats)
+                      device=_default_device(device, "training"), repeats=repeats, rounds=rounds)
     report = run_bench(cfg, log=lambda line: typer.echo(line, err=True))
     typer.echo(format_report(report))
     if json_out is not None:

@@ -71,10 +71,13 @@ def _peak_rss_gb() -> float:
     return peak / 2**30 if sys.platform == "darwin" else peak / 2**20
 
 
-def _time_loader(dataset, samples: int) -> dict:
-    """Samples/s of the training dataset (image, augmentation, targets) and targets/s of the cached targets alone."""
+def _time_loader(dataset, samples: int, device, batch: int) -> dict:
+    """Samples/s of the training dataset (image, augmentation, targets or the views they render from) and the cached
+    targets alone: targets/s of the numpy renderer, and of the batched renderer on the training device."""
     import numpy as np
+    import torch
 
+    from atcache.render import PIECES_KEY, collate_pieces, flatten
     from atcache.targets import VIEW_KEY, TargetDataset
 
     rng = np.random.default_rng(0)
@@ -90,7 +93,24 @@ def _time_loader(dataset, samples: int) -> dict:
             dataset.at_cache.warped(view)
         figures["targets_per_s"] = samples / (time.perf_counter() - t0)
         figures["layers_per_target"] = len(dataset.at_cache.layers)
+        if dataset.at_pieces and len(views) >= batch:
+            renderer = dataset.at_cache.batch_renderer(device)
+            batches = [collate_pieces([flatten(v, dataset.at_cache.pad_of) for v in views[a:a + batch]])
+                       for a in range(0, len(views) - batch + 1, batch)]
+            renderer.render(batches[0])  # warm-up (allocations, kernels)
+            cuda = torch.device(device).type == "cuda"
+            if cuda:
+                torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
+            for pieces in batches:
+                renderer.render(pieces)
+            if cuda:
+                torch.cuda.synchronize(device)
+            figures["rendered_targets_per_s"] = len(batches) * batch / (time.perf_counter() - t0)
+            figures["render_batch"] = batch
+            figures["renderer_bytes"] = renderer.nbytes()
     figures["has_targets"] = isinstance(dataset, TargetDataset)
+    figures["ships_views"] = PIECES_KEY if isinstance(dataset, TargetDataset) and dataset.at_pieces else None
     return figures
 
 
@@ -151,7 +171,8 @@ def _child(settings_json: str, run_json: str, result_path: str) -> None:
         result["metrics"] = {k: float(v) for k, v in (trainer.metrics or {}).items() if k in METRIC_KEYS}
         result["best"] = str(trainer.best)
     if request["loader_samples"]:
-        result["loader"] = _time_loader(trainer.train_loader.dataset, request["loader_samples"])
+        result["loader"] = _time_loader(trainer.train_loader.dataset, request["loader_samples"], trainer.device,
+                                        trainer.batch_size)
     Path(result_path).write_text(json.dumps(result))
 
 

@@ -11,7 +11,7 @@ from atcache.cli import app
 from conftest import TEST_IMGSZ
 
 runner = CliRunner()
-STEPS, WARMUP, BATCH = 3, 1, 4
+STEPS, WARMUP, BATCH, IMAGES, ROUNDS = 3, 1, 4, 24, 2
 
 
 def snapshot(folder):
@@ -24,8 +24,8 @@ def bench(voc_yaml, teacher_pt, tmp_path_factory):
     before = snapshot(voc_yaml.parent)
     result = runner.invoke(app, [str(a) for a in (
         "bench", "--data", voc_yaml, "--teacher", teacher_pt, "--student", "yolo11n.yaml", "--layers", "6,16,22",
-        "--imgsz", TEST_IMGSZ, "--batch", BATCH, "--steps", STEPS, "--warmup", WARMUP, "--images", 16,
-        "--repeats", 1, "--device", "cpu", "--out", out, "--json", out / "copy.json")])
+        "--imgsz", TEST_IMGSZ, "--batch", BATCH, "--steps", STEPS, "--warmup", WARMUP, "--images", IMAGES,
+        "--repeats", 1, "--rounds", ROUNDS, "--device", "cpu", "--out", out, "--json", out / "copy.json")])
     assert result.exit_code == 0, result.output
     return json.loads((out / "bench.json").read_text()), result, out, before, voc_yaml
 
@@ -38,14 +38,23 @@ def test_report_has_every_field(bench):
     assert report["device"].startswith("CPU") and report["versions"]["ultralytics"]
     for name in ("plain", "cache", "online", "replay"):
         run = report["train"][name]
-        assert run["steps"] == STEPS and len(run["step_s"]) == STEPS and run["batch"] == BATCH
-        assert run["img_per_s"] == pytest.approx(BATCH / run["median_step_s"])
-        assert run["peak_mem_gb"] > 0.1 and run["mem_kind"] == "peak_rss"
+        assert run["steps"] == STEPS and run["batch"] == BATCH and run["rounds"] == ROUNDS
+        assert [len(s) for s in run["step_s_rounds"]] == [STEPS] * ROUNDS
+        assert run["img_per_s"] == pytest.approx(sum(run["img_per_s_rounds"]) / ROUNDS)  # the median of two
+        assert run["img_per_s_spread"] >= 0 and run["peak_mem_gb"] > 0.1 and run["mem_kind"] == "peak_rss"
+    # interleaved: every round in an order rotated by one
+    assert report["train"]["plain"]["position_in_round"] == [0, 3] and report["train"]["cache"]["position_in_round"] == [1, 0]
+    for name, spread in report["ratio_spread_over_rounds"].items():  # the ratio of two-round medians lies between
+        assert spread["min"] - 1e-9 <= report["ratios"][name] <= spread["max"] + 1e-9
+    assert any("noisy" in w for w in report["warnings"]) and "warning:" in result.output
     assert report["build"]["build_img_per_s"] > 0 and report["build"]["inference_img_per_s"] > 0
     rb = report["replay_build"]
-    assert rb["views"] == rb["epochs"] * 16 and rb["replay_build_img_per_s"] > 0 and rb["floor_img_per_s"] > 0
+    assert rb["views"] == rb["epochs"] * IMAGES and rb["replay_build_img_per_s"] > 0 and rb["floor_img_per_s"] > 0
     assert rb["bytes_per_view"] > 0 and "replay build" in result.output
-    assert report["loader"]["targets_per_s_per_worker"] > 0 and report["loader"]["plain_samples_per_s_per_worker"] > 0
+    loader = report["loader"]
+    assert loader["targets_per_s_per_worker"] > 0 and loader["plain_samples_per_s_per_worker"] > 0
+    assert loader["rendered_targets_per_s"] > 0 and loader["cache_samples_over_plain"] > 0  # views shipped, batch rendered
+    assert report["train"]["cache"]["loader"]["ships_views"] == "at_pieces"
     assert report["storage"]["bytes_per_image"] > 0 and report["storage"]["map_dtype"] == "float16"
     assert set(report["storage"]["cosine_vs_float32"]) == {"6", "16", "22"}
     assert report["goals"]["reference_setup"] is False and "met" in report["goals"]["cache_over_plain"]
@@ -79,14 +88,15 @@ def test_uses_a_linked_subset_and_leaves_the_dataset_alone(bench):
     report, _, out, before, voc_yaml = bench
     assert snapshot(voc_yaml.parent) == before  # no label cache or anything else written into the user's dataset
     train = list((out / "data" / "images" / "train").iterdir())
-    assert len(train) == 16 and len(list((out / "data" / "labels" / "train").iterdir())) == 16
-    assert report["build"]["images"] == 16 and report["train"]["plain"]["train_images"] == 16
+    assert len(train) == IMAGES and len(list((out / "data" / "labels" / "train").iterdir())) == IMAGES
+    assert report["build"]["images"] == IMAGES and report["train"]["plain"]["train_images"] == IMAGES
 
 
 @pytest.mark.parametrize("args, needle", [
     (["--device", "0,1"], "one device"),
     (["--teacher", "nowhere/teacher.pt"], "nowhere/teacher.pt does not exist"),
     (["--steps", "0"], "--steps"),
+    (["--images", "8", "--batch", "4", "--steps", "3", "--warmup", "1"], "step intervals per epoch"),
     (["--data", "nowhere.yaml"], "nowhere.yaml does not exist"),
 ])
 def test_refusals_are_one_line(args, needle, tmp_path):

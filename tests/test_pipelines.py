@@ -30,7 +30,7 @@ def test_voc_seed_experiment_dry_run(voc_devkit, teacher_pt, tmp_path):
     env = dict(os.environ, VOCDEVKIT=str(voc_devkit), TEACHER=str(teacher_pt), DATASET=str(tmp_path / "VOC"),
                CACHE=str(tmp_path / "caches" / "voc.zarr"), PROJECT=str(tmp_path / "runs"), IMGSZ="64", BATCH="4",
                EPOCHS="1", STUDENT="yolo11n.yaml", DEVICE="cpu", NGPU="1",
-               BENCH_ARGS="--steps 2 --warmup 1 --images 8 --repeats 1",
+               BENCH_ARGS="--steps 2 --warmup 1 --images 16 --repeats 1 --rounds 1",
                PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
     result = subprocess.run(["bash", str(REPO / "pipelines" / "voc_seed_experiment.sh")], env=env, capture_output=True,
                             text=True, timeout=900)
