@@ -1,11 +1,13 @@
 """The shipped pipelines run as a user would run them (CPU, synthetic VOCdevkit, two shards)."""
 
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import zarr
 
 REPO = Path(__file__).resolve().parents[1]
@@ -39,3 +41,44 @@ def test_voc_seed_experiment_dry_run(voc_devkit, teacher_pt, tmp_path):
         header = (tmp_path / "runs" / name / "results.csv").read_text().splitlines()[0]
         assert ("train/at_loss" in header) == (name != "plain")
     assert "cache_over_plain" in (tmp_path / "runs" / "bench.json").read_text()
+
+
+@pytest.mark.slow
+def test_gpu_check_cpu_path(tmp_path):
+    """pipelines/gpu.sh as shipped, on its CPU path at toy sizes: bench in 3 rounds, then fidelity of warp and replay."""
+    results = tmp_path / "results"
+    env = dict(os.environ, DEVICE="cpu", QUICK="1", TAG="cpu_quick", RUN=str(tmp_path / "run"), RESULTS=str(results),
+               PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    result = subprocess.run(["bash", str(REPO / "pipelines" / "gpu.sh")], env=env, capture_output=True, text=True,
+                            timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    bench = json.loads((results / "bench_cpu_quick.json").read_text())
+    assert bench["device"].startswith("CPU") and bench["train"]["cache"]["rounds"] == 3
+    assert bench["loader"]["rendered_targets_per_s"] > 0 and bench["replay_build"]["replay_build_img_per_s"] > 0
+    for targets in ("warp", "replay"):
+        fidelity = json.loads((results / f"fidelity_{targets}_cpu_quick.json").read_text())
+        assert fidelity["config"]["targets"] == targets
+    replay = json.loads((results / "fidelity_replay_cpu_quick.json").read_text())
+    assert min(v["all"]["cosine_mean"] for v in replay["layers"].values()) > 0.999  # replay targets: the teacher's own
+
+
+@pytest.mark.slow
+def test_accuracy_study_pipeline_at_toy_scale(tmp_path):
+    """pipelines/accuracy.sh as shipped, tiny: every mode over two seeds, per-seed values, means and stds in the JSON."""
+    env = dict(os.environ, OUT=str(tmp_path / "study"), TAG="toy", SWEEP_WEIGHTS="3",
+               PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    args = ["--images", "40", "--imgsz", "64", "--teacher", "yolo11n.yaml", "--teacher-epochs", "1",
+            "--student-images", "8", "--student-epochs", "1", "--seeds", "0,1", "--batch", "4"]
+    result = subprocess.run(["bash", str(REPO / "pipelines" / "accuracy.sh"), *args], env=env, cwd=tmp_path,
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "pipelines" / "results" / "accuracy_toy.json").read_text())
+    assert set(report["modes"]) == {"plain", "online", "static", "warp", "replay"}
+    for mode in report["modes"].values():
+        assert mode["seeds"] == [0, 1] and len(mode["mAP50"]) == 2 and len(mode["mAP50-95"]) == 2
+        assert mode["mAP50_mean"] == pytest.approx(sum(mode["mAP50"]) / 2) and mode["mAP50_std"] >= 0
+        assert all(x > 0 for x in mode["img_per_s"])
+    assert report["data"]["val_images"] >= 5 and report["teacher"]["checkpoint"].endswith("best.pt")
+    sweep = json.loads((tmp_path / "pipelines" / "results" / "accuracy_sweep_toy.json").read_text())
+    assert set(sweep["modes"]) == {"replay"} and sweep["config"]["at_weights"] == [3.0]
+    assert "| plain |" in (tmp_path / "pipelines" / "results" / "accuracy_toy.md").read_text()
