@@ -148,3 +148,14 @@ def results(run: Path) -> dict[str, float]:
         rows = list(csv.DictReader(f))
     return {k.strip(): float(v) for k, v in rows[-1].items()}
 
+
+
+@pytest.fixture(scope="session")
+def trained_teacher_pt(voc_yaml, tmp_path_factory) -> Path:
+    """A YOLO11n teacher trained briefly (3 epochs) with plain ultralytics on the synthetic VOC data: real, trained
+    maps (not a random init's) for precision tests."""
+    from atcache.demo import train_teacher
+
+    best, _ = train_teacher("yolo11n.yaml", voc_yaml, tmp_path_factory.mktemp("trained"), epochs=3, imgsz=TEST_IMGSZ,
+                            device="cpu", batch=8)
+    return best

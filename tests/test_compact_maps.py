@@ -57,6 +57,38 @@ def test_uint8_store_is_smaller_and_close_to_float16(uint8_cache, built_cache):
     np.testing.assert_allclose(np.linalg.norm(maps.astype(np.float32).reshape(4, -1), axis=1), 1.0, atol=5e-3)
 
 
+def test_uint8_maps_of_a_trained_teacher_match_its_float32_maps(voc_yaml, trained_teacher_pt, tmp_path):
+    """cosine >= 0.9999 per layer between the stored uint8 maps and the same teacher's float32 maps."""
+    import torch
+
+    from atcache.agreement import map_agreement
+    from atcache.data import LetterboxedImages, split_files
+    from atcache.maps import layer_maps
+    from atcache.store import CacheStore
+    from atcache.teacher import load_model
+
+    out = tmp_path / "u8.zarr"
+    build_cache(build_config(voc_yaml, out, teacher=str(trained_teacher_pt), dtype="uint8"))
+    store = CacheStore.open(out)
+    teacher = load_model(str(trained_teacher_pt), device="cpu").model.float()
+    split = split_files(voc_yaml, "train")
+    rows, images, _, _ = next(iter(torch.utils.data.DataLoader(LetterboxedImages(split, range(16), store.spec.imgsz),
+                                                               batch_size=16)))
+    exact, _ = layer_maps(teacher, images, TEST_LAYERS, 2.0, "sum_p", store.spec.eps, amp=False)
+    for layer, m in zip(TEST_LAYERS, exact):
+        stored = store.read_layer(layer, 0, 16)[0].astype(np.float32).reshape(16, -1)
+        cosine = map_agreement(stored, m.flatten(1).numpy())[0]
+        assert cosine.min() >= 0.9999, (layer, cosine.min())
+
+
+def test_a_uint8_cache_stays_uint8_in_ram(uint8_cache, built_cache):
+    from atcache.targets import CacheTargets
+
+    u8, f16 = CacheTargets.load(uint8_cache, TEST_LAYERS), CacheTargets.load(built_cache, TEST_LAYERS)
+    assert all(u8.maps[i].dtype == np.uint8 for i in TEST_LAYERS) and u8.ram_bytes() < f16.ram_bytes()
+    np.testing.assert_allclose(u8.map_row(16, 3).astype(np.float32), f16.map_row(16, 3).astype(np.float32), atol=2e-2)
+
+
 @pytest.mark.parametrize("stream", ["--no-stream", "--stream"])
 def test_training_from_a_uint8_cache(uint8_cache, voc_yaml, tmp_path, stream):
     result = runner.invoke(app, ["train-from-cache", "--cache", str(uint8_cache), "--data", str(voc_yaml),
