@@ -38,6 +38,7 @@ def run_demo(out: Path, images: int, imgsz: int, teacher: str, teacher_epochs: i
              student: str = "yolo11n.yaml", student_epochs: int = 3, batch: int = 16) -> Iterator[str]:
     """Generate VOC-format data, convert it with prepare-voc, train a teacher briefly, build its cache, then train the
     student plain, from the cache and online for the same epochs; write the comparison into OUT/demo_results.*"""
+    from atcache.data import split_files
     from atcache.devices import resolve_device
     from atcache.measure import device_name, measure_training
     from atcache.synthetic import make_demo_data
@@ -95,7 +96,8 @@ def run_demo(out: Path, images: int, imgsz: int, teacher: str, teacher_epochs: i
                f"{students[name]['save_dir']}")
     results = {
         "device": device_name(resolve_device(device)),
-        "data": {"images": images, "train_images": students["plain"]["train_images"], "imgsz": imgsz},
+        "data": {"images": images, "train_images": students["plain"]["train_images"], "imgsz": imgsz,
+                 "val_images": len(split_files(data_yaml, "val").files)},
         "teacher": {"model": teacher_model, "checkpoint": teacher, "epochs": teacher_epochs, "metrics": teacher_metrics},
         "student": {"model": student, "epochs": student_epochs, "batch": batch, "hyp": DEMO_HYP},
         "cache": {"path": str(cache), "bytes": report.store_bytes, "bytes_per_image": report.bytes_per_image,
@@ -138,5 +140,11 @@ def _results_table(results: dict) -> str:
     d, s = results["data"], results["student"]
     lines += ["", f"{s['model']} student, {s['epochs']} epochs each, batch {s['batch']}, imgsz {d['imgsz']}, "
                   f"{d['train_images']} training images; s/epoch includes validation, img/s is the median training "
-                  f"step; device: {results['device']}."]
+                  f"step; device: {results['device']}.",
+              "",
+              "What this table can show: the cost of each way to distil (speed, memory, cache size) and that training "
+              "from the cache runs without the teacher. What it cannot: which student is more accurate. One seed "
+              f"scored on {d.get('val_images', 'a few dozen')} validation images moves mAP50 by several hundredths "
+              "between seeds, more than the students differ here; the seeded accuracy study (`atcache study`, "
+              "pipelines/accuracy.sh, README 'Accuracy') measures that over seeds on a larger validation split."]
     return "\n".join(lines)

@@ -11,7 +11,8 @@ from atcache.cli import app
 from conftest import TEST_IMGSZ, assert_one_line_error
 
 runner = CliRunner()
-COMMANDS = ["make-demo-data", "prepare-voc", "build-cache", "train", "train-from-cache", "train-online", "demo", "bench"]
+COMMANDS = ["make-demo-data", "prepare-voc", "build-cache", "train", "train-from-cache", "train-online", "demo", "study",
+            "bench"]
 
 
 def run(*args):
@@ -105,3 +106,10 @@ def test_demo_quick(tmp_path):
     table = (demo / "demo_results.md").read_text()
     assert table.count("| `train") == 4 and "KB/image" in table and "KB/view" in table and "mAP50-95" in table
     assert table.splitlines()[0] in result.output
+    assert "cannot: which student is more accurate" in table and results["data"]["val_images"] > 0
+
+
+@pytest.mark.parametrize("args, needle", [(["--modes", "plain,bogus"], "--modes 'bogus' is unknown"),
+                                          (["--seeds", "0,x"], "--seeds and --at-weights take comma-separated numbers")])
+def test_study_refusals_are_one_line(tmp_path, args, needle):
+    assert_one_line_error(run("study", "--out", tmp_path, *args), needle)
