@@ -325,6 +325,7 @@ def study_cmd(
     seeds: Annotated[str, typer.Option(help="Comma-separated seeds (each run's seed and --aug-seed).")] = "0,1,2",
     modes: Annotated[str, typer.Option(help="Comma-separated modes among plain, online, static, warp, replay.")] = ",".join(STUDY_MODES),
     at_weights: Annotated[str, typer.Option(help="Comma-separated --at-weight values; every AT mode runs once per value.")] = str(DEFAULT_AT_WEIGHT),
+    layers: Annotated[str, typer.Option(help="Comma-separated layers cached and distilled (student layer = teacher layer).")] = LAYERS_TEXT,
     batch: Annotated[int, typer.Option(help="Batch size.")] = 16,
     device: Annotated[str, typer.Option(help="cpu or a CUDA index.")] = "cpu",
 ):
@@ -340,7 +341,8 @@ def study_cmd(
         config = StudyConfig(images=images, imgsz=imgsz, teacher=teacher, teacher_epochs=teacher_epochs, student=student,
                              student_images=student_images, student_epochs=student_epochs,
                              seeds=tuple(int(x) for x in seeds.split(",")), modes=tuple(modes.split(",")),
-                             at_weights=tuple(float(x) for x in at_weights.split(",")), batch=batch, device=device)
+                             at_weights=tuple(float(x) for x in at_weights.split(",")), layers=parse_layers(layers),
+                             batch=batch, device=device)
     except ValueError as e:
         raise AtcacheError(f"--seeds and --at-weights take comma-separated numbers ({e})") from None
     for line in run_study(config, out):

@@ -16,7 +16,7 @@ from typing import Iterator
 
 import yaml
 
-from atcache.config import DEFAULT_AT_WEIGHT, BuildConfig, DistillSettings
+from atcache.config import DEFAULT_AT_WEIGHT, DEFAULT_LAYERS, BuildConfig, DistillSettings
 
 STUDY_MODES = ("plain", "online", "static", "warp", "replay")
 SCORES = {"mAP50": "metrics/mAP50(B)", "mAP50-95": "metrics/mAP50-95(B)"}
@@ -36,6 +36,7 @@ class StudyConfig:
     seeds: tuple[int, ...] = (0, 1, 2)
     modes: tuple[str, ...] = STUDY_MODES
     at_weights: tuple[float, ...] = (DEFAULT_AT_WEIGHT,)  # every AT mode once per weight
+    layers: tuple[int, ...] = DEFAULT_LAYERS  # cached and distilled (student layer = teacher layer)
     batch: int = 16
     device: str = "cpu"
 
@@ -50,6 +51,19 @@ def _mode_names(config: StudyConfig) -> list[tuple[str, str, float | None]]:
         for w in config.at_weights:
             out.append((mode if len(config.at_weights) == 1 else f"{mode}@w{w:g}", mode, w))
     return out
+
+
+def _tag(config: StudyConfig, epochs: bool) -> str:
+    """Suffix of the caches and student runs of settings that differ from the defaults, so that studies of several
+    setups in one OUT keep each other's caches and runs (the teacher is shared)."""
+    default, parts = StudyConfig(), []
+    if config.layers != default.layers:
+        parts.append("L" + "-".join(map(str, config.layers)))
+    if config.student_images != default.student_images:
+        parts.append(f"n{config.student_images}")
+    if epochs and config.student_epochs != default.student_epochs:
+        parts.append(f"e{config.student_epochs}")
+    return "".join(f"_{p}" for p in parts)
 
 
 def _student_data(data_yaml: Path, n: int, out: Path) -> Path:
@@ -112,14 +126,13 @@ def run_study(config: StudyConfig, out: Path) -> Iterator[str]:
         """The teacher's cache; one this study built before for the same teacher is reused (resumed)."""
         return build_cache(BuildConfig(teacher=teacher["checkpoint"], data=str(student_yaml), out=str(path),
                                        split="train", imgsz=config.imgsz, batch=16, device=config.device, workers=2,
+                                       layers=config.layers,
                                        overwrite=fresh, resume=not fresh, chunk_rows=64, progress=False, **kw))
 
-    cache = out / "cache.zarr"
+    cache = out / f"cache{_tag(config, epochs=False)}.zarr"
     cache_report = build(cache)
     yield f"build-cache: {cache_report.summary()}"
-    from atcache.store import CacheStore
-
-    layers = tuple((i, i) for i in CacheStore.open(cache).spec.layer_indices)
+    layers = tuple((i, i) for i in config.layers)
     overrides = {"model": config.student, "data": str(student_yaml), "epochs": config.student_epochs,
                  "imgsz": config.imgsz, "batch": config.batch, "device": config.device, "workers": 2,
                  "project": str(out / "students"), "exist_ok": True, "plots": False, "val": False,
@@ -129,7 +142,7 @@ def run_study(config: StudyConfig, out: Path) -> Iterator[str]:
         replay_cache, replay_s = None, 0.0
         for name, mode, weight in _mode_names(config):
             if mode == "replay" and replay_cache is None:  # the teacher on this seed's augmented views
-                replay_cache = out / f"replay_seed{seed}.zarr"
+                replay_cache = out / f"replay_seed{seed}{_tag(config, epochs=True)}.zarr"
                 report = build(replay_cache, replay_epochs=config.student_epochs, aug_seed=seed)
                 replay_s = report.seconds
                 yield f"seed {seed}: build-cache --replay-epochs {config.student_epochs}: {report.summary()}"
@@ -145,7 +158,7 @@ def run_study(config: StudyConfig, out: Path) -> Iterator[str]:
                                                   layers=layers, at_weight=weight),
             }[mode]()
             t0 = time.perf_counter()
-            r = measure_training(settings, {**overrides, "seed": seed, "name": f"{name}_seed{seed}"})
+            r = measure_training(settings, {**overrides, "seed": seed, "name": f"{name}_seed{seed}{_tag(config, True)}"})
             wall = time.perf_counter() - t0
             m = r.get("metrics", {})
             runs[name]["per_seed"].append({
@@ -199,6 +212,7 @@ def study_table(results: dict) -> str:
                  f"{t.get(SCORES['mAP50-95'], 0):.3f} | | |")
     lines += ["", f"{Path(c['student']).stem} students, {c['student_epochs']} epochs on {d['student_train_images']} "
                   f"training images, imgsz {c['imgsz']}, batch {c['batch']}, at_weight {', '.join(map(str, c['at_weights']))}, "
+                  f"layers {','.join(map(str, c['layers']))}, "
                   f"scored on {d['val_images']} validation images; teacher {Path(c['teacher']).stem} trained "
                   f"{c['teacher_epochs']} epochs on the whole training split; mean ± std over seeds "
                   f"{', '.join(map(str, c['seeds']))}; device: {results['device']}."]
