@@ -44,6 +44,20 @@ def _has_blend(view: View) -> bool:
     return isinstance(view, Canvas) and any(_has_blend(p.view) for p in view.children)
 
 
+def _always_inside(matrix: np.ndarray, out_shape: tuple[int, int], shape: tuple[int, int]) -> bool:
+    """Whether every pixel centre of an output image of `out_shape` maps (through `matrix`) strictly inside a canvas of
+    `shape`: then clipping by that canvas changes nothing and is left out (a flip, or an affine output that lies within
+    its mosaic canvas). The corners suffice: the map is projective and positive over the rectangle (convex stays convex)."""
+    h, w = out_shape
+    corners = np.array([[0.0, 0.0, 1.0], [w - 1.0, 0.0, 1.0], [0.0, h - 1.0, 1.0], [w - 1.0, h - 1.0, 1.0]]) @ matrix.T
+    if (corners[:, 2] <= 0).any():
+        return False
+    x, y = corners[:, 0] / corners[:, 2], corners[:, 1] / corners[:, 2]
+    margin = 1e-6  # points on the edge are decided per point
+    return bool(((x >= -0.5 + margin) & (x < shape[1] - 0.5 - margin) & (y >= -0.5 + margin)
+                 & (y < shape[0] - 0.5 - margin)).all())
+
+
 def flatten(view: View, pad_of) -> Pieces:
     """The view tree as pieces in paint (depth-first) order; `pad_of(row)` gives a row's (top, left) letterbox pad.
 
@@ -60,8 +74,8 @@ def flatten(view: View, pad_of) -> Pieces:
                                    "use ultralytics' transform order (MixUp after Mosaic)")
             for placed in v.children:
                 mc = np.linalg.inv(placed.matrix) @ m
-                walk(placed.view, mc, clips if isinstance(placed.view, Source) else clips + ((mc, placed.view.shape),),
-                     group, weight)
+                keep = not isinstance(placed.view, Source) and not _always_inside(mc, view.shape, placed.view.shape)
+                walk(placed.view, mc, clips + ((mc, placed.view.shape),) if keep else clips, group, weight)
         elif isinstance(v, Blend):
             for part, w in v.parts:
                 n_groups[0] += 1
@@ -70,7 +84,7 @@ def flatten(view: View, pad_of) -> Pieces:
             raise TypeError(f"not a view: {type(v).__name__}")
 
     walk(view, np.eye(3), (), 0, 1.0)
-    k, c = len(pieces), max([len(p[3]) for p in pieces] + [1])
+    k, c = len(pieces), max([len(p[3]) for p in pieces] + [0])
     clips = np.tile(np.eye(3), (k, c, 1, 1))
     clip_shape = np.full((k, c, 2), NO_CLIP)
     for i, p in enumerate(pieces):
@@ -109,33 +123,18 @@ def collate_pieces(samples: Sequence[Pieces]) -> dict[str, torch.Tensor]:
 
 
 def _project(matrix: torch.Tensor, pts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x, y) of homogeneous points pts (P, 3) through matrices (..., 3, 3): each (..., P)."""
-    q = torch.einsum("...ij,pj->...pi", matrix, pts)
-    return q[..., 0] / q[..., 2], q[..., 1] / q[..., 2]
+    """(x, y) of homogeneous points pts (P, 3) through matrices (..., 3, 3): each (..., P) (elementwise: a matmul
+    with an inner size of 3 is slower on a CPU)."""
+    m = matrix[..., None]  # (..., 3, 3, 1) against points (P,)
+    px, py = pts[:, 0], pts[:, 1]
+    q = m[..., 0, :] * px + m[..., 1, :] * py + m[..., 2, :]  # (..., 3, P): rows of M times [x, y, 1]
+    return q[..., 0, :] / q[..., 2, :], q[..., 1, :] / q[..., 2, :]
 
 
 def _inside(x: torch.Tensor, y: torch.Tensor, shape: torch.Tensor) -> torch.Tensor:
     """geometry.inside for points (..., P) and shapes (..., 2)."""
     h, w = shape[..., 0:1], shape[..., 1:2]
     return (x >= -0.5) & (x < w - 0.5) & (y >= -0.5) & (y < h - 0.5)
-
-
-def _bilinear(energy: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """geometry.bilinear of maps energy (M, H, W) at (u, v) (M, P): edges extended; (M, P) float64."""
-    m, h, w = energy.shape
-    u, v = u.clamp(0.0, w - 1.0), v.clamp(0.0, h - 1.0)
-    u0 = torch.clamp(torch.floor(u).long(), max=max(w - 2, 0))
-    v0 = torch.clamp(torch.floor(v).long(), max=max(h - 2, 0))
-    u1, v1 = torch.clamp(u0 + 1, max=w - 1), torch.clamp(v0 + 1, max=h - 1)
-    fu, fv = u - u0, v - v0
-    flat = energy.reshape(m, h * w).double()
-
-    def at(vi, ui):
-        return torch.gather(flat, 1, vi * w + ui)
-
-    top = at(v0, u0) * (1.0 - fu) + at(v0, u1) * fu
-    bottom = at(v1, u0) * (1.0 - fu) + at(v1, u1) * fu
-    return top * (1.0 - fv) + bottom * fv
 
 
 class BatchRenderer:
@@ -168,15 +167,17 @@ class BatchRenderer:
         return maps * self.norms[layer][rows][:, None, None]
 
     def render(self, pieces: dict[str, torch.Tensor]) -> list[torch.Tensor]:
-        """Per layer: (B, h // s, w // s) float32 targets of a batch of collated pieces (see `collate_pieces`)."""
+        """Per layer: (B, h // s, w // s) float32 targets of a batch of collated pieces (see `collate_pieces`).
+        Where each cell samples, and which piece wins it, depend on the stride alone: worked out once per stride."""
         p = {k: v.to(self.device, non_blocking=True) for k, v in pieces.items()}
         h, w = (int(x) for x in pieces["shape"][0])
         valid = p["rows"] >= 0
         rows = p["rows"].clamp(min=0)
         b, k = rows.shape
-        out = []
-        for layer in self.layers:
-            s = self.strides[layer]
+        groups = torch.unique(p["group"]).tolist()
+        out: dict[int, torch.Tensor] = {}
+        for s in sorted({self.strides[i] for i in self.layers}):
+            layers = [i for i in self.layers if self.strides[i] == s]
             c = (s - 1) / 2.0
             gh, gw = h // s, w // s
             ys, xs = torch.meshgrid(torch.arange(gh, device=self.device, dtype=torch.float64) * s + c,
@@ -184,36 +185,62 @@ class BatchRenderer:
             pts = torch.stack([xs.reshape(-1), ys.reshape(-1), torch.ones(gh * gw, device=self.device,
                                                                            dtype=torch.float64)], dim=1)
             x, y = _project(p["to_source"], pts)  # (B, K, P)
-            cx, cy = _project(p["clips"], pts)  # (B, K, C, P)
-            clipped = _inside(cx, cy, p["clip_shape"]).all(dim=2) & valid[..., None]
+            clipped = valid[..., None].expand(b, k, gh * gw)
+            if p["clips"].shape[2]:
+                cx, cy = _project(p["clips"], pts)  # (B, K, C, P)
+                clipped = clipped & _inside(cx, cy, p["clip_shape"]).all(dim=2)
             covers = clipped & _inside(x, y, p["source_shape"])
             u = (x + p["pad"][..., 1:2] - c) / s
             v = (y + p["pad"][..., 0:1] - c) / s
-            energy = self.energy(layer, rows.reshape(-1))
-            eh, ew = energy.shape[1:]
+            eh, ew = self.maps[layers[0]].shape[1:]
             reaches = clipped & (u >= -0.5) & (u <= ew - 0.5) & (v >= -0.5) & (v <= eh - 0.5)
-            values = _bilinear(energy, u.reshape(b * k, -1), v.reshape(b * k, -1)).reshape(b, k, -1)
-            order = torch.arange(1, k + 1, device=self.device)[None, :, None]
-            painted, _ = self._mix(values, covers, order, p)  # the last covering piece of each group
-            borrowed, got = self._mix(values, reaches, k + 1 - order, p)  # the first piece that reaches the cell
+            taps = _bilinear_taps(u.reshape(b * k, -1), v.reshape(b * k, -1), eh, ew)
+            order = torch.arange(1, k + 1, device=self.device, dtype=torch.uint8 if k < 255 else torch.int64)[None, :, None]
+            painted = _winners(covers, order, p["group"], groups)  # the last covering piece of each group
+            borrowed = _winners(reaches, k + 1 - order, p["group"], groups)  # the first piece reaching the cell
             covered = covers.any(dim=1)
-            grey = torch.tensor(self.grey.get(layer, 0.0), device=self.device, dtype=torch.float64)
-            e = torch.where(covered, painted, torch.where(got, borrowed, grey)).reshape(b, gh, gw)
-            e = e / (torch.linalg.vector_norm(e, dim=(1, 2), keepdim=True) + self.eps)
-            out.append(e.float())
-        return out
+            got = torch.stack([has for _, has in borrowed]).any(dim=0)
+            for layer in layers:
+                values = _sample(self.energy(layer, rows.reshape(-1)), taps).reshape(b, k, -1)
+                e = torch.where(covered, _mix(values, painted, p["weight"]),
+                                torch.where(got, _mix(values, borrowed, p["weight"]),
+                                            torch.tensor(self.grey.get(layer, 0.0), dtype=torch.float64,
+                                                         device=self.device))).reshape(b, gh, gw)
+                out[layer] = (e / (torch.linalg.vector_norm(e, dim=(1, 2), keepdim=True) + self.eps)).float()
+        return [out[i] for i in self.layers]
 
-    @staticmethod
-    def _mix(values: torch.Tensor, ok: torch.Tensor, rank: torch.Tensor, p: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """Sum over blend groups of weight x the value of the highest-`rank` piece that is `ok` in that group:
-        ((B, P) float64, (B, P) whether any group had one)."""
-        total = torch.zeros(values.shape[0], values.shape[2], dtype=torch.float64, device=values.device)
-        any_ok = torch.zeros_like(total, dtype=torch.bool)
-        for g in torch.unique(p["group"]).tolist():
-            sel = ok & (p["group"] == g)[..., None]
-            best = torch.where(sel, rank, 0).argmax(dim=1, keepdim=True)  # (B, 1, P)
-            has = sel.any(dim=1)
-            value = torch.gather(values, 1, best)[:, 0] * torch.gather(p["weight"][..., None].expand_as(values), 1, best)[:, 0]
-            total += torch.where(has, value, 0.0)
-            any_ok |= has
-        return total, any_ok
+
+def _bilinear_taps(u: torch.Tensor, v: torch.Tensor, h: int, w: int):
+    """geometry.bilinear's four flat indices and weights at (u, v) (M, P) on (H, W) maps: edges extended."""
+    u, v = u.clamp(0.0, w - 1.0), v.clamp(0.0, h - 1.0)
+    u0 = torch.clamp(u.long(), max=max(w - 2, 0))  # u, v >= 0 here: truncation is floor
+    v0 = torch.clamp(v.long(), max=max(h - 2, 0))
+    u1, v1 = torch.clamp(u0 + 1, max=w - 1), torch.clamp(v0 + 1, max=h - 1)
+    fu, fv = u - u0, v - v0
+    return ((v0 * w + u0, (1.0 - fu) * (1.0 - fv)), (v0 * w + u1, fu * (1.0 - fv)),
+            (v1 * w + u0, (1.0 - fu) * fv), (v1 * w + u1, fu * fv))
+
+
+def _sample(energy: torch.Tensor, taps) -> torch.Tensor:
+    """Bilinear samples (M, P) float64 of maps energy (M, H, W) at the taps of `_bilinear_taps`."""
+    flat = energy.reshape(len(energy), -1).double()
+    return sum(torch.gather(flat, 1, index) * weight for index, weight in taps)
+
+
+def _winners(ok: torch.Tensor, rank: torch.Tensor, group: torch.Tensor, groups: list[int]):
+    """Per blend group: (index (B, 1, P) of the highest-`rank` piece that is `ok` in the group, whether there is one
+    (B, P))."""
+    out = []
+    for g in groups:
+        sel = ok & (group == g)[..., None]
+        out.append((torch.where(sel, rank, 0).argmax(dim=1, keepdim=True).long(), sel.any(dim=1)))
+    return out
+
+
+def _mix(values: torch.Tensor, winners, weight: torch.Tensor) -> torch.Tensor:
+    """Sum over blend groups of the group's weight x the value (B, K, P) of its winning piece: (B, P) float64."""
+    total = torch.zeros(values.shape[0], values.shape[2], dtype=torch.float64, device=values.device)
+    for best, has in winners:
+        value = torch.gather(values, 1, best)[:, 0] * torch.gather(weight[..., None].expand_as(values), 1, best)[:, 0]
+        total += torch.where(has, value, 0.0)
+    return total

@@ -142,3 +142,19 @@ def test_renderer_holds_uint8_maps_as_uint8():
     a, b = renderer_for(f16), renderer_for(u8)
     assert all(t.dtype == torch.uint8 for t in b.maps.values())
     assert b.nbytes() < 0.6 * a.nbytes()
+
+
+def test_clips_that_change_nothing_are_left_out():
+    """A flip of the whole image and an affine output inside its mosaic canvas need no clipping; one that reaches
+    beyond the canvas keeps its clip."""
+    targets, shapes = synthetic_targets()
+    tile = Placed(Source(0, shapes[0]), translation(10, 10))
+    mosaic = Canvas((2 * IMGSZ, 2 * IMGSZ), (tile,), "mosaic")
+    inside = warp(mosaic, translation(-IMGSZ / 2, -IMGSZ / 2), (IMGSZ, IMGSZ))
+    flipped = warp(inside, flip_matrix((IMGSZ, IMGSZ), "horizontal"), (IMGSZ, IMGSZ))
+    assert flatten(flipped, targets.pad_of).clips.shape[1] == 0
+    beyond = warp(mosaic, translation(-IMGSZ * 1.5, 0), (IMGSZ, IMGSZ))  # the right half lies past the canvas
+    assert flatten(beyond, targets.pad_of).clips.shape[1] == 1
+    reference, batched = render_both(targets, [flipped, beyond])
+    for k in range(len(targets.layers)):
+        np.testing.assert_allclose(batched[k].numpy(), np.stack([r[k] for r in reference]), atol=1e-4)
