@@ -5,7 +5,7 @@
 # replay student (exact targets, the cheapest AT run) on the same teacher and seeds.
 # Writes $OUT/accuracy.{json,md} and copies them to pipelines/results/accuracy_$TAG.* (the sweep: accuracy_sweep_$TAG.*)
 #
-#   bash pipelines/accuracy.sh                                  # CPU, ~75 min on 2 cores (the README's table)
+#   bash pipelines/accuracy.sh                                  # CPU, ~55 min on 2 cores (the README's table)
 #   TAG=gpu bash pipelines/accuracy.sh --device 0 --images 5000 --imgsz 320 --student-images 2000 --teacher-epochs 60 --student-epochs 40
 set -euo pipefail
 OUT=${OUT:-runs/accuracy}

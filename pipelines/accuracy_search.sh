@@ -3,7 +3,7 @@
 # pipelines/accuracy.sh first: same OUT). Each setup: the plain student against the replay student (the teacher's
 # exact maps on the augmented images, the cheapest AT run) over the same seeds; results to
 # pipelines/results/accuracy_search_<setup>_$TAG.json / .md (plain only where the data changes). Every setup tried is listed here and in the README.
-#   bash pipelines/accuracy_search.sh          # ~25 min on 2 cores
+#   bash pipelines/accuracy_search.sh          # ~15 min on 2 cores
 set -euo pipefail
 OUT=${OUT:-runs/accuracy}
 TAG=${TAG:-cpu}
