@@ -144,7 +144,7 @@ def _results_table(results: dict) -> str:
               "",
               "What this table can show: the cost of each way to distil (speed, memory, cache size) and that training "
               "from the cache runs without the teacher. What it cannot: which student is more accurate. One seed "
-              f"scored on {d.get('val_images', 'a few dozen')} validation images moves mAP50 by several hundredths "
-              "between seeds, more than the students differ here; the seeded accuracy study (`atcache study`, "
-              "pipelines/accuracy.sh, README 'Accuracy') measures that over seeds on a larger validation split."]
+              f"scored on {d.get('val_images', 'a few dozen')} validation images cannot rank them: mAP differences of "
+              "this size come and go between seeds; the seeded accuracy study (`atcache study`, pipelines/accuracy.sh, "
+              "README 'Accuracy') measures them over seeds on a larger validation split."]
     return "\n".join(lines)
