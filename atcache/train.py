@@ -58,8 +58,11 @@ def default_ram_budget_gb() -> float:
 
 
 def ram_need_gb(spec: CacheSpec, layers: Sequence[int]) -> float:
-    """GiB the float16 maps of `layers` take in RAM when the whole cache is loaded."""
-    return sum(spec.n_rows * spec.layer(i).height * spec.layer(i).width * 2 for i in layers) / 2**30
+    """GiB the maps of `layers` take in RAM when the whole cache is loaded, as stored (float16: 2 bytes a cell; uint8:
+    1, plus a float32 scale per map)."""
+    uint8 = spec.map_dtype == "uint8"
+    per_row = sum(spec.layer(i).height * spec.layer(i).width * (1 if uint8 else 2) + (4 if uint8 else 0) for i in layers)
+    return spec.n_rows * per_row / 2**30
 
 
 def streams(need_gb: float, ram_budget_gb: float | None, stream: bool | None) -> bool:

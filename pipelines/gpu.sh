@@ -26,7 +26,9 @@ if ! python3 -c "import ultralytics, zarr, numcodecs, dask" 2>/dev/null; then
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}  # atcache from this checkout
 export YOLO_CONFIG_DIR=${YOLO_CONFIG_DIR:-$RUN/ultralytics}
+ROUNDS=3
 if [ -n "${QUICK:-}" ]; then
+  ROUNDS=2  # enough to exercise the interleaving
   BENCH=(--teacher yolo11n.yaml --student yolo11n.yaml --imgsz 64 --batch 4 --steps 3 --warmup 1 --repeats 1 --workers 0)
   FIDELITY=(--batches 2 --batch 4)
 else
@@ -35,7 +37,7 @@ else
 fi
 mkdir -p "$RUN" "$RESULTS"
 B=$RUN/bench
-python3 -m atcache bench "${BENCH[@]}" --rounds 3 --device "$DEVICE" --out "$B" --json "$RESULTS/bench_$TAG.json"
+python3 -m atcache bench "${BENCH[@]}" --rounds "$ROUNDS" --device "$DEVICE" --out "$B" --json "$RESULTS/bench_$TAG.json"
 for targets in warp replay; do
   cache=$B/bench_cache.zarr
   [ "$targets" = replay ] && cache=$B/bench_replay.zarr

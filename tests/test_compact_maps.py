@@ -84,8 +84,13 @@ def test_uint8_maps_of_a_trained_teacher_match_its_float32_maps(voc_yaml, traine
 def test_a_uint8_cache_stays_uint8_in_ram(uint8_cache, built_cache):
     from atcache.targets import CacheTargets
 
+    from atcache.train import ram_need_gb
+
     u8, f16 = CacheTargets.load(uint8_cache, TEST_LAYERS), CacheTargets.load(built_cache, TEST_LAYERS)
     assert all(u8.maps[i].dtype == np.uint8 for i in TEST_LAYERS) and u8.ram_bytes() < f16.ram_bytes()
+    for t in (u8, f16):  # the RAM check counts the maps as they are held
+        held = sum(t.maps[i].nbytes + (t.scales[i].nbytes if t.scales else 0) for i in TEST_LAYERS)
+        assert ram_need_gb(t.spec, TEST_LAYERS) * 2**30 == pytest.approx(held)
     np.testing.assert_allclose(u8.map_row(16, 3).astype(np.float32), f16.map_row(16, 3).astype(np.float32), atol=2e-2)
 
 
