@@ -57,9 +57,18 @@ class BenchConfig:
     rounds: int = 3  # interleaved rounds of the trainers, each in a rotated order
 
     @property
+    def images_needed(self) -> int:
+        """The fewest images whose first epoch holds warmup + steps step intervals."""
+        return self.batch * (self.warmup + self.steps + 2)
+
+    @property
     def n_images(self) -> int:
-        """Enough images that warmup + steps step intervals fall inside the first epoch."""
-        return self.images or self.batch * (self.warmup + self.steps + 2)
+        return self.images or self.images_needed
+
+
+def _step_intervals(images: int, batch: int) -> int:
+    """Step intervals inside one epoch of `images` at `batch` (the interval across an epoch end is not counted)."""
+    return math.ceil(images / batch) - 1
 
 
 def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict:
@@ -137,12 +146,12 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict:
 
 def _check_epoch_holds_steps(images: int, cfg: BenchConfig) -> None:
     """Trainers are measured inside their first epoch: refuse data too small for warmup + steps step intervals."""
-    per_epoch = math.ceil(images / cfg.batch) - 1
+    per_epoch = _step_intervals(images, cfg.batch)
     if per_epoch < cfg.warmup + cfg.steps:
         raise AtcacheError(
             f"{images} training images at batch {cfg.batch} give {per_epoch} step intervals per epoch, fewer than "
             f"--warmup {cfg.warmup} + --steps {cfg.steps}; trainers are measured inside one epoch: use --images "
-            f"{cfg.batch * (cfg.warmup + cfg.steps + 2)} or more (0: that many), or fewer --steps")
+            f"{cfg.images_needed} or more (0: that many), or fewer --steps")
 
 
 # ---------------------------------------------------------------------------------------------------------- data
@@ -279,7 +288,7 @@ def _measure_storage(cfg: BenchConfig, split: SplitFiles, cache: Path, device: t
 # ------------------------------------------------------------------------------------------------------ training
 def _train_epochs(cfg: BenchConfig, split: SplitFiles) -> int:
     """Epochs the measured trainers run: enough for warmup + steps batch intervals inside epochs."""
-    per_epoch = max(math.ceil(len(split.files) / cfg.batch) - 1, 1)  # step intervals inside one epoch
+    per_epoch = max(_step_intervals(len(split.files), cfg.batch), 1)
     return math.ceil((cfg.warmup + cfg.steps) / per_epoch) + 1
 
 
