@@ -17,21 +17,21 @@ The public Python API (everything else is internal). Names load on first use, so
 import importlib
 
 from atcache.version import __version__
-from atcache.voc import VOC_NAMES
+from atcache.data.voc import VOC_NAMES
 
 _EXPORTS = {
-    "open_cache": "inspection", "inspect_cache": "inspection", "verify_cache": "inspection",
-    "compare_caches": "inspection", "CacheSpec": "spec", "LayerSpec": "spec", "CacheStore": "store",
-    "BuildConfig": "config", "DistillSettings": "config", "build_cache": "build", "AtcacheTrainer": "train",
-    "train_student": "train", "layer_maps": "maps", "attention_map": "attention", "at_loss": "attention",
-    "measure_fidelity": "fidelity", "FidelityConfig": "fidelity", "AtcacheError": "errors",
+    "open_cache": "cache.inspect", "inspect_cache": "cache.inspect", "verify_cache": "cache.inspect",
+    "compare_caches": "cache.inspect", "CacheSpec": "cache.format", "LayerSpec": "cache.format", "CacheStore": "cache.store",
+    "BuildConfig": "config", "DistillSettings": "config", "build_cache": "build.pipeline", "AtcacheTrainer": "train.trainer",
+    "train_student": "train.trainer", "layer_maps": "attention.recipe", "attention_map": "attention.functional", "at_loss": "attention.functional",
+    "measure_fidelity": "tools.fidelity", "FidelityConfig": "tools.fidelity", "AtcacheError": "errors",
 }
 __all__ = ["__version__", "VOC_NAMES", *_EXPORTS]
 
 
 def __getattr__(name: str):
     """PEP 562: import the module behind a public name when it is first used (training ones need ultralytics'
-    environment prepared first: atcache.env.prepare_ultralytics)."""
+    environment prepared first: atcache.yolo.prepare_ultralytics)."""
     if name not in _EXPORTS:
         raise AttributeError(f"module 'atcache' has no attribute {name!r}")
     return getattr(importlib.import_module(f"atcache.{_EXPORTS[name]}"), name)

@@ -10,9 +10,9 @@ from typing import Annotated, Optional
 import typer
 
 from atcache.config import DEFAULT_AT_WEIGHT, DEFAULT_LAYERS, parse_layers, parse_shard
-from atcache.env import prepare_ultralytics
+from atcache.yolo import prepare
 from atcache.errors import AtcacheError
-from atcache.study import STUDY_MODES
+from atcache.tools.study import STUDY_MODES
 
 app = typer.Typer(
     name="atcache",
@@ -58,7 +58,7 @@ def make_demo_data_cmd(
     seed: Annotated[int, typer.Option(help="Seed; the same arguments write the same files.")] = 0,
 ):
     """Write a deterministic synthetic dataset in real VOCdevkit format (20 VOC classes, XML annotations)."""
-    from atcache.synthetic import make_demo_data
+    from atcache.data.synthetic import make_demo_data
 
     if images < 5 or size < 16:
         raise AtcacheError("--images must be at least 5 and --size at least 16")
@@ -73,8 +73,8 @@ def prepare_voc_cmd(
     out: Annotated[Path, typer.Option(help="Output dataset root: images/, labels/ and VOC.yaml are written here.")],
 ):
     """Convert a local VOCdevkit into ultralytics' VOC layout (offline, idempotent) and write its data YAML."""
-    prepare_ultralytics()
-    from atcache.voc import prepare_voc
+    prepare()
+    from atcache.data.voc import prepare_voc
 
     data_yaml = prepare_voc(devkit, out)
     typer.echo(f"dataset ready: {data_yaml}")
@@ -111,8 +111,8 @@ def build_cache_cmd(
     """Run the teacher once over a split and write per-layer attention maps into a chunked Zarr v3 store. With
     --replay-epochs, extra key=value (mosaic=, mixup=, scale=, fliplr=, hsv_h=, close_mosaic=, epochs=, ...) set the
     ultralytics augmentation the replay arrays are made with."""
-    prepare_ultralytics()
-    from atcache.build import build_cache
+    prepare()
+    from atcache.build.pipeline import build_cache
     from atcache.config import BuildConfig
 
     remote_workers = bool(scheduler) and not scheduler.strip().startswith("local")
@@ -149,8 +149,8 @@ EXTRA_ARGS = {"allow_extra_args": True, "ignore_unknown_options": True}
 def _ultralytics_overrides(extra: list[str], reserved: tuple[str, ...] = TRAIN_OPTION_KEYS) -> dict:
     """`key=value` words after the options -> ultralytics train arguments (checked against its defaults); `reserved`
     keys are atcache options of the command."""
-    from ultralytics.cfg import smart_value
-    from ultralytics.utils import DEFAULT_CFG_DICT
+    from atcache.yolo import smart_value
+    from atcache.yolo import DEFAULT_CFG_DICT
 
     out = {}
     for word in extra:
@@ -169,7 +169,7 @@ def _ultralytics_overrides(extra: list[str], reserved: tuple[str, ...] = TRAIN_O
 def _train(settings, student: str, data: Path, epochs: int, imgsz: int, batch: int, device: str,
            project: Path, name: str, extra: list[str]) -> None:
     """Shared by train / train-from-cache / train-online: one ultralytics run through AtcacheTrainer."""
-    from atcache.train import train_student
+    from atcache.train.trainer import train_student
 
     if Path(student).suffix.lower() == ".pt" and not Path(student).is_file():
         raise AtcacheError(f"student checkpoint {student} does not exist; pass a .pt you have or a model YAML (yolo11s.yaml)")
@@ -219,7 +219,7 @@ def train_cmd(
     aug_seed: AugSeedOpt = None,
 ):
     """Baseline: train the student alone with the same trainer (no distillation). Extra key=value go to ultralytics."""
-    prepare_ultralytics()
+    prepare()
     from atcache.config import DistillSettings
 
     _train(DistillSettings(mode="plain", aug_seed=aug_seed), student, data, epochs, imgsz, batch, device, project, name, ctx.args)
@@ -247,9 +247,9 @@ def train_from_cache_cmd(
     aug_seed: AugSeedOpt = None,
 ):
     """Train the student with AT targets streamed from the cache; the teacher is never loaded. Extra key=value go to ultralytics."""
-    prepare_ultralytics()
+    prepare()
     from atcache.config import DistillSettings
-    from atcache.store import CacheStore
+    from atcache.cache.store import CacheStore
 
     pairs = parse_layers(layers, pairs=True) if layers else tuple((i, i) for i in CacheStore.open(cache).spec.layer_indices)
     if epochs is None and targets != "replay":
@@ -280,7 +280,7 @@ def train_online_cmd(
     aug_seed: AugSeedOpt = None,
 ):
     """Baseline: the seed's online AT (teacher forward every step), same trainer, loss and weight. Extra key=value go to ultralytics."""
-    prepare_ultralytics()
+    prepare()
     from atcache.config import DistillSettings
 
     settings = DistillSettings(mode="online", teacher=teacher, at_weight=at_weight, layers=parse_layers(layers, pairs=True),
@@ -303,8 +303,8 @@ def demo_cmd(
 ):
     """End-to-end on the embedded synthetic data: generate VOC data, convert it, train a teacher briefly, cache it,
     then train the student plain, from the cache and online AT for the same epochs, and print one table."""
-    prepare_ultralytics(out / "ultralytics")  # settings and fonts stay inside the run folder
-    from atcache.demo import run_demo
+    prepare(out / "ultralytics")  # settings and fonts stay inside the run folder
+    from atcache.tools.demo import run_demo
 
     for line in run_demo(out=out, images=images, imgsz=imgsz, teacher=teacher, teacher_epochs=teacher_epochs,
                          device=device, quick=quick, student=student, student_epochs=student_epochs):
@@ -331,8 +331,8 @@ def study_cmd(
 ):
     """Seeded accuracy study: students trained plain, online AT and from the cache (static, warp, replay targets) with
     the same data, budget and --aug-seed per seed; mean and std of mAP over seeds on the whole validation split."""
-    prepare_ultralytics(out / "ultralytics")
-    from atcache.study import StudyConfig, run_study
+    prepare(out / "ultralytics")
+    from atcache.tools.study import StudyConfig, run_study
 
     unknown = [m for m in modes.split(",") if m not in STUDY_MODES]
     if unknown:
@@ -370,8 +370,8 @@ def bench_cmd(
 ):
     """Measure, in one run on one device: training img/s and peak memory of train / train-from-cache / train-online,
     build-cache vs pure teacher inference, the loader's target throughput, bytes/image and float16 precision."""
-    prepare_ultralytics()
-    from atcache.bench import BenchConfig, format_report, run_bench
+    prepare()
+    from atcache.tools.bench import BenchConfig, format_report, run_bench
 
     cfg = BenchConfig(out=str(out), data=str(data or ""), teacher=teacher, student=student, layers=parse_layers(layers),
                       imgsz=imgsz, batch=batch, steps=steps, warmup=warmup, images=images, workers=workers,
@@ -404,7 +404,7 @@ def inspect_cmd(
     heatmap, entropy; optionally an integrity check and a comparison with another cache."""
     import json
 
-    from atcache.inspection import compare_caches, format_inspection, inspect_cache, verify_cache
+    from atcache.cache.inspect import compare_caches, format_inspection, inspect_cache, verify_cache
 
     corrupted = verify_cache(cache, workers=workers, scheduler=scheduler) if verify else []
     for c in corrupted:
@@ -450,7 +450,7 @@ def visualize_cmd(
 ):
     """PNG grids: each image with the teacher's cached map of every layer over it (through the stored letterbox), and
     with --student the student's maps and their difference; with --epoch, a replay epoch's augmented images."""
-    from atcache.visualize import visualize_cache
+    from atcache.tools.visualize import visualize_cache
 
     if student and student.endswith(".pt") and not Path(student).is_file():
         raise AtcacheError(f"student checkpoint {student} does not exist; pass a trained .pt")
@@ -477,7 +477,7 @@ def fidelity_cmd(
     and per augmentation kind (none, flip, mosaic, affine, mixup). Extra key=value set ultralytics' augmentation."""
     import json
 
-    from atcache.fidelity import FidelityConfig, format_fidelity, measure_fidelity
+    from atcache.tools.fidelity import FidelityConfig, format_fidelity, measure_fidelity
 
     cfg = FidelityConfig(cache=str(cache), teacher=teacher, data=str(data), batches=batches, batch=batch,
                          targets=targets, device=_default_device(device, "training"), seed=seed,

@@ -2,10 +2,10 @@
 
 Compares, on synthetic but realistic attention maps (smooth positive blobs + small noise, unit L2 norm per row,
 stored as float16):
-    * chunk_rows R = 64 / 256 (current default) / 1024, written through atcache.store.CacheStore.write_chunk
+    * chunk_rows R = 64 / 256 (current default) / 1024, written through atcache.cache.store.CacheStore.write_chunk
     * one sharded variant written with plain zarr (shards=(1024, H, W), inner chunks=(64, H, W), same codecs)
     * map-codec variants at R = 256 (maps only; norms/letterbox/done keep the store's codecs), written through
-      CacheStore with atcache.store.map_compressors patched: lz4+bitshuffle (current), zstd-3+bitshuffle,
+      CacheStore with atcache.cache.store.map_compressors patched: lz4+bitshuffle (current), zstd-3+bitshuffle,
       lz4+byte shuffle, no compression (crc32c only)
 
 For each: write throughput, bytes on disk, file count, full load of every maps array (after evicting the store's
@@ -33,10 +33,11 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, BloscShuffle, Crc32cCodec
 
-import atcache.store as store_mod
-from atcache.spec import LETTERBOX_COLUMNS, CacheSpec
-from atcache.store import CacheStore, ChunkData, small_compressors
-from atcache.synthetic import fake_spec, fill_store, seed_layers
+import atcache.cache.store as store_mod
+from atcache.cache.format import LETTERBOX_COLUMNS, CacheSpec
+from atcache.cache.format import small_compressors
+from atcache.cache.store import CacheStore, ChunkData
+from atcache.testing import fake_spec, fill_store, seed_layers
 
 LAYERS = seed_layers(640)  # VOC at imgsz 640: the cached teacher layers
 LETTERBOX_WIDTH = len(LETTERBOX_COLUMNS)
@@ -337,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
             path = tmp / f"{name}.zarr"
             if kind == "store":
                 w = write_store(path, n, r, cname, data)
-                extra = {"writer": "atcache.store.CacheStore.write_chunk", "chunk_rows": r, "shard_rows": None,
+                extra = {"writer": "atcache.cache.store.CacheStore.write_chunk", "chunk_rows": r, "shard_rows": None,
                          "maps_codec": cname}
             else:
                 w = write_sharded(path, n, r, inner, cname, data)
@@ -364,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
                 "all variants measured on all rows (no scaling)",
                 "write = CacheStore.write_chunk for every row-chunk (maps+norms+letterbox+done), data already in "
                 "RAM as float16; store creation (incl. writing `files`) is reported separately as create_s",
-                "codec variants patch atcache.store.map_compressors; norms/letterbox/done keep the store's codecs",
+                "codec variants patch atcache.cache.store.map_compressors; norms/letterbox/done keep the store's codecs",
                 "sharded variant: every array sharded by 1024 rows with 64-row inner chunks, written one shard at "
                 "a time; dask uses shard-sized chunks (1024 rows)",
                 "full_load cold: store files evicted from the OS page cache with posix_fadvise(DONTNEED) after "

@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from atcache.env import prepare_ultralytics
+from atcache.yolo import prepare
 
 os.environ.setdefault("YOLO_OFFLINE", "1")
 DEMO = Path("runs/demo")
@@ -32,8 +32,8 @@ def training_dataset(data_yaml: Path, imgsz: int, cache, batch: int):
     from ultralytics.data.build import build_yolo_dataset
     from ultralytics.data.utils import check_det_dataset
 
-    from atcache.demo import DEMO_HYP
-    from atcache.targets import attach_targets
+    from atcache.tools.demo import DEMO_HYP
+    from atcache.train.targets import attach_targets
 
     args = get_cfg(overrides={"imgsz": imgsz, "data": str(data_yaml), **DEMO_HYP})
     data = check_det_dataset(str(data_yaml))
@@ -45,7 +45,7 @@ def loader_rate(dataset, workers: int, batch: int, samples: int, streaming: bool
     """Samples/s through ultralytics' training DataLoader (after one warm-up batch, which starts the workers)."""
     from ultralytics.data.build import build_dataloader
 
-    from atcache.streaming import BlockShuffleSampler, with_sampler
+    from atcache.train.streaming import BlockShuffleSampler, with_sampler
 
     loader = build_dataloader(dataset, batch=batch, workers=workers, shuffle=True, rank=-1)
     if streaming:
@@ -67,9 +67,9 @@ def loader_rate(dataset, workers: int, batch: int, samples: int, streaming: bool
 
 def loader_figures(data_yaml: Path, cache_path: Path, imgsz: int, samples: int, batch: int, window: int) -> dict:
     """In RAM vs streaming (and no targets at all), 0 and 2 workers; chunk decodes per epoch for 0 workers."""
-    from atcache.streaming import StreamingCacheTargets
-    from atcache.store import CacheStore
-    from atcache.targets import CacheTargets
+    from atcache.train.streaming import StreamingCacheTargets
+    from atcache.cache.store import CacheStore
+    from atcache.train.targets import CacheTargets
 
     spec = CacheStore.open(cache_path).spec
     layers = spec.layer_indices
@@ -100,10 +100,10 @@ def loader_figures(data_yaml: Path, cache_path: Path, imgsz: int, samples: int, 
 
 def training_need(data_yaml: Path, cache_path: Path, imgsz: int, batch: int, window: int, steps: int) -> dict:
     """The trainer's img/s (median step) with the cache in RAM and streamed, ultralytics' real loop, same settings."""
-    from atcache.demo import DEMO_HYP
-    from atcache.measure import measure_training
-    from atcache.store import CacheStore
-    from atcache.train import DistillSettings
+    from atcache.tools.demo import DEMO_HYP
+    from atcache.tools.measure import measure_training
+    from atcache.cache.store import CacheStore
+    from atcache.train.trainer import DistillSettings
 
     layers = tuple((i, i) for i in CacheStore.open(cache_path).spec.layer_indices)
     overrides = {"model": "yolo11n.yaml", "data": str(data_yaml), "epochs": 3, "imgsz": imgsz, "batch": batch,
@@ -121,10 +121,10 @@ def training_need(data_yaml: Path, cache_path: Path, imgsz: int, batch: int, win
 def accuracy(data_yaml: Path, cache_path: Path, imgsz: int, epochs: int, windows: list[int], seeds: list[int]) -> dict:
     """The demo student trained from the cache: ultralytics' full shuffle (in RAM) vs the block-shuffled streaming
     sampler, same seed, same everything else."""
-    from atcache.demo import DEMO_HYP
-    from atcache.measure import measure_training
-    from atcache.store import CacheStore
-    from atcache.train import DistillSettings
+    from atcache.tools.demo import DEMO_HYP
+    from atcache.tools.measure import measure_training
+    from atcache.cache.store import CacheStore
+    from atcache.train.trainer import DistillSettings
 
     spec = CacheStore.open(cache_path).spec
     layers = tuple((i, i) for i in spec.layer_indices)
@@ -148,7 +148,7 @@ def accuracy(data_yaml: Path, cache_path: Path, imgsz: int, epochs: int, windows
 
 
 def build(data_yaml: Path, teacher: str, out: Path, imgsz: int, chunk_rows: int) -> Path:
-    from atcache.build import BuildConfig, build_cache
+    from atcache.build.pipeline import BuildConfig, build_cache
 
     if not (out / "zarr.json").is_file():
         build_cache(BuildConfig(teacher=teacher, data=str(data_yaml), out=str(out), split="train", imgsz=imgsz,
@@ -159,7 +159,7 @@ def build(data_yaml: Path, teacher: str, out: Path, imgsz: int, chunk_rows: int)
 def synthetic_store(path: Path, rows: int, chunk_rows: int) -> Path:
     """A finished store with the seed's six layers at imgsz 640 (40x40, 20x20, 40x40, 80x80, 40x40, 20x20 maps) and
     smooth random maps (they compress like real ones), written chunk by chunk through CacheStore."""
-    from atcache.synthetic import fake_spec, fake_store, seed_layers
+    from atcache.testing import fake_spec, fake_store, seed_layers
 
     if not (path / "zarr.json").is_file():
         fake_store(path, fake_spec(seed_layers(640), rows, chunk_rows))
@@ -172,10 +172,10 @@ def scale_figures(path: Path, window: int, random_rows: int) -> dict:
     and the time and RAM to load every map instead."""
     import numpy as np
 
-    from atcache.streaming import StreamingCacheTargets, epoch_order, lru_chunks
-    from atcache.store import CacheStore
-    from atcache.targets import CacheTargets
-    from atcache.train import ram_need_gb
+    from atcache.train.streaming import StreamingCacheTargets, epoch_order, lru_chunks
+    from atcache.cache.store import CacheStore
+    from atcache.train.targets import CacheTargets
+    from atcache.train.trainer import ram_need_gb
 
     store = CacheStore.open(path)
     layers = store.spec.layer_indices
@@ -202,7 +202,7 @@ def scale_figures(path: Path, window: int, random_rows: int) -> dict:
 
 
 def merge(path: Path, key: str, value: dict) -> None:
-    from atcache.measure import device_name
+    from atcache.tools.measure import device_name
 
     report = json.loads(path.read_text()) if path.is_file() else {}
     report["device"] = device_name("cpu")
@@ -230,7 +230,7 @@ def main(argv: list[str]) -> None:
     p.add_argument("--rows", type=int, default=50000, help="scale: rows of the synthetic store")
     p.add_argument("--random-rows", type=int, default=1500, help="scale: rows read in uniformly random order")
     a = p.parse_args(argv)
-    prepare_ultralytics(a.demo / "ultralytics")
+    prepare(a.demo / "ultralytics")
     demo = a.demo.resolve()
     data_yaml = demo / "data" / "VOC" / "VOC.yaml"
     teacher = str(demo / "teacher" / "weights" / "best.pt")
@@ -249,9 +249,9 @@ def main(argv: list[str]) -> None:
                                                     [int(w) for w in a.windows.split(",")],
                                                     [int(s) for s in a.seeds.split(",")]))
     else:
-        from atcache.synthetic import make_demo_data
-        from atcache.teacher import save_random_teacher
-        from atcache.voc import prepare_voc
+        from atcache.data.synthetic import make_demo_data
+        from atcache.yolo import save_random_teacher
+        from atcache.data.voc import prepare_voc
 
         root = Path("runs/bench_streaming/big").resolve()
         data_yaml = root / "VOC" / "VOC.yaml"

@@ -15,7 +15,7 @@ import numcodecs
 import numpy as np
 import torch
 
-from atcache.env import prepare_ultralytics
+from atcache.yolo import prepare
 
 CODECS = {
     "zstd9": lambda: numcodecs.Blosc("zstd", 9, numcodecs.Blosc.NOSHUFFLE),
@@ -34,11 +34,11 @@ def main() -> None:
     ap.add_argument("--layers", default="6,8,13,16,19,22")
     ap.add_argument("--json", required=True)
     args = ap.parse_args()
-    prepare_ultralytics()
-    from atcache.data import LetterboxedImages, split_files
-    from atcache.maps import layer_maps
-    from atcache.measure import device_name
-    from atcache.teacher import load_model
+    prepare()
+    from atcache.data.splits import LetterboxedImages, split_files
+    from atcache.attention.recipe import layer_maps
+    from atcache.tools.measure import device_name
+    from atcache.yolo import load_model
 
     layers = tuple(int(x) for x in args.layers.split(","))
     teacher = load_model(args.teacher, device="cpu").model.float()

@@ -19,9 +19,9 @@ import numpy as np  # noqa: E402
 import zarr  # noqa: E402
 import pytest  # noqa: E402
 
-from atcache.env import prepare_ultralytics  # noqa: E402
+from atcache.yolo import prepare  # noqa: E402
 
-prepare_ultralytics()
+prepare()
 
 TEST_IMGSZ = 64
 TEST_LAYERS = (6, 8, 13, 16, 19, 22)
@@ -29,20 +29,20 @@ TEST_LAYERS = (6, 8, 13, 16, 19, 22)
 
 @pytest.fixture(scope="session")
 def voc_devkit(tmp_path_factory) -> Path:
-    from atcache.synthetic import make_demo_data
+    from atcache.data.synthetic import make_demo_data
 
     return make_demo_data(tmp_path_factory.mktemp("synthetic"), images=40, size=96, seed=0, progress=False)
 
 
 @pytest.fixture(scope="session")
 def voc_yaml(voc_devkit, tmp_path_factory) -> Path:
-    from atcache.voc import prepare_voc
+    from atcache.data.voc import prepare_voc
 
     return prepare_voc(voc_devkit, tmp_path_factory.mktemp("voc") / "VOC", progress=False)
 
 
 def build_config(data_yaml, out, **overrides):
-    from atcache.build import BuildConfig
+    from atcache.build.pipeline import BuildConfig
 
     kw = dict(teacher="yolo11n.yaml", data=str(data_yaml), out=str(out), imgsz=TEST_IMGSZ, batch=4, device="cpu",
               workers=0, chunk_rows=8, layers=TEST_LAYERS, progress=False)
@@ -51,8 +51,8 @@ def build_config(data_yaml, out, **overrides):
 
 
 def save_teacher_checkpoint(path: Path, cfg: str = "yolo11n.yaml", seed: int = 0) -> Path:
-    """A random teacher checkpoint whose maps are not ~eps (He-normal convs; see atcache.teacher.save_random_teacher)."""
-    from atcache.teacher import save_random_teacher
+    """A random teacher checkpoint whose maps are not ~eps (He-normal convs; see atcache.yolo.save_random_teacher)."""
+    from atcache.yolo import save_random_teacher
 
     return save_random_teacher(cfg, path, nc=20, seed=seed, imgsz=TEST_IMGSZ)
 
@@ -64,7 +64,7 @@ def teacher_pt(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def built_cache(voc_yaml, teacher_pt, tmp_path_factory) -> Path:
-    from atcache.build import build_cache
+    from atcache.build.pipeline import build_cache
 
     out = tmp_path_factory.mktemp("cache") / "teacher.zarr"
     build_cache(build_config(voc_yaml, out, teacher=str(teacher_pt), workers=2))
@@ -109,7 +109,7 @@ def cli_command(voc_yaml, teacher_pt, out):
 
 def assert_clean(out: Path) -> None:
     assert not list(out.rglob("*.partial")), "leftovers of interrupted writes"
-    from atcache.store import LOCK_PREFIX
+    from atcache.cache.claims import LOCK_PREFIX
 
     assert not (out / LOCK_PREFIX).exists(), "ownership records left behind"
 
@@ -120,7 +120,7 @@ def target_dataset(voc_yaml, cache, mode="warp", layers=TEST_LAYERS, **hyp):
     from ultralytics.data.build import build_yolo_dataset
     from ultralytics.data.utils import check_det_dataset
 
-    from atcache.targets import CacheTargets, attach_targets
+    from atcache.train.targets import CacheTargets, attach_targets
 
     args = get_cfg(overrides={"imgsz": TEST_IMGSZ, "data": str(voc_yaml), **hyp})
     data = check_det_dataset(str(voc_yaml))
@@ -130,7 +130,7 @@ def target_dataset(voc_yaml, cache, mode="warp", layers=TEST_LAYERS, **hyp):
 
 def traced_views(ds, n):
     """(augmented image, recorded view) for n samples, with the view taken before __getitem__ drops it."""
-    from atcache.targets import VIEW_KEY
+    from atcache.train.targets import VIEW_KEY
 
     out = []
     for i in range(n):
@@ -154,7 +154,7 @@ def results(run: Path) -> dict[str, float]:
 def trained_teacher_pt(voc_yaml, tmp_path_factory) -> Path:
     """A YOLO11n teacher trained briefly (3 epochs) with plain ultralytics on the synthetic VOC data: real, trained
     maps (not a random init's) for precision tests."""
-    from atcache.demo import train_teacher
+    from atcache.tools.demo import train_teacher
 
     best, _ = train_teacher("yolo11n.yaml", voc_yaml, tmp_path_factory.mktemp("trained"), epochs=3, imgsz=TEST_IMGSZ,
                             device="cpu", batch=8)

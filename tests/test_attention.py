@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from atcache.attention import at_loss, attention_map, attention_with_norm, layer_at_loss
+from atcache.attention.functional import at_loss, attention_map, attention_with_norm, layer_at_loss
 
 
 def seed_attention_map(fm, p=2):

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from atcache import VOC_NAMES
 from atcache.cli import app
-from atcache.data import letterbox_image, read_image, split_files
+from atcache.data.splits import letterbox_image, read_image, split_files
 from atcache.errors import AtcacheError
 from conftest import TEST_IMGSZ, assert_one_line_error
 
@@ -117,7 +117,7 @@ def test_teacher_input_equals_ultralytics_for_every_image_kind(odd_data):
 
 
 def test_odd_images_build_inspect_and_train(odd_data, teacher_pt, tmp_path):
-    from atcache.targets import CacheTargets
+    from atcache.train.targets import CacheTargets
 
     root = odd_data.parent
     out = tmp_path / "缓存.zarr"
@@ -162,7 +162,7 @@ def broken_jpegs(tmp_path) -> Path:
 
 
 def test_truncated_and_unterminated_jpegs_end_to_end(broken_jpegs, teacher_pt, tmp_path):
-    from atcache.train import check_cache
+    from atcache.train.trainer import check_cache
 
     images = broken_jpegs.parent / "images" / "train"
     cut, tail = images / "cut.jpg", images / "tail.jpg"
@@ -245,7 +245,7 @@ def test_split_refusals_name_the_fix(tmp_path):
 # ---------------------------------------------------------------------- VOCdevkit (prepare-voc)
 @pytest.fixture
 def small_devkit(tmp_path) -> Path:
-    from atcache.synthetic import make_demo_data
+    from atcache.data.synthetic import make_demo_data
 
     return make_demo_data(tmp_path / "src", images=10, size=32, seed=3, progress=False)
 

@@ -106,7 +106,7 @@ def test_refusals_are_one_line(args, needle, tmp_path):
 
 
 def test_step_figures_use_intervals_inside_epochs():
-    from atcache.measure import step_figures
+    from atcache.tools.measure import step_figures
 
     ends = [(0, 0.0), (0, 1.0), (0, 3.0), (1, 10.0), (1, 11.0), (1, 12.5)]
     figures = step_figures(ends, batch=8, warmup=1)

@@ -9,7 +9,7 @@ import pytest
 import torch
 import zarr
 
-from atcache.build import build_cache
+from atcache.build.pipeline import build_cache
 from atcache.errors import AtcacheError
 from conftest import TEST_IMGSZ, TEST_LAYERS, assert_same_store, build_config, cli_command
 
@@ -109,7 +109,7 @@ def test_missing_image_fails_with_its_name_and_keeps_finished_chunks(voc_yaml, t
     shutil.copytree(voc_yaml.parent, root, ignore=shutil.ignore_patterns("*.cache"))
     data = root / "VOC.yaml"
     data.write_text(voc_yaml.read_text().replace(str(voc_yaml.parent), str(root)))
-    from atcache.data import split_files
+    from atcache.data.splits import split_files
 
     files = split_files(data, "train").files
     victim = root / files[20]
@@ -154,8 +154,8 @@ def test_vanishing_activations_are_flagged(voc_yaml, tmp_path, built_cache):
     """The stock random init of yolo11n shrinks activations to ~1e-16 by layer 22: the build must say so."""
     report = build_cache(build_config(voc_yaml, tmp_path / "random.zarr", teacher="yolo11n.yaml", layers=(16, 22)))
     assert any(w.startswith("layer 22: median ||a||") for w in report.warnings)
-    from atcache.build import vanishing_layers
-    from atcache.store import CacheStore
+    from atcache.build.pipeline import vanishing_layers
+    from atcache.cache.store import CacheStore
 
     assert vanishing_layers(CacheStore.open(built_cache)) == []
 
@@ -177,7 +177,7 @@ def test_yaml_teacher_rows_equal_a_seeded_ultralytics_model(voc_yaml, tmp_path):
     Layers 6 and 16 are used because deeper stock-init layers are eps-dominated (see the vanishing test)."""
     from ultralytics.nn.tasks import DetectionModel, yaml_model_load
 
-    from atcache.data import letterbox_image, read_image, split_files, to_tensor
+    from atcache.data.splits import letterbox_image, read_image, split_files, to_tensor
 
     out = tmp_path / "yaml.zarr"
     build_cache(build_config(voc_yaml, out, teacher="yolo11n.yaml", layers=(6, 16)))

@@ -11,9 +11,9 @@ import psutil
 import pytest
 import zarr
 
-from atcache.build import build_cache
-from atcache.runners import _task_blocks as task_blocks
-from atcache.runners import _worker_device as worker_device
+from atcache.build.pipeline import build_cache
+from atcache.build.runners import _task_blocks as task_blocks
+from atcache.build.runners import _worker_device as worker_device
 from atcache.scheduler import parse_scheduler
 from atcache.errors import AtcacheError
 from conftest import assert_clean, assert_same_store, build_config, cli_command
@@ -92,8 +92,8 @@ def test_task_blocks_and_worker_devices(monkeypatch):
 
 def test_what_a_lost_attempt_left_mid_write_is_swept_once_the_store_is_complete(built_cache, voc_yaml, teacher_pt,
                                                                                 tmp_path):
-    from atcache.runners import compute_block
-    from atcache.store import CacheStore
+    from atcache.build.runners import compute_block
+    from atcache.cache.store import CacheStore
 
     out = tmp_path / "c.zarr"
     build_cache(build_config(voc_yaml, out, teacher=str(teacher_pt), shard=(0, 2)))  # chunks 0-1 done, 2-3 not

@@ -6,9 +6,9 @@ import pytest
 import zarr
 from typer.testing import CliRunner
 
-from atcache.build import build_cache
+from atcache.build.pipeline import build_cache
 from atcache.cli import app
-from atcache.store import decode_maps, encode_maps
+from atcache.cache.format import decode_maps, encode_maps
 from conftest import COMMON, TEST_LAYERS, build_config, results
 
 runner = CliRunner()
@@ -38,8 +38,8 @@ def test_encoding_round_trip_and_unfinished_rows():
 
 def test_uint8_store_is_smaller_and_close_to_float16(uint8_cache, built_cache):
     from atcache import open_cache
-    from atcache.inspection import compare_caches, verify_cache
-    from atcache.store import CacheStore
+    from atcache.cache.inspect import compare_caches, verify_cache
+    from atcache.cache.store import CacheStore
 
     store = CacheStore.open(uint8_cache)
     assert store.spec.map_dtype == "uint8" and zarr.open_group(str(uint8_cache))["maps/16"].dtype == np.uint8
@@ -61,11 +61,11 @@ def test_uint8_maps_of_a_trained_teacher_match_its_float32_maps(voc_yaml, traine
     """cosine >= 0.9999 per layer between the stored uint8 maps and the same teacher's float32 maps."""
     import torch
 
-    from atcache.agreement import map_agreement
-    from atcache.data import LetterboxedImages, split_files
-    from atcache.maps import layer_maps
-    from atcache.store import CacheStore
-    from atcache.teacher import load_model
+    from atcache.attention.agreement import map_agreement
+    from atcache.data.splits import LetterboxedImages, split_files
+    from atcache.attention.recipe import layer_maps
+    from atcache.cache.store import CacheStore
+    from atcache.yolo import load_model
 
     out = tmp_path / "u8.zarr"
     build_cache(build_config(voc_yaml, out, teacher=str(trained_teacher_pt), dtype="uint8"))
@@ -82,9 +82,9 @@ def test_uint8_maps_of_a_trained_teacher_match_its_float32_maps(voc_yaml, traine
 
 
 def test_a_uint8_cache_stays_uint8_in_ram(uint8_cache, built_cache):
-    from atcache.targets import CacheTargets
+    from atcache.train.targets import CacheTargets
 
-    from atcache.train import ram_need_gb
+    from atcache.train.trainer import ram_need_gb
 
     u8, f16 = CacheTargets.load(uint8_cache, TEST_LAYERS), CacheTargets.load(built_cache, TEST_LAYERS)
     assert all(u8.maps[i].dtype == np.uint8 for i in TEST_LAYERS) and u8.ram_bytes() < f16.ram_bytes()
@@ -104,7 +104,7 @@ def test_training_from_a_uint8_cache(uint8_cache, voc_yaml, tmp_path, stream):
 
 
 def test_replay_arrays_in_uint8(voc_yaml, teacher_pt, tmp_path):
-    from atcache.fidelity import FidelityConfig, measure_fidelity
+    from atcache.tools.fidelity import FidelityConfig, measure_fidelity
 
     out = tmp_path / "replay8.zarr"
     build_cache(build_config(voc_yaml, out, teacher=str(teacher_pt), dtype="uint8", replay_epochs=1))
@@ -123,7 +123,7 @@ def test_an_unknown_dtype_is_one_line(voc_yaml, teacher_pt, tmp_path):
 
 
 def test_compare_decodes_uint8_replay_arrays(voc_yaml, teacher_pt, tmp_path):
-    from atcache.inspection import compare_caches
+    from atcache.cache.inspect import compare_caches
 
     a, b = tmp_path / "f16.zarr", tmp_path / "u8.zarr"
     build_cache(build_config(voc_yaml, a, teacher=str(teacher_pt), replay_epochs=1))

@@ -2,7 +2,7 @@ import cv2
 import numpy as np
 import pytest
 
-from atcache.data import LetterboxedImages, letterbox_image, read_image, split_files
+from atcache.data.splits import LetterboxedImages, letterbox_image, read_image, split_files
 from atcache.errors import AtcacheError
 
 
@@ -65,7 +65,7 @@ def test_bad_images_are_reported_not_raised_in_workers(tmp_path):
     cv2.imwrite(str(good), np.full((20, 30, 3), 50, np.uint8))
     bad = tmp_path / "bad.jpg"
     bad.write_bytes(b"not a jpeg")
-    from atcache.data import SplitFiles
+    from atcache.data.splits import SplitFiles
 
     sf = SplitFiles(root=tmp_path, split="train", files=("good.jpg", "bad.jpg", "gone.jpg"), data_yaml="", names=())
     ds = LetterboxedImages(sf, [0, 1, 2], 32)
@@ -79,7 +79,7 @@ def test_jpeg_end_state_matches_ultralytics_check_image(tmp_path):
 
     from ultralytics.data.utils import check_image
 
-    from atcache.data import jpeg_end_state
+    from atcache.data.splits import jpeg_end_state
 
     whole = cv2.imencode(".jpg", np.full((24, 32, 3), 90, np.uint8))[1].tobytes()
     png = cv2.imencode(".png", np.full((24, 32, 3), 90, np.uint8))[1].tobytes()

@@ -47,7 +47,7 @@ def _free_port() -> int:
 def _settings(cache: Path):
     from conftest import TEST_LAYERS
 
-    from atcache.train import DistillSettings
+    from atcache.train.trainer import DistillSettings
 
     return DistillSettings(mode="cache", cache=str(cache), layers=tuple((i, i) for i in TEST_LAYERS), at_weight=0.5)
 
@@ -55,14 +55,14 @@ def _settings(cache: Path):
 # ---------------------------------------------------------------------- ultralytics' own launcher (one node)
 def test_ultralytics_ddp_file_rebuilds_atcache_trainer_and_settings(voc_yaml, built_cache, tmp_path, monkeypatch):
     """generate_ddp_file (what `--device 0,1,2,3` runs under torch.distributed.run) for an AtcacheTrainer: the
-    pickled state names atcache.train.AtcacheTrainer by reference, the script keeps this process' sys.path, and a
+    pickled state names atcache.train.trainer.AtcacheTrainer by reference, the script keeps this process' sys.path, and a
     process that only inherits the environment `train()` launches it with rebuilds the trainer with the same
     DistillSettings."""
     from conftest import TEST_IMGSZ
     from ultralytics.models.yolo.detect import DetectionTrainer
     from ultralytics.utils.dist import generate_ddp_file
 
-    from atcache.train import SETTINGS_ENV, AtcacheTrainer
+    from atcache.train.trainer import SETTINGS_ENV, AtcacheTrainer
 
     settings = _settings(built_cache)
     overrides = {"model": "yolo11n.yaml", "data": str(voc_yaml), "epochs": 1, "imgsz": TEST_IMGSZ, "batch": 4,
@@ -84,7 +84,7 @@ def test_ultralytics_ddp_file_rebuilds_atcache_trainer_and_settings(voc_yaml, bu
             pkl = z.read(next(n for n in z.namelist() if n.endswith("data.pkl")))
         text = io.StringIO()
         pickletools.dis(pkl, text)
-        assert "'atcache.train AtcacheTrainer'" in text.getvalue()  # by reference: importable in every worker
+        assert "'atcache.train.trainer AtcacheTrainer'" in text.getvalue()  # by reference: importable in every worker
         assert "_make_skeleton_class" not in text.getvalue()  # not pickled by value
         worker = (  # the DDP script's own lines up to trainer.train(), then what the worker now holds
             "from ultralytics.utils import DEFAULT_CFG_DICT\n"
@@ -103,7 +103,7 @@ def test_ultralytics_ddp_file_rebuilds_atcache_trainer_and_settings(voc_yaml, bu
         state.unlink(missing_ok=True)
     assert done.returncode == 0, done.stderr[-3000:]
     kind, rebuilt, save_dir = done.stdout.strip().splitlines()[-3:]
-    assert kind == "atcache.train AtcacheTrainer"
+    assert kind == "atcache.train.trainer AtcacheTrainer"
     assert rebuilt == settings.to_json()
     assert Path(save_dir) == trainer.save_dir  # the workers write into the launcher's run folder
 
@@ -115,14 +115,14 @@ def _worker() -> None:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
-    from atcache.env import prepare_ultralytics
+    from atcache.yolo import prepare
 
-    prepare_ultralytics()
+    prepare()
     from ultralytics.utils.torch_utils import unwrap_model
 
     from ultralytics.models.yolo.detect import DetectionTrainer as DdpBase
 
-    from atcache.train import AtcacheTrainer
+    from atcache.train.trainer import AtcacheTrainer
 
     class CpuDDP(DistributedDataParallel):
         def __init__(self, module, device_ids=None, **kwargs):  # ultralytics passes [device.index], [None] on a CPU
@@ -179,7 +179,7 @@ def _worker() -> None:
 
 
 def _torchrun(nodes: int, per_node: int, out: Path, settings, overrides: dict, cwd: Path) -> None:
-    from atcache.train import SETTINGS_ENV
+    from atcache.train.trainer import SETTINGS_ENV
 
     env = _env(**{SETTINGS_ENV: settings.to_json(), OUT_ENV: str(out), OVERRIDES_ENV: json.dumps(overrides),
                   "YOLO_CONFIG_DIR": str(out / "yolo")})
@@ -242,7 +242,7 @@ def test_gloo_ddp_run_from_the_cache(voc_yaml, built_cache, tmp_path, nodes, per
 # ---------------------------------------------------------------------- several nodes: the world torchrun sets
 _WORLD_PROBE = """
 import json, sys
-from atcache.env import prepare_ultralytics; prepare_ultralytics()
+from atcache.yolo import prepare; prepare()
 import torch
 import ultralytics.engine.trainer as T
 T.select_device = lambda *a, **k: torch.device("cuda", 0)  # a CUDA node, as far as the trainer can tell
@@ -255,7 +255,7 @@ T.dist.get_world_size = lambda *a: seen["world_size"]
 T.dist.broadcast_object_list = lambda objects, src=0: objects.__setitem__(0, sys.argv[2])  # rank 0's run folder
 T.dist.all_gather_object = lambda out, obj: out.__setitem__(slice(None), [obj] * len(out))
 from atcache.errors import AtcacheError
-from atcache.train import AtcacheTrainer
+from atcache.train.trainer import AtcacheTrainer
 overrides = json.loads(sys.argv[1])
 try:
     t = AtcacheTrainer(overrides=overrides)
@@ -271,7 +271,7 @@ print(json.dumps({"world_size": t.world_size, "spawns": t.ddp, "device": str(t.d
 def _probe(device: str, voc_yaml, built_cache, tmp_path, save_dir: str = "", **torchrun_env) -> dict:
     from conftest import TEST_IMGSZ
 
-    from atcache.train import SETTINGS_ENV
+    from atcache.train.trainer import SETTINGS_ENV
 
     overrides = {"model": "yolo11n.yaml", "data": str(voc_yaml), "imgsz": TEST_IMGSZ, "batch": 64, "device": device,
                  "project": str(tmp_path), "name": "probe"}

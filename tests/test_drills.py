@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 import zarr
 
-from atcache.build import build_cache
+from atcache.build.pipeline import build_cache
 from atcache.errors import AtcacheError
-from atcache.store import LOCK_PREFIX, CacheStore, ChunkClaim
+from atcache.cache.claims import LOCK_PREFIX, ChunkClaim
+from atcache.cache.store import CacheStore
 from conftest import TEST_LAYERS, assert_clean, assert_same_store, build_config, cli_command
 
 DRILL = Path(__file__).with_name("drill_build.py")
@@ -165,7 +166,7 @@ def test_claims_from_other_hosts_expire_without_heartbeats(built_cache, tmp_path
     import json
     import time
 
-    from atcache.store import LOCK_STALE_S
+    from atcache.cache.claims import LOCK_STALE_S
 
     out, store = unfinished_copy(built_cache, tmp_path)
     remote = ChunkClaim(store, [0])
@@ -188,9 +189,9 @@ def test_claims_from_other_hosts_expire_without_heartbeats(built_cache, tmp_path
 def test_owner_liveness_on_this_host():
     import socket
 
-    from atcache.store import _owner_record, owner_alive
+    from atcache.cache.claims import owner_record, owner_alive
 
-    me = _owner_record("build")
+    me = owner_record("build")
     assert owner_alive(me)
     assert not owner_alive({**me, "pid": 0}) and not owner_alive({**me, "pid": None})
     assert not owner_alive({**me, "start": "1"})  # this pid, but another process (recycled pid)

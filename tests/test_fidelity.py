@@ -6,7 +6,7 @@ import numpy as np
 from typer.testing import CliRunner
 
 from atcache.cli import app
-from atcache.geometry import Blend, Canvas, Placed, Source, flip_matrix, translation, warp
+from atcache.train.views import Blend, Canvas, Placed, Source, flip_matrix, translation, warp
 from conftest import TEST_LAYERS
 
 runner = CliRunner()
@@ -55,7 +55,7 @@ def test_default_augmentations_are_reported_by_kind(built_cache, teacher_pt, voc
 
 
 def test_refuses_another_teacher(built_cache, voc_yaml, tmp_path):
-    from atcache.teacher import save_random_teacher
+    from atcache.yolo import save_random_teacher
 
     other = save_random_teacher("yolo11n.yaml", tmp_path / "other.pt", seed=1, imgsz=64)
     result = fidelity(built_cache, other, voc_yaml)
@@ -63,7 +63,7 @@ def test_refuses_another_teacher(built_cache, voc_yaml, tmp_path):
 
 
 def test_view_kinds():
-    from atcache.fidelity import view_kinds
+    from atcache.tools.fidelity import view_kinds
 
     src = Source(0, (32, 32))
     assert view_kinds(warp(src, np.eye(3), (32, 32), "letterbox")) == {"none"}

@@ -4,7 +4,7 @@ import cv2
 import numpy as np
 import pytest
 
-from atcache.geometry import (
+from atcache.train.views import (
     Blend, Canvas, Placed, Source, apply_inverse, bilinear, flip_matrix, render, render_grids, resize_matrix,
     translation, warp,
 )

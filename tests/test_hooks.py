@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from atcache.errors import AtcacheError
-from atcache.hooks import FeatureHooks, probe_layers
-from atcache.teacher import load_model
+from atcache.attention.hooks import FeatureHooks, probe_layers
+from atcache.yolo import load_model
 
 LAYERS = (6, 8, 13, 16, 19, 22)
 

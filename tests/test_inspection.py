@@ -10,7 +10,7 @@ import zarr
 from typer.testing import CliRunner
 
 from atcache.cli import app
-from atcache.inspection import compare_caches, inspect_cache, open_cache, verify_cache
+from atcache.cache.inspect import compare_caches, inspect_cache, open_cache, verify_cache
 from conftest import TEST_LAYERS
 
 runner = CliRunner()

@@ -94,4 +94,4 @@ def test_the_public_api_is_what_the_package_exports():
 
     for name in atcache.__all__:
         assert getattr(atcache, name) is not None, name
-    assert atcache.open_cache.__module__ == "atcache.inspection"
+    assert atcache.open_cache.__module__ == "atcache.cache.inspect"

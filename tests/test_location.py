@@ -3,7 +3,7 @@
 import pytest
 
 from atcache.errors import AtcacheError
-from atcache.location import Location
+from atcache.cache.location import Location
 
 
 def test_file_urls_and_relative_paths_are_local_folders(tmp_path, monkeypatch):

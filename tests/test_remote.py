@@ -7,7 +7,7 @@ import pytest
 from typer.testing import CliRunner
 
 from atcache.cli import app
-from atcache.location import Location
+from atcache.cache.location import Location
 from conftest import COMMON, TEST_IMGSZ, assert_same_store, results
 
 pytest.importorskip("s3fs")
@@ -75,7 +75,7 @@ def test_build_inspect_and_train_from_an_s3_store(s3, built_cache, voc_yaml, tea
 
 def test_cluster_workers_fill_one_bucket_store(s3, built_cache, voc_yaml, teacher_pt):
     pytest.importorskip("distributed")
-    from atcache.build import build_cache
+    from atcache.build.pipeline import build_cache
     from conftest import build_config
 
     url = f"{s3}/cluster.zarr"

@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 import torch
 
-from atcache.geometry import Blend, Canvas, Placed, Source, flip_matrix, translation, warp
-from atcache.render import BatchRenderer, collate_pieces, flatten
-from atcache.spec import LETTERBOX_COLUMNS, LetterboxTable
-from atcache.synthetic import fake_spec, random_chunk, seed_layers
-from atcache.targets import CacheTargets
+from atcache.train.views import Blend, Canvas, Placed, Source, flip_matrix, translation, warp
+from atcache.train.render import BatchRenderer, collate_pieces, flatten
+from atcache.cache.format import LETTERBOX_COLUMNS, LetterboxTable
+from atcache.testing import fake_spec, random_chunk, seed_layers
+from atcache.train.targets import CacheTargets
 
 from conftest import TEST_LAYERS, target_dataset, traced_views
 
@@ -17,7 +17,7 @@ IMGSZ = 128
 
 def synthetic_targets(n=12, dtype="float16", seed=0) -> CacheTargets:
     """A cache in RAM with smooth random maps and a real letterbox for rows of random aspect ratios."""
-    from atcache.store import encode_maps
+    from atcache.cache.format import encode_maps
 
     rng = np.random.default_rng(seed)
     spec = fake_spec(seed_layers(IMGSZ), n_rows=n, chunk_rows=n, imgsz=IMGSZ)

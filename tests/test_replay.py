@@ -13,7 +13,7 @@ import pytest
 import zarr
 from typer.testing import CliRunner
 
-from atcache.build import build_cache
+from atcache.build.pipeline import build_cache
 from atcache.cli import app
 from conftest import TEST_IMGSZ, TEST_LAYERS, assert_clean, assert_one_line_error, build_config, cli_command
 
@@ -47,8 +47,8 @@ def assert_same_replay(a, b):
 
 
 def test_replay_arrays_hold_every_epoch_in_training_order(replay_cache):
-    from atcache.seeding import EpochSampler
-    from atcache.store import CacheStore
+    from atcache.train.seeding import EpochSampler
+    from atcache.cache.store import CacheStore
 
     store = CacheStore.open(replay_cache)
     replay = store.spec.replay
@@ -66,7 +66,7 @@ def test_replay_arrays_hold_every_epoch_in_training_order(replay_cache):
 def test_replay_targets_are_the_live_teachers_maps(replay_cache, voc_yaml, teacher_pt):
     """Live teacher on the replayed images vs the stored maps, default augmentation + mixup, both epochs (the second
     is a close_mosaic epoch)."""
-    from atcache.fidelity import FidelityConfig, measure_fidelity
+    from atcache.tools.fidelity import FidelityConfig, measure_fidelity
 
     report = measure_fidelity(FidelityConfig(cache=str(replay_cache), teacher=str(teacher_pt), data=str(voc_yaml),
                                              batches=6, batch=8, targets="replay", device="cpu", seed=1))
@@ -78,7 +78,7 @@ def test_replay_targets_are_the_live_teachers_maps(replay_cache, voc_yaml, teach
 
 
 def test_two_shards_equal_one_process(replay_cache, voc_yaml, teacher_pt, tmp_path):
-    from atcache.inspection import compare_caches
+    from atcache.cache.inspect import compare_caches
 
     out = tmp_path / "shards.zarr"
     for i in range(2):
@@ -115,7 +115,7 @@ def test_kill_during_the_replay_then_resume_is_identical(replay_cache, voc_yaml,
 
 
 def replay_run_losses(settings, voc_yaml, tmp_path, name) -> tuple[list, list]:
-    from atcache.train import AtcacheTrainer
+    from atcache.train.trainer import AtcacheTrainer
 
     class Recording(AtcacheTrainer):
         def preprocess_batch(self, batch):
@@ -193,7 +193,7 @@ def test_a_fingerprint_mismatch_stops_training_in_one_line(replay_cache, voc_yam
 
 
 def test_inspect_and_verify_understand_replay_arrays(replay_cache, tmp_path):
-    from atcache.inspection import inspect_cache, verify_cache
+    from atcache.cache.inspect import inspect_cache, verify_cache
 
     report = inspect_cache(replay_cache)
     assert report["replay"] == {"epochs": 2, "samples": 31, "aug_seed": 11, "positions_done": 62, "epochs_done": 2}
@@ -222,7 +222,7 @@ def test_device_processes_and_dask_build_the_same_replay(replay_cache, voc_yaml,
 def test_visualize_shows_a_replay_epoch(replay_cache, built_cache, voc_yaml, tmp_path):
     from PIL import Image
 
-    from atcache.visualize import visualize_cache
+    from atcache.tools.visualize import visualize_cache
 
     paths = visualize_cache(replay_cache, voc_yaml, tmp_path / "png", images=3, epoch=1)
     assert len(paths) == 3 and all(p.name.startswith("e001_") for p in paths)

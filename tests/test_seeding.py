@@ -6,7 +6,7 @@ import hashlib
 import numpy as np
 import pytest
 
-from atcache.seeding import EpochSampler, rank_share, seed_augmentation
+from atcache.train.seeding import EpochSampler, rank_share, seed_augmentation
 from conftest import TEST_IMGSZ, TEST_LAYERS, target_dataset
 
 
@@ -67,7 +67,7 @@ def loader_stream(ds, workers: int, batch: int, epochs: int) -> list[str]:
     """Fingerprints of every sample ultralytics' loader yields over `epochs` passes, in order."""
     from ultralytics.data.build import build_dataloader
 
-    from atcache.streaming import with_sampler
+    from atcache.train.streaming import with_sampler
 
     loader = with_sampler(build_dataloader(ds, batch=batch, workers=workers, shuffle=True, rank=-1),
                           EpochSampler(len(ds), seed=3, encode_epoch=True))
@@ -115,7 +115,7 @@ def test_each_epoch_is_a_permutation_and_ranks_cover_it():
 @pytest.mark.slow
 def test_trainers_with_the_same_aug_seed_see_identical_batches(voc_yaml, teacher_pt, tmp_path):
     from atcache.config import DistillSettings
-    from atcache.train import AtcacheTrainer
+    from atcache.train.trainer import AtcacheTrainer
 
     class Recording(AtcacheTrainer):
         def preprocess_batch(self, batch):

@@ -3,9 +3,10 @@ import pytest
 import zarr
 
 from atcache.errors import AtcacheError
-from atcache.spec import CacheSpec, LayerSpec
-from atcache.store import CacheStore, chunks_for_shard
-from atcache.synthetic import fake_spec, random_chunk
+from atcache.cache.format import CacheSpec, LayerSpec
+from atcache.cache.claims import chunks_for_shard
+from atcache.cache.store import CacheStore
+from atcache.testing import fake_spec, random_chunk
 
 
 def make_spec(n_rows=10, chunk_rows=4, imgsz=64, teacher="abc"):

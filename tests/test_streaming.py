@@ -30,7 +30,7 @@ def uneven_chunks(seed=0) -> np.ndarray:
 
 # ---------------------------------------------------------------------- the sampler
 def test_every_index_once_and_chunks_read_in_one_go():
-    from atcache.streaming import epoch_order
+    from atcache.train.streaming import epoch_order
 
     chunk_of = uneven_chunks()
     order = epoch_order(chunk_of, window=1, seed=0, epoch=0)
@@ -40,7 +40,7 @@ def test_every_index_once_and_chunks_read_in_one_go():
 
 
 def test_samples_are_shuffled_within_windows_of_chunks():
-    from atcache.streaming import epoch_order
+    from atcache.train.streaming import epoch_order
 
     chunk_of = uneven_chunks()
     order = epoch_order(chunk_of, window=3, seed=0, epoch=0)
@@ -58,7 +58,7 @@ def test_samples_are_shuffled_within_windows_of_chunks():
 
 
 def test_order_depends_on_seed_and_epoch_only():
-    from atcache.streaming import epoch_order
+    from atcache.train.streaming import epoch_order
 
     chunk_of = uneven_chunks()
     same = [epoch_order(chunk_of, 2, seed=3, epoch=e) for e in (0, 0, 1)]
@@ -67,7 +67,7 @@ def test_order_depends_on_seed_and_epoch_only():
 
 
 def test_sampler_moves_to_the_next_epoch_on_every_pass():
-    from atcache.streaming import BlockShuffleSampler, epoch_order
+    from atcache.train.streaming import BlockShuffleSampler, epoch_order
 
     chunk_of = uneven_chunks()
     sampler = BlockShuffleSampler(chunk_of, window=2, seed=0)
@@ -81,7 +81,7 @@ def test_sampler_moves_to_the_next_epoch_on_every_pass():
 
 @pytest.mark.parametrize("world_size", [2, 3])
 def test_ddp_shares_are_disjoint_covering_and_chunk_grouped(world_size):
-    from atcache.streaming import BlockShuffleSampler
+    from atcache.train.streaming import BlockShuffleSampler
 
     chunk_of = uneven_chunks()
     shares = [list(BlockShuffleSampler(chunk_of, window=1, seed=5, rank=r, world_size=world_size))
@@ -97,7 +97,7 @@ def test_ddp_shares_are_disjoint_covering_and_chunk_grouped(world_size):
 
 # ---------------------------------------------------------------------- the streaming reader
 def test_streamed_targets_equal_the_in_ram_targets(voc_yaml, built_cache):
-    from atcache.streaming import StreamingCacheTargets
+    from atcache.train.streaming import StreamingCacheTargets
 
     random.seed(0)
     np.random.seed(0)
@@ -115,14 +115,14 @@ def test_streamed_targets_equal_the_in_ram_targets(voc_yaml, built_cache):
 
 
 def split_root(voc_yaml) -> Path:
-    from atcache.data import split_files
+    from atcache.data.splits import split_files
 
     return split_files(voc_yaml, "train").root
 
 
 def decodes_per_chunk(voc_yaml, cache, order, capacity, **hyp) -> dict:
     """Decodes of each chunk when the dataset is read in `order` with a streaming cache of `capacity` chunks."""
-    from atcache.streaming import StreamingCacheTargets
+    from atcache.train.streaming import StreamingCacheTargets
 
     ds = target_dataset(voc_yaml, cache, **hyp)
     ds.at_cache = StreamingCacheTargets.open(cache, TEST_LAYERS, capacity=capacity)
@@ -132,7 +132,7 @@ def decodes_per_chunk(voc_yaml, cache, order, capacity, **hyp) -> dict:
 
 
 def test_block_order_decodes_each_chunk_once_per_epoch(voc_yaml, built_cache):
-    from atcache.streaming import BlockShuffleSampler
+    from atcache.train.streaming import BlockShuffleSampler
 
     ds = target_dataset(voc_yaml, built_cache)
     sampler = BlockShuffleSampler(ds.at_rows // CHUNK_ROWS, window=2, seed=0)
@@ -146,7 +146,7 @@ def test_block_order_decodes_each_chunk_once_per_epoch(voc_yaml, built_cache):
 
 def test_mosaic_partners_stay_within_the_trainers_lru(voc_yaml, built_cache):
     """Mosaic takes 3 partners from `dataset.buffer` (recent loads): the LRU size the trainer computes covers them."""
-    from atcache.streaming import BlockShuffleSampler, StreamingCacheTargets, lru_chunks
+    from atcache.train.streaming import BlockShuffleSampler, StreamingCacheTargets, lru_chunks
 
     random.seed(0)
     ds = target_dataset(voc_yaml, built_cache, mosaic=1.0)
@@ -160,8 +160,8 @@ def test_mosaic_partners_stay_within_the_trainers_lru(voc_yaml, built_cache):
 
 # ---------------------------------------------------------------------- training that streams
 def test_training_streams_a_cache_over_the_ram_budget(voc_yaml, built_cache, tmp_path):
-    from atcache.streaming import BlockShuffleSampler, StreamingCacheTargets
-    from atcache.train import DistillSettings, train_student
+    from atcache.train.streaming import BlockShuffleSampler, StreamingCacheTargets
+    from atcache.train.trainer import DistillSettings, train_student
 
     settings = DistillSettings(mode="cache", cache=str(built_cache), layers=tuple((i, i) for i in TEST_LAYERS),
                                ram_budget_gb=1e-6, shuffle_window=2)
@@ -178,8 +178,8 @@ def test_training_streams_a_cache_over_the_ram_budget(voc_yaml, built_cache, tmp
 
 
 def test_a_cache_over_the_budget_is_refused_only_with_no_stream(voc_yaml, built_cache):
-    from atcache.data import split_files
-    from atcache.train import check_cache
+    from atcache.data.splits import split_files
+    from atcache.train.trainer import check_cache
 
     split = split_files(voc_yaml, "train")
     assert check_cache(built_cache, TEST_LAYERS, TEST_IMGSZ, split, ram_budget_gb=1e-6).imgsz == TEST_IMGSZ
@@ -188,7 +188,7 @@ def test_a_cache_over_the_budget_is_refused_only_with_no_stream(voc_yaml, built_
 
 
 def test_worker_errors_come_back_as_their_own_line():
-    from atcache.train import unwrap_worker_error
+    from atcache.train.trainer import unwrap_worker_error
 
     wrapped = ("Caught AtcacheError in DataLoader worker process 1.\nOriginal Traceback (most recent call last):\n"
                '  File "x.py", line 1, in f\n    raise AtcacheError(msg)\n'
@@ -214,7 +214,7 @@ CORRUPTED = "maps/16 rows 8-15 cannot be decoded (checksum mismatch: corrupted c
 
 
 def test_in_ram_load_refuses_a_corrupted_chunk(corrupted_cache):
-    from atcache.targets import CacheTargets
+    from atcache.train.targets import CacheTargets
 
     with pytest.raises(AtcacheError, match=r"maps/16 rows 8-15 cannot be decoded \(checksum mismatch") as e:
         CacheTargets.load(corrupted_cache, TEST_LAYERS)
@@ -222,7 +222,7 @@ def test_in_ram_load_refuses_a_corrupted_chunk(corrupted_cache):
 
 
 def test_streaming_stops_when_it_reaches_a_corrupted_chunk(corrupted_cache):
-    from atcache.streaming import StreamingCacheTargets
+    from atcache.train.streaming import StreamingCacheTargets
 
     cache = StreamingCacheTargets.open(corrupted_cache, TEST_LAYERS, grey_rows=CHUNK_ROWS)  # samples chunk 0 only
     cache.static(3)
@@ -231,8 +231,8 @@ def test_streaming_stops_when_it_reaches_a_corrupted_chunk(corrupted_cache):
 
 
 def test_a_finished_row_that_is_not_finite_is_refused(built_cache, tmp_path):
-    from atcache.streaming import StreamingCacheTargets
-    from atcache.targets import CacheTargets
+    from atcache.train.streaming import StreamingCacheTargets
+    from atcache.train.targets import CacheTargets
 
     path = tmp_path / "nan.zarr"
     shutil.copytree(built_cache, path)
@@ -249,7 +249,7 @@ def test_a_finished_row_that_is_not_finite_is_refused(built_cache, tmp_path):
 def test_cli_stops_on_a_corrupted_chunk_with_one_line(voc_yaml, corrupted_cache, tmp_path, monkeypatch, mode):
     """In RAM the load refuses it before training; streaming meets it at the first sample of chunk 1 (ultralytics
     loads in the trainer's process on a CPU)."""
-    monkeypatch.setattr("atcache.streaming.GREY_ROWS", CHUNK_ROWS)  # the padding sample must not reach chunk 1
+    monkeypatch.setattr("atcache.train.streaming.GREY_ROWS", CHUNK_ROWS)  # the padding sample must not reach chunk 1
     args = ["train-from-cache", "--cache", str(corrupted_cache), "--data", str(voc_yaml), "--project", str(tmp_path),
             "--student", "yolo11n.yaml", "--epochs", "1", "--imgsz", str(TEST_IMGSZ), "--batch", "4", "--device", "cpu",
             mode, "plots=False", "workers=2", "nbs=4"]
@@ -265,9 +265,9 @@ def test_cli_refuses_an_empty_shuffle_window(voc_yaml, built_cache, tmp_path):
 def test_trainer_reports_a_corrupted_chunk_met_in_a_loader_worker(voc_yaml, corrupted_cache, tmp_path, monkeypatch):
     """With DataLoader workers (as on a GPU) torch re-raises the worker's AtcacheError wrapped with its traceback; the
     trainer turns it back into the one line."""
-    from atcache.train import AtcacheTrainer, DistillSettings
+    from atcache.train.trainer import AtcacheTrainer, DistillSettings
 
-    monkeypatch.setattr("atcache.streaming.GREY_ROWS", CHUNK_ROWS)
+    monkeypatch.setattr("atcache.train.streaming.GREY_ROWS", CHUNK_ROWS)
     settings = DistillSettings(mode="cache", cache=str(corrupted_cache), layers=tuple((i, i) for i in TEST_LAYERS),
                                stream=True)
     overrides = {"model": "yolo11n.yaml", "data": str(voc_yaml), "epochs": 1, "imgsz": TEST_IMGSZ, "batch": 4,
@@ -281,11 +281,11 @@ def test_trainer_reports_a_corrupted_chunk_met_in_a_loader_worker(voc_yaml, corr
 
 
 def test_every_ddp_process_on_the_machine_counts_against_the_ram_budget(voc_yaml, built_cache, monkeypatch):
-    from atcache.data import split_files
-    from atcache.store import CacheStore
-    from atcache.train import check_cache, ram_need_gb
+    from atcache.data.splits import split_files
+    from atcache.cache.store import CacheStore
+    from atcache.train.trainer import check_cache, ram_need_gb
     from atcache.devices import ranks_on_this_node
-    from atcache.train import DistillSettings, cache_streams
+    from atcache.train.trainer import DistillSettings, cache_streams
 
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     assert ranks_on_this_node("0,1,2,3") == 4 and ranks_on_this_node("0") == 1 and ranks_on_this_node("cpu") == 1

@@ -4,7 +4,7 @@ import xml.etree.ElementTree as ET
 import cv2
 
 from atcache import VOC_NAMES
-from atcache.synthetic import make_demo_data
+from atcache.data.synthetic import make_demo_data
 
 
 def _digest(root):

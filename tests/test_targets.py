@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import zarr
 
-from atcache.data import letterbox_image, read_image, resize_long_side, split_files
+from atcache.data.splits import letterbox_image, read_image, resize_long_side, split_files
 from atcache.errors import AtcacheError
-from atcache.geometry import Canvas, Placed, Source, bilinear, evaluate, flip_matrix, translation, warp
+from atcache.train.views import Canvas, Placed, Source, bilinear, evaluate, flip_matrix, translation, warp
 from conftest import TEST_IMGSZ, TEST_LAYERS, build_config, target_dataset, traced_views
 
 
@@ -87,7 +87,7 @@ def test_rows_are_joined_by_path_not_position(voc_yaml, built_cache):
 
 
 def test_batches_carry_one_target_per_layer(voc_yaml, built_cache):
-    from atcache.targets import TargetDataset
+    from atcache.train.targets import TargetDataset
 
     ds = target_dataset(voc_yaml, built_cache)
     batch = TargetDataset.collate_fn([ds[i] for i in range(3)])
@@ -105,7 +105,7 @@ def test_untrackable_augmentation_is_refused(voc_yaml, built_cache):
 
 # ---------------------------------------------------------------------- the cache against the run
 def check(cache, voc_yaml, layers=TEST_LAYERS, imgsz=TEST_IMGSZ):
-    from atcache.train import check_cache
+    from atcache.train.trainer import check_cache
 
     return check_cache(cache, layers, imgsz, split_files(voc_yaml, "train"))
 
@@ -125,7 +125,7 @@ def test_missing_layer_is_refused(voc_yaml, built_cache):
 
 
 def test_other_split_is_refused(voc_yaml, teacher_pt, tmp_path):
-    from atcache.build import build_cache
+    from atcache.build.pipeline import build_cache
 
     out = tmp_path / "val.zarr"
     build_cache(build_config(voc_yaml, out, teacher=str(teacher_pt), split="val", layers=(6,)))
@@ -157,8 +157,8 @@ def test_changed_images_are_refused(voc_yaml, built_cache, tmp_path):
 def test_letterbox_columns_are_read_by_name(voc_yaml, built_cache, tmp_path):
     """A store whose letterbox columns are stored in another order (attr `columns` says which) gives the same
     letterbox by name and the same warped targets: nothing reads a column by position."""
-    from atcache.store import CacheStore
-    from atcache.targets import CacheTargets
+    from atcache.cache.store import CacheStore
+    from atcache.train.targets import CacheTargets
 
     copy = tmp_path / "reordered.zarr"
     shutil.copytree(built_cache, copy)

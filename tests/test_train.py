@@ -20,7 +20,7 @@ runner = CliRunner()
 @pytest.fixture(scope="module")
 def orphan_cache(voc_yaml, tmp_path_factory):
     """A cache whose teacher file has been deleted after the build."""
-    from atcache.build import build_cache
+    from atcache.build.pipeline import build_cache
     from conftest import save_teacher_checkpoint
 
     tmp = tmp_path_factory.mktemp("orphan")
@@ -80,10 +80,10 @@ def test_best_pt_validates_in_a_process_without_atcache(runs, voc_yaml, tmp_path
 
 def test_static_cache_loss_equals_online_teacher_loss(voc_yaml, built_cache, teacher_pt):
     """Same batch, same student: AT loss with cached targets == AT loss with the teacher run on the batch."""
-    from atcache.attention import at_loss, attention_map
-    from atcache.hooks import FeatureHooks
-    from atcache.targets import TargetDataset
-    from atcache.teacher import load_model
+    from atcache.attention.functional import at_loss, attention_map
+    from atcache.attention.hooks import FeatureHooks
+    from atcache.train.targets import TargetDataset
+    from atcache.yolo import load_model
     from ultralytics.nn.tasks import DetectionModel
 
     ds = target_dataset(voc_yaml, built_cache, mode="static", hsv_h=0, hsv_s=0, hsv_v=0)
@@ -130,7 +130,7 @@ def test_online_refuses_a_missing_teacher(voc_yaml, tmp_path):
 def test_a_trainer_without_settings_is_plain_after_a_cache_trainer(voc_yaml, built_cache, tmp_path):
     """Settings never leak from one trainer to the next one made in the same process (a notebook, pytest): only
     ultralytics' DDP workers read them from the environment."""
-    from atcache.train import SETTINGS_ENV, AtcacheTrainer, DistillSettings
+    from atcache.train.trainer import SETTINGS_ENV, AtcacheTrainer, DistillSettings
 
     overrides = {"model": "yolo11n.yaml", "data": str(voc_yaml), "epochs": 1, "imgsz": TEST_IMGSZ, "batch": 4,
                  "device": "cpu", "plots": False, "workers": 0, "project": str(tmp_path)}
@@ -149,12 +149,12 @@ class FirstBatch(Exception):
 def test_settings_are_checked_once_before_the_first_batch(voc_yaml, built_cache, tmp_path, monkeypatch):
     """A cache run opens the store once and lists each split once (atcache's own listings; ultralytics lists its own)
     from the trainer's construction to its first training batch."""
-    import atcache.train
-    from atcache.store import CacheStore
-    from atcache.train import DistillSettings, train_student
+    import atcache.train.trainer
+    from atcache.cache.store import CacheStore
+    from atcache.train.trainer import DistillSettings, train_student
 
     calls = {"open": 0, "split": []}
-    open_store, list_split = CacheStore.open.__func__, atcache.train.split_files
+    open_store, list_split = CacheStore.open.__func__, atcache.train.trainer.split_files
 
     def counting_open(cls, *args, **kwargs):
         calls["open"] += 1
@@ -165,8 +165,8 @@ def test_settings_are_checked_once_before_the_first_batch(voc_yaml, built_cache,
         return list_split(data, split)
 
     monkeypatch.setattr(CacheStore, "open", classmethod(counting_open))
-    monkeypatch.setattr(atcache.train, "split_files", counting_split)
-    monkeypatch.setattr(atcache.train.AtcacheTrainer, "_setup_train", _stop_after(atcache.train.AtcacheTrainer._setup_train))
+    monkeypatch.setattr(atcache.train.trainer, "split_files", counting_split)
+    monkeypatch.setattr(atcache.train.trainer.AtcacheTrainer, "_setup_train", _stop_after(atcache.train.trainer.AtcacheTrainer._setup_train))
     settings = DistillSettings(mode="cache", cache=str(built_cache), layers=tuple((i, i) for i in TEST_LAYERS))
     overrides = {"model": "yolo11n.yaml", "data": str(voc_yaml), "epochs": 1, "imgsz": TEST_IMGSZ, "batch": 4,
                  "device": "cpu", "plots": False, "workers": 0, "project": str(tmp_path), "name": "once"}
@@ -191,7 +191,7 @@ def test_ddp_worker_rebuilds_the_trainer_from_the_environment(voc_yaml, built_ca
     train from the cache. Run here as a single CPU worker (no GPUs, so no torch.distributed)."""
     from ultralytics.utils.dist import generate_ddp_file
 
-    from atcache.train import SETTINGS_ENV, AtcacheTrainer, DistillSettings
+    from atcache.train.trainer import SETTINGS_ENV, AtcacheTrainer, DistillSettings
 
     settings = DistillSettings(mode="cache", cache=str(built_cache), layers=tuple((i, i) for i in TEST_LAYERS))
     overrides = {"model": "yolo11n.yaml", "data": str(voc_yaml), "epochs": 1, "imgsz": TEST_IMGSZ, "batch": 4,
@@ -238,8 +238,8 @@ def test_warp_training_ships_views_and_renders_whole_batches(voc_yaml, built_cac
     import numpy as np
 
     from atcache.config import DistillSettings
-    from atcache.render import PIECES_KEY
-    from atcache.train import AtcacheTrainer
+    from atcache.train.render import PIECES_KEY
+    from atcache.train.trainer import AtcacheTrainer
 
     settings = DistillSettings(mode="cache", cache=str(built_cache), layers=tuple((i, i) for i in TEST_LAYERS))
     trainer = AtcacheTrainer(overrides={"model": "yolo11n.yaml", "data": str(voc_yaml), "imgsz": TEST_IMGSZ, "batch": 4,

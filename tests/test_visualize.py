@@ -7,8 +7,8 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from atcache.cli import app
-from atcache.spec import LETTERBOX_COLUMNS
-from atcache.visualize import map_on_image
+from atcache.cache.format import LETTERBOX_COLUMNS
+from atcache.tools.visualize import map_on_image
 from conftest import TEST_LAYERS
 
 runner = CliRunner()

@@ -5,7 +5,7 @@ import yaml
 
 from atcache import VOC_NAMES
 from atcache.errors import AtcacheError
-from atcache.voc import prepare_voc, voc_box_to_yolo
+from atcache.data.voc import prepare_voc, voc_box_to_yolo
 
 
 def test_layout_matches_ultralytics_voc_yaml(voc_yaml):

@@ -5,7 +5,7 @@ The sampler yields `epoch * N + index` (persistent loader workers run ahead of t
 the index); the dataset decodes it, picks the epoch's pipeline (close_mosaic included) and runs ultralytics' own
 transforms with python's `random` and numpy's global generator seeded from SeedSequence([S, epoch, index]), restoring
 their states afterwards. Mosaic partners are drawn from the whole dataset, not from a worker's buffer of recent loads.
-Imports ultralytics through `targets`: import this module after `env.prepare_ultralytics()`.
+Imports ultralytics through `targets`: import this module after `env.prepare()`.
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ from typing import Iterator
 
 import numpy as np
 import torch
-from ultralytics.data.augment import Compose, Mosaic
-from ultralytics.data.dataset import YOLODataset
+from atcache.yolo import Compose, Mosaic
+from atcache.yolo import YOLODataset
 
-from atcache.targets import TargetDataset
+from atcache.train.targets import TargetDataset
 
 
 @contextlib.contextmanager

@@ -54,7 +54,7 @@ def _convert_annotation(xml_path: Path) -> list[str]:
 
 def _link_or_copy(src: Path, dst: Path) -> None:
     """Hard-link (or copy) the devkit image; one that ultralytics would re-save becomes that re-saved copy."""
-    from atcache.data import jpeg_end_state, restore_jpeg
+    from atcache.data.splits import jpeg_end_state, restore_jpeg
 
     if jpeg_end_state(src) == "resave":  # truncated ones were refused by _check_listed_files
         tmp = dst.with_name(f".{dst.name}.tmp")
@@ -93,7 +93,7 @@ def _check_listed_files(devkit: Path, work: list[tuple[str, str, str]]) -> None:
         kind = "image" if path.suffix == ".jpg" else "annotation"
         raise AtcacheError(f"{kind} {path} is listed in ImageSets/Main/{image_set}.txt but missing{more}; restore it "
                            "or remove the id from the list")
-    from atcache.data import jpeg_end_state  # imports torch: only when converting
+    from atcache.data.splits import jpeg_end_state  # imports torch: only when converting
 
     for y, _, i in work:
         image = devkit / f"VOC{y}" / "JPEGImages" / f"{i}.jpg"

@@ -1,7 +1,7 @@
 """`atcache fidelity`: how close the targets train-from-cache builds are to what the teacher says on the augmented
 image. Runs the training data pipeline (augmentations, targets) for a few batches, runs the live teacher on the same
 images, and compares per layer and per augmentation kind. Besides build-cache, the only command that loads the teacher.
-Imports ultralytics: import this module after `env.prepare_ultralytics()`."""
+Imports ultralytics: import this module after `env.prepare()`."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from atcache.agreement import map_agreement
+from atcache.attention.agreement import map_agreement
 from atcache.errors import AtcacheError
-from atcache.geometry import Blend, Canvas, Source, View
+from atcache.train.views import Blend, Canvas, Source, View
 
 AUGMENTATIONS = ("none", "flip", "mosaic", "affine", "mixup")  # what view_kinds tells apart
 
@@ -67,12 +67,12 @@ def _centring(canvas: Canvas) -> bool:
 
 def training_dataset(cfg: FidelityConfig, store, layers: tuple[int, ...]):
     """The train split as train-from-cache builds it: ultralytics' YOLODataset with its augmentations, targets attached."""
-    from ultralytics.cfg import get_cfg
-    from ultralytics.data.build import build_yolo_dataset
-    from ultralytics.utils import DEFAULT_CFG
+    from atcache.yolo import get_cfg
+    from atcache.yolo import build_yolo_dataset
+    from atcache.yolo import DEFAULT_CFG
 
-    from atcache.data import load_data_yaml
-    from atcache.targets import CacheTargets, attach_targets
+    from atcache.data.splits import load_data_yaml
+    from atcache.train.targets import CacheTargets, attach_targets
 
     unknown = [k for k in cfg.hyp if k not in DEFAULT_CFG.__dict__]
     if unknown:
@@ -90,8 +90,8 @@ def training_dataset(cfg: FidelityConfig, store, layers: tuple[int, ...]):
     dataset = build_yolo_dataset(hyp, data["train"], cfg.batch, data, mode="train", stride=32)
     if replay is None:
         return attach_targets(dataset, CacheTargets.load(store, layers), cfg.targets, data["path"], hyp)
-    from atcache.replay import ReplayTargets
-    from atcache.seeding import seed_augmentation
+    from atcache.train.replay import ReplayTargets
+    from atcache.train.seeding import seed_augmentation
 
     targets = ReplayTargets(store.path, store.spec, layers)
     targets.check_dataset(dataset.im_files, data["path"])
@@ -104,13 +104,13 @@ def measure_fidelity(cfg: FidelityConfig) -> dict:
     live teacher's maps on the same augmented images."""
     from tqdm import tqdm
 
-    from atcache.data import split_files
+    from atcache.data.splits import split_files
     from atcache.devices import resolve_device
-    from atcache.maps import layer_maps
-    from atcache.store import CacheStore
-    from atcache.targets import TARGETS_KEY
-    from atcache.teacher import load_model
-    from atcache.train import check_cache
+    from atcache.attention.recipe import layer_maps
+    from atcache.cache.store import CacheStore
+    from atcache.train.targets import TARGETS_KEY
+    from atcache.yolo import load_model
+    from atcache.train.trainer import check_cache
 
     if cfg.batches < 1 or cfg.batch < 1:
         raise AtcacheError("--batches and --batch must be at least 1")

@@ -69,7 +69,7 @@ def _tag(config: StudyConfig, epochs: bool) -> str:
 def _student_data(data_yaml: Path, n: int, out: Path) -> Path:
     """A data YAML whose train split is the first `n` training images (ultralytics' order) and whose val split is the
     teacher's whole val split."""
-    from atcache.data import load_data_yaml, split_files
+    from atcache.data.splits import load_data_yaml, split_files
 
     split = split_files(data_yaml, "train")
     if n > len(split.files):
@@ -93,12 +93,12 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 def run_study(config: StudyConfig, out: Path) -> Iterator[str]:
     """Data, teacher (reused when OUT already holds one trained with the same settings), caches, then every mode for
     every seed; writes OUT/accuracy.json and OUT/accuracy.md and yields progress lines."""
-    from atcache.build import build_cache
-    from atcache.demo import DEMO_HYP, train_teacher
+    from atcache.build.pipeline import build_cache
+    from atcache.tools.demo import DEMO_HYP, train_teacher
     from atcache.devices import resolve_device
-    from atcache.measure import device_name, measure_training
-    from atcache.synthetic import make_demo_data
-    from atcache.voc import prepare_voc
+    from atcache.tools.measure import device_name, measure_training
+    from atcache.data.synthetic import make_demo_data
+    from atcache.data.voc import prepare_voc
 
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -194,7 +194,7 @@ def run_study(config: StudyConfig, out: Path) -> Iterator[str]:
 
 
 def _val_files(data_yaml: Path) -> tuple[str, ...]:
-    from atcache.data import split_files
+    from atcache.data.splits import split_files
 
     return split_files(data_yaml, "val").files
 

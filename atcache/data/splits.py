@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from atcache.errors import AtcacheError, first_line
-from atcache.spec import LETTERBOX_COLUMNS
+from atcache.cache.format import LETTERBOX_COLUMNS
 
 PAD_VALUE = 114
 ULTRALYTICS_IMREAD_FLAGS = cv2.IMREAD_COLOR  # BaseDataset.cv2_flag for channels=3: imread gives 8-bit BGR
@@ -51,7 +51,7 @@ def load_data_yaml(data_yaml: str | Path) -> dict:
     path = Path(data_yaml)
     if not path.is_file():
         raise AtcacheError(f"data YAML {data_yaml} does not exist; pass the YAML written by `atcache prepare-voc` or your own")
-    from ultralytics.data.utils import check_det_dataset
+    from atcache.yolo import check_det_dataset
 
     try:
         return check_det_dataset(str(path), autodownload=False)
@@ -62,7 +62,7 @@ def load_data_yaml(data_yaml: str | Path) -> dict:
 def split_files(data_yaml: str | Path, split: str) -> SplitFiles:
     """The image files of `split` ('train', 'val', 'test') exactly as ultralytics' BaseDataset.get_img_files lists them
     (label files without an image are ignored, as ultralytics ignores them); AtcacheError if it has none."""
-    from ultralytics.data.utils import IMG_FORMATS
+    from atcache.yolo import IMG_FORMATS
 
     data = load_data_yaml(data_yaml)
     if not data.get(split):
@@ -113,7 +113,7 @@ def relative_to_root(path: str | Path, root: Path) -> str:
 def read_image(path: str | Path) -> np.ndarray:
     """BGR uint8 (H, W, 3) exactly as ultralytics' training loader decodes it (grey, CMYK, 16-bit, alpha included);
     AtcacheError naming the file and the fix if it is missing, undecodable, or a JPEG ultralytics would re-save."""
-    from ultralytics.utils.patches import imread
+    from atcache.yolo import imread
 
     if not Path(path).is_file():
         raise AtcacheError(f"image {path} does not exist; restore it or rebuild the data with prepare-voc (or pass --skip-bad)")
@@ -128,7 +128,7 @@ def read_image(path: str | Path) -> np.ndarray:
         raise AtcacheError(
             f"image {path} is a JPEG that does not end with its FFD9 end marker, which ultralytics re-saves (new "
             "pixels and size) when it first scans the data, so a cache of it would not match training; re-save it as "
-            f"ultralytics does: python -c \"from ultralytics.data.utils import check_image; check_image({str(path)!r})\" "
+            f"ultralytics does: python -c \"from atcache.yolo import check_image; check_image({str(path)!r})\" "
             "(or pass --skip-bad)"
         )
     if im is None or im.size == 0:

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from atcache.errors import AtcacheError
-from atcache.geometry import Blend, Canvas, Source, View
+from atcache.train.views import Blend, Canvas, Source, View
 
 PIECES_KEY = "at_pieces"
 NO_CLIP = 1e9  # the (h, w) of a padding clip: every point is inside

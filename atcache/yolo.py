@@ -1,16 +1,90 @@
-"""Load a model (the teacher; visualize also loads a student this way): an ultralytics checkpoint (.pt) or a model YAML
-(random init with a fixed seed, for tests)."""
+"""ultralytics, prepared in one place: every atcache module that needs ultralytics imports its names from here.
+
+Before the first ultralytics import this sets YOLO_OFFLINE (unless the user set it), YOLO_CONFIG_DIR when a run asked
+for its own (`prepare(config_dir)`), and a local copy of the font ultralytics would otherwise download. Names load on
+first use (PEP 562), so `import atcache.yolo` itself imports neither torch nor ultralytics. Also here: loading a model
+(the teacher, or a student for visualize) from a checkpoint or a model YAML.
+"""
 
 from __future__ import annotations
 
 import hashlib
+import importlib
+import os
+import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING
 
 from atcache.errors import AtcacheError, first_line
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+FONT_NAMES = ("Arial.ttf", "Arial.Unicode.ttf")
+
+# name -> ultralytics module that defines it (the only ultralytics imports in atcache)
+_NAMES = {
+    "DEFAULT_CFG": "ultralytics.utils", "DEFAULT_CFG_DICT": "ultralytics.utils", "LOGGER": "ultralytics.utils",
+    "USER_CONFIG_DIR": "ultralytics.utils", "get_cfg": "ultralytics.cfg", "smart_value": "ultralytics.cfg",
+    "YOLO": "ultralytics", "DetectionTrainer": "ultralytics.models.yolo.detect",
+    "DetectionModel": "ultralytics.nn.tasks", "yaml_model_load": "ultralytics.nn.tasks",
+    "load_checkpoint": "ultralytics.nn.tasks", "unwrap_model": "ultralytics.utils.torch_utils",
+    "YOLODataset": "ultralytics.data.dataset", "build_yolo_dataset": "ultralytics.data.build",
+    "check_det_dataset": "ultralytics.data.utils", "IMG_FORMATS": "ultralytics.data.utils",
+    "img2label_paths": "ultralytics.data.utils", "imread": "ultralytics.utils.patches",
+    **{n: "ultralytics.data.augment" for n in ("Albumentations", "Compose", "CopyPaste", "CutMix", "Format", "LetterBox",
+                                               "MixUp", "Mosaic", "RandomFlip", "RandomHSV", "RandomPerspective")},
+}
+__all__ = ["prepare", "ultralytics_attr", "ultralytics_version", "load_model", "LoadedModel", *_NAMES]
+_ready = False
+
+
+def prepare(config_dir: str | Path | None = None) -> None:
+    """Set YOLO_OFFLINE (unless the user set it) and, before ultralytics' first import, YOLO_CONFIG_DIR = config_dir.
+
+    ultralytics reads both at import time; its dataset check calls check_font("Arial.ttf"), which downloads even when
+    offline unless the font is in its config dir, so one is copied there on first use (`ultralytics_attr`)."""
+    os.environ.setdefault("YOLO_OFFLINE", "1")
+    if config_dir is not None and "ultralytics" not in sys.modules:
+        os.environ["YOLO_CONFIG_DIR"] = str(Path(config_dir).resolve())
+
+
+def ultralytics_attr(module: str, name: str):
+    """`name` from ultralytics' `module`, with the environment prepared first."""
+    global _ready
+    if not _ready:
+        prepare()
+        from ultralytics.utils import USER_CONFIG_DIR
+
+        _install_font(USER_CONFIG_DIR)
+        _ready = True
+    return getattr(importlib.import_module(module), name)
+
+
+def ultralytics_version() -> str:
+    return ultralytics_attr("ultralytics", "__version__")
+
+
+def __getattr__(name: str):
+    if name not in _NAMES:
+        raise AttributeError(f"module 'atcache.yolo' has no attribute {name!r}")
+    return ultralytics_attr(_NAMES[name], name)
+
+
+def _install_font(config_dir: Path) -> None:
+    """Copy matplotlib's DejaVuSans.ttf as the fonts ultralytics looks for, where they are missing."""
+    import matplotlib
+
+    source = Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf"
+    config_dir.mkdir(parents=True, exist_ok=True)
+    for name in FONT_NAMES:
+        target = config_dir / name
+        if not target.exists() and source.exists():
+            shutil.copyfile(source, target)
+
 
 YAML_INIT_SEED = 0
 
@@ -48,7 +122,7 @@ def _resolve_model_yaml(spec: str) -> Path:
     p = Path(spec)
     if p.is_file():
         return p.resolve()
-    from ultralytics.utils.checks import check_yaml
+    check_yaml = ultralytics_attr("ultralytics.utils.checks", "check_yaml")
 
     try:
         return Path(check_yaml(spec)).resolve()
@@ -64,12 +138,14 @@ def _resolve_model_yaml(spec: str) -> Path:
 
 def load_model(spec: str | Path, nc: int = 80, device: torch.device | str = "cpu", fuse: bool = True) -> LoadedModel:
     """The teacher in eval mode on `device`; `.pt` -> its weights, `.yaml` -> seeded random init with `nc` classes."""
+    import torch
+
     spec = str(spec)
     suffix = Path(spec).suffix.lower()
     if suffix == ".pt":
         if not Path(spec).is_file():
             raise AtcacheError(f"teacher {spec} does not exist; pass the path of your trained checkpoint (e.g. runs/detect/train/weights/best.pt)")
-        from ultralytics.nn.tasks import load_checkpoint
+        load_checkpoint = ultralytics_attr("ultralytics.nn.tasks", "load_checkpoint")
 
         try:
             model, _ = load_checkpoint(spec, device="cpu", fuse=False)
@@ -78,7 +154,7 @@ def load_model(spec: str | Path, nc: int = 80, device: torch.device | str = "cpu
         path, name = str(Path(spec).resolve()), Path(getattr(model, "yaml", {}).get("yaml_file", spec)).stem
         sha = file_sha256(spec)
     elif suffix in (".yaml", ".yml"):
-        from ultralytics.nn.tasks import DetectionModel, yaml_model_load
+        DetectionModel, yaml_model_load = __getattr__("DetectionModel"), __getattr__("yaml_model_load")
 
         yaml_path = _resolve_model_yaml(spec)
         with torch.random.fork_rng(devices=[]):
@@ -106,11 +182,12 @@ def save_random_teacher(cfg: str, path: str | Path, nc: int = 20, seed: int = 0,
     """A random teacher saved as an ultralytics checkpoint with He-normal convs, so its activations stay O(1) through
     the network (the stock init shrinks them to ~1e-16 by layer 22, where every map is ~eps): realistic maps for
     benchmarks and tests when no trained teacher is at hand."""
-    from ultralytics.nn.tasks import DetectionModel
+    import torch
+    from torch import nn
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = DetectionModel(cfg, nc=nc, verbose=False)
+        model = __getattr__("DetectionModel")(cfg, nc=nc, verbose=False)
         for m in model.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, nonlinearity="relu")

@@ -3,7 +3,7 @@
 The sampler visits the store's row-chunks in a random order and shuffles samples only within a window of W
 consecutive chunks of that order, so each loader process decodes every chunk about once per epoch and keeps a few
 decoded chunks in a small LRU (the window, plus the rows ultralytics' Mosaic reaches through `dataset.buffer`, its
-recently loaded images). Imports ultralytics through `targets`: import this module after `env.prepare_ultralytics()`.
+recently loaded images). Imports ultralytics through `targets`: import this module after `env.prepare()`.
 """
 
 from __future__ import annotations
@@ -19,10 +19,10 @@ import numpy as np
 
 from atcache.config import DEFAULT_WINDOW
 from atcache.errors import AtcacheError
-from atcache.seeding import EpochSampler
-from atcache.spec import CacheSpec, LetterboxTable
-from atcache.store import CacheStore
-from atcache.targets import TargetRendering, padding_energy
+from atcache.train.seeding import EpochSampler
+from atcache.cache.format import CacheSpec, LetterboxTable
+from atcache.cache.store import CacheStore
+from atcache.train.targets import TargetRendering, padding_energy
 
 GREY_ROWS = 2000  # rows sampled (from evenly spaced chunks) for the padding energy, as the in-RAM cache does
 

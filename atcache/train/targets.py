@@ -6,7 +6,7 @@ path, and each sample's targets aligned with the augmentation it received.
 rows, which matrices, which blend ratio). Each layer's target is that view rendered from the cached energy
 (map x norm) at the layer's stride, then renormalised.
 `--targets static`: only letterbox + photometric augmentation, so the cached maps are exact targets.
-Imports ultralytics: import this module after `env.prepare_ultralytics()`.
+Imports ultralytics: import this module after `env.prepare()`.
 """
 
 from __future__ import annotations
@@ -18,21 +18,22 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ultralytics.data.augment import (
+from atcache.yolo import (
     Albumentations, Compose, CopyPaste, CutMix, Format, LetterBox, MixUp, Mosaic, RandomFlip, RandomHSV,
     RandomPerspective,
 )
-from ultralytics.data.dataset import YOLODataset
+from atcache.yolo import YOLODataset
 
 from atcache.config import TARGET_MODES
 from atcache.errors import AtcacheError
-from atcache.geometry import (
+from atcache.train.views import (
     Blend, Canvas, Placed, Source, View, bilinear, flip_matrix, render_grids, resize_matrix, translation, warp,
 )
-from atcache.data import relative_to_root
-from atcache.render import PIECES_KEY, BatchRenderer, collate_pieces, flatten
-from atcache.spec import CacheSpec, LetterboxTable
-from atcache.store import CacheStore, decode_maps
+from atcache.data.splits import relative_to_root
+from atcache.train.render import PIECES_KEY, BatchRenderer, collate_pieces, flatten
+from atcache.cache.format import CacheSpec, LetterboxTable
+from atcache.cache.format import decode_maps
+from atcache.cache.store import CacheStore
 
 VIEW_KEY = "atcache_view"
 TARGETS_KEY = "at_targets"

@@ -21,7 +21,7 @@ def map_on_image(a: np.ndarray, letterbox: dict[str, float], imgsz: int) -> np.n
 
 def _choose_rows(files: np.ndarray, done: np.ndarray, images: int, wanted: Sequence[str], root: Path) -> list[int]:
     """Rows of the named images (relative to the dataset root or absolute), or `images` done rows spread evenly."""
-    from atcache.data import relative_to_root
+    from atcache.data.splits import relative_to_root
 
     if wanted:
         row_of = {f: r for r, f in enumerate(files)}
@@ -44,9 +44,9 @@ def _student_maps(student: str, images: list[np.ndarray], layers: Sequence[int],
     """The student's attention maps (per image, per layer) on the same letterboxed inputs the teacher saw."""
     import torch
 
-    from atcache.data import to_tensor
-    from atcache.maps import layer_maps
-    from atcache.teacher import load_model
+    from atcache.data.splits import to_tensor
+    from atcache.attention.recipe import layer_maps
+    from atcache.yolo import load_model
 
     model = load_model(student, nc=nc, device="cpu").model
     maps, _ = layer_maps(model, torch.stack([to_tensor(im) for im in images]), layers, spec.p, spec.kind, spec.eps)
@@ -63,7 +63,7 @@ def _student_maps(student: str, images: list[np.ndarray], layers: Sequence[int],
 
 def _cached_panels(opened, split, images: int, files: Sequence[str]):
     """(names, BGR pictures, letterboxes, per picture the cached maps per layer) of images of the cache's split."""
-    from atcache.data import read_image
+    from atcache.data.splits import read_image
 
     rows = _choose_rows(opened.files, opened.done, images, files, split.root)
     pictures = [read_image(split.root / opened.files[r]) for r in rows]
@@ -74,11 +74,11 @@ def _cached_panels(opened, split, images: int, files: Sequence[str]):
 def _replay_panels(cache, data, spec, epoch: int, images: int):
     """The same for `images` positions spread over replay epoch `epoch`: the augmented images (rebuilt as training
     sees them, fingerprints checked) with the teacher's maps on them."""
-    from atcache.env import prepare_ultralytics
+    from atcache.yolo import prepare
 
-    prepare_ultralytics()
-    from atcache.replay import ReplayTargets, augment_settings, training_dataset
-    from atcache.seeding import EpochSampler
+    prepare()
+    from atcache.train.replay import ReplayTargets, augment_settings, training_dataset
+    from atcache.train.seeding import EpochSampler
 
     replay = spec.replay
     if replay is None:
@@ -112,8 +112,8 @@ def visualize_cache(cache: str | Path, data: str | Path, out: str | Path, images
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from atcache.data import letterbox_image, split_files
-    from atcache.inspection import open_cache
+    from atcache.data.splits import letterbox_image, split_files
+    from atcache.cache.inspect import open_cache
 
     opened = open_cache(cache)
     spec = opened.spec

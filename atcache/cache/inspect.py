@@ -12,11 +12,11 @@ import dask
 import dask.array as da
 import numpy as np
 
-from atcache.agreement import map_agreement
+from atcache.attention.agreement import map_agreement
 from atcache.errors import AtcacheError, first_line
 from atcache.scheduler import dask_scheduler
-from atcache.spec import CacheSpec, LetterboxTable
-from atcache.store import CacheStore
+from atcache.cache.format import CacheSpec, LetterboxTable
+from atcache.cache.store import CacheStore
 
 NORM_TOLERANCE = 5e-3  # |(||A||_2) - 1| allowed for a float16 map of unit norm
 VALUE_BINS = 50

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-from atcache.build import build_cache
+from atcache.build.pipeline import build_cache
 from atcache.config import BuildConfig, DistillSettings
 
 # Small data, few epochs: ultralytics' 'auto' optimizer picks AdamW lr 4e-4 for 20 classes and steps every 64 images,
@@ -22,7 +22,7 @@ STUDENT_RUNS = ("plain", "cache", "replay", "online")
 def train_teacher(model: str, data_yaml: Path, project: Path, epochs: int, imgsz: int, device: str,
                   batch: int = 16) -> tuple[Path, dict]:
     """Briefly train the teacher with plain ultralytics; its best.pt (a real user checkpoint) and final metrics."""
-    from ultralytics import YOLO
+    from atcache.yolo import YOLO
 
     yolo = YOLO(model)
     yolo.train(
@@ -38,11 +38,11 @@ def run_demo(out: Path, images: int, imgsz: int, teacher: str, teacher_epochs: i
              student: str = "yolo11n.yaml", student_epochs: int = 3, batch: int = 16) -> Iterator[str]:
     """Generate VOC-format data, convert it with prepare-voc, train a teacher briefly, build its cache, then train the
     student plain, from the cache and online for the same epochs; write the comparison into OUT/demo_results.*"""
-    from atcache.data import split_files
+    from atcache.data.splits import split_files
     from atcache.devices import resolve_device
-    from atcache.measure import device_name, measure_training
-    from atcache.synthetic import make_demo_data
-    from atcache.voc import prepare_voc
+    from atcache.tools.measure import device_name, measure_training
+    from atcache.data.synthetic import make_demo_data
+    from atcache.data.voc import prepare_voc
 
     if quick:
         images, imgsz = min(images, 40), min(imgsz, 64)
@@ -76,7 +76,7 @@ def run_demo(out: Path, images: int, imgsz: int, teacher: str, teacher_epochs: i
     ))
     yield f"build-cache --replay-epochs {student_epochs}: {replay_report.summary()}"
 
-    from atcache.store import CacheStore
+    from atcache.cache.store import CacheStore
 
     layers = tuple((i, i) for i in CacheStore.open(cache).spec.layer_indices)
     plan = {

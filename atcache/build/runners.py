@@ -13,11 +13,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from atcache.compute import compute_units
+from atcache.build.compute import compute_units
 from atcache.config import BuildConfig
-from atcache.data import SplitFiles, split_files
+from atcache.data.splits import SplitFiles, split_files
 from atcache.errors import AtcacheError
-from atcache.store import CacheStore
+from atcache.cache.store import CacheStore
 
 
 @dataclass
@@ -38,7 +38,7 @@ def run_on_devices(cfg: BuildConfig, store: CacheStore, todo: Sequence[int], dev
     """One child process per device, each computing a contiguous block of the chunks (the first shows progress)."""
     blocks = [list(todo[len(todo) * i // len(devices):len(todo) * (i + 1) // len(devices)]) for i in range(len(devices))]
     jobs = [(d, b) for d, b in zip(devices, blocks) if b]
-    procs = [subprocess.Popen([sys.executable, "-m", "atcache.runners",
+    procs = [subprocess.Popen([sys.executable, "-m", "atcache.build.runners",
                                dataclasses.replace(cfg, progress=cfg.progress and n == 0).to_json(), json.dumps(b), d],
                               stdout=subprocess.PIPE, text=True) for n, (d, b) in enumerate(jobs)]
     outputs = [p.communicate()[0] for p in procs]
@@ -110,7 +110,7 @@ def _worker_device(device: str) -> str:
 def _process_teacher(path: str, nc: int, device: str):
     """The teacher, loaded once per process (a dask worker runs many tasks)."""
     from atcache.devices import resolve_device
-    from atcache.teacher import load_model
+    from atcache.yolo import load_model
 
     return load_model(path, nc=nc, device=resolve_device(device))
 
@@ -152,10 +152,10 @@ def cluster_task(cfg_json: str, chunks: Sequence[int], threads: int = 0) -> tupl
 
 
 def _device_process(cfg_json: str, chunks_json: str, device: str) -> None:
-    """`python -m atcache.runners CFG CHUNKS DEVICE`: one device's block; prints [rows, skipped, seconds] as JSON."""
-    from atcache.env import prepare_ultralytics
+    """`python -m atcache.build.runners CFG CHUNKS DEVICE`: one device's block; prints [rows, skipped, seconds] as JSON."""
+    from atcache.yolo import prepare
 
-    prepare_ultralytics()
+    prepare()
     t0 = time.perf_counter()
     rows, skipped = compute_block(BuildConfig.from_json(cfg_json), json.loads(chunks_json), device)
     print(json.dumps([rows, skipped, time.perf_counter() - t0]))

@@ -13,10 +13,10 @@ import numpy as np
 import torch
 
 from atcache.config import BuildConfig
-from atcache.data import LetterboxedImages, SplitFiles
+from atcache.data.splits import LetterboxedImages, SplitFiles
 from atcache.errors import AtcacheError, first_line
-from atcache.maps import layer_maps
-from atcache.store import CacheStore, ChunkData, iter_rows
+from atcache.attention.recipe import layer_maps
+from atcache.cache.store import CacheStore, ChunkData, iter_rows
 
 
 class _ChunkBatches(torch.utils.data.Sampler):
@@ -171,10 +171,10 @@ def compute_units(cfg: BuildConfig, model: torch.nn.Module, split: SplitFiles, s
     replayed = [u for u in units if store.replay_unit(u) is not None]
     skipped = compute_chunks(cfg, model, split, store, static, device) if static else []
     if replayed:
-        from atcache.env import prepare_ultralytics
+        from atcache.yolo import prepare
 
-        prepare_ultralytics()
-        from atcache.replay import compute_replay
+        prepare()
+        from atcache.build.replay import compute_replay
 
         compute_replay(cfg, model, store, replayed, device)
     return skipped

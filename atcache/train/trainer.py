@@ -7,7 +7,7 @@ One trainer serves three modes so that they are compared like for like:
     online  AT targets from a teacher forward on every augmented batch (the seed)   `atcache train-online`
 The settings are checked once, when the trainer is made. ultralytics' DDP workers rebuild the trainer from its args
 alone, so `train()` hands them the settings as JSON in an environment variable, read only in those workers.
-Imports ultralytics: import this module after `env.prepare_ultralytics()`.
+Imports ultralytics: import this module after `env.prepare()`.
 """
 
 from __future__ import annotations
@@ -25,24 +25,24 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from ultralytics.cfg import get_cfg
-from ultralytics.models.yolo.detect import DetectionTrainer
-from ultralytics.utils import DEFAULT_CFG, LOGGER
-from ultralytics.utils.torch_utils import unwrap_model
+from atcache.yolo import get_cfg
+from atcache.yolo import DetectionTrainer
+from atcache.yolo import DEFAULT_CFG, LOGGER
+from atcache.yolo import unwrap_model
 
-from atcache.attention import EPS, at_loss, attention_map
+from atcache.attention.functional import EPS, at_loss, attention_map
 from atcache.config import TARGET_MODES, TRAIN_MODES, DistillSettings
-from atcache.data import SplitFiles, split_files
+from atcache.data.splits import SplitFiles, split_files
 from atcache.devices import cuda_indices, ranks_on_this_node
 from atcache.errors import AtcacheError
-from atcache.hooks import FeatureHooks, probe_layers
-from atcache.maps import layer_maps
-from atcache.spec import CacheSpec
-from atcache.render import PIECES_KEY
-from atcache.seeding import EpochSampler, seed_augmentation
-from atcache.store import CacheStore
-from atcache.streaming import BlockShuffleSampler, StreamingCacheTargets, lru_chunks, with_sampler
-from atcache.targets import TARGETS_KEY, CacheTargets, TargetRendering, attach_targets, join_rows
+from atcache.attention.hooks import FeatureHooks, probe_layers
+from atcache.attention.recipe import layer_maps
+from atcache.cache.format import CacheSpec
+from atcache.train.render import PIECES_KEY
+from atcache.train.seeding import EpochSampler, seed_augmentation
+from atcache.cache.store import CacheStore
+from atcache.train.streaming import BlockShuffleSampler, StreamingCacheTargets, lru_chunks, with_sampler
+from atcache.train.targets import TARGETS_KEY, CacheTargets, TargetRendering, attach_targets, join_rows
 
 SETTINGS_ENV = "ATCACHE_TRAIN_SETTINGS"
 AT_LOSS = "at_loss"
@@ -347,7 +347,7 @@ class AtcacheTrainer(DetectionTrainer):
     def _load_targets(self):
         """The cache's targets for training: replay arrays (read in order), streamed chunks, or the maps in RAM."""
         if self.settings.targets == "replay":
-            from atcache.replay import ReplayTargets
+            from atcache.train.replay import ReplayTargets
 
             return ReplayTargets(self.plan.store.path, self.plan.store.spec, self.settings.source_layers)
         load = StreamingCacheTargets.open if self.streaming else CacheTargets.load
@@ -418,7 +418,7 @@ class AtcacheTrainer(DetectionTrainer):
         model = unwrap_model(self.model)
         student_strides = self._strides(model, self.settings.student_layers)
         if self.settings.mode == "online":
-            from atcache.teacher import load_model
+            from atcache.yolo import load_model
 
             self.teacher = load_model(self.settings.teacher, nc=self.data["nc"], device=self.device).model
             source_strides = self._strides(self.teacher, self.settings.source_layers)

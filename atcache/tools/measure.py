@@ -37,7 +37,7 @@ def measure_training(settings, overrides: dict, steps: int | None = None, warmup
     with tempfile.TemporaryDirectory(prefix="atcache-measure-") as tmp:
         result = Path(tmp) / "result.json"
         run = json.dumps({"overrides": overrides, "steps": steps, "warmup": warmup, "loader_samples": loader_samples})
-        proc = subprocess.run([sys.executable, "-m", "atcache.measure", settings.to_json(), run, str(result)],
+        proc = subprocess.run([sys.executable, "-m", "atcache.tools.measure", settings.to_json(), run, str(result)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         if proc.returncode != 0 or not result.is_file():
             lines = [x for x in proc.stderr.strip().splitlines() if x.strip()]
@@ -77,8 +77,8 @@ def _time_loader(dataset, samples: int, device, batch: int) -> dict:
     import numpy as np
     import torch
 
-    from atcache.render import PIECES_KEY, collate_pieces, flatten
-    from atcache.targets import VIEW_KEY, TargetDataset
+    from atcache.train.render import PIECES_KEY, collate_pieces, flatten
+    from atcache.train.targets import VIEW_KEY, TargetDataset
 
     rng = np.random.default_rng(0)
     index = rng.integers(0, len(dataset), samples)
@@ -115,14 +115,14 @@ def _time_loader(dataset, samples: int, device, batch: int) -> dict:
 
 
 def _child(settings_json: str, run_json: str, result_path: str) -> None:
-    """`python -m atcache.measure SETTINGS RUN RESULT`: the settings as DistillSettings JSON, the run as JSON."""
-    from atcache.env import prepare_ultralytics
+    """`python -m atcache.tools.measure SETTINGS RUN RESULT`: the settings as DistillSettings JSON, the run as JSON."""
+    from atcache.yolo import prepare
 
-    prepare_ultralytics()
+    prepare()
     import torch
 
     from atcache.config import DistillSettings
-    from atcache.train import AtcacheTrainer
+    from atcache.train.trainer import AtcacheTrainer
 
     request = json.loads(run_json)
     settings = DistillSettings.from_json(settings_json)

@@ -16,12 +16,12 @@ from typing import Callable
 import numpy as np
 import torch
 
-from atcache.build import build_cache
+from atcache.build.pipeline import build_cache
 from atcache.config import DEFAULT_LAYERS, BuildConfig, DistillSettings
-from atcache.data import LetterboxedImages, SplitFiles, split_files
+from atcache.data.splits import LetterboxedImages, SplitFiles, split_files
 from atcache.devices import parse_devices, resolve_device
 from atcache.errors import AtcacheError
-from atcache.measure import device_name
+from atcache.tools.measure import device_name
 
 # Goals for the reference setup (GPU, YOLO11m -> YOLO11s, imgsz 640, batch 64): ratio name -> (comparison, value)
 GOALS = {
@@ -96,7 +96,7 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict:
     _check_epoch_holds_steps(len(split.files), cfg)
     requested = cfg
     if Path(cfg.teacher).suffix.lower() in (".yaml", ".yml"):
-        from atcache.teacher import save_random_teacher
+        from atcache.yolo import save_random_teacher
 
         # ultralytics' stock init leaves every deep map ~eps: same speed, but no precision figure worth reading
         teacher = save_random_teacher(cfg.teacher, out / "bench_teacher.pt", nc=len(split.names), imgsz=cfg.imgsz)
@@ -160,8 +160,8 @@ def _bench_dataset(cfg: BenchConfig, out: Path, log) -> Path:
     into OUT/data with their labels: the user's dataset folder is never written to (no label cache rewritten)."""
     source = Path(cfg.data) if cfg.data else None
     if source is None:
-        from atcache.synthetic import make_demo_data
-        from atcache.voc import prepare_voc
+        from atcache.data.synthetic import make_demo_data
+        from atcache.data.voc import prepare_voc
 
         count = math.ceil(cfg.n_images / 0.75) + 8  # the synthetic train split holds ~78% of the images
         log(f"bench: generating {count} synthetic VOC-format images")
@@ -182,7 +182,7 @@ def _bench_dataset(cfg: BenchConfig, out: Path, log) -> Path:
 
 
 def _link_subset(split: SplitFiles, rows, target: Path, name: str) -> None:
-    from ultralytics.data.utils import img2label_paths
+    from atcache.yolo import img2label_paths
 
     for row in rows:
         image = split.absolute(row)
@@ -224,7 +224,7 @@ def _inference_pass(model, split: SplitFiles, cfg: BenchConfig, device: torch.de
 
 def _measure_build(cfg: BenchConfig, data_yaml: Path, split: SplitFiles, cache: Path, device: torch.device, log) -> dict:
     """build-cache img/s against the teacher's pure inference on the same batches, alternating, medians of repeats."""
-    from atcache.teacher import load_model
+    from atcache.yolo import load_model
 
     teacher = load_model(cfg.teacher, nc=len(split.names), device=device)
     torch.backends.cudnn.benchmark = device.type == "cuda"  # as build-cache sets it
@@ -255,10 +255,10 @@ def _build_workers(cfg: BenchConfig) -> int:
 # ------------------------------------------------------------------------------------------------------- storage
 def _measure_storage(cfg: BenchConfig, split: SplitFiles, cache: Path, device: torch.device, rows: int = 64) -> dict:
     """Bytes per image, and the stored float16 maps against the same teacher run in float32 (cosine, max abs)."""
-    from atcache.agreement import map_agreement
-    from atcache.maps import layer_maps
-    from atcache.store import CacheStore
-    from atcache.teacher import load_model
+    from atcache.attention.agreement import map_agreement
+    from atcache.attention.recipe import layer_maps
+    from atcache.cache.store import CacheStore
+    from atcache.yolo import load_model
 
     store = CacheStore.open(cache)
     spec = store.spec
@@ -296,9 +296,9 @@ def _measure_replay_build(cfg: BenchConfig, data_yaml: Path, split: SplitFiles, 
                           device: torch.device, log) -> dict:
     """A replay build for the trainers' epochs: its views/s (its loop less the static build's, measured before on the
     same images) against the floor, ultralytics' augmented loader plus the teacher's full forward on the same batches."""
-    from atcache.replay import augment_settings, training_dataset
-    from atcache.seeding import EpochSampler
-    from atcache.teacher import load_model
+    from atcache.train.replay import augment_settings, training_dataset
+    from atcache.train.seeding import EpochSampler
+    from atcache.yolo import load_model
 
     epochs = _train_epochs(cfg, split)
     report = build_cache(BuildConfig(
@@ -325,7 +325,7 @@ def _measure_trainers(cfg: BenchConfig, data_yaml: Path, split: SplitFiles, cach
     """Each trainer for warmup + steps batches inside one epoch, in a fresh process (same data, student, batch, device),
     interleaved: `rounds` rounds, each in an order rotated by one, so drift and warm-up hit every trainer alike. Per
     trainer: the medians over rounds, the per-round figures and their spread."""
-    from atcache.measure import measure_training
+    from atcache.tools.measure import measure_training
 
     overrides = {
         "model": cfg.student, "data": str(data_yaml), "imgsz": cfg.imgsz, "batch": cfg.batch, "device": cfg.device,
@@ -458,10 +458,10 @@ def format_report(report: dict) -> str:
 def _versions() -> dict:
     import dask
     import numcodecs
-    import ultralytics
+    from atcache.yolo import ultralytics_version
     import zarr
 
     from atcache.version import __version__
 
-    return {"atcache": __version__, "torch": torch.__version__, "cuda": torch.version.cuda, "ultralytics": ultralytics.__version__,
+    return {"atcache": __version__, "torch": torch.__version__, "cuda": torch.version.cuda, "ultralytics": ultralytics_version(),
             "zarr": zarr.__version__, "numcodecs": numcodecs.__version__, "dask": dask.__version__}

@@ -1,82 +1,26 @@
-"""The Zarr v3 cache store: the only module that knows its layout, chunking and codecs.
-
-Layout (N rows = images of one split, in ultralytics' order; R = chunk_rows):
-    maps/<layer>   (N, H, W) float16   normalised attention map A          chunks (R, H, W), fill NaN
-    norms/<layer>  (N,)      float32   ||a||_2 before normalisation        chunks (R,),      fill NaN
-    letterbox      (N, 7)    float32   columns spec.LETTERBOX_COLUMNS (attrs["columns"]), read by name  fill NaN
-    files          (N,)      string    image path relative to the dataset root
-    done           (N,)      bool      row written (set only after its data)
-    attrs["atcache"]                   the CacheSpec (spec.py)
-
-Row-chunk k (rows k*R .. (k+1)*R) is the unit of writing, resuming and sharding: every array is chunked by R rows
-along axis 0, so one builder writing chunk k touches exactly one chunk file of each array and two builders with
-disjoint chunk ranges never read-modify-write the same file. Each chunk carries a crc32c checksum.
-Reading goes through `CacheStore.read` / `read_layer` / `letterbox`: a chunk that fails to decode, or a finished row
-that is not finite, is one AtcacheError naming the array and rows (training never runs on garbage).
-"""
+"""A handle on one cache store (`CacheStore`): create, open and check it, read whole arrays, row ranges and replay
+units, write them, and give dask views. Layout and codecs: `atcache.cache.format`. Reading goes through
+`read` / `read_layer` / `letterbox`: a chunk that fails to decode, or a finished row that is not finite, is one
+AtcacheError naming the array and rows (training never runs on garbage)."""
 
 from __future__ import annotations
 
-import json
-import os
-import socket
-import threading
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
 import zarr
-from zarr.codecs import BloscCodec, BloscShuffle, Crc32cCodec
 
 from atcache.errors import AtcacheError, first_line
-from atcache.location import Location
-from atcache.spec import CacheSpec, LetterboxTable
+from atcache.cache.location import Location
+from atcache.cache.claims import CREATE_RECORD, claim_creation, clear_for_build, exists_error, owner_alive, parse_record, remove_store
+from atcache.cache.format import CacheSpec, LetterboxTable, create_arrays, decode_maps, encode_maps
 
 SPEC_ATTR = "atcache"
 CREATE_WAIT_S = 120.0
-CREATE_RECORD = "atcache-create.json"  # remote stores: who claimed the creation
-LOCK_PREFIX = "atcache-locks"  # ownership records of builders (ChunkClaim); zarr ignores these keys
-LOCK_STALE_S = 600.0
-HEARTBEAT_S = 30.0
 
-
-def map_compressors(dtype: str = "float16") -> list:
-    """float16: bit-shuffled LZ4 (fp16 mantissas barely compress with byte shuffle); uint8: zstd-9 without shuffle
-    (measured on a teacher's maps at 640: 8.9 KB/image against 10.7 with lz4 + bitshuffle); then a crc32c checksum."""
-    if dtype == "uint8":
-        return [BloscCodec(cname="zstd", clevel=9, shuffle=BloscShuffle.noshuffle, typesize=1), Crc32cCodec()]
-    return [BloscCodec(cname="lz4", clevel=5, shuffle=BloscShuffle.bitshuffle, typesize=2), Crc32cCodec()]
-
-
-MAP_DTYPES = ("float16", "uint8")
-
-
-def encode_maps(maps: np.ndarray, dtype: str) -> tuple[np.ndarray, np.ndarray | None]:
-    """(stored maps, per-map scales or None) for maps A (r, H, W) >= 0: float16 as they are; uint8 in the square-root
-    domain, q = round(255 sqrt(A / max A)) with max A per map as its scale (NaN rows: q 0, scale NaN). Chosen by
-    measurement on a trained teacher: min cosine to the source 0.99999 per layer, linear uint8 0.99995."""
-    if dtype == "float16":
-        return maps.astype(np.float16, copy=False), None
-    x = np.asarray(maps, dtype=np.float32)
-    scale = x.reshape(len(x), -1).max(1) if x.size else np.zeros(len(x), np.float32)
-    safe = np.where(np.isfinite(scale) & (scale > 0), scale, 1.0)[:, None, None]
-    q = np.round(255.0 * np.sqrt(np.clip(np.nan_to_num(x / safe), 0.0, 1.0))).astype(np.uint8)
-    return q, scale.astype(np.float32)
-
-
-def decode_maps(stored: np.ndarray, scales: np.ndarray | None) -> np.ndarray:
-    """float16 maps from what `encode_maps` stored (uint8 maps are A = scale (q / 255)^2)."""
-    if scales is None:
-        return np.asarray(stored)
-    q = np.asarray(stored, dtype=np.float32) / 255.0
-    return (np.asarray(scales, dtype=np.float32).reshape(-1, *([1] * (q.ndim - 1))) * q * q).astype(np.float16)
-
-
-def small_compressors(typesize: int) -> list:
-    return [BloscCodec(cname="zstd", clevel=3, shuffle=BloscShuffle.shuffle, typesize=typesize), Crc32cCodec()]
 
 
 @dataclass(frozen=True)
@@ -133,33 +77,7 @@ class CacheStore:
         if len(files) != spec.n_rows:
             raise ValueError(f"{len(files)} files for a spec of {spec.n_rows} rows")
         group = zarr.open_group(loc.url, mode="a", zarr_format=3)
-        n, r = spec.n_rows, spec.chunk_rows
-        for layer in spec.layers:
-            group.create_array(
-                f"maps/{layer.index}", shape=(n, layer.height, layer.width), chunks=(r, layer.height, layer.width),
-                dtype=spec.map_dtype, fill_value=_map_fill(spec), compressors=map_compressors(spec.map_dtype),
-                dimension_names=("row", "y", "x"), overwrite=True,
-            )
-            if spec.map_dtype == "uint8":
-                group.create_array(f"scales/{layer.index}", shape=(n,), chunks=(r,), dtype="float32", fill_value=np.nan,
-                                   compressors=small_compressors(4), dimension_names=("row",), overwrite=True)
-            group.create_array(
-                f"norms/{layer.index}", shape=(n,), chunks=(r,), dtype="float32", fill_value=np.nan,
-                compressors=small_compressors(4), dimension_names=("row",), overwrite=True,
-            )
-        group.create_array(
-            "letterbox", shape=(n, width := len(spec.letterbox.columns)), chunks=(r, width), dtype="float32",
-            fill_value=np.nan,
-            compressors=small_compressors(4), dimension_names=("row", "field"),
-            attributes={"columns": list(spec.letterbox.columns)}, overwrite=True,
-        )
-        group.create_array("done", shape=(n,), chunks=(r,), dtype="bool", fill_value=False,
-                           compressors=small_compressors(1), dimension_names=("row",), overwrite=True)
-        files_arr = group.create_array("files", shape=(n,), chunks=(r,), dtype=str, fill_value="",
-                                       dimension_names=("row",), overwrite=True)
-        files_arr[:] = np.asarray(files, dtype=object)
-        if spec.replay is not None:
-            _create_replay_arrays(group, spec)
+        create_arrays(group, spec, files)
         group.attrs[SPEC_ATTR] = spec.to_dict()  # written last: a store with a spec is complete
         return cls(loc, group, spec)
 
@@ -173,14 +91,14 @@ class CacheStore:
         Creation is claimed atomically (mkdir locally, a create-if-absent record remotely), so n shard processes
         started together create it exactly once."""
         loc = Location.of(path)
-        _clear_for_build(loc, resume=resume or join, overwrite=overwrite)
-        if _claim_creation(loc):
+        clear_for_build(loc, resume=resume or join, overwrite=overwrite)
+        if claim_creation(loc):
             return cls.create(loc, spec, files)
         if not (resume or join):  # another process created it since the check above
-            raise _exists_error(loc)
+            raise exists_error(loc)
         store = cls._wait_for_spec(loc, wait=join)
         if store is None:  # creation never finished: nothing was computed yet, so start over
-            _remove_store(loc)
+            remove_store(loc)
             return cls.open_or_create(loc, spec, files, resume=resume, overwrite=False, join=join)
         store.check_compatible(spec, files, repair=repair)
         return store
@@ -197,7 +115,7 @@ class CacheStore:
             if raw is None and not loc.exists("zarr.json"):
                 if not loc.is_empty() and not wait:
                     raise AtcacheError(f"{loc} exists and is not an atcache store; choose another --out or remove it")
-            elif raw is None or (_parse_record(raw) and not owner_alive(_parse_record(raw))):
+            elif raw is None or (parse_record(raw) and not owner_alive(parse_record(raw))):
                 return None  # (an unreadable record is one being written: wait for it)
             if time.monotonic() >= deadline:
                 return None
@@ -498,31 +416,6 @@ class CacheStore:
 REPAIR_HINT = 'run "atcache inspect --verify {path}", then "atcache build-cache ... --resume --repair"'
 
 
-def _map_fill(spec: CacheSpec):
-    return np.nan if spec.map_dtype == "float16" else 0
-
-
-def _create_replay_arrays(group: zarr.Group, spec: CacheSpec) -> None:
-    """The replay arrays (E epochs x M positions), chunked by one epoch x chunk_rows positions: one replay unit."""
-    e, m, r = spec.replay.epochs, spec.replay.samples, spec.replay.chunk_rows
-    for layer in spec.layers:
-        group.create_array(
-            f"replay/maps/{layer.index}", shape=(e, m, layer.height, layer.width), chunks=(1, r, layer.height, layer.width),
-            dtype=spec.map_dtype, fill_value=_map_fill(spec), compressors=map_compressors(spec.map_dtype),
-            dimension_names=("epoch", "position", "y", "x"), overwrite=True,
-        )
-        if spec.map_dtype == "uint8":
-            group.create_array(f"replay/scales/{layer.index}", shape=(e, m), chunks=(1, r), dtype="float32",
-                               fill_value=np.nan, compressors=small_compressors(4),
-                               dimension_names=("epoch", "position"), overwrite=True)
-        group.create_array(f"replay/norms/{layer.index}", shape=(e, m), chunks=(1, r), dtype="float32",
-                           fill_value=np.nan, compressors=small_compressors(4), dimension_names=("epoch", "position"),
-                           overwrite=True)
-    for name, dtype, fill, size in (("sample", "int32", -1, 4), ("record", "uint64", 0, 8), ("done", "bool", False, 1)):
-        group.create_array(f"replay/{name}", shape=(e, m), chunks=(1, r), dtype=dtype, fill_value=fill,
-                           compressors=small_compressors(size), dimension_names=("epoch", "position"), overwrite=True)
-
-
 def _decode_failure(e: Exception) -> str:
     text = first_line(e)
     if "checksum" in text.lower() or "crc" in text.lower():
@@ -534,206 +427,6 @@ def _nonfinite_finished(values: np.ndarray, done: np.ndarray) -> np.ndarray:
     """Offsets of the rows of a block (r, ...) that are finished (`done`, (r,)) but hold NaN or Inf."""
     finite = np.isfinite(np.asarray(values, dtype=np.float32).reshape(len(values), -1)).all(1)
     return np.flatnonzero(done & ~finite)
-
-
-def _exists_error(loc: Location) -> AtcacheError:
-    return AtcacheError(f"cache {loc} already exists; pass --resume to finish it or --overwrite to rebuild it from scratch")
-
-
-def _claim_creation(loc: Location) -> bool:
-    """True for exactly one of several builders that find no store at `loc`: it atomically writes the creation record
-    (who creates it), the others wait for the spec while that creator is alive."""
-    try:
-        if not loc.remote:
-            loc.local_path.mkdir(parents=True, exist_ok=True)
-        if loc.exists("zarr.json") or loc.exists(CREATE_RECORD):
-            return False
-        if not loc.is_empty():
-            raise AtcacheError(f"{loc} exists and is not an atcache store; choose another --out or remove it")
-        return loc.create(CREATE_RECORD, json.dumps(_owner_record("create")).encode())
-    except PermissionError as e:
-        raise AtcacheError(f"cannot create cache {loc}: permission denied ({e.filename or e}); choose a writable --out") from None
-    except OSError as e:
-        raise AtcacheError(f"cannot create cache {loc}: {first_line(e)}; check the location and its free space") from None
-
-
-def _owner_key(token) -> str:
-    """Where a builder's heartbeat record lives (its chunk records carry the same token)."""
-    return f"{LOCK_PREFIX}/owners/{token}.json"
-
-
-def _parse_record(raw: bytes) -> dict:
-    try:
-        record = json.loads(raw)
-    except ValueError:
-        return {}
-    return record if isinstance(record, dict) else {}
-
-
-def _clear_for_build(path: "str | Path | Location", *, resume: bool, overwrite: bool) -> None:
-    """Before a build: --overwrite deletes an existing store; without --resume an existing one is refused."""
-    loc = Location.of(path)
-    present = not loc.is_empty()
-    if overwrite and present:
-        _remove_store(loc)
-    elif present and not resume:
-        raise _exists_error(loc)
-
-
-def _remove_store(loc: Location) -> None:
-    if not loc.is_empty() and not loc.exists("zarr.json") and not loc.exists(CREATE_RECORD):
-        raise AtcacheError(f"{loc} is not an atcache store, refusing to delete it; choose another --out")
-    loc.remove_all()
-
-
-# ---------------------------------------------------------------------------------------------------- ownership
-def _proc_stat(pid: int) -> list[str]:
-    """Fields of /proc/<pid>/stat after the command name (Linux); [] elsewhere or when the process is gone."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return []
-
-
-def _process_start(pid: int) -> str:
-    """The kernel's start time of `pid`, so a recycled pid is not mistaken for the builder; '' when unknown."""
-    fields = _proc_stat(pid)
-    return fields[19] if len(fields) > 19 else ""
-
-
-def _owner_record(role: str) -> dict:
-    pid = os.getpid()
-    return {"host": socket.gethostname(), "pid": pid, "start": _process_start(pid), "role": role,
-            "token": uuid.uuid4().hex, "since": time.time(), "heartbeat": time.time()}
-
-
-def owner_alive(record: dict, stale_s: float = LOCK_STALE_S) -> bool:
-    """A builder on this host is alive if its process is (not a zombie, not a recycled pid); one elsewhere if it
-    wrote a heartbeat recently."""
-    if record.get("host") == socket.gethostname():
-        pid = int(record.get("pid", 0) or 0)
-        if pid <= 0:
-            return False
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            pass
-        fields = _proc_stat(pid)
-        if fields and fields[0] == "Z":  # killed, not yet reaped by its parent
-            return False
-        return not record.get("start") or record.get("start") == _process_start(pid)
-    return time.time() - float(record.get("heartbeat", 0)) < stale_s
-
-
-class ChunkClaim:
-    """One builder's ownership of the row-chunks it computes: a record per chunk under `atcache-locks/`, each created
-    atomically, so two builders with overlapping shards never interleave: the second is refused.
-
-    Records of a dead builder (kill -9, lost node) are taken over: on this host when its process is gone, from
-    another host after LOCK_STALE_S without a heartbeat, or at once with --break-locks."""
-
-    def __init__(self, store: CacheStore, chunks: Iterable[int], break_locks: bool = False):
-        self.store, self.location, self.chunks = store, store.location, list(chunks)
-        self.record, self.break_locks = _owner_record("build"), break_locks
-        self.held: list[int] = []
-        self._released = threading.Event()
-
-    def _key(self, k: int) -> str:
-        return f"{LOCK_PREFIX}/chunk-{k:08d}.json"
-
-    def _heartbeat_key(self) -> str:
-        return _owner_key(self.record["token"])
-
-    def acquire(self) -> "ChunkClaim":
-        self.sweep_dead()
-        data = json.dumps(self.record).encode()
-        self.location.write(self._heartbeat_key(), data)
-        try:
-            for k in self.chunks:
-                if self.location.create(self._key(k), data):
-                    self.held.append(k)
-                    continue
-                holder = self._holder(k)
-                if holder is not None and owner_alive(holder) and not self.break_locks:
-                    raise AtcacheError(self._refusal(k, holder))
-                self.location.delete(self._key(k))  # a dead builder's record: take it over
-                if holder is not None:
-                    self.location.delete(_owner_key(holder.get("token")))
-                if not self.location.create(self._key(k), data):
-                    raise AtcacheError(self._refusal(k, self._holder(k) or {}))
-                self.held.append(k)
-        except BaseException:
-            self.release()
-            raise
-        threading.Thread(target=self._beat_until_released, daemon=True).start()
-        return self
-
-    def sweep_dead(self) -> None:
-        """Delete the records of dead builders (a kill -9 leaves them behind, also for chunks they had finished)."""
-        for name in self.location.list(LOCK_PREFIX):
-            if name.endswith(".tmp"):  # another builder's record on its way into place (Location.create)
-                continue
-            raw = self.location.read(name)
-            record = _parse_record(raw) if raw is not None else {}
-            if name.startswith(f"{LOCK_PREFIX}/owners/"):
-                if record and not owner_alive(record):
-                    self.location.delete(name)
-            elif name.startswith(f"{LOCK_PREFIX}/chunk-") and raw is not None and record.get("token") != self.record["token"]:
-                if not owner_alive(self._with_heartbeat(record)):
-                    self.location.delete(name)
-
-    def _holder(self, k: int) -> dict | None:
-        raw = self.location.read(self._key(k))
-        return None if raw is None else self._with_heartbeat(_parse_record(raw))
-
-    def _with_heartbeat(self, record: dict) -> dict:
-        """A chunk record with its owner's latest heartbeat (the owner file, rewritten while the claim is held)."""
-        beat = self.location.read(_owner_key(record.get("token")))
-        if beat is not None:
-            record["heartbeat"] = _parse_record(beat).get("heartbeat", record.get("heartbeat", 0))
-        return record
-
-    def _refusal(self, k: int, holder: dict) -> str:
-        a, b = self.store.chunk_range(k)
-        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(holder.get("since", 0))))
-        return (
-            f"cache {self.location}: row-chunk {k} (rows {a}-{b - 1}) is being built by pid "
-            f"{holder.get('pid')} on {holder.get('host')} since {since}; two builders must not share chunks: wait for "
-            "it to finish, give each builder its own --shard i/n, or pass --break-locks if that builder is dead"
-        )
-
-    def _beat_until_released(self) -> None:
-        """Tell builders on other hosts that this one is alive, every HEARTBEAT_S while the claim is held."""
-        while not self._released.wait(HEARTBEAT_S):
-            try:
-                self.location.write(self._heartbeat_key(), json.dumps({**self.record, "heartbeat": time.time()}).encode())
-            except Exception:  # a transient storage error must not kill the build; the next beat retries
-                pass
-
-    def release(self) -> None:
-        self._released.set()
-        for k in self.held:
-            self.location.delete(self._key(k))
-        self.held = []
-        self.location.delete(self._heartbeat_key())
-        self.location.prune(LOCK_PREFIX)
-
-    def __enter__(self) -> "ChunkClaim":
-        return self.acquire()
-
-    def __exit__(self, *exc) -> None:
-        self.release()
-
-
-def chunks_for_shard(n_chunks: int, shard: int, n_shards: int) -> range:
-    """The contiguous block of row-chunks that shard `shard` of `n_shards` owns (disjoint, covering all)."""
-    if not (n_shards >= 1 and 0 <= shard < n_shards):
-        raise AtcacheError(f"--shard {shard}/{n_shards} is out of range; use i/n with 0 <= i < n")
-    start = n_chunks * shard // n_shards
-    stop = n_chunks * (shard + 1) // n_shards
-    return range(start, stop)
 
 
 def iter_rows(chunks: Iterable[int], store: CacheStore) -> Iterable[int]:

@@ -8,8 +8,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from atcache.attention import EPS, attention_with_norm
-from atcache.hooks import FeatureHooks
+from atcache.attention.functional import EPS, attention_with_norm
+from atcache.attention.hooks import FeatureHooks
 
 
 def layer_maps(model: nn.Module, images: torch.Tensor, layers: Sequence[int], p: float = 2.0, kind: str = "sum_p",

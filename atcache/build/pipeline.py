@@ -16,16 +16,18 @@ import numpy as np
 import torch
 
 from atcache.version import __version__
-from atcache.attention import EPS, KINDS
+from atcache.attention.functional import EPS, KINDS
 from atcache.config import BuildConfig
-from atcache.data import SplitFiles, split_files
+from atcache.data.splits import SplitFiles, split_files
 from atcache.devices import parse_devices, resolve_device
 from atcache.errors import AtcacheError
-from atcache.hooks import probe_layers
-from atcache.runners import RunResult, run_here, run_on_cluster, run_on_devices
-from atcache.spec import CacheSpec, LayerSpec, Letterbox
-from atcache.store import MAP_DTYPES, CacheStore, ChunkClaim, chunks_for_shard
-from atcache.teacher import LoadedModel, load_model
+from atcache.attention.hooks import probe_layers
+from atcache.build.runners import RunResult, run_here, run_on_cluster, run_on_devices
+from atcache.cache.format import CacheSpec, LayerSpec, Letterbox
+from atcache.cache.claims import ChunkClaim, chunks_for_shard
+from atcache.cache.format import MAP_DTYPES
+from atcache.cache.store import CacheStore
+from atcache.yolo import LoadedModel, load_model
 
 
 @dataclass
@@ -91,7 +93,7 @@ def _make_spec(cfg: BuildConfig, teacher: LoadedModel, split: SplitFiles, device
         if cfg.imgsz % h or cfg.imgsz // h != cfg.imgsz // w:
             raise AtcacheError(f"layer {index} maps {cfg.imgsz}px to {h}x{w}, not an integer stride; choose another layer")
         layers.append(LayerSpec(index=index, stride=cfg.imgsz // h, channels=c, height=h, width=w))
-    import ultralytics
+    from atcache.yolo import ultralytics_version
 
     return CacheSpec(
         layers=tuple(layers), imgsz=cfg.imgsz, p=float(cfg.p), kind=cfg.kind, eps=EPS,
@@ -99,13 +101,13 @@ def _make_spec(cfg: BuildConfig, teacher: LoadedModel, split: SplitFiles, device
         split=cfg.split, dataset_fingerprint=split.fingerprint(), n_rows=len(split.files), chunk_rows=cfg.chunk_rows,
         map_dtype=cfg.dtype,
         letterbox=Letterbox(), teacher_path=teacher.path, data_yaml=split.data_yaml,
-        atcache_version=__version__, ultralytics_version=ultralytics.__version__, torch_version=torch.__version__,
+        atcache_version=__version__, ultralytics_version=ultralytics_version(), torch_version=torch.__version__,
         replay=_replay_spec(cfg) if cfg.replay_epochs else None,
     )
 
 
 def _replay_spec(cfg: BuildConfig):
-    from atcache.replay import replay_spec
+    from atcache.build.replay import replay_spec
 
     return replay_spec(cfg, cfg.imgsz)
 

@@ -4,7 +4,7 @@ the augmented images seeded training sees, for every epoch, computed once and re
 The build makes the training dataset as ultralytics does (same data YAML, imgsz and augmentation settings), seeds it
 (`seeding.py`), and runs the teacher over epoch e's order, position by position; each position keeps the dataset
 index and a fingerprint of the augmented image beside the maps. Training recomputes the fingerprint of every sample
-and refuses a mismatch. Imports ultralytics: import this module after `env.prepare_ultralytics()`.
+and refuses a mismatch. Imports ultralytics: import this module after `env.prepare()`.
 """
 
 from __future__ import annotations
@@ -18,19 +18,17 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from atcache.config import BuildConfig
 from atcache.errors import AtcacheError
-from atcache.maps import layer_maps
-from atcache.seeding import EpochSampler, seed_augmentation
-from atcache.spec import AUGMENT_KEYS, CacheSpec, ReplaySpec
-from atcache.store import CacheStore
+from atcache.train.seeding import EpochSampler, seed_augmentation
+from atcache.cache.format import AUGMENT_KEYS, CacheSpec, ReplaySpec
+from atcache.cache.store import CacheStore
 
 
 def augment_settings(given: dict, epochs: int, imgsz: int):
     """ultralytics' training settings (an IterableSimpleNamespace) with the given augmentation keys; `epochs` is the
     number of cached epochs unless given. Refuses keys that do not shape augmentation."""
-    from ultralytics.cfg import get_cfg
-    from ultralytics.utils import DEFAULT_CFG
+    from atcache.yolo import get_cfg
+    from atcache.yolo import DEFAULT_CFG
 
     unknown = [k for k in given if k not in AUGMENT_KEYS]
     if unknown:
@@ -45,9 +43,9 @@ def augment_settings(given: dict, epochs: int, imgsz: int):
 
 def training_dataset(data_yaml: str, hyp, seed: int):
     """The training split as ultralytics' trainer builds it (YOLODataset with its augmentations), seeded."""
-    from ultralytics.data.build import build_yolo_dataset
+    from atcache.yolo import build_yolo_dataset
 
-    from atcache.data import load_data_yaml
+    from atcache.data.splits import load_data_yaml
 
     data = load_data_yaml(data_yaml)
     dataset = build_yolo_dataset(hyp, data["train"], 16, data, mode="train", stride=32)
@@ -56,7 +54,7 @@ def training_dataset(data_yaml: str, hyp, seed: int):
 
 def files_sha256(im_files: Sequence[str], root: str | Path) -> str:
     """sha256 over the training dataset's image list (paths relative to the dataset root), in its order."""
-    from atcache.data import relative_to_root
+    from atcache.data.splits import relative_to_root
 
     h = hashlib.sha256()
     for f in im_files:
@@ -73,72 +71,9 @@ def check_training_set(replay: ReplaySpec, im_files: Sequence[str], root: str | 
                            "build-cache --overwrite --replay-epochs E")
 
 
-def replay_spec(cfg: BuildConfig, imgsz: int) -> ReplaySpec:
-    """What the replay arrays will hold, from the settings and the training dataset they imply."""
-    hyp = augment_settings(dict(cfg.augment), cfg.replay_epochs, imgsz)
-    dataset, data = training_dataset(cfg.data, hyp, cfg.aug_seed)
-    return ReplaySpec(epochs=cfg.replay_epochs, aug_seed=cfg.aug_seed, samples=len(dataset),
-                      chunk_rows=cfg.chunk_rows, files_sha256=files_sha256(dataset.im_files, data["path"]),
-                      augment={k: getattr(hyp, k) for k in AUGMENT_KEYS})
-
-
 def fingerprint(image: torch.Tensor) -> int:
     """64-bit fingerprint of an augmented image (3, H, W) uint8, as the dataset returns it."""
     return int.from_bytes(hashlib.blake2b(image.numpy().tobytes(), digest_size=8).digest(), "little")
-
-
-class _UnitBatches(torch.utils.data.Sampler):
-    """Batches of sampled keys (epoch * M + index) that never span two replay units."""
-
-    def __init__(self, units: Sequence[tuple[int, int, int]], orders: dict[int, np.ndarray], samples: int, batch: int):
-        self.units, self.orders, self.samples, self.batch = list(units), orders, samples, batch
-
-    def __iter__(self):
-        for e, a, b in self.units:
-            keys = (self.orders[e][a:b] + e * self.samples).tolist()
-            for s in range(0, len(keys), self.batch):
-                yield keys[s:s + self.batch]
-
-    def __len__(self) -> int:
-        return sum(-(-(b - a) // self.batch) for _, a, b in self.units)
-
-
-def compute_replay(cfg: BuildConfig, model: torch.nn.Module, store: CacheStore, units: Sequence[int],
-                   device: torch.device) -> None:
-    """Teacher maps on the augmented images of replay units `units`, each written whole."""
-    from tqdm import tqdm
-
-    replay = store.spec.replay
-    hyp = augment_settings(dict(replay.augment), replay.epochs, store.spec.imgsz)
-    dataset, data = training_dataset(cfg.data, hyp, replay.aug_seed)
-    check_training_set(replay, dataset.im_files, data["path"], store.path)
-    spans = [store.replay_unit(u) for u in units]
-    sampler = EpochSampler(replay.samples, replay.aug_seed)
-    orders = {e: sampler.order(e) for e in sorted({e for e, _, _ in spans})}
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_sampler=_UnitBatches(spans, orders, replay.samples, cfg.batch), num_workers=cfg.workers,
-        collate_fn=dataset.collate_fn, pin_memory=device.type == "cuda",
-        prefetch_factor=4 if cfg.workers > 0 else None,
-    )
-    bar = tqdm(total=sum(b - a for _, a, b in spans), desc=f"replay {Path(cfg.out).name}", unit="img",
-               disable=not cfg.progress, dynamic_ncols=True)
-    batches = iter(loader)
-    try:
-        for u, (e, a, b) in zip(units, spans):
-            parts = []
-            while sum(len(p[0]) for p in parts) < b - a:
-                batch = next(batches)
-                maps, norms = layer_maps(model, batch["img"], cfg.layers, store.spec.p, store.spec.kind, store.spec.eps)
-                records = np.array([fingerprint(im) for im in batch["img"]], dtype=np.uint64)
-                parts.append((records, [m.to(torch.float16).cpu().numpy() for m in maps],
-                              [n.cpu().numpy() for n in norms]))
-                bar.update(len(records))
-            store.write_replay(
-                u, maps={i: np.concatenate([p[1][j] for p in parts]) for j, i in enumerate(cfg.layers)},
-                norms={i: np.concatenate([p[2][j] for p in parts]) for j, i in enumerate(cfg.layers)},
-                samples=orders[e][a:b], records=np.concatenate([p[0] for p in parts]))
-    finally:
-        bar.close()
 
 
 class ReplayTargets:

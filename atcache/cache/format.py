@@ -1,0 +1,283 @@
+"""The cache's on-disk format: the frozen spec (written into the store's root attributes, checked on every open),
+the codecs, the encoding of maps, and the arrays of a new store. The store schema:
+
+Layout (N rows = images of one split, in ultralytics' order; R = chunk_rows):
+    maps/<layer>   (N, H, W) float16   normalised attention map A          chunks (R, H, W), fill NaN
+    norms/<layer>  (N,)      float32   ||a||_2 before normalisation        chunks (R,),      fill NaN
+    letterbox      (N, 7)    float32   columns spec.LETTERBOX_COLUMNS (attrs["columns"]), read by name  fill NaN
+    files          (N,)      string    image path relative to the dataset root
+    done           (N,)      bool      row written (set only after its data)
+    attrs["atcache"]                   the CacheSpec (spec.py)
+
+Row-chunk k (rows k*R .. (k+1)*R) is the unit of writing, resuming and sharding: every array is chunked by R rows
+along axis 0, so one builder writing chunk k touches exactly one chunk file of each array and two builders with
+disjoint chunk ranges never read-modify-write the same file. Each chunk carries a crc32c checksum.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+import zarr
+from zarr.codecs import BloscCodec, BloscShuffle, Crc32cCodec
+
+FORMAT_VERSION = 1
+# The letterbox array's columns, the one definition (the store writes them as the array's `columns` attribute).
+LETTERBOX_COLUMNS = ("h0", "w0", "h", "w", "pad_top", "pad_left", "ratio")
+
+# Fields that may differ between two specs of the same cache (informational only).
+INFORMATIONAL = ("created", "atcache_version", "ultralytics_version", "torch_version", "teacher_path", "data_yaml")
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """One cached teacher layer: its module index in `model.model`, stride, channels and map size."""
+
+    index: int
+    stride: int
+    channels: int
+    height: int
+    width: int
+
+
+@dataclass(frozen=True)
+class Letterbox:
+    """How an image becomes the teacher's input: ultralytics' load_image (long side -> imgsz) then padding."""
+
+    resize: str = "long_side_to_imgsz"
+    interpolation: str = "INTER_LINEAR"
+    pad: str = "center"  # ultralytics LetterBox(center=True): pad split evenly, top/left get the smaller half
+    pad_value: int = 114
+    columns: tuple[str, ...] = LETTERBOX_COLUMNS
+
+
+@dataclass(frozen=True)
+class LetterboxTable:
+    """The stored letterbox of every row, read by column name: `table["pad_top"]` is (N,) float32 (see
+    LETTERBOX_COLUMNS); `values` (N, len(columns)) is the array as stored."""
+
+    values: np.ndarray
+    columns: tuple[str, ...] = LETTERBOX_COLUMNS
+
+    def __post_init__(self):
+        missing = [c for c in LETTERBOX_COLUMNS if c not in self.columns]
+        if missing or self.values.ndim != 2 or self.values.shape[1] != len(self.columns):
+            raise ValueError(f"letterbox array of shape {self.values.shape} with columns {list(self.columns)} lacks "
+                             f"{missing or 'a column per name'}")
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self.values[:, self.columns.index(name)]
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    def take(self, rows) -> "LetterboxTable":
+        """The table of the given rows only."""
+        return LetterboxTable(self.values[rows], self.columns)
+
+    def row(self, r: int) -> dict[str, float]:
+        """One row as {column: value}."""
+        return dict(zip(self.columns, self.values[r].tolist()))
+
+
+# ultralytics training settings that shape the augmented images (recorded with replay arrays, checked by training)
+AUGMENT_KEYS = ("epochs", "close_mosaic", "mosaic", "mixup", "cutmix", "copy_paste", "copy_paste_mode", "scale",
+                "translate", "degrees", "shear", "perspective", "fliplr", "flipud", "hsv_h", "hsv_s", "hsv_v", "bgr")
+
+
+@dataclass(frozen=True)
+class ReplaySpec:
+    """The replay arrays: the teacher's maps on exactly the augmented images seeded training sees, for `epochs` epochs
+    of `samples` samples (ultralytics' training dataset, whose image list hashes to `files_sha256`), stored per epoch
+    in that epoch's training order (EpochSampler(samples, aug_seed)), chunked by `chunk_rows` positions."""
+
+    epochs: int
+    aug_seed: int
+    samples: int
+    chunk_rows: int
+    files_sha256: str
+    augment: dict  # AUGMENT_KEYS -> the value the build used
+
+    @property
+    def chunks_per_epoch(self) -> int:
+        return -(-self.samples // self.chunk_rows)
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    """Everything that determines the cached values; two stores with equal specs hold equal data."""
+
+    layers: tuple[LayerSpec, ...]
+    imgsz: int
+    p: float
+    kind: str
+    eps: float
+    teacher_sha256: str
+    teacher_weights_sha256: str
+    teacher_name: str
+    split: str
+    dataset_fingerprint: str
+    n_rows: int
+    chunk_rows: int
+    map_dtype: str = "float16"
+    letterbox: Letterbox = field(default_factory=Letterbox)
+    format_version: int = FORMAT_VERSION
+    teacher_path: str = ""
+    data_yaml: str = ""
+    atcache_version: str = ""
+    ultralytics_version: str = ""
+    torch_version: str = ""
+    created: str = ""
+    replay: ReplaySpec | None = None  # --replay-epochs: maps of every augmented view, see ReplaySpec
+
+    @property
+    def layer_indices(self) -> tuple[int, ...]:
+        return tuple(layer.index for layer in self.layers)
+
+    def layer(self, index: int) -> LayerSpec:
+        for layer in self.layers:
+            if layer.index == index:
+                return layer
+        raise KeyError(f"layer {index} is not in this cache (cached layers: {list(self.layer_indices)})")
+
+    def stamped(self) -> "CacheSpec":
+        """A copy with the creation time set to now (UTC)."""
+        now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+        return dataclasses.replace(self, created=now)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        if d["replay"] is None:  # a store without replay arrays reads (and is written) as before they existed
+            del d["replay"]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "CacheSpec":
+        d = dict(d)
+        version = d.get("format_version")
+        if version != FORMAT_VERSION:
+            raise ValueError(f"cache format version {version} is not supported (this atcache reads {FORMAT_VERSION})")
+        d["layers"] = tuple(LayerSpec(**layer) for layer in d["layers"])
+        lb = dict(d.get("letterbox", {}))
+        if "columns" in lb:
+            lb["columns"] = tuple(lb["columns"])
+        d["letterbox"] = Letterbox(**lb)
+        if d.get("replay") is not None:
+            d["replay"] = ReplaySpec(**d["replay"])
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    def differences(self, other: "CacheSpec") -> list[str]:
+        """Human-readable 'field: ours vs theirs' for every field that determines the data and differs."""
+        out = []
+        a, b = self.to_dict(), other.to_dict()
+        for key in list(a) + [k for k in b if k not in a]:
+            if key in INFORMATIONAL:
+                continue
+            if a.get(key) != b.get(key):
+                out.append(f"{key}: {_short(a.get(key))} vs {_short(b.get(key))}")
+        return out
+
+
+def _short(v: Any) -> str:
+    s = str(v)
+    return s if len(s) <= 80 else s[:77] + "..."
+
+
+# ---------------------------------------------------------------------- codecs and arrays
+def map_compressors(dtype: str = "float16") -> list:
+    """float16: bit-shuffled LZ4 (fp16 mantissas barely compress with byte shuffle); uint8: zstd-9 without shuffle
+    (measured on a teacher's maps at 640: 8.9 KB/image against 10.7 with lz4 + bitshuffle); then a crc32c checksum."""
+    if dtype == "uint8":
+        return [BloscCodec(cname="zstd", clevel=9, shuffle=BloscShuffle.noshuffle, typesize=1), Crc32cCodec()]
+    return [BloscCodec(cname="lz4", clevel=5, shuffle=BloscShuffle.bitshuffle, typesize=2), Crc32cCodec()]
+
+
+MAP_DTYPES = ("float16", "uint8")
+
+
+def encode_maps(maps: np.ndarray, dtype: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """(stored maps, per-map scales or None) for maps A (r, H, W) >= 0: float16 as they are; uint8 in the square-root
+    domain, q = round(255 sqrt(A / max A)) with max A per map as its scale (NaN rows: q 0, scale NaN). Chosen by
+    measurement on a trained teacher: min cosine to the source 0.99999 per layer, linear uint8 0.99995."""
+    if dtype == "float16":
+        return maps.astype(np.float16, copy=False), None
+    x = np.asarray(maps, dtype=np.float32)
+    scale = x.reshape(len(x), -1).max(1) if x.size else np.zeros(len(x), np.float32)
+    safe = np.where(np.isfinite(scale) & (scale > 0), scale, 1.0)[:, None, None]
+    q = np.round(255.0 * np.sqrt(np.clip(np.nan_to_num(x / safe), 0.0, 1.0))).astype(np.uint8)
+    return q, scale.astype(np.float32)
+
+
+def decode_maps(stored: np.ndarray, scales: np.ndarray | None) -> np.ndarray:
+    """float16 maps from what `encode_maps` stored (uint8 maps are A = scale (q / 255)^2)."""
+    if scales is None:
+        return np.asarray(stored)
+    q = np.asarray(stored, dtype=np.float32) / 255.0
+    return (np.asarray(scales, dtype=np.float32).reshape(-1, *([1] * (q.ndim - 1))) * q * q).astype(np.float16)
+
+
+def small_compressors(typesize: int) -> list:
+    return [BloscCodec(cname="zstd", clevel=3, shuffle=BloscShuffle.shuffle, typesize=typesize), Crc32cCodec()]
+
+
+
+
+def _map_fill(spec: CacheSpec):
+    return np.nan if spec.map_dtype == "float16" else 0
+
+
+def _create_replay_arrays(group: zarr.Group, spec: CacheSpec) -> None:
+    """The replay arrays (E epochs x M positions), chunked by one epoch x chunk_rows positions: one replay unit."""
+    e, m, r = spec.replay.epochs, spec.replay.samples, spec.replay.chunk_rows
+    for layer in spec.layers:
+        group.create_array(
+            f"replay/maps/{layer.index}", shape=(e, m, layer.height, layer.width), chunks=(1, r, layer.height, layer.width),
+            dtype=spec.map_dtype, fill_value=_map_fill(spec), compressors=map_compressors(spec.map_dtype),
+            dimension_names=("epoch", "position", "y", "x"), overwrite=True,
+        )
+        if spec.map_dtype == "uint8":
+            group.create_array(f"replay/scales/{layer.index}", shape=(e, m), chunks=(1, r), dtype="float32",
+                               fill_value=np.nan, compressors=small_compressors(4),
+                               dimension_names=("epoch", "position"), overwrite=True)
+        group.create_array(f"replay/norms/{layer.index}", shape=(e, m), chunks=(1, r), dtype="float32",
+                           fill_value=np.nan, compressors=small_compressors(4), dimension_names=("epoch", "position"),
+                           overwrite=True)
+    for name, dtype, fill, size in (("sample", "int32", -1, 4), ("record", "uint64", 0, 8), ("done", "bool", False, 1)):
+        group.create_array(f"replay/{name}", shape=(e, m), chunks=(1, r), dtype=dtype, fill_value=fill,
+                           compressors=small_compressors(size), dimension_names=("epoch", "position"), overwrite=True)
+
+
+def create_arrays(group: zarr.Group, spec: CacheSpec, files: Sequence[str]) -> None:
+    """Every array of a new store, as the layout above says (the spec attribute is written after, by the store)."""
+    n, r = spec.n_rows, spec.chunk_rows
+    for layer in spec.layers:
+        group.create_array(
+            f"maps/{layer.index}", shape=(n, layer.height, layer.width), chunks=(r, layer.height, layer.width),
+            dtype=spec.map_dtype, fill_value=_map_fill(spec), compressors=map_compressors(spec.map_dtype),
+            dimension_names=("row", "y", "x"), overwrite=True,
+        )
+        if spec.map_dtype == "uint8":
+            group.create_array(f"scales/{layer.index}", shape=(n,), chunks=(r,), dtype="float32", fill_value=np.nan,
+                               compressors=small_compressors(4), dimension_names=("row",), overwrite=True)
+        group.create_array(
+            f"norms/{layer.index}", shape=(n,), chunks=(r,), dtype="float32", fill_value=np.nan,
+            compressors=small_compressors(4), dimension_names=("row",), overwrite=True,
+        )
+    group.create_array(
+        "letterbox", shape=(n, width := len(spec.letterbox.columns)), chunks=(r, width), dtype="float32",
+        fill_value=np.nan,
+        compressors=small_compressors(4), dimension_names=("row", "field"),
+        attributes={"columns": list(spec.letterbox.columns)}, overwrite=True,
+    )
+    group.create_array("done", shape=(n,), chunks=(r,), dtype="bool", fill_value=False,
+                       compressors=small_compressors(1), dimension_names=("row",), overwrite=True)
+    files_arr = group.create_array("files", shape=(n,), chunks=(r,), dtype=str, fill_value="",
+                                   dimension_names=("row",), overwrite=True)
+    files_arr[:] = np.asarray(files, dtype=object)
+    if spec.replay is not None:
+        _create_replay_arrays(group, spec)
