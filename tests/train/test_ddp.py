@@ -28,7 +28,7 @@ from types import SimpleNamespace
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 OUT_ENV, OVERRIDES_ENV = "ATCACHE_DDP_TEST_OUT", "ATCACHE_DDP_TEST_OVERRIDES"
 
 

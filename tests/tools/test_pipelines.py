@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import zarr
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_voc_build_cache_pipeline_two_shards(voc_devkit, teacher_pt, built_cache, tmp_path):

@@ -85,7 +85,7 @@ def test_not_a_devkit(tmp_path):
 def test_shipped_voc_yaml_matches_the_generated_one(voc_yaml):
     from pathlib import Path
 
-    shipped = yaml.safe_load((Path(__file__).parents[1] / "data" / "VOC.yaml").read_text())
+    shipped = yaml.safe_load((Path(__file__).parents[2] / "data" / "VOC.yaml").read_text())
     generated = yaml.safe_load(voc_yaml.read_text())
     for key in ("train", "val", "test", "names"):
         assert shipped[key] == generated[key], key
