@@ -1,9 +1,126 @@
-"""Stores that no teacher wrote, for tests and storage benchmarks: a spec, random rows and a filled store."""
+"""Helpers for atcache's tests and storage benchmarks (like numpy.testing): stores that no teacher wrote (a spec,
+random rows, a filled store), the toy settings the test suite runs at, and assertions its modules share. Nothing here
+imports zarr or ultralytics directly (see tests/test_layout.py); heavy imports stay inside the functions."""
 
 from __future__ import annotations
 
+import csv
+from pathlib import Path
+
 import cv2
 import numpy as np
+
+TEST_IMGSZ = 64
+TEST_LAYERS = (6, 8, 13, 16, 19, 22)
+COMMON = ["--student", "yolo11n.yaml", "--epochs", "1", "--imgsz", str(TEST_IMGSZ), "--batch", "4", "--device", "cpu",
+          "plots=False", "workers=0", "nbs=4"]  # training options for one tiny epoch; nbs=batch: a step every batch
+
+
+def build_config(data_yaml, out, **overrides):
+    """A BuildConfig at the test settings (yolo11n.yaml teacher, imgsz 64, batch 4, cpu, chunks of 8 rows)."""
+    from atcache.config import BuildConfig
+
+    kw = dict(teacher="yolo11n.yaml", data=str(data_yaml), out=str(out), imgsz=TEST_IMGSZ, batch=4, device="cpu",
+              workers=0, chunk_rows=8, layers=TEST_LAYERS, progress=False)
+    kw.update(overrides)
+    return BuildConfig(**kw)
+
+
+def build_args(data, teacher, out, *extra, chunk_rows: int = 8) -> list[str]:
+    """`atcache build-cache` arguments at the test settings of `build_config` (strings, for CliRunner or argv)."""
+    return ["build-cache", "--teacher", str(teacher), "--data", str(data), "--out", str(out),
+            "--imgsz", str(TEST_IMGSZ), "--batch", "4", "--device", "cpu", "--workers", "0", "--chunk-rows", str(chunk_rows), "--no-progress",
+            *(str(a) for a in extra)]
+
+
+def cli_command(data, teacher, out, *extra) -> list[str]:
+    """`python -m atcache build-cache` (a fresh process) with the settings of `build_args`."""
+    import sys
+
+    return [sys.executable, "-m", "atcache", *build_args(data, teacher, out, *extra)]
+
+
+def invoke(*args):
+    """`atcache ARGS` through typer's CliRunner (arguments str()-ed); the result has exit_code and output."""
+    from typer.testing import CliRunner
+
+    from atcache.cli import app
+
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def yolo_dataset(data_yaml, split: str = "train", imgsz: int = TEST_IMGSZ):
+    """The YOLODataset ultralytics' trainer builds for `split` (augment=True, default hyperparameters)."""
+    from atcache.yolo import YOLODataset, check_det_dataset, get_cfg
+
+    data = check_det_dataset(str(data_yaml))
+    return YOLODataset(img_path=data[split], imgsz=imgsz, augment=True, hyp=get_cfg(), data=data, prefix="")
+
+
+def train_dataset(data_yaml, **hyp):
+    """The training dataset ultralytics' trainer builds (build_yolo_dataset, mode train, batch 4) for these settings,
+    and the cfg it was built with."""
+    from atcache.yolo import build_yolo_dataset, check_det_dataset, get_cfg
+
+    args = get_cfg(overrides={"imgsz": TEST_IMGSZ, "data": str(data_yaml), **hyp})
+    data = check_det_dataset(str(data_yaml))
+    return build_yolo_dataset(args, data["train"], batch=4, data=data, mode="train"), data, args
+
+
+def target_dataset(data_yaml, cache, mode="warp", layers=TEST_LAYERS, **hyp):
+    """The training dataset ultralytics builds for these settings, with cached targets attached."""
+    from atcache.train.datasets import build_dataset
+    from atcache.train.targets import CacheTargets
+    from atcache.yolo import check_det_dataset, get_cfg
+
+    args = get_cfg(overrides={"imgsz": TEST_IMGSZ, "data": str(data_yaml), **hyp})
+    data = check_det_dataset(str(data_yaml))
+    return build_dataset(args, data["train"], data, batch=4, targets=CacheTargets.load(cache, layers), target_mode=mode)
+
+
+def save_teacher_checkpoint(path, cfg: str = "yolo11n.yaml", seed: int = 0) -> Path:
+    """A random teacher checkpoint whose maps are not ~eps (He-normal convs; see atcache.yolo.save_random_teacher)."""
+    from atcache.yolo import save_random_teacher
+
+    return save_random_teacher(cfg, path, nc=20, seed=seed, imgsz=TEST_IMGSZ)
+
+
+def results(run) -> dict[str, float]:
+    """The last row of an ultralytics run's results.csv, keys stripped."""
+    with open(Path(run) / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    return {k.strip(): float(v) for k, v in rows[-1].items()}
+
+
+def assert_one_line_error(result, *needles) -> None:
+    """A CliRunner result that is exit code 2 and exactly one line `atcache: error: ...` containing every needle."""
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    lines = [l for l in result.output.splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("atcache: error:"), result.output
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+def assert_clean(out) -> None:
+    """No leftovers of interrupted writes and no ownership records in the local store `out`."""
+    from atcache.cache.claims import LOCK_PREFIX
+
+    out = Path(out)
+    assert not list(out.rglob("*.partial")), "leftovers of interrupted writes"
+    assert not (out / LOCK_PREFIX).exists(), "ownership records left behind"
+
+
+def traced_views(ds, n):
+    """(augmented image, recorded view) for n samples, with the view taken before __getitem__ drops it."""
+    from atcache.train.targets import VIEW_KEY
+
+    out = []
+    for i in range(n):
+        labels = ds.transforms(ds.get_image_and_label(i % len(ds)))
+        out.append((labels["img"].numpy().transpose(1, 2, 0)[..., ::-1].astype(np.float64), labels[VIEW_KEY]))
+    return out
+
 
 def seed_layers(imgsz: int = 640) -> tuple:
     """The reference setup's six YOLO11 layers (6, 8, 13, 16, 19, 22; strides 16, 32, 16, 8, 16, 32) as LayerSpecs at `imgsz`."""

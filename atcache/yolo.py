@@ -2,7 +2,7 @@
 
 Before the first ultralytics import this sets YOLO_OFFLINE (unless the user set it), YOLO_CONFIG_DIR when a run asked
 for its own (`prepare(config_dir)`), and a local copy of the font ultralytics would otherwise download. Names load on
-first use (PEP 562), so `import atcache.yolo` itself imports neither torch nor ultralytics. Also here: loading a model
+first use (PEP 562), so `import atcache.yolo` itself imports neither torch nor ultralytics; `prepare()` imports it. Also here: loading a model
 (the teacher, or a student for visualize) from a checkpoint or a model YAML.
 """
 
@@ -35,6 +35,7 @@ _NAMES = {
     "YOLODataset": "ultralytics.data.dataset", "build_yolo_dataset": "ultralytics.data.build",
     "check_det_dataset": "ultralytics.data.utils", "IMG_FORMATS": "ultralytics.data.utils",
     "img2label_paths": "ultralytics.data.utils", "imread": "ultralytics.utils.patches",
+    "get_split_fraction": "ultralytics.data.utils", "colorstr": "ultralytics.utils",
     **{n: "ultralytics.data.augment" for n in ("Albumentations", "Compose", "CopyPaste", "CutMix", "Format", "LetterBox",
                                                "MixUp", "Mosaic", "RandomFlip", "RandomHSV", "RandomPerspective")},
 }
@@ -43,24 +44,28 @@ _ready = False
 
 
 def prepare(config_dir: str | Path | None = None) -> None:
-    """Set YOLO_OFFLINE (unless the user set it) and, before ultralytics' first import, YOLO_CONFIG_DIR = config_dir.
+    """Set YOLO_OFFLINE (unless the user set it) and, before ultralytics' first import, YOLO_CONFIG_DIR = config_dir;
+    then import ultralytics and copy a local font into its config dir.
 
-    ultralytics reads both at import time; its dataset check calls check_font("Arial.ttf"), which downloads even when
-    offline unless the font is in its config dir, so one is copied there on first use (`ultralytics_attr`)."""
+    ultralytics reads both variables at import time; its dataset check calls check_font("Arial.ttf"), which downloads
+    even when offline unless the font is in its config dir. Importing it here, before torch does any work, also lets
+    ultralytics set its thread settings (OMP_NUM_THREADS) as a plain ultralytics run has them, so atcache's numbers
+    equal one process to the next."""
+    global _ready
     os.environ.setdefault("YOLO_OFFLINE", "1")
     if config_dir is not None and "ultralytics" not in sys.modules:
         os.environ["YOLO_CONFIG_DIR"] = str(Path(config_dir).resolve())
-
-
-def ultralytics_attr(module: str, name: str):
-    """`name` from ultralytics' `module`, with the environment prepared first."""
-    global _ready
     if not _ready:
-        prepare()
         from ultralytics.utils import USER_CONFIG_DIR
 
         _install_font(USER_CONFIG_DIR)
         _ready = True
+
+
+def ultralytics_attr(module: str, name: str):
+    """`name` from ultralytics' `module`, with the environment prepared first."""
+    if not _ready:
+        prepare()
     return getattr(importlib.import_module(module), name)
 
 

@@ -28,17 +28,13 @@ RESULTS = Path("pipelines/results/streaming_cpu.json")
 
 def training_dataset(data_yaml: Path, imgsz: int, cache, batch: int):
     """The warp-mode training dataset ultralytics builds with the demo's hyperparameters, targets from `cache`."""
-    from ultralytics.cfg import get_cfg
-    from ultralytics.data.build import build_yolo_dataset
-    from ultralytics.data.utils import check_det_dataset
-
     from atcache.tools.demo import DEMO_HYP
-    from atcache.train.targets import attach_targets
+    from atcache.train.datasets import build_dataset
+    from atcache.yolo import check_det_dataset, get_cfg
 
     args = get_cfg(overrides={"imgsz": imgsz, "data": str(data_yaml), **DEMO_HYP})
     data = check_det_dataset(str(data_yaml))
-    ds = build_yolo_dataset(args, data["train"], batch=batch, data=data, mode="train")
-    return ds if cache is None else attach_targets(ds, cache, "warp", data["path"], args)
+    return build_dataset(args, data["train"], data, batch=batch, targets=cache, target_mode=None if cache is None else "warp")
 
 
 def loader_rate(dataset, workers: int, batch: int, samples: int, streaming: bool, window: int) -> dict:

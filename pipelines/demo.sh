@@ -3,7 +3,7 @@
 # a YOLO11n student trained plain, from the cache and online for the same epochs -> one table
 # (runs/demo/demo_results.md and .json), copied into pipelines/results/ with the machine in its last line.
 #
-#   bash pipelines/demo.sh                      # CPU, ~10 min on 2 cores
+#   bash pipelines/demo.sh                      # CPU, ~6-7 min on 2 cores (two jobs at a time; it prints an estimate first)
 #   TAG=gpu bash pipelines/demo.sh --device 0 --images 2000 --imgsz 320 --teacher-epochs 60 --student-epochs 40   # a GPU
 set -euo pipefail
 OUT=${OUT:-runs/demo}

@@ -1,11 +1,10 @@
-"""Shared fixtures and helpers: an offline ultralytics, a small synthetic VOC dataset, one cache built from it, and
-the assertions several test modules make (one-line errors, equal stores, clean stores)."""
+"""Shared fixtures: an offline ultralytics, a small synthetic VOC dataset, a teacher, one cache built from both, and
+assert_same_store. Constants and pure helpers (TEST_IMGSZ, TEST_LAYERS, COMMON, build_config, build_args, invoke,
+assert_one_line_error, target_dataset, ...) live in atcache.testing; tests import them from there, never from here."""
 
 from __future__ import annotations
 
-import csv
 import os
-import sys
 import tempfile
 from pathlib import Path
 
@@ -19,12 +18,10 @@ import numpy as np  # noqa: E402
 import zarr  # noqa: E402
 import pytest  # noqa: E402
 
+from atcache.testing import TEST_IMGSZ, TEST_LAYERS, build_config, save_teacher_checkpoint  # noqa: E402
 from atcache.yolo import prepare  # noqa: E402
 
 prepare()
-
-TEST_IMGSZ = 64
-TEST_LAYERS = (6, 8, 13, 16, 19, 22)
 
 
 @pytest.fixture(scope="session")
@@ -41,22 +38,6 @@ def voc_yaml(voc_devkit, tmp_path_factory) -> Path:
     return prepare_voc(voc_devkit, tmp_path_factory.mktemp("voc") / "VOC", progress=False)
 
 
-def build_config(data_yaml, out, **overrides):
-    from atcache.build.pipeline import BuildConfig
-
-    kw = dict(teacher="yolo11n.yaml", data=str(data_yaml), out=str(out), imgsz=TEST_IMGSZ, batch=4, device="cpu",
-              workers=0, chunk_rows=8, layers=TEST_LAYERS, progress=False)
-    kw.update(overrides)
-    return BuildConfig(**kw)
-
-
-def save_teacher_checkpoint(path: Path, cfg: str = "yolo11n.yaml", seed: int = 0) -> Path:
-    """A random teacher checkpoint whose maps are not ~eps (He-normal convs; see atcache.yolo.save_random_teacher)."""
-    from atcache.yolo import save_random_teacher
-
-    return save_random_teacher(cfg, path, nc=20, seed=seed, imgsz=TEST_IMGSZ)
-
-
 @pytest.fixture(scope="session")
 def teacher_pt(tmp_path_factory) -> Path:
     return save_teacher_checkpoint(tmp_path_factory.mktemp("teacher") / "teacher_n.pt")
@@ -71,8 +52,8 @@ def built_cache(voc_yaml, teacher_pt, tmp_path_factory) -> Path:
     return out
 
 
-# ---------------------------------------------------------------------- helpers shared by several test modules
-def store_arrays(path):
+def _store_arrays(path) -> dict:
+    """Every array of a store at the test layers, read with plain zarr (not through atcache)."""
     g = zarr.open_group(str(path), mode="r")
     out = {"files": list(g["files"][:]), "done": g["done"][:], "letterbox": g["letterbox"][:]}
     for layer in TEST_LAYERS:
@@ -81,17 +62,8 @@ def store_arrays(path):
     return out
 
 
-def assert_one_line_error(result, *needles):
-    assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output
-    lines = [l for l in result.output.splitlines() if l.strip()]
-    assert len(lines) == 1 and lines[0].startswith("atcache: error:"), result.output
-    for n in needles:
-        assert n in lines[0], lines[0]
-
-
-def assert_same_store(a, b):
-    x, y = store_arrays(a), store_arrays(b)
+def _assert_same_store(a, b) -> None:
+    x, y = _store_arrays(a), _store_arrays(b)
     assert x.keys() == y.keys()
     for key in x:
         if key == "files":
@@ -100,54 +72,11 @@ def assert_same_store(a, b):
             np.testing.assert_array_equal(x[key], y[key], err_msg=key)
 
 
-def cli_command(voc_yaml, teacher_pt, out):
-    """`python -m atcache build-cache` with the settings of the session's `built_cache`."""
-    return [sys.executable, "-m", "atcache", "build-cache", "--teacher", str(teacher_pt), "--data", str(voc_yaml),
-            "--out", str(out), "--imgsz", str(TEST_IMGSZ), "--batch", "4", "--device", "cpu", "--workers", "0",
-            "--chunk-rows", "8", "--no-progress"]
-
-
-def assert_clean(out: Path) -> None:
-    assert not list(out.rglob("*.partial")), "leftovers of interrupted writes"
-    from atcache.cache.claims import LOCK_PREFIX
-
-    assert not (out / LOCK_PREFIX).exists(), "ownership records left behind"
-
-
-def target_dataset(voc_yaml, cache, mode="warp", layers=TEST_LAYERS, **hyp):
-    """The training dataset ultralytics builds for these settings, with cached targets attached."""
-    from ultralytics.cfg import get_cfg
-    from ultralytics.data.build import build_yolo_dataset
-    from ultralytics.data.utils import check_det_dataset
-
-    from atcache.train.targets import CacheTargets, attach_targets
-
-    args = get_cfg(overrides={"imgsz": TEST_IMGSZ, "data": str(voc_yaml), **hyp})
-    data = check_det_dataset(str(voc_yaml))
-    ds = build_yolo_dataset(args, data["train"], batch=4, data=data, mode="train")
-    return attach_targets(ds, CacheTargets.load(cache, layers), mode, data["path"], args)
-
-
-def traced_views(ds, n):
-    """(augmented image, recorded view) for n samples, with the view taken before __getitem__ drops it."""
-    from atcache.train.targets import VIEW_KEY
-
-    out = []
-    for i in range(n):
-        labels = ds.transforms(ds.get_image_and_label(i % len(ds)))
-        out.append((labels["img"].numpy().transpose(1, 2, 0)[..., ::-1].astype(np.float64), labels[VIEW_KEY]))
-    return out
-
-
-COMMON = ["--student", "yolo11n.yaml", "--epochs", "1", "--imgsz", str(TEST_IMGSZ), "--batch", "4", "--device", "cpu",
-          "plots=False", "workers=0", "nbs=4"]  # nbs=batch: an optimizer step on every batch
-
-
-def results(run: Path) -> dict[str, float]:
-    with open(run / "results.csv") as f:
-        rows = list(csv.DictReader(f))
-    return {k.strip(): float(v) for k, v in rows[-1].items()}
-
+@pytest.fixture(scope="session")
+def assert_same_store():
+    """assert_same_store(a, b): two stores (paths or URLs) hold the same files, done flags, letterbox rows, maps and
+    norms, read with plain zarr (a fixture, not in atcache.testing: only atcache.cache may import zarr)."""
+    return _assert_same_store
 
 
 @pytest.fixture(scope="session")

@@ -12,26 +12,19 @@ import pytest
 import yaml
 import zarr
 from PIL import Image
-from typer.testing import CliRunner
 
 from atcache import VOC_NAMES
-from atcache.cli import app
 from atcache.data.splits import letterbox_image, read_image, split_files
 from atcache.errors import AtcacheError
-from conftest import TEST_IMGSZ, assert_one_line_error
+from atcache.testing import TEST_IMGSZ, assert_one_line_error, build_args, yolo_dataset
+from atcache.testing import invoke as run
 
-runner = CliRunner()
 LAYERS = "16,22"
 LABEL = "0 0.5 0.5 0.4 0.4\n"
 
 
-def run(*args):
-    return runner.invoke(app, [str(a) for a in args])
-
-
 def build(data, teacher, out, *extra):
-    return run("build-cache", "--teacher", teacher, "--data", data, "--out", out, "--imgsz", TEST_IMGSZ, "--batch", 4,
-               "--device", "cpu", "--workers", 0, "--chunk-rows", 4, "--layers", LAYERS, "--no-progress", *extra)
+    return run(*build_args(data, teacher, out, "--layers", LAYERS, *extra, chunk_rows=4))
 
 
 def train_from_cache(cache, data, project):
@@ -83,16 +76,6 @@ def make_dataset(root: Path, images: dict, orphan_labels=()) -> Path:
     return data
 
 
-def ultralytics_train_dataset(data_yaml):
-    """The YOLODataset ultralytics' trainer builds for the train split (un-augmented images via load_image)."""
-    from ultralytics.cfg import get_cfg
-    from ultralytics.data.dataset import YOLODataset
-    from ultralytics.data.utils import check_det_dataset
-
-    data = check_det_dataset(str(data_yaml))
-    return YOLODataset(img_path=data["train"], imgsz=TEST_IMGSZ, augment=True, hyp=get_cfg(), data=data, prefix="")
-
-
 @pytest.fixture(scope="module")
 def odd_data(tmp_path_factory) -> Path:
     """Non-ASCII dataset root with grey/CMYK/16-bit/RGBA/EXIF/1x1/2000x12/12x2000 images and a label without image."""
@@ -102,7 +85,7 @@ def odd_data(tmp_path_factory) -> Path:
 def test_teacher_input_equals_ultralytics_for_every_image_kind(odd_data):
     from ultralytics.data.augment import LetterBox
 
-    ds = ultralytics_train_dataset(odd_data)
+    ds = yolo_dataset(odd_data)
     kept = sorted(Path(f).name for f in ds.im_files)
     assert kept == sorted(set(ODD_IMAGES) - {"tiny.jpg"})  # ultralytics drops images under 10 px
     for i, f in enumerate(ds.im_files):
@@ -116,6 +99,7 @@ def test_teacher_input_equals_ultralytics_for_every_image_kind(odd_data):
     assert tiny.shape == (TEST_IMGSZ, TEST_IMGSZ, 3) and tuple(lb[:4]) == (1, 1, TEST_IMGSZ, TEST_IMGSZ)
 
 
+@pytest.mark.slow
 def test_odd_images_build_inspect_and_train(odd_data, teacher_pt, tmp_path):
     from atcache.train.targets import CacheTargets
 
@@ -133,10 +117,10 @@ def test_odd_images_build_inspect_and_train(odd_data, teacher_pt, tmp_path):
     np.testing.assert_array_equal(lb["tall.jpg"][:6], [2000, 12, 64, 1, 0, 31])
     np.testing.assert_array_equal(lb["tiny.jpg"], [1, 1, 64, 64, 0, 0, 64])
 
-    inspected = run("inspect", out)
+    inspected = run("inspect", "--cache", out)
     assert inspected.exit_code == 0 and f"{len(ODD_IMAGES)}/{len(ODD_IMAGES)} rows done" in inspected.output
 
-    ds = ultralytics_train_dataset(odd_data)  # training joins by path exactly the images ultralytics kept
+    ds = yolo_dataset(odd_data)  # training joins by path exactly the images ultralytics kept
     cache = CacheTargets.load(out, (16, 22))
     rows = cache.rows_for(ds.im_files, root)
     assert [cache.files[r] for r in rows] == [Path(f).relative_to(root).as_posix() for f in ds.im_files]
@@ -175,7 +159,7 @@ def test_truncated_and_unterminated_jpegs_end_to_end(broken_jpegs, teacher_pt, t
     assert "skipped images/train/cut.jpg: " in skipped.output and "skipped images/train/tail.jpg: " in skipped.output
     assert "does not end with its FFD9 end marker" in skipped.output
     assert list(zarr.open_group(str(out), mode="r")["done"][:]) == [True, True, False, False]
-    inspected = run("inspect", out)
+    inspected = run("inspect", "--cache", out)
     assert inspected.exit_code == 0 and "2/4 rows done" in inspected.output
 
     refused = train_from_cache(out, broken_jpegs, tmp_path / "runs")
@@ -193,7 +177,7 @@ def test_truncated_and_unterminated_jpegs_end_to_end(broken_jpegs, teacher_pt, t
     ours, _ = letterbox_image(read_image(tail), TEST_IMGSZ)
     from ultralytics.data.augment import LetterBox
 
-    ds = ultralytics_train_dataset(broken_jpegs)
+    ds = yolo_dataset(broken_jpegs)
     i = ds.im_files.index(str(tail))
     ref = LetterBox(new_shape=(TEST_IMGSZ, TEST_IMGSZ), scaleup=False, center=True)(image=ds.load_image(i)[0])
     np.testing.assert_array_equal(ours, ref)

@@ -1,33 +1,31 @@
 """The command line through typer's CliRunner: help everywhere, and one clear line (no traceback) for bad input."""
 
+import dataclasses
+import inspect
 import json
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
+import typer
 import zarr
-from typer.testing import CliRunner
 
 from atcache.cli import app
-from conftest import TEST_IMGSZ, assert_one_line_error
+from atcache.config import AUTO_DEVICE, BuildConfig, DemoConfig, DistillSettings, RunSettings
+from atcache.testing import assert_one_line_error, build_args
+from atcache.testing import invoke as run
+from atcache.version import __version__
 
-runner = CliRunner()
 COMMANDS = ["make-demo-data", "prepare-voc", "build-cache", "train", "train-from-cache", "train-online", "demo", "study",
-            "bench"]
-
-
-def run(*args):
-    return runner.invoke(app, [str(a) for a in args])
+            "bench", "inspect", "visualize", "fidelity"]
 
 
 @pytest.mark.parametrize("command", COMMANDS)
 def test_help(command):
     result = run(command, "--help")
     assert result.exit_code == 0 and "Usage" in result.output
-
-
-def build_args(voc_yaml, teacher, out, *extra):
-    return ["build-cache", "--teacher", teacher, "--data", voc_yaml, "--out", out, "--imgsz", TEST_IMGSZ,
-            "--batch", 4, "--device", "cpu", "--workers", 0, "--chunk-rows", 8, "--no-progress", *extra]
 
 
 def test_build_cache_summary(voc_yaml, teacher_pt, tmp_path):
@@ -85,6 +83,7 @@ def test_make_demo_data_and_prepare_voc(tmp_path):
     assert_one_line_error(bad, "no VOC2007")
 
 
+@pytest.mark.slow
 def test_demo_quick(tmp_path):
     result = run("demo", "--out", tmp_path / "demo", "--quick", "--teacher", "yolo11n.yaml")
     assert result.exit_code == 0, result.output
@@ -113,3 +112,111 @@ def test_demo_quick(tmp_path):
                                           (["--seeds", "0,x"], "--seeds and --at-weights take comma-separated numbers")])
 def test_study_refusals_are_one_line(tmp_path, args, needle):
     assert_one_line_error(run("study", "--out", tmp_path, *args), needle)
+
+
+# ---------------------------------------------------------------------- one way to say a thing, every default once
+def defaults_of(source) -> dict:
+    """Field defaults of a config dataclass, or keyword defaults of a function."""
+    if dataclasses.is_dataclass(source):
+        return {f.name: f.default for f in dataclasses.fields(source) if f.default is not dataclasses.MISSING}
+    return {k: p.default for k, p in inspect.signature(source).parameters.items() if p.default is not p.empty}
+
+
+def as_option_text(name, value):
+    """A config default as the command line spells it: tuples comma-separated, the shard i/n."""
+    if isinstance(value, tuple):
+        return "/".join(map(str, value)) if name == "shard" else ",".join(map(str, value))
+    return value
+
+
+def option_sources() -> dict:
+    """Command -> the configs (or functions) its options fill, in order of precedence."""
+    from atcache.data.synthetic import make_demo_data
+    from atcache.tools.bench import BenchConfig
+    from atcache.tools.fidelity import FidelityConfig
+    from atcache.tools.study import StudyConfig
+    from atcache.tools.visualize import visualize_cache
+
+    train = [RunSettings, DistillSettings]
+    return {"make-demo-data": [make_demo_data], "prepare-voc": [], "build-cache": [BuildConfig], "train": train,
+            "train-from-cache": train, "train-online": train, "demo": [DemoConfig], "study": [StudyConfig],
+            "bench": [BenchConfig], "inspect": [], "visualize": [visualize_cache], "fidelity": [FidelityConfig]}
+
+
+CLI_ONLY = {  # (command, option) -> why its default has no config field
+    ("make-demo-data", "out"): "where to write, not part of the data",
+    ("study", "out"): "the run folder; StudyConfig is what the study depends on (its JSON)",
+    ("train-online", "layers"): "DistillSettings has no default layers; online AT takes the reference setup's six",
+}
+
+
+def test_every_option_default_is_its_config_default():
+    """A typer default equals the default of the config field of the same name (None: 'not given', derived at run
+    time; False: a flag that is off); the few without a field are listed with the reason."""
+    sources = option_sources()
+    commands = typer.main.get_command(app).commands
+    assert list(commands) == COMMANDS and set(sources) == set(COMMANDS)
+    checked = 0
+    for name, command in commands.items():
+        fields = {}
+        for source in reversed(sources[name]):
+            fields.update(defaults_of(source))
+        for param in command.params:
+            if param.param_type_name != "option" or param.required or param.default is None or param.default is False:
+                continue
+            if param.name == "help" or (name, param.name) in CLI_ONLY:
+                continue
+            assert param.name in fields, f"{name} --{param.name}: default {param.default!r} has no config field"
+            got = str(param.default) if isinstance(param.default, Path) else param.default
+            assert got == as_option_text(param.name, fields[param.name]), f"{name} --{param.name}"
+            checked += 1
+    assert checked > 60
+    online = {p.name: p.default for p in commands["train-online"].params}
+    assert online["layers"] == ",".join(map(str, BuildConfig.layers))  # the CLI_ONLY one: the reference layers
+
+
+def test_device_default_is_the_same_everywhere():
+    """Every --device defaults to '' (CUDA device 0 if there is one, else the CPU) and says so."""
+    seen = 0
+    for name, command in typer.main.get_command(app).commands.items():
+        for param in command.params:
+            if param.name == "device":
+                assert param.default == AUTO_DEVICE and "CUDA device 0 if there is one" in param.help, name
+                seen += 1
+    assert seen == 8
+
+
+def test_the_cache_is_spelled_cache_everywhere(built_cache):
+    """--cache in every command that takes a cache; inspect and visualize also take it positionally."""
+    for name, command in typer.main.get_command(app).commands.items():
+        opts = {o for p in command.params if p.param_type_name == "option" for o in p.opts}
+        assert ("--cache" in opts) == (name in ("train-from-cache", "inspect", "visualize", "fidelity")), name
+    by_option, positional = run("inspect", "--cache", built_cache), run("inspect", built_cache)
+    assert by_option.exit_code == positional.exit_code == 0 and by_option.output == positional.output
+    assert run("inspect", built_cache, "--cache", built_cache).exit_code == 0
+    assert_one_line_error(run("inspect"), "no cache given", "--cache")
+    assert_one_line_error(run("inspect", built_cache, "--cache", "other.zarr"), "two caches given")
+
+
+def test_version_is_written_once():
+    result = run("--version")
+    assert result.exit_code == 0 and result.output.strip() == f"atcache {__version__}"
+    pyproject = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
+    assert 'dynamic = ["version"]' in pyproject and 'attr = "atcache.version.__version__"' in pyproject
+    assert "\nversion = " not in pyproject.split("[tool.setuptools.dynamic]")[0]
+    done = subprocess.run([sys.executable, "-m", "atcache", "--version"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == f"atcache {__version__}"
+
+
+def test_help_speaks_of_the_product():
+    for command in [None, *COMMANDS]:
+        out = run(*([command] if command else []), "--help").output
+        assert "seed's" not in out and "session" not in out.lower() and "issue" not in out.lower(), command
+
+
+def test_the_cli_modules_are_short():
+    import atcache.cli
+
+    sizes = {p.name: len(p.read_text().splitlines()) for p in Path(atcache.cli.__file__).parent.glob("*.py")}
+    assert {"__init__.py", "options.py", "cache.py", "train.py", "tools.py"} <= set(sizes)
+    assert all(n < 400 for n in sizes.values()), sizes

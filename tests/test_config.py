@@ -1,10 +1,12 @@
 """The one serialized form of the configs: every field survives the trip to a child process."""
 
 import dataclasses
+from types import SimpleNamespace
 
 import pytest
 
-from atcache.config import BuildConfig, DistillSettings, parse_layers, parse_shard
+from atcache.config import (BuildConfig, DistillSettings, check_replay, check_shard, check_targets, parse_layers,
+                            parse_shard)
 from atcache.errors import AtcacheError
 
 
@@ -61,3 +63,23 @@ def test_layer_and_shard_parsing():
         parse_layers(",")
     with pytest.raises(AtcacheError, match="out of range"):
         parse_shard("4/4")
+
+
+def test_each_check_is_one_function():
+    """The shard range, the target mode (and rect) and the replay settings: one function each, one message."""
+    assert check_shard(3, 4) == (3, 4)
+    for i, n in [(4, 4), (-1, 2), (0, 0)]:
+        with pytest.raises(AtcacheError, match=f"--shard {i}/{n} is out of range"):
+            check_shard(i, n)
+    check_targets("replay")
+    with pytest.raises(AtcacheError, match="--targets 'wrap' is unknown; choose warp, static or replay"):
+        check_targets("wrap")
+    with pytest.raises(AtcacheError, match="rect=True training is not supported with cached targets"):
+        check_targets("warp", rect=True)
+    replay = SimpleNamespace(augment={"mosaic": 1.0, "epochs": 2}, epochs=2)
+    assert check_replay("c.zarr", replay, {"lr0": 0.1, "epochs": 2}) == {"mosaic": 1.0, "epochs": 2, "lr0": 0.1}
+    with pytest.raises(AtcacheError, match=r"mosaic=0.5 differs from the replay arrays of cache c.zarr, built with "
+                                           r"mosaic=1.0; .*--replay-epochs 2 mosaic=0.5"):
+        check_replay("c.zarr", replay, {"mosaic": 0.5})
+    with pytest.raises(AtcacheError, match=r"cache c.zarr has no replay arrays; .*--replay-epochs E.*drop --epoch"):
+        check_replay("c.zarr", None, {}, instead="drop --epoch")

@@ -1,34 +1,86 @@
-"""The shape of the code: no import cycles among atcache's modules (module-level and function-level imports alike),
-and the inspection path stays free of torch and ultralytics."""
+"""The shape of the code: no import cycles among atcache's modules and subpackages (module-level and function-level
+imports alike), zarr only in atcache.cache, ultralytics only through atcache.yolo; the inspection path stays free of
+torch and ultralytics; and every command that touches ultralytics writes nothing outside its folders and downloads
+nothing."""
 
 import ast
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
-PACKAGE = Path(__file__).resolve().parents[1] / "atcache"
+import pytest
+
+from atcache.testing import TEST_IMGSZ
+
+REPO = Path(__file__).resolve().parents[1]
+PACKAGE = REPO / "atcache"
 
 
-def import_graph() -> dict[str, set[str]]:
-    """atcache module -> the atcache modules it imports anywhere in its source (`import`/`from`, any depth)."""
-    modules = {p.stem for p in PACKAGE.glob("*.py")}
+# ---------------------------------------------------------------------------------------------- the import graph
+def module_names(package: Path) -> dict[str, Path]:
+    """Dotted module name -> file, for every module of `package` (a package is its __init__.py)."""
+    out = {}
+    for path in sorted(package.rglob("*.py")):
+        parts = path.relative_to(package.parent).with_suffix("").parts
+        out[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return out
+
+
+def _type_checking_only(tree: ast.AST) -> set[int]:
+    """ids of the import nodes under `if TYPE_CHECKING:` (never executed, so no part of any cycle)."""
+    skip = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            skip |= {id(n) for stmt in node.body for n in ast.walk(stmt)}
+    return skip
+
+
+def imports(module: str, path: Path, type_checking: bool = False) -> list[tuple[str, list[str]]]:
+    """(base, names) for every import in `module`'s source (module level, functions, classes), relative ones resolved:
+    `import a.b` -> ("a.b", []); `from a import b, c` -> ("a", ["b", "c"]); importlib.import_module("x") with a
+    constant -> ("x", []). Imports under `if TYPE_CHECKING:` only with type_checking=True."""
+    tree = ast.parse(path.read_text(), str(path))
+    skip = set() if type_checking else _type_checking_only(tree)
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    out = []
+    for node in ast.walk(tree):
+        if id(node) in skip:
+            continue
+        if isinstance(node, ast.Import):
+            out += [(a.name, []) for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")
+                base = ".".join(parts[: len(parts) - node.level + 1] + ([base] if base else []))
+            out.append((base, [a.name for a in node.names if a.name != "*"]))
+        elif (isinstance(node, ast.Call) and ast.unparse(node.func) in ("importlib.import_module", "import_module",
+                                                                           "__import__")
+              and node.args and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)):
+            out.append((node.args[0].value, []))
+    return out
+
+
+def import_graph(package: Path = PACKAGE) -> dict[str, set[str]]:
+    """module -> the modules of `package` it imports anywhere in its source. `from p import x` is an edge to module
+    p.x when there is one, else to p (whose __init__ defines x); `import p.q` to p.q."""
+    modules = module_names(package)
     graph = {}
-    for path in PACKAGE.glob("*.py"):
+    for module, path in modules.items():
         edges = set()
-        for node in ast.walk(ast.parse(path.read_text())):
-            names = []
-            if isinstance(node, ast.Import):
-                names = [a.name for a in node.names]
-            elif isinstance(node, ast.ImportFrom) and node.module:
-                names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+        for base, names in imports(module, path):
+            if not names:
+                while base and base not in modules:  # `import a.b.name`-like forms: the module that holds it
+                    base = base.rpartition(".")[0]
+                edges |= {base} if base else set()
             for name in names:
-                parts = name.split(".")
-                if parts[0] == "atcache" and len(parts) > 1 and parts[1] in modules:
-                    edges.add(parts[1])
-                elif name == "atcache":  # the package itself: its __init__
-                    edges.add("__init__")
-        graph[path.stem] = edges - {path.stem}
+                if f"{base}.{name}" in modules:
+                    edges.add(f"{base}.{name}")
+                elif base in modules:
+                    edges.add(base)
+        graph[module] = edges - {module}
     return graph
 
 
@@ -55,18 +107,63 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str]:
     return []
 
 
+def importers_of(top: str, allowed) -> list[str]:
+    """'module: name' for every import of `top` (or top.*) anywhere in a module for which allowed(module) is false."""
+    bad = []
+    for module, path in module_names(PACKAGE).items():
+        if allowed(module):
+            continue
+        for base, _ in imports(module, path, type_checking=True):
+            if base == top or base.startswith(top + "."):
+                bad.append(f"{module}: {base}")
+    return sorted(set(bad))
+
+
+def test_the_import_graph_covers_the_subpackages():
+    graph = import_graph()
+    assert {"atcache", "atcache.cli", "atcache.yolo", "atcache.cache.store", "atcache.build.pipeline",
+            "atcache.train.trainer", "atcache.tools.fidelity"} <= graph.keys()
+    assert "atcache.cache.format" in graph["atcache.cache.store"]
+
+
 def test_the_import_graph_has_no_cycles():
     graph = import_graph()
-    assert {"build", "runners", "compute", "store", "train"} <= graph.keys()
     assert find_cycle(graph) == [], " -> ".join(find_cycle(graph))
 
 
-def test_the_cycle_finder_finds_cycles():
+def test_zarr_is_imported_only_in_atcache_cache():
+    bad = importers_of("zarr", lambda m: m == "atcache.cache" or m.startswith("atcache.cache."))
+    assert bad == [], "zarr imported outside atcache/cache/: " + "; ".join(bad)
+
+
+def test_ultralytics_is_imported_only_by_atcache_yolo():
+    """Every ultralytics name comes through atcache.yolo, which sets YOLO_OFFLINE, YOLO_CONFIG_DIR and fonts first."""
+    bad = importers_of("ultralytics", lambda m: m == "atcache.yolo")
+    assert bad == [], "import ultralytics names from atcache.yolo instead: " + "; ".join(bad)
+
+
+def test_the_checks_find_what_they_look_for(tmp_path):
+    """The graph, the cycle finder and the import finder on a made-up package: relative imports, `from p import
+    module`, function-level and importlib imports count; TYPE_CHECKING ones are no edges."""
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set(), "c": {"a", "b"}}) == []
     assert find_cycle({"a": {"a"}}) == ["a", "a"]
+    pkg = tmp_path / "pkg"
+    (pkg / "sub").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("from pkg.sub import mod\n")
+    (pkg / "sub" / "__init__.py").write_text("")
+    (pkg / "sub" / "mod.py").write_text("def f():\n    from ..other import g\n")
+    (pkg / "other.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from pkg import top\n"
+                                  "def g():\n    import importlib\n    return importlib.import_module('pkg.sub.mod')\n")
+    graph = import_graph(pkg)
+    assert graph == {"pkg": {"pkg.sub.mod"}, "pkg.sub": set(), "pkg.sub.mod": {"pkg.other"},
+                     "pkg.other": {"pkg.sub.mod"}}
+    assert find_cycle(graph) == ["pkg.sub.mod", "pkg.other", "pkg.sub.mod"]
+    assert imports("pkg.other", pkg / "other.py", type_checking=True)[:2] == [("typing", ["TYPE_CHECKING"]),
+                                                                              ("pkg", ["top"])]
 
 
+# ------------------------------------------------------------------------------------------ imports at run time
 INSPECT = """
 import json, sys
 from typer.testing import CliRunner
@@ -77,6 +174,7 @@ print(json.dumps({"exit_code": result.exit_code, "output": result.output,
 """
 
 
+@pytest.mark.slow
 def test_inspect_on_a_local_cluster_imports_neither_torch_nor_ultralytics(built_cache, tmp_path):
     """`atcache inspect --verify --scheduler local:2` in a fresh process: the report is made, torch never loaded."""
     report = tmp_path / "inspect.json"
@@ -90,8 +188,86 @@ def test_inspect_on_a_local_cluster_imports_neither_torch_nor_ultralytics(built_
 
 
 def test_the_public_api_is_what_the_package_exports():
+    import importlib
+
     import atcache
 
-    for name in atcache.__all__:
-        assert getattr(atcache, name) is not None, name
+    assert atcache.__all__ == ["__version__", "VOC_NAMES", *atcache._EXPORTS]
+    for name, module in atcache._EXPORTS.items():
+        obj = getattr(atcache, name)  # resolves (imports its module) or raises
+        assert callable(obj), name  # every export is a class or a function
+        assert obj is getattr(importlib.import_module(f"atcache.{module}"), name), name
     assert atcache.open_cache.__module__ == "atcache.cache.inspect"
+
+
+# ------------------------------------------------------------- what the commands touching ultralytics leave behind
+OFFLINE = {"http_proxy": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9", "HTTP_PROXY": "http://127.0.0.1:9",
+           "HTTPS_PROXY": "http://127.0.0.1:9", "ALL_PROXY": "http://127.0.0.1:9", "no_proxy": "", "NO_PROXY": "",
+           "HF_HUB_OFFLINE": "1"}
+NETWORK_SIGNS = ("Downloading", "https://", "127.0.0.1:9", "Connection refused", "ProxyError", "Max retries",
+                 "urlopen error")
+
+
+def network_lines(output: str) -> list[str]:
+    """Lines that show a download or a connection tried (links to ultralytics' docs in its messages are neither)."""
+    return [line for line in output.splitlines() if any(s in line for s in NETWORK_SIGNS)
+            and "https://docs.ultralytics.com" not in line]
+
+
+def _tree(path: Path) -> dict[str, float]:
+    """relative path -> mtime for everything under `path` ({} when it does not exist)."""
+    return {str(p.relative_to(path)): p.stat().st_mtime for p in path.rglob("*")} if path.exists() else {}
+
+
+def _new_untracked() -> set[str]:
+    """Untracked, not ignored paths in the repo (source files people are writing left out: only tool droppings)."""
+    out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"], cwd=REPO, capture_output=True,
+                         text=True, check=True).stdout
+    return {line[3:] for line in out.splitlines()
+            if line.startswith("??") and not line.endswith((".py", ".md", ".toml", ".sh", ".txt"))}
+
+
+@pytest.mark.slow
+def test_commands_touching_ultralytics_write_only_their_outputs_and_download_nothing(tmp_path):
+    """Each command that loads ultralytics, in a fresh process with an empty HOME and YOLO_CONFIG_DIR, the cwd in a
+    temporary folder, YOLO_OFFLINE unset (atcache sets it) and every proxy a closed port: nothing is downloaded,
+    nothing is written in the repository or the real ~/.config/Ultralytics."""
+    home, config, cwd, out = (tmp_path / d for d in ("home", "yolo-config", "cwd", "out"))
+    for d in (home, config, cwd, out):
+        d.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("YOLO_", "HF_")) and k.lower() not in OFFLINE}
+    env.update(OFFLINE, HOME=str(home), YOLO_CONFIG_DIR=str(config), MPLCONFIGDIR=str(home / ".mpl"))
+    real_settings = Path(os.path.expanduser("~")) / ".config" / "Ultralytics"
+    settings_before, untracked_before = _tree(real_settings), _new_untracked()
+
+    atcache = [sys.executable, "-m", "atcache"]
+    data, cache, student = out / "VOC" / "VOC.yaml", out / "teacher.zarr", out / "runs" / "s" / "weights" / "last.pt"
+    train = ["--epochs", "1", "--imgsz", str(TEST_IMGSZ), "--batch", "4", "--device", "cpu", "plots=False",
+             "workers=0", "nbs=4"]
+    commands = {
+        "make-demo-data": atcache + ["make-demo-data", "--out", str(out / "demo"), "--images", "8", "--size", "64"],
+        "prepare-voc": atcache + ["prepare-voc", "--devkit", str(out / "demo" / "VOCdevkit"), "--out",
+                                  str(out / "VOC")],
+        "build-cache": atcache + ["build-cache", "--teacher", "yolo11n.yaml", "--data", str(data), "--out", str(cache),
+                                  "--imgsz", str(TEST_IMGSZ), "--batch", "4", "--device", "cpu", "--workers", "0",
+                                  "--chunk-rows", "4", "--layers", "16,22", "--no-progress"],
+        "train-from-cache": atcache + ["train-from-cache", "--cache", str(cache), "--data", str(data), "--student",
+                                       "yolo11n.yaml", "--layers", "16,22", "--project", str(out / "runs"), "--name",
+                                       "s", *train, "val=False"],
+        "train": atcache + ["train", "--data", str(data), "--student", "yolo11n.yaml", "--project", str(out / "runs"),
+                            "--name", "plain", *train],
+        "fidelity": atcache + ["fidelity", "--cache", str(cache), "--teacher", "yolo11n.yaml", "--data", str(data),
+                               "--batches", "1", "--batch", "4", "--device", "cpu"],
+        "visualize": atcache + ["visualize", str(cache), "--data", str(data), "--out", str(out / "vis"), "--images",
+                                "2", "--student", str(student)],
+        "python api": [sys.executable, "-c",
+                       "import atcache; atcache.AtcacheTrainer; import atcache.yolo as y; y.YOLO"],
+    }
+    for name, cmd in commands.items():
+        done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+        output = done.stdout + done.stderr
+        assert done.returncode == 0, f"{name}: {output[-3000:]}"
+        assert not network_lines(output), f"{name} tried the network: {network_lines(output)}"
+    assert student.is_file()
+    assert _tree(real_settings) == settings_before, "the real ~/.config/Ultralytics was written"
+    assert _new_untracked() - untracked_before == set(), "files written in the repository"

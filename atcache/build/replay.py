@@ -14,7 +14,7 @@ from atcache.cache.format import AUGMENT_KEYS, ReplaySpec
 from atcache.cache.store import CacheStore
 from atcache.config import BuildConfig
 from atcache.train.replay import augment_settings, check_training_set, files_sha256, fingerprint, training_dataset
-from atcache.train.seeding import EpochSampler
+from atcache.train.samplers import EpochSampler
 
 
 def replay_spec(cfg: BuildConfig, imgsz: int) -> ReplaySpec:

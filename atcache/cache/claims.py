@@ -1,7 +1,13 @@
-"""Who builds which part of a cache: ownership records beside the arrays, created atomically (create-if-absent on
+"""Who builds which part of a cache: ownership records in the store, created atomically (create-if-absent on
 the store's location), so several builders (shards, devices, dask tasks, machines) never write the same unit, and a dead
 builder's units are taken over. Liveness: on this host the builder's process (pid + kernel start time, /proc), from
-elsewhere a heartbeat record rewritten every HEARTBEAT_S."""
+elsewhere a heartbeat record rewritten every HEARTBEAT_S.
+
+The records stay out of the zarr hierarchy (zarr warns on, and xarray trips over, any key of a group that is not a
+node): the creator's record is the attribute CREATOR_ATTR of the root group's `zarr.json`, which the creator creates
+atomically (so the store is a plain empty zarr group while it is being created, and the spec replaces the record when
+it is complete); the builders' chunk records live under LOCK_PREFIX, inside the `done` array's prefix, which zarr never
+lists (an array has no members; its chunks are addressed by key)."""
 
 from __future__ import annotations
 
@@ -20,8 +26,9 @@ from atcache.errors import AtcacheError, first_line
 if TYPE_CHECKING:
     from atcache.cache.store import CacheStore
 
-CREATE_RECORD = "atcache-create.json"  # remote stores: who claimed the creation
-LOCK_PREFIX = "atcache-locks"  # ownership records of builders (ChunkClaim); zarr ignores these keys
+CREATE_RECORD = "zarr.json"  # the root group's metadata: whoever creates it (atomically) creates the store
+CREATOR_ATTR = "atcache-creator"  # the creator's owner record, a root attribute until the spec replaces it
+LOCK_PREFIX = "done/atcache-locks"  # ownership records of builders (ChunkClaim), inside an array's prefix: zarr never lists it
 LOCK_STALE_S = 600.0
 HEARTBEAT_S = 30.0
 
@@ -31,16 +38,17 @@ def exists_error(loc: Location) -> AtcacheError:
 
 
 def claim_creation(loc: Location) -> bool:
-    """True for exactly one of several builders that find no store at `loc`: it atomically writes the creation record
-    (who creates it), the others wait for the spec while that creator is alive."""
+    """True for exactly one of several builders that find no store at `loc`: it atomically creates the root group's
+    metadata holding the creation record (who creates it), the others wait for the spec while that creator is alive."""
     try:
         if not loc.remote:
             loc.local_path.mkdir(parents=True, exist_ok=True)
-        if loc.exists("zarr.json") or loc.exists(CREATE_RECORD):
+        if loc.exists(CREATE_RECORD):
             return False
         if not loc.is_empty():
             raise AtcacheError(f"{loc} exists and is not an atcache store; choose another --out or remove it")
-        return loc.create(CREATE_RECORD, json.dumps(owner_record("create")).encode())
+        root = {"zarr_format": 3, "node_type": "group", "attributes": {CREATOR_ATTR: owner_record("create")}}
+        return loc.create(CREATE_RECORD, json.dumps(root, indent=2).encode())
     except PermissionError as e:
         raise AtcacheError(f"cannot create cache {loc}: permission denied ({e.filename or e}); choose a writable --out") from None
     except OSError as e:
@@ -50,6 +58,22 @@ def claim_creation(loc: Location) -> bool:
 def _owner_key(token) -> str:
     """Where a builder's heartbeat record lives (its chunk records carry the same token)."""
     return f"{LOCK_PREFIX}/owners/{token}.json"
+
+
+def creation_state(loc: Location) -> tuple[str, dict]:
+    """Where the creation of the store at `loc` stands, read from its root metadata: ("absent", {}) no store yet;
+    ("complete", {}) its spec is written; ("creating", record) its creator's record; ("orphan", {}) a group with neither
+    (not created by a builder, or by an atcache of another format); ("unreadable", {}) metadata not parseable (yet)."""
+    raw = loc.read(CREATE_RECORD)
+    if raw is None:
+        return "absent", {}
+    attributes = parse_record(raw).get("attributes")
+    if not isinstance(attributes, dict):
+        return "unreadable", {}
+    if "atcache" in attributes:  # store.SPEC_ATTR
+        return "complete", {}
+    record = attributes.get(CREATOR_ATTR)
+    return ("creating", record) if isinstance(record, dict) and record else ("orphan", {})
 
 
 def parse_record(raw: bytes) -> dict:
@@ -71,7 +95,7 @@ def clear_for_build(path: "str | Path | Location", *, resume: bool, overwrite: b
 
 
 def remove_store(loc: Location) -> None:
-    if not loc.is_empty() and not loc.exists("zarr.json") and not loc.exists(CREATE_RECORD):
+    if not loc.is_empty() and not loc.exists(CREATE_RECORD):
         raise AtcacheError(f"{loc} is not an atcache store, refusing to delete it; choose another --out")
     loc.remove_all()
 
@@ -118,7 +142,7 @@ def owner_alive(record: dict, stale_s: float = LOCK_STALE_S) -> bool:
 
 
 class ChunkClaim:
-    """One builder's ownership of the row-chunks it computes: a record per chunk under `atcache-locks/`, each created
+    """One builder's ownership of the row-chunks it computes: a record per chunk under LOCK_PREFIX (`done/atcache-locks/`), each created
     atomically, so two builders with overlapping shards never interleave: the second is refused.
 
     Records of a dead builder (kill -9, lost node) are taken over: on this host when its process is gone, from

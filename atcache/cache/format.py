@@ -1,19 +1,32 @@
 """The cache's on-disk format: the frozen spec (written into the store's root attributes, checked on every open),
-the codecs, the encoding of maps, and the arrays of a new store. The store schema:
+the codecs, the encoding of maps, and the arrays of a new store. The store schema (format version 2):
 
-Layout (N rows = images of one split, in ultralytics' order; R = chunk_rows):
-    maps/<layer>   (N, H, W) float16   normalised attention map A          chunks (R, H, W), fill NaN
-    norms/<layer>  (N,)      float32   ||a||_2 before normalisation        chunks (R,),      fill NaN
-    letterbox      (N, 7)    float32   columns spec.LETTERBOX_COLUMNS (attrs["columns"]), read by name  fill NaN
-    files          (N,)      string    image path relative to the dataset root
-    done           (N,)      bool      row written (set only after its data)
-    attrs["atcache"]                   the CacheSpec (spec.py)
+Layout (N rows = images of one split, in ultralytics' order; R = chunk_rows; per layer i of spec.layers, H x W its
+map size; dimension names in brackets, stored as each array's zarr `dimension_names`):
+    maps/<i>       (N, H, W) float16   normalised attention map A  [row, y_<i>, x_<i>]  chunks (R, H, W), fill NaN
+                             or uint8  (--dtype uint8: q = round(255 sqrt(A / max A)), fill 0; see encode_maps)
+    scales/<i>     (N,)      float32   uint8 only: max A of each map   [row]           chunks (R,),      fill NaN
+    norms/<i>      (N,)      float32   ||a||_2 before normalisation    [row]           chunks (R,),      fill NaN
+    letterbox      (N, 7)    float32   columns spec.LETTERBOX_COLUMNS (attrs["columns"]), read by name  [row, field]
+    files          (N,)      string    image path relative to the dataset root  [row]
+    done           (N,)      bool      row written (set only after its data)    [row]
+    attrs["atcache"]                   the CacheSpec (format_version, layers, ...)
+With --replay-epochs (E epochs of M samples, R' = replay chunk_rows), in group `replay`:
+    replay/maps/<i>, replay/scales/<i>, replay/norms/<i>   (E, M[, H, W])  [epoch, position(, y_<i>, x_<i>)]
+    replay/sample (int32), replay/record (uint64), replay/done (bool)  (E, M)  [epoch, position]   chunks (1, R'...)
+
+Within a group a dimension name has one size everywhere (each layer's grid has its own y_<i>, x_<i>), so the store
+opens as it is with xarray: `xr.open_datatree(path, engine="zarr")`, `xr.open_zarr(path, group="maps")`.
+
+Nothing but zarr nodes sits in the hierarchy (zarr, xarray and dask see no foreign key): the builders' ownership
+records (atcache.cache.claims) live where zarr never lists: the creator's record is an attribute of the root
+`zarr.json` (created atomically, replaced by the spec once the store is complete), and the row-chunk claims of running
+builders are files under `done/atcache-locks/` (inside an array's prefix, next to its chunks under `done/c/`).
 
 Row-chunk k (rows k*R .. (k+1)*R) is the unit of writing, resuming and sharding: every array is chunked by R rows
 along axis 0, so one builder writing chunk k touches exactly one chunk file of each array and two builders with
 disjoint chunk ranges never read-modify-write the same file. Each chunk carries a crc32c checksum.
 """
-
 from __future__ import annotations
 
 import dataclasses
@@ -25,7 +38,9 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, BloscShuffle, Crc32cCodec
 
-FORMAT_VERSION = 1
+from atcache.errors import AtcacheError
+
+FORMAT_VERSION = 2  # 2: per-layer dimension names y_<i>, x_<i>; ownership records out of the zarr hierarchy
 # The letterbox array's columns, the one definition (the store writes them as the array's `columns` attribute).
 LETTERBOX_COLUMNS = ("h0", "w0", "h", "w", "pad_top", "pad_left", "ratio")
 
@@ -156,11 +171,10 @@ class CacheSpec:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "CacheSpec":
+    def from_dict(cls, d: dict[str, Any], where: str = "") -> "CacheSpec":
+        """The spec stored in a cache (`where`, for messages); one of another format version is refused."""
         d = dict(d)
-        version = d.get("format_version")
-        if version != FORMAT_VERSION:
-            raise ValueError(f"cache format version {version} is not supported (this atcache reads {FORMAT_VERSION})")
+        check_format_version(d, where)
         d["layers"] = tuple(LayerSpec(**layer) for layer in d["layers"])
         lb = dict(d.get("letterbox", {}))
         if "columns" in lb:
@@ -181,6 +195,17 @@ class CacheSpec:
             if a.get(key) != b.get(key):
                 out.append(f"{key}: {_short(a.get(key))} vs {_short(b.get(key))}")
         return out
+
+
+def check_format_version(d: dict[str, Any], where: str = "") -> None:
+    """The one check of a stored spec's format version: another version is refused in one line naming it and the
+    rebuild command (an older store's layout is not what this atcache reads)."""
+    found = d.get("format_version") if isinstance(d, dict) else None
+    if found != FORMAT_VERSION:
+        cache = f"cache {where}" if where else "this cache"
+        raise AtcacheError(
+            f"{cache} has format version {found if found is not None else 'unknown'}, this atcache reads version "
+            f"{FORMAT_VERSION}; rebuild it with `atcache build-cache ... --out {where or '<cache>'} --overwrite`")
 
 
 def _short(v: Any) -> str:
@@ -225,6 +250,10 @@ def small_compressors(typesize: int) -> list:
     return [BloscCodec(cname="zstd", clevel=3, shuffle=BloscShuffle.shuffle, typesize=typesize), Crc32cCodec()]
 
 
+def grid_dims(layer: LayerSpec) -> tuple[str, str]:
+    """The dimension names of a layer's map grid (H, W): unique per layer, since layers differ in size and a
+    dimension name has one size within a group (xarray)."""
+    return f"y_{layer.index}", f"x_{layer.index}"
 
 
 def _map_fill(spec: CacheSpec):
@@ -238,7 +267,7 @@ def _create_replay_arrays(group: zarr.Group, spec: CacheSpec) -> None:
         group.create_array(
             f"replay/maps/{layer.index}", shape=(e, m, layer.height, layer.width), chunks=(1, r, layer.height, layer.width),
             dtype=spec.map_dtype, fill_value=_map_fill(spec), compressors=map_compressors(spec.map_dtype),
-            dimension_names=("epoch", "position", "y", "x"), overwrite=True,
+            dimension_names=("epoch", "position", *grid_dims(layer)), overwrite=True,
         )
         if spec.map_dtype == "uint8":
             group.create_array(f"replay/scales/{layer.index}", shape=(e, m), chunks=(1, r), dtype="float32",
@@ -259,7 +288,7 @@ def create_arrays(group: zarr.Group, spec: CacheSpec, files: Sequence[str]) -> N
         group.create_array(
             f"maps/{layer.index}", shape=(n, layer.height, layer.width), chunks=(r, layer.height, layer.width),
             dtype=spec.map_dtype, fill_value=_map_fill(spec), compressors=map_compressors(spec.map_dtype),
-            dimension_names=("row", "y", "x"), overwrite=True,
+            dimension_names=("row", *grid_dims(layer)), overwrite=True,
         )
         if spec.map_dtype == "uint8":
             group.create_array(f"scales/{layer.index}", shape=(n,), chunks=(r,), dtype="float32", fill_value=np.nan,

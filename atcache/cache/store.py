@@ -15,7 +15,7 @@ import zarr
 
 from atcache.errors import AtcacheError, first_line
 from atcache.cache.location import Location
-from atcache.cache.claims import CREATE_RECORD, claim_creation, clear_for_build, exists_error, owner_alive, parse_record, remove_store
+from atcache.cache.claims import CREATOR_ATTR, claim_creation, clear_for_build, creation_state, exists_error, owner_alive, remove_store
 from atcache.cache.format import CacheSpec, LetterboxTable, create_arrays, decode_maps, encode_maps
 
 SPEC_ATTR = "atcache"
@@ -63,7 +63,7 @@ class CacheStore:
                 "rebuild with `atcache build-cache --overwrite`"
             )
         try:
-            spec = CacheSpec.from_dict(raw)
+            spec = CacheSpec.from_dict(raw, str(loc))  # refuses another format version, in one line
         except (ValueError, TypeError, KeyError) as e:
             raise AtcacheError(f"cache {loc}: {e}; rebuild it with this atcache version (--overwrite)") from e
         return cls(loc, group, spec)
@@ -78,7 +78,9 @@ class CacheStore:
             raise ValueError(f"{len(files)} files for a spec of {spec.n_rows} rows")
         group = zarr.open_group(loc.url, mode="a", zarr_format=3)
         create_arrays(group, spec, files)
-        group.attrs[SPEC_ATTR] = spec.to_dict()  # written last: a store with a spec is complete
+        # written last: a store with a spec is complete; the creator's record (claims.claim_creation) goes in the same
+        # write of the root metadata, so the attributes of a finished store are the spec alone
+        group.attrs.put({**{k: v for k, v in group.attrs.asdict().items() if k != CREATOR_ATTR}, SPEC_ATTR: spec.to_dict()})
         return cls(loc, group, spec)
 
     @classmethod
@@ -88,8 +90,8 @@ class CacheStore:
     ) -> "CacheStore":
         """The build's entry point: claim and create the store, or reopen it for --resume / a sibling --shard.
 
-        Creation is claimed atomically (mkdir locally, a create-if-absent record remotely), so n shard processes
-        started together create it exactly once."""
+        Creation is claimed atomically (the root `zarr.json`, created if absent with the creator's record), so n shard
+        processes started together create it exactly once."""
         loc = Location.of(path)
         clear_for_build(loc, resume=resume or join, overwrite=overwrite)
         if claim_creation(loc):
@@ -109,14 +111,14 @@ class CacheStore:
         the creation was interrupted (its creator is dead), so the caller starts over: nothing was computed yet."""
         deadline = time.monotonic() + CREATE_WAIT_S
         while True:
-            if loc.exists("zarr.json") and SPEC_ATTR in zarr.open_group(loc.url, mode="r").attrs:
+            state, record = creation_state(loc)
+            if state == "complete":
                 return cls.open(loc, writable=True)
-            raw = loc.read(CREATE_RECORD)
-            if raw is None and not loc.exists("zarr.json"):
+            if state == "absent":
                 if not loc.is_empty() and not wait:
                     raise AtcacheError(f"{loc} exists and is not an atcache store; choose another --out or remove it")
-            elif raw is None or (parse_record(raw) and not owner_alive(parse_record(raw))):
-                return None  # (an unreadable record is one being written: wait for it)
+            elif state == "orphan" or (state == "creating" and not owner_alive(record)):
+                return None  # (unreadable metadata is being written: wait for it)
             if time.monotonic() >= deadline:
                 return None
             time.sleep(0.2)

@@ -128,7 +128,7 @@ def read_image(path: str | Path) -> np.ndarray:
         raise AtcacheError(
             f"image {path} is a JPEG that does not end with its FFD9 end marker, which ultralytics re-saves (new "
             "pixels and size) when it first scans the data, so a cache of it would not match training; re-save it as "
-            f"ultralytics does: python -c \"from atcache.yolo import check_image; check_image({str(path)!r})\" "
+            f"ultralytics does: python -c \"from ultralytics.data.utils import check_image; check_image({str(path)!r})\" "
             "(or pass --skip-bad)"
         )
     if im is None or im.size == 0:

@@ -21,18 +21,11 @@ from atcache.config import DEFAULT_LAYERS, BuildConfig, DistillSettings
 from atcache.data.splits import LetterboxedImages, SplitFiles, split_files
 from atcache.devices import parse_devices, resolve_device
 from atcache.errors import AtcacheError
+from atcache.tools import plans
+from atcache.tools.bench_report import (  # noqa: F401  (format_report: the CLI imports it from here)
+    TRAINER_MODES, TRAINERS, over_rounds, format_report, goals, loader_figures, round_ratios)
 from atcache.tools.measure import device_name
 
-# Goals for the reference setup (GPU, YOLO11m -> YOLO11s, imgsz 640, batch 64): ratio name -> (comparison, value)
-GOALS = {
-    "cache_over_plain": (">=", 0.97),
-    "cache_over_online": (">=", 1.8),
-    "mem_cache_over_plain": ("<=", 1.05),
-    "build_over_inference": (">=", 0.90),
-    "replay_over_plain": (">=", 0.97),
-}
-GOAL_SETUP = {"teacher": "yolo11m", "student": "yolo11s", "imgsz": 640, "batch": 64}
-TRAINERS = ("plain", "cache", "online", "replay")
 MIN_STEPS = 16  # measured steps per trainer and round below which the bench warns
 
 
@@ -51,7 +44,7 @@ class BenchConfig:
     warmup: int = 5
     images: int = 0  # training images used; 0: 8 batches' worth
     workers: int = 8
-    device: str = "cpu"
+    device: str = ""  # '' (config.AUTO_DEVICE): the CLI takes CUDA device 0 if there is one, else cpu
     repeats: int = 3
     loader_samples: int = 200
     rounds: int = 3  # interleaved rounds of the trainers, each in a rotated order
@@ -297,7 +290,7 @@ def _measure_replay_build(cfg: BenchConfig, data_yaml: Path, split: SplitFiles, 
     """A replay build for the trainers' epochs: its views/s (its loop less the static build's, measured before on the
     same images) against the floor, ultralytics' augmented loader plus the teacher's full forward on the same batches."""
     from atcache.train.replay import augment_settings, training_dataset
-    from atcache.train.seeding import EpochSampler
+    from atcache.train.samplers import EpochSampler
     from atcache.yolo import load_model
 
     epochs = _train_epochs(cfg, split)
@@ -334,13 +327,7 @@ def _measure_trainers(cfg: BenchConfig, data_yaml: Path, split: SplitFiles, cach
         "save": False, "close_mosaic": 0, "nbs": cfg.batch,  # nbs=batch: an optimizer step every batch, for all three
         "seed": 0, "deterministic": False,
     }
-    layers = tuple((i, i) for i in cfg.layers)
-    plan = {
-        "plain": DistillSettings(mode="plain"),
-        "cache": DistillSettings(mode="cache", cache=str(cache), layers=layers),
-        "online": DistillSettings(mode="online", teacher=cfg.teacher, layers=layers),
-        "replay": DistillSettings(mode="cache", cache=str(replay_cache), targets="replay", layers=layers),
-    }
+    plan = trainer_settings(cfg, cache, replay_cache)
     _read_once([split.absolute(i) for i in range(len(split.files))] + [p for c in (cache, replay_cache)
                                                                        for p in Path(c).rglob("*") if p.is_file()])
     runs: dict[str, list[dict]] = {name: [] for name in plan}
@@ -353,7 +340,14 @@ def _measure_trainers(cfg: BenchConfig, data_yaml: Path, split: SplitFiles, cach
             runs[name].append({**result, "round": r, "position": order.index(name)})
             log(f"bench: round {r + 1}/{cfg.rounds} {name}: {result['img_per_s']:.1f} img/s, peak memory "
                 f"{result['peak_mem_gb']:.2f} GB ({result['mem_kind']})")
-    return {name: _over_rounds(results) for name, results in runs.items()}
+    return {name: over_rounds(results) for name, results in runs.items()}
+
+
+def trainer_settings(cfg: BenchConfig, cache: Path, replay_cache: Path) -> dict[str, DistillSettings]:
+    """Each trainer's settings, by report name (plain, cache, online, replay), from the one plan of student modes."""
+    sources = plans.Sources(layers=tuple((i, i) for i in cfg.layers), teacher=cfg.teacher, cache=str(cache),
+                            replay_cache=str(replay_cache))
+    return {plans.report_name(mode): plans.plan(mode, sources).settings for mode in TRAINER_MODES}
 
 
 def _read_once(paths) -> None:
@@ -364,104 +358,10 @@ def _read_once(paths) -> None:
                 pass
 
 
-def _over_rounds(results: list[dict]) -> dict:
-    """One trainer's rounds: medians of img/s, step time and peak memory, the spread of img/s, every round's figures
-    (the rest, e.g. loader timings, from the first round)."""
-    ips = [r["img_per_s"] for r in results]
-    med = statistics.median(ips)
-    out = {**results[0], "rounds": len(results), "img_per_s": med,
-           "median_step_s": statistics.median(r["median_step_s"] for r in results),
-           "peak_mem_gb": statistics.median(r["peak_mem_gb"] for r in results),
-           "img_per_s_rounds": ips, "peak_mem_gb_rounds": [r["peak_mem_gb"] for r in results],
-           "position_in_round": [r["position"] for r in results],
-           "img_per_s_spread": (max(ips) - min(ips)) / med if med else None,
-           "step_s_rounds": [r.get("step_s") for r in results]}
-    out.pop("step_s", None)
-    return out
-
-
-def round_ratios(train: dict, a: str, b: str) -> list[float]:
-    """a/b img/s per round (the two measured in the same round)."""
-    return [x / y for x, y in zip(train[a]["img_per_s_rounds"], train[b]["img_per_s_rounds"])]
-
-
-def loader_figures(train: dict) -> dict:
-    """What the loader can produce (samples, and cached targets alone, times its workers) vs what training uses."""
-    plain, cache = train["plain"].get("loader", {}), train["cache"].get("loader", {})
-    workers = max(train["cache"]["workers"], 1)
-    need = train["cache"]["img_per_s"]
-    out = {
-        "workers": train["cache"]["workers"],
-        "plain_samples_per_s_per_worker": plain.get("samples_per_s"),
-        "cache_samples_per_s_per_worker": cache.get("samples_per_s"),
-        "targets_per_s_per_worker": cache.get("targets_per_s"),
-        "rendered_targets_per_s": cache.get("rendered_targets_per_s"),
-        "render_batch": cache.get("render_batch"),
-        "training_need_img_per_s": need,
-    }
-    if plain.get("samples_per_s") and cache.get("samples_per_s"):
-        out["cache_samples_over_plain"] = cache["samples_per_s"] / plain["samples_per_s"]
-    if cache.get("targets_per_s"):
-        out["targets_over_training_need"] = workers * cache["targets_per_s"] / need
-        out["cache_samples_over_training_need"] = workers * cache["samples_per_s"] / need
-    return out
-
-
-# ------------------------------------------------------------------------------------------------------- summary
-def goals(ratios: dict, cfg: BenchConfig, device: torch.device) -> dict:
-    """Each goal with its value and whether it is met; `reference_setup` says if this run is the setup they are for."""
-    reference = device.type == "cuda" and all(
-        Path(str(getattr(cfg, k))).stem == v if isinstance(v, str) else getattr(cfg, k) == v for k, v in GOAL_SETUP.items())
-    out = {"reference_setup": reference, "setup": "GPU, " + ", ".join(f"{k} {v}" for k, v in GOAL_SETUP.items())}
-    for name, (op, target) in GOALS.items():
-        value = ratios[name]
-        out[name] = {"goal": f"{op} {target}", "value": value, "met": value >= target if op == ">=" else value <= target}
-    return out
-
-
-def format_report(report: dict) -> str:
-    """The bench as a few readable lines (the JSON has everything)."""
-    t, b, s, r = report["train"], report["build"], report["storage"], report["ratios"]
-    lines = [f"device: {report['device']}", "",
-             f"{'trainer':<8} {'img/s':>9} {'rounds (img/s)':>24} {'median step s':>14} {'peak mem GB':>12}"]
-    lines += [f"{k:<8} {t[k]['img_per_s']:>9.1f} {' '.join(f'{x:.1f}' for x in t[k]['img_per_s_rounds']):>24} "
-              f"{t[k]['median_step_s']:>14.4f} {t[k]['peak_mem_gb']:>12.2f}" for k in TRAINERS]
-    rb = report["replay_build"]
-    lines += ["", f"build {b['build_img_per_s']:.1f} img/s vs teacher inference {b['inference_img_per_s']:.1f} img/s",
-              f"replay build {rb['replay_build_img_per_s']:.1f} views/s vs augmented loader + teacher "
-              f"{rb['floor_img_per_s']:.1f} img/s ({rb['views']} views, {rb['bytes_per_view'] / 1e3:.1f} KB/view)",
-              f"store {s['bytes_per_image'] / 1e3:.1f} KB/image ({s['map_dtype']}; raw {s['raw_float16_bytes_per_image'] / 1e3:.1f} KB); "
-              f"cosine vs float32 >= {min(v['min'] for v in s['cosine_vs_float32'].values()):.6f}"]
-    loader = report["loader"]
-    if loader.get("cache_samples_over_plain"):
-        lines.append(f"loader: {loader['cache_samples_per_s_per_worker']:.0f} samples/s per worker with warp targets vs "
-                     f"{loader['plain_samples_per_s_per_worker']:.0f} without ({loader['cache_samples_over_plain']:.2f}x)")
-    if loader.get("rendered_targets_per_s"):
-        lines.append(f"warp targets rendered on the training device: {loader['rendered_targets_per_s']:.0f} targets/s "
-                     f"(batch {loader['render_batch']}) vs training need {loader['training_need_img_per_s']:.1f} img/s")
-    elif loader.get("targets_per_s_per_worker"):
-        lines.append(f"loader: {loader['targets_per_s_per_worker']:.0f} targets/s per worker x {max(loader['workers'], 1)} "
-                     f"vs training need {loader['training_need_img_per_s']:.1f} img/s")
-    lines += ["", "ratios (medians over rounds; [min, max] of the same-round ratios):"]
-    for name, value in r.items():
-        goal = report["goals"].get(name)
-        mark = f"   goal {goal['goal']}: {'met' if goal['met'] else 'missed'}" if goal else ""
-        spread = report.get("ratio_spread_over_rounds", {}).get(name)
-        within = f" [{spread['min']:.3f}, {spread['max']:.3f}]" if spread else ""
-        lines.append(f"  {name:<34} {value:>7.3f}{within}{mark}" if value is not None else f"  {name:<34}     n/a")
-    lines += [f"warning: {w}" for w in report.get("warnings", [])]
-    if not report["goals"]["reference_setup"]:
-        lines.append(f"  (goals are set for {report['goals']['setup']}; this run is not that setup)")
-    return "\n".join(lines)
-
-
 def _versions() -> dict:
-    import dask
-    import numcodecs
-    from atcache.yolo import ultralytics_version
-    import zarr
+    from importlib.metadata import version
 
     from atcache.version import __version__
 
-    return {"atcache": __version__, "torch": torch.__version__, "cuda": torch.version.cuda, "ultralytics": ultralytics_version(),
-            "zarr": zarr.__version__, "numcodecs": numcodecs.__version__, "dask": dask.__version__}
+    return {"atcache": __version__, "torch": torch.__version__, "cuda": torch.version.cuda,
+            **{name: version(name) for name in ("ultralytics", "zarr", "numcodecs", "dask")}}

@@ -29,7 +29,7 @@ class FidelityConfig:
     batches: int = 8
     batch: int = 16
     targets: str = "warp"
-    device: str = "cpu"
+    device: str = ""  # '' (config.AUTO_DEVICE): the CLI takes CUDA device 0 if there is one, else cpu
     seed: int = 0
     hyp: dict = field(default_factory=dict)  # ultralytics augmentation overrides (mosaic=0, hsv_v=0, ...)
 
@@ -68,11 +68,11 @@ def _centring(canvas: Canvas) -> bool:
 def training_dataset(cfg: FidelityConfig, store, layers: tuple[int, ...]):
     """The train split as train-from-cache builds it: ultralytics' YOLODataset with its augmentations, targets attached."""
     from atcache.yolo import get_cfg
-    from atcache.yolo import build_yolo_dataset
     from atcache.yolo import DEFAULT_CFG
 
     from atcache.data.splits import load_data_yaml
-    from atcache.train.targets import CacheTargets, attach_targets
+    from atcache.train.datasets import build_dataset
+    from atcache.train.targets import CacheTargets
 
     unknown = [k for k in cfg.hyp if k not in DEFAULT_CFG.__dict__]
     if unknown:
@@ -87,16 +87,14 @@ def training_dataset(cfg: FidelityConfig, store, layers: tuple[int, ...]):
                                f"(built with {differ[0]}={replay.augment[differ[0]]}); leave it out")
     hyp = get_cfg(DEFAULT_CFG, {**cfg.hyp, **(replay.augment if replay else {}), "imgsz": store.spec.imgsz})
     data = load_data_yaml(cfg.data)
-    dataset = build_yolo_dataset(hyp, data["train"], cfg.batch, data, mode="train", stride=32)
     if replay is None:
-        return attach_targets(dataset, CacheTargets.load(store, layers), cfg.targets, data["path"], hyp)
+        return build_dataset(hyp, data["train"], data, "train", cfg.batch, 32, targets=CacheTargets.load(store, layers),
+                             target_mode=cfg.targets)
     from atcache.train.replay import ReplayTargets
-    from atcache.train.seeding import seed_augmentation
 
-    targets = ReplayTargets(store.path, store.spec, layers)
-    targets.check_dataset(dataset.im_files, data["path"])
-    dataset = attach_targets(dataset, targets, "replay", data["path"], hyp)
-    return seed_augmentation(dataset, replay.aug_seed, hyp, hyp.epochs)
+    return build_dataset(hyp, data["train"], data, "train", cfg.batch, 32,
+                         targets=ReplayTargets(store.path, store.spec, layers), target_mode="replay",
+                         aug_seed=replay.aug_seed, epochs=hyp.epochs)
 
 
 def measure_fidelity(cfg: FidelityConfig) -> dict:
@@ -110,7 +108,7 @@ def measure_fidelity(cfg: FidelityConfig) -> dict:
     from atcache.cache.store import CacheStore
     from atcache.train.targets import TARGETS_KEY
     from atcache.yolo import load_model
-    from atcache.train.trainer import check_cache
+    from atcache.train.checks import check_cache
 
     if cfg.batches < 1 or cfg.batch < 1:
         raise AtcacheError("--batches and --batch must be at least 1")

@@ -27,18 +27,21 @@ class EnoughSteps(Exception):
 
 
 def measure_training(settings, overrides: dict, steps: int | None = None, warmup: int = 0,
-                     loader_samples: int = 0) -> dict:
+                     loader_samples: int = 0, threads: int | None = None) -> dict:
     """Train with `train_student(settings, overrides)` in a child process and return its figures.
 
     steps=None trains to the end (final metrics of best.pt included); otherwise it stops after warmup + steps
     batches. loader_samples > 0 also times the training dataset's samples and, for cached targets, the targets alone.
+    threads: the child's torch (and OpenMP) threads; None leaves them to ultralytics (OMP_NUM_THREADS, default 1).
     The child's output is kept back; its last error line becomes the message when it fails.
     """
     with tempfile.TemporaryDirectory(prefix="atcache-measure-") as tmp:
         result = Path(tmp) / "result.json"
-        run = json.dumps({"overrides": overrides, "steps": steps, "warmup": warmup, "loader_samples": loader_samples})
+        run = json.dumps({"overrides": overrides, "steps": steps, "warmup": warmup, "loader_samples": loader_samples,
+                          "threads": threads})
+        env = dict(os.environ, OMP_NUM_THREADS=str(threads)) if threads else None
         proc = subprocess.run([sys.executable, "-m", "atcache.tools.measure", settings.to_json(), run, str(result)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
         if proc.returncode != 0 or not result.is_file():
             lines = [x for x in proc.stderr.strip().splitlines() if x.strip()]
             last = lines[-1].removeprefix("atcache: error: ") if lines else "no message"
@@ -78,7 +81,8 @@ def _time_loader(dataset, samples: int, device, batch: int) -> dict:
     import torch
 
     from atcache.train.render import PIECES_KEY, collate_pieces, flatten
-    from atcache.train.targets import VIEW_KEY, TargetDataset
+    from atcache.train.datasets import AtcacheDataset
+    from atcache.train.targets import VIEW_KEY
 
     rng = np.random.default_rng(0)
     index = rng.integers(0, len(dataset), samples)
@@ -86,7 +90,7 @@ def _time_loader(dataset, samples: int, device, batch: int) -> dict:
     for i in index:
         dataset[int(i)]
     figures = {"samples": samples, "samples_per_s": samples / (time.perf_counter() - t0)}
-    if isinstance(dataset, TargetDataset) and dataset.at_mode == "warp":
+    if isinstance(dataset, AtcacheDataset) and dataset.at_mode == "warp":
         views = [dataset.transforms(dataset.get_image_and_label(int(i))).pop(VIEW_KEY) for i in index]
         t0 = time.perf_counter()
         for view in views:
@@ -109,8 +113,8 @@ def _time_loader(dataset, samples: int, device, batch: int) -> dict:
             figures["rendered_targets_per_s"] = len(batches) * batch / (time.perf_counter() - t0)
             figures["render_batch"] = batch
             figures["renderer_bytes"] = renderer.nbytes()
-    figures["has_targets"] = isinstance(dataset, TargetDataset)
-    figures["ships_views"] = PIECES_KEY if isinstance(dataset, TargetDataset) and dataset.at_pieces else None
+    figures["has_targets"] = isinstance(dataset, AtcacheDataset) and dataset.at_cache is not None
+    figures["ships_views"] = PIECES_KEY if isinstance(dataset, AtcacheDataset) and dataset.at_pieces else None
     return figures
 
 
@@ -125,6 +129,8 @@ def _child(settings_json: str, run_json: str, result_path: str) -> None:
     from atcache.train.trainer import AtcacheTrainer
 
     request = json.loads(run_json)
+    if request.get("threads"):
+        torch.set_num_threads(request["threads"])
     settings = DistillSettings.from_json(settings_json)
     overrides, steps, warmup = request["overrides"], request["steps"], request["warmup"]
     trainer = AtcacheTrainer(overrides=overrides, settings=settings)

@@ -16,9 +16,10 @@ from typing import Iterator
 
 import yaml
 
-from atcache.config import DEFAULT_AT_WEIGHT, DEFAULT_LAYERS, BuildConfig, DistillSettings
+from atcache.config import DEFAULT_AT_WEIGHT, DEFAULT_LAYERS, STUDENT_MODES, BuildConfig
+from atcache.tools import plans
 
-STUDY_MODES = ("plain", "online", "static", "warp", "replay")
+STUDY_MODES = STUDENT_MODES  # the CLI's --modes choices (the one list, config.STUDENT_MODES)
 SCORES = {"mAP50": "metrics/mAP50(B)", "mAP50-95": "metrics/mAP50-95(B)"}
 
 
@@ -38,7 +39,7 @@ class StudyConfig:
     at_weights: tuple[float, ...] = (DEFAULT_AT_WEIGHT,)  # every AT mode once per weight
     layers: tuple[int, ...] = DEFAULT_LAYERS  # cached and distilled (student layer = teacher layer)
     batch: int = 16
-    device: str = "cpu"
+    device: str = ""  # '' (config.AUTO_DEVICE): the CLI takes CUDA device 0 if there is one, else cpu
 
 
 def _mode_names(config: StudyConfig) -> list[tuple[str, str, float | None]]:
@@ -84,6 +85,11 @@ def _student_data(data_yaml: Path, n: int, out: Path) -> Path:
     path = out / "student.yaml"
     path.write_text(yaml.safe_dump(student, sort_keys=False))
     return path
+
+
+def student_plan(mode: str, weight: float | None, seed: int, sources: plans.Sources):
+    """What the study trains for `mode` at `weight` and `seed`: the one plan, every student with --aug-seed = seed."""
+    return plans.plan(mode, sources, at_weight=weight, aug_seed=seed)
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -139,24 +145,16 @@ def run_study(config: StudyConfig, out: Path) -> Iterator[str]:
                  "deterministic": True, **DEMO_HYP}
     runs: dict[str, dict] = {name: {"per_seed": []} for name, _, _ in _mode_names(config)}
     for seed in config.seeds:
-        replay_cache, replay_s = None, 0.0
+        replay_built, replay_s = False, 0.0
+        sources = plans.Sources(layers=layers, teacher=teacher["checkpoint"], cache=str(cache),
+                                replay_cache=str(out / f"replay_seed{seed}{_tag(config, epochs=True)}.zarr"))
         for name, mode, weight in _mode_names(config):
-            if mode == "replay" and replay_cache is None:  # the teacher on this seed's augmented views
-                replay_cache = out / f"replay_seed{seed}{_tag(config, epochs=True)}.zarr"
-                report = build(replay_cache, replay_epochs=config.student_epochs, aug_seed=seed)
-                replay_s = report.seconds
+            student = student_plan(mode, weight, seed, sources)
+            if student.replay_build and not replay_built:  # the teacher on this seed's augmented views
+                report = build(Path(sources.replay_cache), replay_epochs=config.student_epochs, aug_seed=seed)
+                replay_built, replay_s = True, report.seconds
                 yield f"seed {seed}: build-cache --replay-epochs {config.student_epochs}: {report.summary()}"
-            settings = {
-                "plain": lambda: DistillSettings(mode="plain", aug_seed=seed),
-                "online": lambda: DistillSettings(mode="online", teacher=teacher["checkpoint"], layers=layers,
-                                                  at_weight=weight, aug_seed=seed),
-                "static": lambda: DistillSettings(mode="cache", cache=str(cache), targets="static", layers=layers,
-                                                  at_weight=weight, aug_seed=seed),
-                "warp": lambda: DistillSettings(mode="cache", cache=str(cache), targets="warp", layers=layers,
-                                                at_weight=weight, aug_seed=seed),
-                "replay": lambda: DistillSettings(mode="cache", cache=str(replay_cache), targets="replay",
-                                                  layers=layers, at_weight=weight),
-            }[mode]()
+            settings = student.settings
             t0 = time.perf_counter()
             r = measure_training(settings, {**overrides, "seed": seed, "name": f"{name}_seed{seed}{_tag(config, True)}"})
             wall = time.perf_counter() - t0

@@ -78,7 +78,7 @@ def _replay_panels(cache, data, spec, epoch: int, images: int):
 
     prepare()
     from atcache.train.replay import ReplayTargets, augment_settings, training_dataset
-    from atcache.train.seeding import EpochSampler
+    from atcache.train.samplers import EpochSampler
 
     replay = spec.replay
     if replay is None:
@@ -88,7 +88,7 @@ def _replay_panels(cache, data, spec, epoch: int, images: int):
     dataset, root = training_dataset(str(data), augment_settings(dict(replay.augment), replay.epochs, spec.imgsz),
                                      replay.aug_seed)
     targets = ReplayTargets(str(cache), spec, spec.layer_indices)
-    targets.check_dataset(dataset.im_files, root["path"])
+    targets.check(dataset.im_files, root["path"])
     order = EpochSampler(replay.samples, replay.aug_seed).order(epoch)
     positions = np.unique(np.linspace(0, replay.samples - 1, min(images, replay.samples)).astype(int))
     names, pictures, maps = [], [], []

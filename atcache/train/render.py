@@ -1,6 +1,6 @@
 """Warp targets of a whole batch rendered in torch on the training device, from the cache held as tensors.
 
-Loader workers only flatten each sample's view tree (`geometry.py`) into pieces: per source reached, its cache row,
+Loader workers only flatten each sample's view tree (`views.py`) into pieces: per source reached, its cache row,
 the 3x3 matrix from output pixels to that source's pixels, the clip regions on the way, its blend group and weight
 (`flatten`). After collation the trainer renders every layer of the batch at once (`BatchRenderer.render`) with the
 rules of the numpy reference (`TargetRendering.warped`): the last covering piece of a blend group wins, uncovered

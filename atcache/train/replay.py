@@ -2,7 +2,7 @@
 the augmented images seeded training sees, for every epoch, computed once and read back in training order.
 
 The build makes the training dataset as ultralytics does (same data YAML, imgsz and augmentation settings), seeds it
-(`seeding.py`), and runs the teacher over epoch e's order, position by position; each position keeps the dataset
+(`datasets.py`), and runs the teacher over epoch e's order, position by position; each position keeps the dataset
 index and a fingerprint of the augmented image beside the maps. Training recomputes the fingerprint of every sample
 and refuses a mismatch. Imports ultralytics: import this module after `env.prepare()`.
 """
@@ -10,16 +10,16 @@ and refuses a mismatch. Imports ultralytics: import this module after `env.prepa
 from __future__ import annotations
 
 import hashlib
-import os
-from collections import OrderedDict
 from pathlib import Path
-from typing import Sequence
+from typing import ClassVar, Sequence
 
 import numpy as np
 import torch
 
 from atcache.errors import AtcacheError
-from atcache.train.seeding import EpochSampler, seed_augmentation
+from atcache.train.samplers import EpochSampler
+from atcache.train.targets import ChunkReader, TargetSource
+from atcache.train.views import View
 from atcache.cache.format import AUGMENT_KEYS, CacheSpec, ReplaySpec
 from atcache.cache.store import CacheStore
 
@@ -42,14 +42,13 @@ def augment_settings(given: dict, epochs: int, imgsz: int):
 
 
 def training_dataset(data_yaml: str, hyp, seed: int):
-    """The training split as ultralytics' trainer builds it (YOLODataset with its augmentations), seeded."""
-    from atcache.yolo import build_yolo_dataset
-
+    """The training split as ultralytics' trainer builds it (YOLODataset with its augmentations), seeded; and the data
+    dict."""
     from atcache.data.splits import load_data_yaml
+    from atcache.train.datasets import build_dataset
 
     data = load_data_yaml(data_yaml)
-    dataset = build_yolo_dataset(hyp, data["train"], 16, data, mode="train", stride=32)
-    return seed_augmentation(dataset, seed, hyp, hyp.epochs), data
+    return build_dataset(hyp, data["train"], data, batch=16, stride=32, aug_seed=seed, epochs=hyp.epochs), data
 
 
 def files_sha256(im_files: Sequence[str], root: str | Path) -> str:
@@ -76,25 +75,32 @@ def fingerprint(image: torch.Tensor) -> int:
     return int.from_bytes(hashlib.blake2b(image.numpy().tobytes(), digest_size=8).digest(), "little")
 
 
-class ReplayTargets:
-    """Training's reader of the replay arrays: the stored maps of (epoch, dataset index), one replay chunk decoded at a
-    time into a small LRU (a rank reads its positions in order). Each process (every loader worker) opens its own
-    store handle."""
+class ReplayTargets(ChunkReader, TargetSource):
+    """Training's reader of the replay arrays (--targets replay): the stored maps of (epoch, dataset index), one replay
+    chunk decoded at a time into a small LRU (a rank reads its positions in order; `ChunkReader`: each process opens
+    its own store handle). A sample's row is its dataset index."""
+
+    modes: ClassVar[tuple[str, ...]] = ("replay",)
 
     def __init__(self, path: str, spec: CacheSpec, layers: Sequence[int], capacity: int = 4):
-        self.path, self.spec, self.replay, self.layers = str(path), spec, spec.replay, tuple(layers)
-        self.capacity = capacity
-        self._store: CacheStore | None = None
-        self._pid: int | None = None
-        self._lru: OrderedDict = OrderedDict()
+        super().__init__(path, capacity)
+        self.spec, self.replay, self.layers = spec, spec.replay, tuple(layers)
         self._positions: dict[int, np.ndarray] = {}
 
-    def __getstate__(self) -> dict:
-        return {**self.__dict__, "_store": None, "_pid": None, "_lru": OrderedDict()}
-
-    def check_dataset(self, im_files: Sequence[str], root: str | Path) -> None:
+    def check(self, im_files: Sequence[str], root: str | Path) -> None:
         """Refuse a training set other than the one the replay arrays were made for."""
         check_training_set(self.replay, im_files, root, self.path)
+
+    def rows_for(self, im_files: Sequence[str], root: str | Path) -> np.ndarray:
+        return np.arange(len(im_files))
+
+    def pad_of(self, row: int) -> tuple[float, float]:
+        raise AtcacheError("replay targets are maps of the augmented images themselves: they have no letterbox rows")
+
+    def targets(self, mode: str, view: View, epoch: int | None, index: int, image: torch.Tensor) -> list[np.ndarray]:
+        if epoch is None:
+            raise AtcacheError("replay targets are looked up by (epoch, index): the dataset must be seeded (--aug-seed)")
+        return self.maps(epoch, index, image)
 
     def position(self, epoch: int, index: int) -> int:
         """Where sample `index` sits in epoch `epoch`'s training order."""
@@ -103,24 +109,20 @@ class ReplayTargets:
             self._positions[epoch] = np.argsort(order)
         return int(self._positions[epoch][index])
 
+    def decode(self, store: CacheStore, key: tuple[int, int]):
+        """(first position, maps, records) of replay chunk `k` of epoch `e`, key (e, k)."""
+        epoch, k = key
+        r = self.replay.chunk_rows
+        a = k * r
+        return (a, *store.read_replay(self.layers, epoch, a, min(a + r, self.replay.samples)))
+
     def maps(self, epoch: int, index: int, image: torch.Tensor) -> list[np.ndarray]:
         """Per layer the stored map (H, W) float32 of this sample, after its augmented image's fingerprint matched."""
         if epoch >= self.replay.epochs:
             raise AtcacheError(f"epoch {epoch} is not in the replay arrays of {self.path} ({self.replay.epochs} "
                                "epochs); train at most that many epochs or rebuild with a larger --replay-epochs")
-        if self._pid != os.getpid():
-            self._store, self._pid = CacheStore.open(self.path), os.getpid()
-            self._lru.clear()
         p = self.position(epoch, index)
-        r = self.replay.chunk_rows
-        key = (epoch, p // r)
-        if key not in self._lru:
-            a = p // r * r
-            self._lru[key] = (a, *self._store.read_replay(self.layers, epoch, a, min(a + r, self.replay.samples)))
-            while len(self._lru) > self.capacity:
-                self._lru.popitem(last=False)
-        self._lru.move_to_end(key)
-        a, maps, records = self._lru[key]
+        a, maps, records = self.chunk((epoch, p // self.replay.chunk_rows))
         if int(records[p - a]) != fingerprint(image):
             raise AtcacheError(
                 f"the augmented image of sample {index} in epoch {epoch} differs from the one cache {self.path} "

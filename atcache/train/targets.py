@@ -1,36 +1,28 @@
-"""Stage 2's data side: the cache loaded into RAM (or streamed, see `streaming.py`), joined to training images by
-path, and each sample's targets aligned with the augmentation it received.
+"""Stage 2's target sources: what atcache's training dataset (`datasets.py`) reads each sample's targets from.
 
-`--targets warp`: ultralytics' own Mosaic / RandomPerspective / MixUp / RandomFlip / LetterBox instances are kept
-(defaults, close_mosaic and all) and taught to record, next to the image, the view tree of `geometry.py` (which source
-rows, which matrices, which blend ratio). Each layer's target is that view rendered from the cached energy
-(map x norm) at the layer's stride, then renormalised.
-`--targets static`: only letterbox + photometric augmentation, so the cached maps are exact targets.
-Imports ultralytics: import this module after `env.prepare()`.
+`TargetSource` is the one interface; its implementations are the cache in RAM (`CacheTargets`, here), streamed from
+disk chunk by chunk (`streaming.StreamingCacheTargets`) and the replay arrays (`replay.ReplayTargets`). Cached rows are
+joined to training images by path; `--targets warp` renders each layer's target from the view tree the tracked
+transforms recorded (`transforms.py`), `--targets static` returns the stored maps. `ChunkReader` is the per-process
+reader shell the two on-disk sources share. No ultralytics import.
 """
 
 from __future__ import annotations
 
+import os
+from abc import ABC, abstractmethod
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Any, ClassVar, Hashable, Sequence
 
 import numpy as np
 import torch
 
-from atcache.yolo import (
-    Albumentations, Compose, CopyPaste, CutMix, Format, LetterBox, MixUp, Mosaic, RandomFlip, RandomHSV,
-    RandomPerspective,
-)
-from atcache.yolo import YOLODataset
-
-from atcache.config import TARGET_MODES
 from atcache.errors import AtcacheError
-from atcache.train.views import (
-    Blend, Canvas, Placed, Source, View, bilinear, flip_matrix, render_grids, resize_matrix, translation, warp,
-)
+from atcache.train.views import Source, View, bilinear, render_grids
 from atcache.data.splits import relative_to_root
-from atcache.train.render import PIECES_KEY, BatchRenderer, collate_pieces, flatten
+from atcache.train.render import BatchRenderer
 from atcache.cache.format import CacheSpec, LetterboxTable
 from atcache.cache.format import decode_maps
 from atcache.cache.store import CacheStore
@@ -39,9 +31,79 @@ VIEW_KEY = "atcache_view"
 TARGETS_KEY = "at_targets"
 
 
-class TargetRendering:
-    """Targets from cached rows: needs `spec`, `layers`, `letterbox`, `files`, `done`, `grey` and the row readers
-    `map_row(layer, row)` (H, W) float16 and `norm(layer, row)`; shared by the in-RAM and the streaming cache."""
+class TargetSource(ABC):
+    """Where a training dataset's targets come from. The dataset calls, in this order: `check` and `rows_for` once
+    (made), then per sample `targets` (or, when `renders_batches`, ships the view flattened with `pad_of` for
+    `batch_renderer` to render whole batches on the training device)."""
+
+    spec: CacheSpec
+    layers: tuple[int, ...]  # cache layer indices, in the order targets are returned
+    modes: ClassVar[tuple[str, ...]]  # the --targets modes this source serves
+    renders_batches: ClassVar[bool] = False  # warp targets can be rendered per batch (`pad_of`, `batch_renderer`)
+
+    def check(self, im_files: Sequence[str], root: str | Path) -> None:
+        """Refuse a training set other than the one this source was made for (beyond what `rows_for` refuses)."""
+
+    @abstractmethod
+    def rows_for(self, im_files: Sequence[str], root: str | Path) -> np.ndarray:
+        """The row of each training image: what a sample's `views.Source.row` names."""
+
+    @abstractmethod
+    def targets(self, mode: str, view: View, epoch: int | None, index: int, image: torch.Tensor) -> list[np.ndarray]:
+        """Per layer the (H/s, W/s) float32 target of one augmented sample: dataset `index` in `epoch` (None when
+        unseeded), whose geometry is `view` and pixels `image` (3, H, W) uint8."""
+
+    @abstractmethod
+    def pad_of(self, row: int) -> tuple[float, float]:
+        """(top, left) letterbox pad of a row."""
+
+    def batch_renderer(self, device) -> BatchRenderer:
+        raise AtcacheError(f"{type(self).__name__} cannot render targets per batch")
+
+
+class ChunkReader(ABC):
+    """The per-process reader shell of a store read chunk by chunk: the store is opened on first use in each process
+    (zarr handles are not shared across a fork), decoded chunks are kept in an LRU of `capacity`, and a pickled copy
+    (spawned loader workers, DDP) leaves the handle and chunks behind and opens its own."""
+
+    def __init__(self, path: str | Path, capacity: int):
+        self.path, self.capacity = str(path), capacity  # a local path or a URL
+        self.decoded: Counter = Counter()  # chunk key -> decodes in this process (for tests and measurements)
+        self._store: CacheStore | None = None
+        self._pid: int | None = None
+        self._lru: OrderedDict[Hashable, Any] = OrderedDict()
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_store": None, "_pid": None, "_lru": OrderedDict(), "decoded": Counter()}
+
+    @abstractmethod
+    def decode(self, store: CacheStore, key: Hashable) -> Any:
+        """Chunk `key` read and decoded from `store`."""
+
+    def chunk(self, key: Hashable) -> Any:
+        """Chunk `key`, decoded once and kept while it is among the `capacity` most recently used."""
+        if self._pid != os.getpid():  # first use in this process
+            self._store, self._pid = CacheStore.open(self.path), os.getpid()
+            self._lru.clear()
+            self.decoded.clear()
+        hit = self._lru.get(key)
+        if hit is not None:
+            self._lru.move_to_end(key)
+            return hit
+        decoded = self.decode(self._store, key)
+        self.decoded[key] += 1
+        self._lru[key] = decoded
+        while len(self._lru) > max(1, self.capacity):
+            self._lru.popitem(last=False)
+        return decoded
+
+
+class TargetRendering(TargetSource):
+    """Targets from cached rows (--targets warp or static): needs `spec`, `layers`, `letterbox`, `files`, `done`, `grey`
+    and the row readers `map_row(layer, row)` (H, W) float16 and `norm(layer, row)`; shared by the in-RAM and the
+    streaming cache."""
+
+    modes: ClassVar[tuple[str, ...]] = ("warp", "static")
 
     spec: CacheSpec
     layers: tuple[int, ...]
@@ -54,6 +116,19 @@ class TargetRendering:
         """Cache row of each training image, joined by its path relative to the dataset root."""
         root = Path(root).resolve()
         return join_rows(self.files, self.done, [relative_to_root(f, root) for f in im_files])
+
+    @abstractmethod
+    def map_row(self, layer: int, row: int) -> np.ndarray: ...
+
+    @abstractmethod
+    def norm(self, layer: int, row: int) -> float: ...
+
+    def targets(self, mode: str, view: View, epoch: int | None, index: int, image: torch.Tensor) -> list[np.ndarray]:
+        return self.static(view.row) if mode == "static" else self.warped(view)
+
+    def pad_of(self, row: int) -> tuple[float, float]:
+        """(top, left) letterbox pad of a row."""
+        return float(self.letterbox["pad_top"][row]), float(self.letterbox["pad_left"][row])
 
     def stride(self, layer: int) -> int:
         return self.spec.layer(layer).stride
@@ -117,6 +192,7 @@ class CacheTargets(TargetRendering):
     done: np.ndarray
     grey: dict[int, float] = field(default_factory=dict)  # per layer: see padding_energy
     scales: dict[int, np.ndarray] | None = None  # uint8 maps only
+    renders_batches: ClassVar[bool] = True
 
     @classmethod
     def load(cls, cache: "str | Path | CacheStore", layers: Sequence[int]) -> "CacheTargets":
@@ -146,10 +222,6 @@ class CacheTargets(TargetRendering):
     def energy_of(self, layer: int):
         """row -> (H, W) float32 energy of `layer`."""
         return lambda row: self.energy(layer, row)
-
-    def pad_of(self, row: int) -> tuple[float, float]:
-        """(top, left) letterbox pad of a row."""
-        return float(self.letterbox["pad_top"][row]), float(self.letterbox["pad_left"][row])
 
     def batch_renderer(self, device) -> BatchRenderer:
         """The maps as tensors on `device` (shared, not copied, on a CPU) for rendering whole batches there."""
@@ -200,177 +272,3 @@ def join_rows(cached_files: np.ndarray, done: np.ndarray, rel_files: Sequence[st
             "(images skipped as unreadable: fix or delete them, then rebuild with --overwrite)"
         )
     return rows
-
-
-# ---------------------------------------------------------------------- recording views through ultralytics' transforms
-# Subclasses of ultralytics' geometric transforms with the same state and randomness and one extra step: they update
-# labels[VIEW_KEY]. `_track_transforms` swaps them in, so the images stay exactly what plain ultralytics produces.
-class TrackedMosaic(Mosaic):
-    def apply_image(self, labels, params=None):
-        labels = super().apply_image(labels, params)
-        if self.n == 4:
-            placed = [(item["labels_patch"], item["padw"], item["padh"]) for item in params["layout"]]
-        else:  # 9 tiles on a 3s canvas, then the centre 2s crop
-            placed = [(item["labels_patch"], item["padw"] + self.border[0], item["padh"] + self.border[1])
-                      for item in params["layout"]]
-        tiles = tuple(Placed(patch[VIEW_KEY], translation(dx, dy)) for patch, dx, dy in placed)
-        labels[VIEW_KEY] = Canvas(tuple(labels["img"].shape[:2]), tiles, "mosaic")
-        return labels
-
-
-class TrackedRandomPerspective(RandomPerspective):
-    def apply_image(self, labels, params=None):
-        view = labels[VIEW_KEY]
-        labels = super().apply_image(labels, params)
-        labels[VIEW_KEY] = warp(view, params["M"], labels["img"].shape[:2], "affine")
-        return labels
-
-
-class TrackedMixUp(MixUp):
-    def apply_image(self, labels, params=None):
-        view, other = labels[VIEW_KEY], labels["mix_labels"][0][VIEW_KEY]
-        labels = super().apply_image(labels, params)
-        r = float(params["r"])
-        labels[VIEW_KEY] = Blend(tuple(labels["img"].shape[:2]), ((view, r), (other, 1.0 - r)))
-        return labels
-
-
-class TrackedRandomFlip(RandomFlip):
-    def apply_image(self, labels, params):
-        view = labels[VIEW_KEY]
-        labels = super().apply_image(labels, params)
-        if params["flip"]:
-            shape = tuple(labels["img"].shape[:2])
-            labels[VIEW_KEY] = warp(view, flip_matrix(shape, params["direction"]), shape, "flip")
-        return labels
-
-
-class TrackedLetterBox(LetterBox):
-    def apply_image(self, labels, params):
-        view, src = labels[VIEW_KEY], tuple(labels["img"].shape[:2])
-        labels = super().apply_image(labels, params)
-        w, h = params["new_unpad"]
-        m = translation(params["left"], params["top"]) @ resize_matrix(src, (h, w))
-        labels[VIEW_KEY] = warp(view, m, labels["img"].shape[:2], "letterbox")
-        return labels
-
-
-TRACKED = {Mosaic: TrackedMosaic, RandomPerspective: TrackedRandomPerspective, MixUp: TrackedMixUp,
-           RandomFlip: TrackedRandomFlip, LetterBox: TrackedLetterBox}
-PHOTOMETRIC = (RandomHSV, Format)
-
-
-def _track_transforms(transforms) -> None:
-    """Make every geometric transform of an ultralytics pipeline record the view; refuse what cannot be tracked."""
-    seen: set[int] = set()
-
-    def visit(t) -> None:
-        if t is None or id(t) in seen:
-            return
-        seen.add(id(t))
-        if isinstance(t, Compose):
-            for child in t.transforms:
-                visit(child)
-            return
-        if type(t) in TRACKED:
-            t.__class__ = TRACKED[type(t)]
-        elif isinstance(t, (CutMix, CopyPaste)):
-            if t.p > 0:
-                name = "cutmix" if isinstance(t, CutMix) else "copy_paste"
-                raise AtcacheError(
-                    f"{name}={t.p} cannot be aligned with cached attention maps; train with {name}=0 (or --targets static)"
-                )
-        elif isinstance(t, Albumentations):
-            if t.transform is not None and getattr(t, "contains_spatial", False):
-                raise AtcacheError(
-                    "custom Albumentations with spatial transforms cannot be aligned with cached attention maps; "
-                    "use pixel-level augmentations only"
-                )
-        elif not isinstance(t, PHOTOMETRIC + tuple(TRACKED.values())):
-            raise AtcacheError(
-                f"the training pipeline contains {type(t).__name__}, which atcache cannot align cached maps with; "
-                "use ultralytics' default detection augmentations or --targets static"
-            )
-        visit(getattr(t, "pre_transform", None))
-
-    visit(transforms)
-
-
-def _static_transforms(imgsz: int, hyp) -> list:
-    """Letterbox (as the cache) + photometric augmentation only: the cached maps are the exact targets."""
-    return [LetterBox(new_shape=(imgsz, imgsz), scaleup=False, center=True),
-            RandomHSV(hgain=hyp.hsv_h, sgain=hyp.hsv_s, vgain=hyp.hsv_v)]
-
-
-class TargetDataset(YOLODataset):
-    """ultralytics' YOLODataset whose samples also carry `at_targets`: one (H/s, W/s) map per cached layer.
-
-    Made from the dataset ultralytics built (see `attach_targets`), so every other behaviour stays its own."""
-
-    at_cache: TargetRendering  # CacheTargets (in RAM), streaming.StreamingCacheTargets, or replay.ReplayTargets
-    at_rows: np.ndarray
-    at_mode: str
-    at_pieces: bool = False  # warp: ship flattened views (PIECES_KEY), rendered per batch by render.BatchRenderer
-
-    def build_transforms(self, hyp):
-        transforms = super().build_transforms(hyp)
-        if self.at_mode == "static":
-            transforms.transforms[:-1] = _static_transforms(self.imgsz, hyp)  # keep Format
-        else:
-            _track_transforms(transforms)
-        return transforms
-
-    def get_image_and_label(self, index):
-        label = super().get_image_and_label(index)
-        label[VIEW_KEY] = Source(int(self.at_rows[index]), tuple(int(x) for x in label["resized_shape"]))
-        return label
-
-    def __getitem__(self, index):
-        return self.sample_with_view(index)[0]
-
-    def sample_with_view(self, index):
-        """A training sample with its targets, and the view tree they were rendered from."""
-        labels = self.transforms(self.get_image_and_label(index))
-        view = labels.pop(VIEW_KEY)
-        if self.at_mode == "warp" and self.at_pieces:  # rendered with the whole batch on the training device
-            labels[PIECES_KEY] = flatten(view, self.at_cache.pad_of)
-            return labels, view
-        if self.at_mode == "replay":  # the teacher's maps on this very image (seeding.py sets at_epoch)
-            maps = self.at_cache.maps(self.at_epoch, index, labels["img"])
-        elif self.at_mode == "static":
-            maps = self.at_cache.static(view.row)
-        else:
-            maps = self.at_cache.warped(view)
-        labels[TARGETS_KEY] = [torch.from_numpy(m) for m in maps]
-        return labels, view
-
-    @staticmethod
-    def collate_fn(batch):
-        if PIECES_KEY in batch[0]:
-            pieces = collate_pieces([b.pop(PIECES_KEY) for b in batch])
-            out = YOLODataset.collate_fn(batch)
-            out[PIECES_KEY] = pieces
-            return out
-        targets = [b.pop(TARGETS_KEY) for b in batch]
-        out = YOLODataset.collate_fn(batch)
-        out[TARGETS_KEY] = [torch.stack(layer) for layer in zip(*targets)]
-        return out
-
-
-def attach_targets(dataset: YOLODataset, cache: TargetRendering, mode: str, root: str | Path, hyp,
-                   pieces: bool = False) -> TargetDataset:
-    """Turn the YOLODataset ultralytics built for training into a TargetDataset over `cache` (rows joined by path).
-    pieces=True (warp targets from a cache in RAM): samples carry their flattened view (`at_pieces`) instead of
-    rendered targets, for `render.BatchRenderer` to render the whole batch on the training device."""
-    if type(dataset) is not YOLODataset:
-        raise AtcacheError(f"cached targets need a plain detection dataset, got {type(dataset).__name__}; use task=detect")
-    if mode not in TARGET_MODES:
-        raise AtcacheError(f"--targets {mode!r} is unknown; choose warp, static or replay")
-    if dataset.rect:
-        raise AtcacheError("rect=True training is not supported with cached targets; drop rect")
-    rows = np.arange(len(dataset)) if mode == "replay" else cache.rows_for(dataset.im_files, root)
-    dataset.__class__ = TargetDataset
-    dataset.at_cache, dataset.at_rows, dataset.at_mode = cache, rows, mode
-    dataset.at_pieces = pieces and mode == "warp" and isinstance(cache, CacheTargets)
-    dataset.transforms = dataset.build_transforms(hyp)
-    return dataset

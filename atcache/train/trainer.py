@@ -14,10 +14,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
 import os
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -30,160 +28,25 @@ from atcache.yolo import DetectionTrainer
 from atcache.yolo import DEFAULT_CFG, LOGGER
 from atcache.yolo import unwrap_model
 
-from atcache.attention.functional import EPS, at_loss, attention_map
-from atcache.config import TARGET_MODES, TRAIN_MODES, DistillSettings
-from atcache.data.splits import SplitFiles, split_files
-from atcache.devices import cuda_indices, ranks_on_this_node
+from atcache.attention.functional import at_loss, attention_map
+from atcache.config import DistillSettings
+from atcache.devices import cuda_indices
 from atcache.errors import AtcacheError
 from atcache.attention.hooks import FeatureHooks, probe_layers
 from atcache.attention.recipe import layer_maps
-from atcache.cache.format import CacheSpec
-from atcache.train.render import PIECES_KEY
-from atcache.train.seeding import EpochSampler, seed_augmentation
 from atcache.cache.store import CacheStore
-from atcache.train.streaming import BlockShuffleSampler, StreamingCacheTargets, lru_chunks, with_sampler
-from atcache.train.targets import TARGETS_KEY, CacheTargets, TargetRendering, attach_targets, join_rows
+from atcache.train.checks import cache_streams, check_cache, check_settings, ram_need_gb, replay_overrides
+from atcache.train.datasets import build_dataset
+from atcache.train.render import PIECES_KEY
+from atcache.train.samplers import BlockShuffleSampler, EpochSampler, lru_chunks, with_sampler
+from atcache.train.streaming import StreamingCacheTargets
+from atcache.train.targets import TARGETS_KEY, CacheTargets, TargetSource
 
+# check_cache, ram_need_gb and cache_streams (checks.py) are imported from here too
+__all__ = ["AtcacheTrainer", "AttentionTransferLoss", "DistillSettings", "train_student", "unwrap_worker_error",
+           "SETTINGS_ENV", "AT_LOSS", "check_cache", "ram_need_gb", "cache_streams"]
 SETTINGS_ENV = "ATCACHE_TRAIN_SETTINGS"
 AT_LOSS = "at_loss"
-
-
-# ---------------------------------------------------------------------- does the cache fit this run
-def default_ram_budget_gb() -> float:
-    """Half of this machine's physical memory."""
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30 / 2
-    except (ValueError, OSError, AttributeError):
-        return 8.0
-
-
-def ram_need_gb(spec: CacheSpec, layers: Sequence[int]) -> float:
-    """GiB the maps of `layers` take in RAM when the whole cache is loaded, as stored (float16: 2 bytes a cell; uint8:
-    1, plus a float32 scale per map)."""
-    uint8 = spec.map_dtype == "uint8"
-    per_row = sum(spec.layer(i).height * spec.layer(i).width * (1 if uint8 else 2) + (4 if uint8 else 0) for i in layers)
-    return spec.n_rows * per_row / 2**30
-
-
-def streams(need_gb: float, ram_budget_gb: float | None, stream: bool | None) -> bool:
-    """Whether training streams the cache from disk: forced by --stream/--no-stream, else when it exceeds the budget."""
-    budget = default_ram_budget_gb() if ram_budget_gb is None else ram_budget_gb
-    return need_gb > budget if stream is None else stream
-
-
-def check_cache(path: str | Path, layers: Sequence[int], imgsz: int, split: SplitFiles,
-                ram_budget_gb: float | None = None, stream: bool | None = None, ranks: int = 1,
-                store: CacheStore | None = None) -> CacheSpec:
-    """Refuse, in one line each, a cache that does not fit this run: format, layers, imgsz, dataset, completeness, RAM
-    (an in-RAM cache is held once per training process on this machine: `ranks` copies under DDP). `store`: the cache
-    at `path` already opened."""
-    store = store or CacheStore.open(path)  # opening checks the format version
-    spec = store.spec
-    missing = [i for i in layers if i not in spec.layer_indices]
-    if missing:
-        raise AtcacheError(
-            f"layer {missing[0]} is not in cache {path} (it holds layers {list(spec.layer_indices)}); "
-            "choose --layers among them or rebuild the cache with the layers you need"
-        )
-    if spec.imgsz != imgsz:
-        raise AtcacheError(
-            f"cache {path} was built at imgsz {spec.imgsz} but this run trains at imgsz {imgsz}; "
-            f"train with --imgsz {spec.imgsz} or rebuild the cache with build-cache --imgsz {imgsz}"
-        )
-    cached = store.files()
-    if spec.dataset_fingerprint != split.fingerprint():
-        added, removed = len(set(split.files) - set(cached)), len(set(cached) - set(split.files))
-        what = f"{added} images added, {removed} removed" if added or removed else "image files were edited or replaced"
-        raise AtcacheError(
-            f"the training split of {split.data_yaml} differs from the one cached in {path} ({what}); "
-            "rebuild the cache on this data with `atcache build-cache --overwrite`"
-        )
-    join_rows(cached, store.done_mask(), split.files)
-    need = ram_need_gb(spec, layers) * max(1, ranks)
-    budget = default_ram_budget_gb() if ram_budget_gb is None else ram_budget_gb
-    if need > budget and not streams(need, budget, stream):
-        copies = f" ({ranks} DDP processes on this machine, a copy each)" if ranks > 1 else ""
-        raise AtcacheError(
-            f"cache {path} needs {need:.2f} GiB of RAM for layers {list(layers)}{copies}, more than --ram-budget "
-            f"{budget:.2f} GiB, and --no-stream keeps it in RAM; raise --ram-budget or drop --no-stream to stream it "
-            "from disk chunk by chunk"
-        )
-    return spec
-
-
-@dataclass(frozen=True)
-class RunPlan:
-    """What the one settings check found: the AT map's (p, kind, eps) and, in cache mode, the opened store and whether
-    its targets are streamed from disk."""
-
-    p: float
-    kind: str
-    eps: float
-    store: CacheStore | None = None
-    streaming: bool = False
-
-
-def _check_settings(s: DistillSettings, imgsz: int, data: str, rect: bool = False, device: str | None = None,
-                    store: CacheStore | None = None) -> RunPlan:
-    """Refuse settings that cannot work before anything is built (each split is listed once, the store opened once)."""
-    if s.mode not in TRAIN_MODES:
-        raise AtcacheError(f"unknown training mode {s.mode!r}; choose one of {', '.join(TRAIN_MODES)}")
-    train_split = split_files(data, "train")  # an empty or missing split is one line here, not ultralytics' traceback
-    split_files(data, "val")
-    if s.mode == "plain":
-        return RunPlan(s.p, s.kind, EPS)
-    if not s.layers:
-        raise AtcacheError("attention transfer needs at least one layer (--layers)")
-    if s.mode == "online":
-        if Path(s.teacher).suffix.lower() not in (".yaml", ".yml") and not Path(s.teacher).is_file():
-            raise AtcacheError(f"teacher {s.teacher} does not exist; pass the path of your trained checkpoint (.pt)")
-        return RunPlan(s.p, s.kind, EPS)
-    if s.targets not in TARGET_MODES:
-        raise AtcacheError(f"--targets {s.targets!r} is unknown; choose warp, static or replay")
-    if rect:
-        raise AtcacheError("rect=True training is not supported with cached targets; drop rect")
-    if s.shuffle_window < 1:
-        raise AtcacheError(f"--shuffle-window {s.shuffle_window} must be at least 1 (chunks shuffled together)")
-    store = store or CacheStore.open(s.cache)
-    ranks = ranks_on_this_node(device)
-    if s.targets == "replay":  # read chunk by chunk in training order, never loaded whole
-        spec = check_cache(s.cache, s.source_layers, imgsz, train_split, stream=True, store=store)
-        return RunPlan(spec.p, spec.kind, spec.eps, store, streaming=False)
-    spec = check_cache(s.cache, s.source_layers, imgsz, train_split, s.ram_budget_gb, s.stream, ranks, store)
-    return RunPlan(spec.p, spec.kind, spec.eps, store, _streams(spec, s, ranks))
-
-
-def cache_streams(s: DistillSettings, device: str | None = None) -> bool:
-    """Whether a cache run reads its targets from disk chunk by chunk instead of loading them into RAM (every DDP
-    process on this machine would hold its own copy)."""
-    return s.mode == "cache" and _streams(CacheStore.open(s.cache).spec, s, ranks_on_this_node(device))
-
-
-def _streams(spec: CacheSpec, s: DistillSettings, ranks: int) -> bool:
-    return streams(ram_need_gb(spec, s.source_layers) * ranks, s.ram_budget_gb, s.stream)
-
-
-def _replay_overrides(s: DistillSettings, overrides: dict | None, store: CacheStore) -> tuple[dict, DistillSettings]:
-    """--targets replay: the augmentation settings, epochs and aug-seed the cache's replay arrays were made with, for
-    every one the run does not give; a given one that differs is refused in one line naming it."""
-    replay = store.spec.replay
-    if replay is None:
-        raise AtcacheError(f"cache {s.cache} has no replay arrays; build them with `atcache build-cache ... "
-                           "--replay-epochs E` (or train with --targets warp or static)")
-    given = dict(overrides or {})
-    for key, value in replay.augment.items():
-        if key in given and given[key] != value:
-            raise AtcacheError(
-                f"{key}={given[key]} differs from the replay arrays of cache {s.cache}, built with {key}={value}; leave "
-                f"{key} out (training takes it from the cache) or rebuild the cache with `atcache build-cache ... "
-                f"--replay-epochs {replay.epochs} {key}={given[key]}`")
-    if replay.augment["epochs"] > replay.epochs:
-        raise AtcacheError(f"cache {s.cache} holds replay arrays for {replay.epochs} of {replay.augment['epochs']} "
-                           f"epochs; rebuild it with --replay-epochs {replay.augment['epochs']} to train them all")
-    if s.aug_seed is not None and s.aug_seed != replay.aug_seed:
-        raise AtcacheError(f"--aug-seed {s.aug_seed} differs from the replay arrays of cache {s.cache}, built with "
-                           f"--aug-seed {replay.aug_seed}; leave it out or rebuild with --aug-seed {s.aug_seed}")
-    return {**replay.augment, **given}, dataclasses.replace(s, aug_seed=replay.aug_seed)
 
 
 def _settings_for(settings: DistillSettings | None, cfg) -> DistillSettings:
@@ -269,10 +132,10 @@ class AtcacheTrainer(DetectionTrainer):
         store = None
         if s.mode == "cache" and s.targets == "replay":
             store = CacheStore.open(s.cache)  # the one open: the settings check below reuses it
-            overrides, s = _replay_overrides(s, overrides, store)
+            overrides, s = replay_overrides(s, overrides, store)
             self.settings = s
         args = get_cfg(cfg, overrides)  # checked before ultralytics makes the run folder
-        self.plan = _check_settings(s, args.imgsz, args.data, args.rect, args.device, store)
+        self.plan = check_settings(s, args.imgsz, args.data, args.rect, args.device, store)
         self.p, self.kind, self.eps, self.streaming = self.plan.p, self.plan.kind, self.plan.eps, self.plan.streaming
         launch = _torchrun_world()
         # torchrun runs this on every rank, without the save_dir ultralytics' own launcher hands its workers
@@ -285,7 +148,7 @@ class AtcacheTrainer(DetectionTrainer):
         super().__init__(cfg, overrides, _callbacks)
         if launch:
             self._join_world(*launch)
-        self.cache_targets: TargetRendering | None = None
+        self.cache_targets: TargetSource | None = None
         self.teacher = None
         self._taps: FeatureHooks | None = None
         self._renderer = None  # render.BatchRenderer of warp targets, made on the first batch
@@ -332,17 +195,18 @@ class AtcacheTrainer(DetectionTrainer):
 
     # ------------------------------------------------------------------ data
     def build_dataset(self, img_path: str, mode: str = "train", batch: int | None = None):
-        dataset = super().build_dataset(img_path, mode, batch)
-        if mode == "train" and self.settings.mode == "cache":
-            if self.cache_targets is None:
-                self.cache_targets = self._load_targets()
-            dataset = attach_targets(dataset, self.cache_targets, self.settings.targets, self.data["path"], self.args,
-                                     pieces=True)
-        if mode == "train" and self.settings.aug_seed is not None:
-            dataset = seed_augmentation(dataset, self.settings.aug_seed, self.args, self.epochs)
-        if mode == "train" and self.settings.targets == "replay" and self.settings.mode == "cache":
-            self.cache_targets.check_dataset(dataset.im_files, self.data["path"])
-        return dataset
+        """ultralytics' dataset; for training, atcache's (`datasets.build_dataset`, the same arguments) with the cached
+        targets (cache mode) and/or seeded augmentation (--aug-seed)."""
+        s = self.settings
+        cached = s.mode == "cache"
+        if mode != "train" or not (cached or s.aug_seed is not None):
+            return super().build_dataset(img_path, mode, batch)
+        if cached and self.cache_targets is None:
+            self.cache_targets = self._load_targets()
+        gs = max(int(unwrap_model(self.model).stride.max()), 32)
+        return build_dataset(self.args, img_path, self.data, mode, batch, gs,
+                             targets=self.cache_targets if cached else None, target_mode=s.targets if cached else None,
+                             root=self.data["path"], pieces=True, aug_seed=s.aug_seed, epochs=self.epochs)
 
     def _load_targets(self):
         """The cache's targets for training: replay arrays (read in order), streamed chunks, or the maps in RAM."""

@@ -11,24 +11,20 @@ import zarr
 
 from atcache.build.pipeline import build_cache
 from atcache.errors import AtcacheError
-from conftest import TEST_IMGSZ, TEST_LAYERS, assert_same_store, build_config, cli_command
+from atcache.testing import TEST_IMGSZ, TEST_LAYERS, build_config, cli_command, yolo_dataset
 
 
 def test_rows_equal_an_independent_recomputation(built_cache, voc_yaml, teacher_pt):
     """Reopen with plain zarr; recompute with ultralytics' own loader, LetterBox and model, and the seed's formula."""
-    from ultralytics.cfg import get_cfg
     from ultralytics.data.augment import LetterBox
-    from ultralytics.data.dataset import YOLODataset
-    from ultralytics.data.utils import check_det_dataset
 
     g = zarr.open_group(str(built_cache), mode="r")
     spec = g.attrs["atcache"]
     assert spec["imgsz"] == TEST_IMGSZ and [l["index"] for l in spec["layers"]] == list(TEST_LAYERS)
     assert [l["stride"] for l in spec["layers"]] == [16, 32, 16, 8, 16, 32]
     assert g["done"][:].all()
-    data = check_det_dataset(str(voc_yaml))
-    ds = YOLODataset(img_path=data["train"], imgsz=TEST_IMGSZ, augment=True, hyp=get_cfg(), data=data, prefix="")
-    root = Path(data["path"])
+    ds = yolo_dataset(voc_yaml)
+    root = Path(ds.data["path"])
     assert [str(root / f) for f in g["files"][:]] == ds.im_files
 
     model = torch.load(teacher_pt, weights_only=False)["model"].float().eval()
@@ -62,7 +58,7 @@ def test_letterbox_rows_map_pixels_to_cells(built_cache):
     assert ((top == np.round((TEST_IMGSZ - h) / 2 - 0.1)) & (left == np.round((TEST_IMGSZ - w) / 2 - 0.1))).all()
 
 
-def test_two_shards_equal_one_process(built_cache, voc_yaml, tmp_path, teacher_pt):
+def test_two_shards_equal_one_process(built_cache, voc_yaml, tmp_path, teacher_pt, assert_same_store):
     out = tmp_path / "sharded.zarr"
     build_cache(build_config(voc_yaml, out, teacher=str(teacher_pt), shard=(1, 2)))
     partial = zarr.open_group(str(out), mode="r")["done"][:]
@@ -71,7 +67,7 @@ def test_two_shards_equal_one_process(built_cache, voc_yaml, tmp_path, teacher_p
     assert_same_store(out, built_cache)
 
 
-def test_concurrent_shard_processes_equal_one_process(built_cache, voc_yaml, tmp_path, teacher_pt):
+def test_concurrent_shard_processes_equal_one_process(built_cache, voc_yaml, tmp_path, teacher_pt, assert_same_store):
     out = tmp_path / "concurrent.zarr"
     cmd = cli_command(voc_yaml, teacher_pt, out)
     procs = [subprocess.Popen(cmd + ["--shard", f"{i}/2"], stderr=subprocess.PIPE, text=True) for i in range(2)]
@@ -81,7 +77,7 @@ def test_concurrent_shard_processes_equal_one_process(built_cache, voc_yaml, tmp
     assert_same_store(out, built_cache)
 
 
-def test_resume_after_kill_is_identical(built_cache, voc_yaml, tmp_path, teacher_pt):
+def test_resume_after_kill_is_identical(built_cache, voc_yaml, tmp_path, teacher_pt, assert_same_store):
     out = tmp_path / "killed.zarr"
     cmd = cli_command(voc_yaml, teacher_pt, out)
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -160,7 +156,7 @@ def test_vanishing_activations_are_flagged(voc_yaml, tmp_path, built_cache):
     assert vanishing_layers(CacheStore.open(built_cache)) == []
 
 
-def test_several_devices_run_one_shard_process_each(built_cache, voc_yaml, tmp_path, teacher_pt):
+def test_several_devices_run_one_shard_process_each(built_cache, voc_yaml, tmp_path, teacher_pt, assert_same_store):
     out = tmp_path / "multi.zarr"
     cfg = build_config(voc_yaml, out, teacher=str(teacher_pt), workers=0, device="cpu,cpu")
     lines = build_cache(cfg).device_lines()

@@ -16,12 +16,12 @@ from atcache.build.runners import _task_blocks as task_blocks
 from atcache.build.runners import _worker_device as worker_device
 from atcache.scheduler import parse_scheduler
 from atcache.errors import AtcacheError
-from conftest import assert_clean, assert_same_store, build_config, cli_command
+from atcache.testing import assert_clean, build_config, cli_command
 
 pytest.importorskip("distributed")
 
 
-def test_local_cluster_build_equals_one_process(built_cache, voc_yaml, teacher_pt, tmp_path):
+def test_local_cluster_build_equals_one_process(built_cache, voc_yaml, teacher_pt, tmp_path, assert_same_store):
     out = tmp_path / "c.zarr"
     report = build_cache(build_config(voc_yaml, out, teacher=str(teacher_pt), scheduler="local:2"))
     assert report.computed == report.total_rows == 31
@@ -29,7 +29,8 @@ def test_local_cluster_build_equals_one_process(built_cache, voc_yaml, teacher_p
     assert_clean(out)
 
 
-def test_cluster_build_resumes_and_the_cli_reports_progress(built_cache, voc_yaml, teacher_pt, tmp_path):
+def test_cluster_build_resumes_and_the_cli_reports_progress(built_cache, voc_yaml, teacher_pt, tmp_path,
+                                                            assert_same_store):
     out = tmp_path / "c.zarr"
     build_cache(build_config(voc_yaml, out, teacher=str(teacher_pt), shard=(0, 2)))  # half done, as if interrupted
     run = subprocess.run(cli_command(voc_yaml, teacher_pt, out) + ["--resume", "--scheduler", "local:2"],
@@ -39,7 +40,7 @@ def test_cluster_build_resumes_and_the_cli_reports_progress(built_cache, voc_yam
     assert_same_store(built_cache, out)
 
 
-def test_killed_worker_is_retried_and_the_store_is_whole(voc_yaml, teacher_pt, tmp_path):
+def test_killed_worker_is_retried_and_the_store_is_whole(voc_yaml, teacher_pt, tmp_path, assert_same_store):
     out, reference = tmp_path / "c.zarr", tmp_path / "reference.zarr"
     build_cache(build_config(voc_yaml, reference, teacher=str(teacher_pt), chunk_rows=2))  # 16 small tasks
     me, killed = psutil.Process(), []
@@ -91,7 +92,7 @@ def test_task_blocks_and_worker_devices(monkeypatch):
 
 
 def test_what_a_lost_attempt_left_mid_write_is_swept_once_the_store_is_complete(built_cache, voc_yaml, teacher_pt,
-                                                                                tmp_path):
+                                                                                tmp_path, assert_same_store):
     from atcache.build.runners import compute_block
     from atcache.cache.store import CacheStore
 

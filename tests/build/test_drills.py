@@ -15,7 +15,7 @@ from atcache.build.pipeline import build_cache
 from atcache.errors import AtcacheError
 from atcache.cache.claims import LOCK_PREFIX, ChunkClaim
 from atcache.cache.store import CacheStore
-from conftest import TEST_LAYERS, assert_clean, assert_same_store, build_config, cli_command
+from atcache.testing import TEST_LAYERS, assert_clean, build_config, cli_command
 
 DRILL = Path(__file__).with_name("drill_build.py")
 N_KILLS = 10
@@ -54,7 +54,8 @@ def write_count(voc_yaml, teacher_pt, tmp_path_factory) -> int:
     return int(run.stderr.rsplit("writes=", 1)[1].split()[0])
 
 
-def test_kill_at_ten_random_points_then_resume_is_identical(built_cache, voc_yaml, teacher_pt, tmp_path, write_count):
+def test_kill_at_ten_random_points_then_resume_is_identical(built_cache, voc_yaml, teacher_pt, tmp_path, write_count,
+                                                            assert_same_store):
     points = sorted(np.random.default_rng(6).choice(np.arange(1, write_count + 1), N_KILLS, replace=False).tolist())
     for n in points:
         out = tmp_path / f"killed-at-{n}.zarr"
@@ -69,7 +70,7 @@ def test_kill_at_ten_random_points_then_resume_is_identical(built_cache, voc_yam
 
 @pytest.mark.parametrize("code,words", [("ENOSPC", "no space left"), ("EACCES", "permission denied")])
 def test_disk_full_or_permission_denied_keeps_earlier_rows(built_cache, voc_yaml, teacher_pt, tmp_path, write_count,
-                                                           code, words):
+                                                           code, words, assert_same_store):
     out = tmp_path / "c.zarr"
     run = drill(code, write_count - 20, cli_command(voc_yaml, teacher_pt, out))  # fails in the last row-chunks
     assert run.returncode == 2 and "Traceback" not in run.stderr
@@ -101,7 +102,7 @@ def flip_byte(path: Path) -> None:
     path.write_bytes(bytes(data))
 
 
-def test_repair_recomputes_exactly_the_damaged_chunks(built_cache, voc_yaml, teacher_pt, tmp_path):
+def test_repair_recomputes_exactly_the_damaged_chunks(built_cache, voc_yaml, teacher_pt, tmp_path, assert_same_store):
     out, _ = unfinished_copy(built_cache, tmp_path)
     flip_byte(out / "maps" / "13" / "c" / "1" / "0" / "0")
     flip_byte(out / "norms" / "8" / "c" / "2")
@@ -122,7 +123,7 @@ def test_repair_needs_resume(voc_yaml, teacher_pt, tmp_path):
         build_cache(build_config(voc_yaml, tmp_path / "c.zarr", teacher=str(teacher_pt), repair=True))
 
 
-def test_overlapping_builders_are_refused(built_cache, voc_yaml, teacher_pt, tmp_path):
+def test_overlapping_builders_are_refused(built_cache, voc_yaml, teacher_pt, tmp_path, assert_same_store):
     out, store = unfinished_copy(built_cache, tmp_path, [1, 2])
     with ChunkClaim(store, [2]):  # a live builder (this process) owns row-chunk 2
         with pytest.raises(AtcacheError, match=rf"row-chunk 2 \(rows 16-23\) is being built by pid {os.getpid()}"):
@@ -136,7 +137,8 @@ def test_overlapping_builders_are_refused(built_cache, voc_yaml, teacher_pt, tmp
     assert_clean(out)
 
 
-def test_two_concurrent_builders_one_is_refused_the_store_is_whole(built_cache, voc_yaml, teacher_pt, tmp_path):
+def test_two_concurrent_builders_one_is_refused_the_store_is_whole(built_cache, voc_yaml, teacher_pt, tmp_path,
+                                                                   assert_same_store):
     out, _ = unfinished_copy(built_cache, tmp_path, range(4))
     cmd = cli_command(voc_yaml, teacher_pt, out) + ["--resume"]
     procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
@@ -151,7 +153,7 @@ def test_two_concurrent_builders_one_is_refused_the_store_is_whole(built_cache, 
     assert_clean(out)
 
 
-def test_dead_builders_claims_are_taken_over(built_cache, voc_yaml, teacher_pt, tmp_path):
+def test_dead_builders_claims_are_taken_over(built_cache, voc_yaml, teacher_pt, tmp_path, assert_same_store):
     out, store = unfinished_copy(built_cache, tmp_path, [0])
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     claim = ChunkClaim(store, [0])

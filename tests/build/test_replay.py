@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from atcache.build.pipeline import build_cache
 from atcache.cli import app
-from conftest import TEST_IMGSZ, TEST_LAYERS, assert_clean, assert_one_line_error, build_config, cli_command
+from atcache.testing import TEST_IMGSZ, TEST_LAYERS, assert_clean, assert_one_line_error, build_config, cli_command
 
 REPLAY = dict(replay_epochs=2, aug_seed=11, augment=(("close_mosaic", 1), ("mixup", 0.5)))
 REPLAY_ARGS = ["--replay-epochs", "2", "--aug-seed", "11", "close_mosaic=1", "mixup=0.5"]
@@ -47,7 +47,7 @@ def assert_same_replay(a, b):
 
 
 def test_replay_arrays_hold_every_epoch_in_training_order(replay_cache):
-    from atcache.train.seeding import EpochSampler
+    from atcache.train.samplers import EpochSampler
     from atcache.cache.store import CacheStore
 
     store = CacheStore.open(replay_cache)

@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 from atcache.build.pipeline import build_cache
 from atcache.cli import app
 from atcache.cache.format import decode_maps, encode_maps
-from conftest import COMMON, TEST_LAYERS, build_config, results
+from atcache.testing import COMMON, TEST_LAYERS, build_config, results
 
 runner = CliRunner()
 

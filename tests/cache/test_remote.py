@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 
 from atcache.cli import app
 from atcache.cache.location import Location
-from conftest import COMMON, TEST_IMGSZ, assert_same_store, results
+from atcache.testing import COMMON, build_args, results
 
 pytest.importorskip("s3fs")
 moto_server = pytest.importorskip("moto.server")
@@ -35,11 +35,6 @@ def s3(tmp_path_factory):
     server.stop()
 
 
-def build_args(voc_yaml, teacher_pt, out):
-    return ["build-cache", "--teacher", str(teacher_pt), "--data", str(voc_yaml), "--out", out, "--imgsz",
-            str(TEST_IMGSZ), "--batch", "4", "--device", "cpu", "--workers", "0", "--chunk-rows", "8", "--no-progress"]
-
-
 def test_create_if_absent_is_atomic_on_s3(s3):
     loc = Location.of(f"{s3}/records")
     assert loc.create("a.json", b"first") and not loc.create("a.json", b"second")
@@ -49,7 +44,7 @@ def test_create_if_absent_is_atomic_on_s3(s3):
     assert loc.is_empty()
 
 
-def test_build_inspect_and_train_from_an_s3_store(s3, built_cache, voc_yaml, teacher_pt, tmp_path):
+def test_build_inspect_and_train_from_an_s3_store(s3, built_cache, voc_yaml, teacher_pt, tmp_path, assert_same_store):
     url = f"{s3}/voc.zarr"
     built = runner.invoke(app, build_args(voc_yaml, teacher_pt, url))
     assert built.exit_code == 0, built.output
@@ -73,10 +68,11 @@ def test_build_inspect_and_train_from_an_s3_store(s3, built_cache, voc_yaml, tea
         assert results(tmp_path / mode.strip("-"))["train/at_loss"] > 0
 
 
-def test_cluster_workers_fill_one_bucket_store(s3, built_cache, voc_yaml, teacher_pt):
+@pytest.mark.slow
+def test_cluster_workers_fill_one_bucket_store(s3, built_cache, voc_yaml, teacher_pt, assert_same_store):
     pytest.importorskip("distributed")
     from atcache.build.pipeline import build_cache
-    from conftest import build_config
+    from atcache.testing import build_config
 
     url = f"{s3}/cluster.zarr"
     report = build_cache(build_config(voc_yaml, url, teacher=str(teacher_pt), scheduler="local:2"))

@@ -4,20 +4,12 @@ import pytest
 
 from atcache.data.splits import LetterboxedImages, letterbox_image, read_image, split_files
 from atcache.errors import AtcacheError
-
-
-def ultralytics_dataset(voc_yaml, split, imgsz):
-    from ultralytics.cfg import get_cfg
-    from ultralytics.data.dataset import YOLODataset
-    from ultralytics.data.utils import check_det_dataset
-
-    data = check_det_dataset(str(voc_yaml))
-    return YOLODataset(img_path=data[split], imgsz=imgsz, augment=True, hyp=get_cfg(), data=data, prefix="")
+from atcache.testing import yolo_dataset
 
 
 def test_split_files_match_ultralytics_order(voc_yaml):
     sf = split_files(voc_yaml, "train")
-    ds = ultralytics_dataset(voc_yaml, "train", 64)
+    ds = yolo_dataset(voc_yaml, "train", 64)
     assert [str(sf.root / f) for f in sf.files] == ds.im_files
     assert all(not f.startswith("/") for f in sf.files)
     assert len(sf.names) == 20
@@ -28,7 +20,7 @@ def test_teacher_input_is_ultralytics_load_image_then_centred_letterbox(voc_yaml
     from ultralytics.data.augment import LetterBox
 
     sf = split_files(voc_yaml, "train")
-    ds = ultralytics_dataset(voc_yaml, "train", imgsz)
+    ds = yolo_dataset(voc_yaml, "train", imgsz)
     for i in range(5):
         ref, (h0, w0), (h, w) = ds.load_image(i)
         ref = LetterBox(new_shape=(imgsz, imgsz), scaleup=False, center=True)(image=ref)

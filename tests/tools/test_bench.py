@@ -8,7 +8,8 @@ import pytest
 from typer.testing import CliRunner
 
 from atcache.cli import app
-from conftest import TEST_IMGSZ
+from atcache.config import DEFAULT_LAYERS
+from atcache.testing import TEST_IMGSZ
 
 runner = CliRunner()
 STEPS, WARMUP, BATCH, IMAGES, ROUNDS = 3, 1, 4, 24, 2
@@ -41,7 +42,9 @@ def test_report_has_every_field(bench):
         assert run["steps"] == STEPS and run["batch"] == BATCH and run["rounds"] == ROUNDS
         assert [len(s) for s in run["step_s_rounds"]] == [STEPS] * ROUNDS
         assert run["img_per_s"] == pytest.approx(sum(run["img_per_s_rounds"]) / ROUNDS)  # the median of two
-        assert run["img_per_s_spread"] >= 0 and run["peak_mem_gb"] > 0.1 and run["mem_kind"] == "peak_rss"
+        ips = run["img_per_s_rounds"]
+        assert run["img_per_s_spread"] == pytest.approx((max(ips) - min(ips)) / run["img_per_s"])
+        assert run["peak_mem_gb"] > 0.1 and run["mem_kind"] == "peak_rss"
     # interleaved: every round in an order rotated by one
     assert report["train"]["plain"]["position_in_round"] == [0, 3] and report["train"]["cache"]["position_in_round"] == [1, 0]
     for name, spread in report["ratio_spread_over_rounds"].items():  # the ratio of two-round medians lies between
@@ -112,3 +115,108 @@ def test_step_figures_use_intervals_inside_epochs():
     figures = step_figures(ends, batch=8, warmup=1)
     assert figures["step_s"] == [2.0, 1.0, 1.5]  # the 3.0 -> 10.0 gap spans an epoch end and is not a step
     assert figures["median_step_s"] == 1.5 and math.isclose(figures["img_per_s"], 8 / 1.5)
+
+
+# ------------------------------------------------------------------------------ one plan for demo, bench and study
+class FakeBuild:
+    """What build_cache reports, without a teacher forward."""
+
+    warnings, store_bytes, bytes_per_image, img_per_s, replayed, seconds = (), 2000, 10.0, 50.0, 40, 0.5
+
+    def summary(self):
+        return "fake build"
+
+
+def fake_measure(calls):
+    def measure(settings, overrides, steps=None, warmup=0, loader_samples=0, threads=None):
+        calls.append((overrides["name"], settings))
+        return {"metrics": {"metrics/mAP50(B)": 0.5, "metrics/mAP50-95(B)": 0.3}, "mean_epoch_s": 1.0,
+                "img_per_s": 10.0, "median_step_s": 0.1, "peak_mem_gb": 1.0, "mem_kind": "peak_rss",
+                "save_dir": str(overrides["project"]), "train_images": 30, "step_s": [0.1], "workers": 0}
+    return measure
+
+
+@pytest.fixture
+def plan_spy(monkeypatch):
+    """Every call of the one plan (the tools must call it, not a copy of it) and every student a tool trains."""
+    from atcache.tools import measure, plans
+
+    planned, trained, real = [], [], plans.plan
+
+    def spy(mode, sources, *args, **kw):
+        planned.append(mode)
+        return real(mode, sources, *args, **kw)
+    monkeypatch.setattr(plans, "plan", spy)
+    monkeypatch.setattr(measure, "measure_training", fake_measure(trained))
+    return planned, trained, real
+
+
+def test_demo_trains_the_planned_students_and_says_how_long(plan_spy, monkeypatch, teacher_pt, tmp_path):
+    from atcache.tools import demo, plans
+
+    planned, trained, real = plan_spy
+    monkeypatch.setattr(demo, "build_cache", lambda cfg: FakeBuild())
+    lines = list(demo.run_demo(tmp_path, images=40, imgsz=64, teacher=str(teacher_pt), teacher_epochs=0,
+                               device="cpu", quick=True, student="yolo11n.yaml", student_epochs=1, jobs=2))
+    assert lines[0].startswith("estimate: about ") and "2 jobs at a time" in lines[0]
+    assert lines[-1].startswith("took ") and "(estimated " in lines[-1]
+    assert set(planned) >= set(demo.DEMO_MODES) and sorted(n for n, _ in trained) == sorted(demo.STUDENT_RUNS)
+    sources = plans.Sources(layers=tuple((i, i) for i in DEFAULT_LAYERS), teacher=str(teacher_pt),
+                            cache=str(tmp_path / "teacher_cache.zarr"), replay_cache=str(tmp_path / "teacher_replay.zarr"))
+    for name, settings in trained:
+        assert settings == real(plans.mode_of(name), sources).settings, name
+    table = (tmp_path / "demo_results.md").read_text()
+    assert "2 jobs at a time" in table and "alongside" in table  # how the speed columns were measured
+    assert json.loads((tmp_path / "demo_results.json").read_text())["schedule"]["jobs_at_a_time"] == 2
+
+
+def test_bench_trains_the_planned_trainers(plan_spy, tmp_path):
+    from atcache.tools import bench, plans
+
+    planned, trained, real = plan_spy
+    cfg = bench.BenchConfig(out=str(tmp_path), teacher="t.pt", layers=(6, 16), rounds=1, loader_samples=0)
+    split = type("Split", (), {"files": (), "absolute": lambda self, i: None})()
+    train = bench._measure_trainers(cfg, tmp_path / "d.yaml", split, tmp_path / "c.zarr", tmp_path / "r.zarr",
+                                    lambda line: None)
+    assert set(train) == set(bench.TRAINERS) == {"plain", "cache", "online", "replay"}
+    assert sorted(planned) == sorted(bench.TRAINER_MODES)
+    sources = plans.Sources(layers=((6, 6), (16, 16)), teacher="t.pt", cache=str(tmp_path / "c.zarr"),
+                            replay_cache=str(tmp_path / "r.zarr"))
+    for name, settings in trained:
+        assert settings == real(plans.mode_of(name), sources).settings, name
+
+
+def test_study_trains_the_planned_students(plan_spy, monkeypatch, tmp_path):
+    from atcache.build import pipeline
+    from atcache.config import STUDENT_MODES
+    from atcache.tools import demo, plans, study
+
+    planned, trained, real = plan_spy
+    monkeypatch.setattr(pipeline, "build_cache", lambda cfg: FakeBuild())
+    monkeypatch.setattr(demo, "train_teacher", lambda *a, **k: (tmp_path / "best.pt", {}))
+    config = study.StudyConfig(images=40, imgsz=64, student_images=8, student_epochs=1, seeds=(0, 1),
+                               at_weights=(0.5,), layers=(6, 16))
+    list(study.run_study(config, tmp_path))
+    assert study.STUDY_MODES == STUDENT_MODES and planned == list(STUDENT_MODES) * 2
+    for name, settings in trained:
+        mode, seed = name.split("_seed")[0], int(name.split("_seed")[1][0])
+        sources = plans.Sources(layers=((6, 6), (16, 16)), teacher=str(tmp_path / "best.pt"),
+                                cache=str(tmp_path / "cache_L6-16_n8.zarr"),
+                                replay_cache=str(tmp_path / f"replay_seed{seed}_L6-16_n8_e1.zarr"))
+        assert settings == real(mode, sources, at_weight=0.5, aug_seed=seed).settings, name
+
+
+def test_plan_covers_every_student_mode():
+    from atcache.config import STUDENT_MODE_FIELDS, STUDENT_MODES, TARGET_MODES, TRAIN_MODES
+    from atcache.tools import plans
+
+    sources = plans.Sources(layers=((6, 6),), teacher="t.pt", cache="c.zarr", replay_cache="r.zarr")
+    assert set(STUDENT_MODE_FIELDS) == set(STUDENT_MODES)
+    for mode in STUDENT_MODES:
+        p = plans.plan(mode, sources, aug_seed=3)
+        assert (p.settings.mode, p.settings.targets) == STUDENT_MODE_FIELDS[mode]
+        assert p.settings.mode in TRAIN_MODES and p.settings.targets in TARGET_MODES
+    assert plans.plan("replay", sources).replay_build and plans.plan("replay", sources, aug_seed=3).settings.aug_seed is None
+    assert plans.plan("static", sources).settings.cache == "c.zarr" and plans.plan("online", sources).needs == "teacher"
+    with pytest.raises(Exception, match="unknown"):
+        plans.plan("cache", sources)

@@ -2,6 +2,7 @@
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,7 @@ import pytest
 import zarr
 
 REPO = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.slow  # each runs a shipped pipeline end to end (4.6 min together on 2 cores)
 
 
 def test_voc_build_cache_pipeline_two_shards(voc_devkit, teacher_pt, built_cache, tmp_path):
@@ -43,7 +45,6 @@ def test_voc_seed_experiment_dry_run(voc_devkit, teacher_pt, tmp_path):
     assert "cache_over_plain" in (tmp_path / "runs" / "bench.json").read_text()
 
 
-@pytest.mark.slow
 def test_gpu_check_cpu_path(tmp_path):
     """pipelines/gpu.sh as shipped, on its CPU path at toy sizes: bench in 2 rounds, then fidelity of warp and replay."""
     results = tmp_path / "results"
@@ -62,7 +63,6 @@ def test_gpu_check_cpu_path(tmp_path):
     assert min(v["all"]["cosine_mean"] for v in replay["layers"].values()) > 0.999  # replay targets: the teacher's own
 
 
-@pytest.mark.slow
 def test_accuracy_study_pipeline_at_toy_scale(tmp_path):
     """pipelines/accuracy.sh as shipped, tiny: every mode over two seeds, per-seed values, means and stds in the JSON."""
     env = dict(os.environ, OUT=str(tmp_path / "study"), TAG="toy", SWEEP_WEIGHTS="3",
@@ -76,7 +76,8 @@ def test_accuracy_study_pipeline_at_toy_scale(tmp_path):
     assert set(report["modes"]) == {"plain", "online", "static", "warp", "replay"}
     for mode in report["modes"].values():
         assert mode["seeds"] == [0, 1] and len(mode["mAP50"]) == 2 and len(mode["mAP50-95"]) == 2
-        assert mode["mAP50_mean"] == pytest.approx(sum(mode["mAP50"]) / 2) and mode["mAP50_std"] >= 0
+        assert mode["mAP50_mean"] == pytest.approx(sum(mode["mAP50"]) / 2)
+        assert mode["mAP50_std"] == pytest.approx(statistics.stdev(mode["mAP50"]))
         assert all(x > 0 for x in mode["img_per_s"])
     assert report["data"]["val_images"] >= 5 and report["teacher"]["checkpoint"].endswith("best.pt")
     sweep = json.loads((tmp_path / "pipelines" / "results" / "accuracy_sweep_toy.json").read_text())

@@ -10,7 +10,7 @@ from atcache.cache.format import LETTERBOX_COLUMNS, LetterboxTable
 from atcache.testing import fake_spec, random_chunk, seed_layers
 from atcache.train.targets import CacheTargets
 
-from conftest import TEST_LAYERS, target_dataset, traced_views
+from atcache.testing import TEST_LAYERS, target_dataset, traced_views
 
 IMGSZ = 128
 

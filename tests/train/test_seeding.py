@@ -6,23 +6,21 @@ import hashlib
 import numpy as np
 import pytest
 
-from atcache.train.seeding import EpochSampler, rank_share, seed_augmentation
-from conftest import TEST_IMGSZ, TEST_LAYERS, target_dataset
+from atcache.train.samplers import EpochSampler, rank_share
+from atcache.testing import TEST_IMGSZ, TEST_LAYERS
 
 
 def seeded(voc_yaml, cache=None, seed=3, epochs=3, **hyp):
     """The training dataset as the trainer builds it (with cached targets when `cache` is given), seeded."""
-    from ultralytics.cfg import get_cfg
-    from ultralytics.data.build import build_yolo_dataset
-    from ultralytics.data.utils import check_det_dataset
+    from atcache.train.datasets import build_dataset
+    from atcache.train.targets import CacheTargets
+    from atcache.yolo import check_det_dataset, get_cfg
 
     args = get_cfg(overrides={"imgsz": TEST_IMGSZ, "data": str(voc_yaml), "close_mosaic": 1, **hyp})
-    if cache is not None:
-        ds = target_dataset(voc_yaml, cache, close_mosaic=1, **hyp)
-    else:
-        data = check_det_dataset(str(voc_yaml))
-        ds = build_yolo_dataset(args, data["train"], batch=4, data=data, mode="train")
-    return seed_augmentation(ds, seed, args, epochs)
+    data = check_det_dataset(str(voc_yaml))
+    targets = None if cache is None else CacheTargets.load(cache, TEST_LAYERS)
+    return build_dataset(args, data["train"], data, "train", batch=4, targets=targets,
+                         target_mode=None if cache is None else "warp", aug_seed=seed, epochs=epochs)
 
 
 def fingerprint(sample) -> str:
@@ -67,7 +65,7 @@ def loader_stream(ds, workers: int, batch: int, epochs: int) -> list[str]:
     """Fingerprints of every sample ultralytics' loader yields over `epochs` passes, in order."""
     from ultralytics.data.build import build_dataloader
 
-    from atcache.train.streaming import with_sampler
+    from atcache.train.samplers import with_sampler
 
     loader = with_sampler(build_dataloader(ds, batch=batch, workers=workers, shuffle=True, rank=-1),
                           EpochSampler(len(ds), seed=3, encode_epoch=True))

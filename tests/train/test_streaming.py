@@ -13,10 +13,10 @@ from typer.testing import CliRunner
 
 from atcache.cli import app
 from atcache.errors import AtcacheError
-from conftest import TEST_IMGSZ, TEST_LAYERS, assert_one_line_error, target_dataset, traced_views
+from atcache.testing import TEST_IMGSZ, TEST_LAYERS, assert_one_line_error, target_dataset, traced_views
 
 runner = CliRunner()
-CHUNK_ROWS = 8  # conftest's build_config
+CHUNK_ROWS = 8  # atcache.testing.build_config's
 
 
 def chunk_switches(chunks) -> int:

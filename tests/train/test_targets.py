@@ -11,7 +11,7 @@ import zarr
 from atcache.data.splits import letterbox_image, read_image, resize_long_side, split_files
 from atcache.errors import AtcacheError
 from atcache.train.views import Canvas, Placed, Source, bilinear, evaluate, flip_matrix, translation, warp
-from conftest import TEST_IMGSZ, TEST_LAYERS, build_config, target_dataset, traced_views
+from atcache.testing import TEST_IMGSZ, TEST_LAYERS, build_config, target_dataset, traced_views
 
 
 def test_recorded_views_reproduce_the_augmented_images(voc_yaml, built_cache):
@@ -87,10 +87,10 @@ def test_rows_are_joined_by_path_not_position(voc_yaml, built_cache):
 
 
 def test_batches_carry_one_target_per_layer(voc_yaml, built_cache):
-    from atcache.train.targets import TargetDataset
+    from atcache.train.datasets import AtcacheDataset
 
     ds = target_dataset(voc_yaml, built_cache)
-    batch = TargetDataset.collate_fn([ds[i] for i in range(3)])
+    batch = AtcacheDataset.collate_fn([ds[i] for i in range(3)])
     shapes = [tuple(t.shape) for t in batch["at_targets"]]
     assert shapes == [(3, TEST_IMGSZ // s, TEST_IMGSZ // s) for s in (16, 32, 16, 8, 16, 32)]
     for t in batch["at_targets"]:
