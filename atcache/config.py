@@ -20,7 +20,7 @@ DEFAULT_CHUNK_ROWS = 256
 DEFAULT_WINDOW = 4  # streaming: row-chunks whose samples are shuffled together
 DEFAULT_AT_WEIGHT = 1.0
 DEFAULT_WORKERS = min(4, os.cpu_count() or 1)  # DataLoader workers decoding images for the teacher
-AUTO_DEVICE = ""  # --device default: CUDA device 0 when there is one, else the CPU (the CLI resolves it)
+AUTO_DEVICE = ""  # --device default: CUDA device 0 when there is one, else the CPU (atcache.devices)
 # The two fields of DistillSettings: which trainer (`mode`) and, for the cache trainer, which targets (`targets`).
 TRAIN_MODES = ("plain", "cache", "online")
 TARGET_MODES = ("warp", "static", "replay")
@@ -52,88 +52,16 @@ class JsonConfig:
         return cls(**{k: _tuples(v) for k, v in json.loads(text).items()})
 
 
-@dataclass(frozen=True)
-class BuildConfig(JsonConfig):
-    """What `atcache build-cache` was asked to do."""
-
-    teacher: str
-    data: str
-    out: str
-    split: str = "train"
-    layers: tuple[int, ...] = DEFAULT_LAYERS
-    imgsz: int = DEFAULT_IMGSZ
-    batch: int = 64
-    device: str = AUTO_DEVICE  # one device, or a list (0,1,2,3): one build process per device
-    p: float = DEFAULT_P
-    kind: str = DEFAULT_KIND
-    workers: int = DEFAULT_WORKERS
-    resume: bool = False
-    overwrite: bool = False
-    shard: tuple[int, int] = (0, 1)
-    chunk_rows: int = DEFAULT_CHUNK_ROWS
-    skip_bad: bool = False
-    progress: bool = True
-    repair: bool = False  # with --resume: recompute the row-chunks whose stored data fails to decode
-    break_locks: bool = False  # take over row-chunks another builder claimed (only when that builder is dead)
-    scheduler: str = ""  # dask.distributed: 'local:N' or a scheduler address; '' = this machine
-    retries: int = 2  # dask retries of a failed build task (a lost worker)
-    replay_epochs: int = 0  # also cache the maps of every augmented view of this many epochs of seeded training
-    aug_seed: int = 0  # the replay's --aug-seed
-    augment: tuple[tuple[str, object], ...] = ()  # ultralytics augmentation settings (key, value) for the replay
-    dtype: str = "float16"  # stored maps: float16, or uint8 (square-root domain, a scale per map; store.encode_maps)
+def opt(default=dataclasses.MISSING, help: str = "", *, cli=None, option: str | None = None):
+    """A config field that is also a command-line option: its --help text, and where the option's text differs from
+    the field's value a (parse, format) pair `cli` (layers "6,8,13" <-> (6, 8, 13), shard "i/n" <-> (i, n)), and the
+    option's name where it is not the field's (--ram-budget). atcache.cli.options turns these into typer options."""
+    return dataclasses.field(default=default, metadata={"help": help, "cli": cli, "option": option})
 
 
-@dataclass(frozen=True)
-class DistillSettings(JsonConfig):
-    """What atcache adds to an ultralytics run; `layers` pairs (student layer, cache/teacher layer)."""
-
-    mode: str = "plain"
-    cache: str = ""
-    teacher: str = ""
-    targets: str = "warp"
-    at_weight: float = DEFAULT_AT_WEIGHT
-    layers: tuple[tuple[int, int], ...] = ()
-    p: float = DEFAULT_P  # online mode; a cache brings its own p, kind and eps
-    kind: str = DEFAULT_KIND
-    ram_budget_gb: float | None = None
-    stream: bool | None = None  # None: stream the cache from disk when it needs more than ram_budget_gb
-    shuffle_window: int = DEFAULT_WINDOW  # streaming: chunks whose samples are shuffled together
-    aug_seed: int | None = None  # each sample's augmentation and each epoch's order from (aug_seed, epoch, index)
-
-    @property
-    def student_layers(self) -> tuple[int, ...]:
-        return tuple(s for s, _ in self.layers)
-
-    @property
-    def source_layers(self) -> tuple[int, ...]:
-        return tuple(t for _, t in self.layers)
-
-
-@dataclass(frozen=True)
-class RunSettings:
-    """The ultralytics side of a training run `atcache train*` starts (its model=, data=, epochs=, ... arguments)."""
-
-    epochs: int = 100
-    imgsz: int = DEFAULT_IMGSZ  # must equal the cache's
-    batch: int = 64
-    device: str = AUTO_DEVICE  # one device, or a list (0,1) for DDP
-    project: str = "runs/detect"
-    name: str = ""  # '' -> the command's name (train, train-from-cache, train-online)
-
-
-@dataclass(frozen=True)
-class DemoConfig:
-    """What `atcache demo` runs (the keyword arguments of atcache.tools.demo.run_demo)."""
-
-    out: str = "runs/demo"
-    images: int = 200
-    imgsz: int = 128
-    teacher: str = "yolo11s.yaml"
-    teacher_epochs: int = 20  # a YAML teacher is trained this long before it is cached (0: random init)
-    student: str = "yolo11n.yaml"
-    student_epochs: int = 15  # every student run: plain, from the cache, online (0: stop after the cache)
-    device: str = AUTO_DEVICE
-    quick: bool = False  # tiny sizes, for tests
+def comma_text(values) -> str:
+    """A tuple (layers, seeds, ...) as the comma-separated text its option takes."""
+    return ",".join(map(str, values))
 
 
 def parse_layers(text: str, pairs: bool = False):
@@ -168,6 +96,101 @@ def check_shard(i: int, n: int) -> tuple[int, int]:
     if not (n >= 1 and 0 <= i < n):
         raise AtcacheError(f"--shard {i}/{n} is out of range; use i/n with 0 <= i < n")
     return i, n
+
+
+LAYERS_CLI = (parse_layers, comma_text)
+PAIRS_CLI = (lambda text: parse_layers(text, pairs=True) if text else (),  # '' -> () (train-from-cache: every cached layer)
+             lambda pairs: ",".join(str(s) if s == t else f"{s}:{t}" for s, t in pairs))
+SHARD_CLI = (parse_shard, lambda shard: "/".join(map(str, shard)))
+AUTO_HELP = "default: CUDA device 0 if there is one, else the CPU"
+ONE_DEVICE_HELP = f"cpu or a CUDA index ({AUTO_HELP})."
+P_HELP = "Exponent p of the attention map sum_c |F_c|^p."
+KIND_HELP = "Attention map: sum_p (the reference setup's), sum, or max_p."
+CACHE_HELP = "The cache store: a .zarr folder or an fsspec URL such as s3://bucket/voc.zarr."
+
+
+@dataclass(frozen=True)
+class BuildConfig(JsonConfig):
+    """What `atcache build-cache` was asked to do."""
+
+    teacher: str = opt(help="Teacher: a trained ultralytics checkpoint .pt, or a model YAML (random init).")
+    data: str = opt(help="Ultralytics detection data YAML.")
+    out: str = opt(help="Cache store to write: a Zarr v3 folder (voc_m.zarr) or an fsspec URL (s3://bucket/voc_m.zarr).")
+    split: str = opt("train", "Split of the data YAML to cache.")
+    layers: tuple[int, ...] = opt(DEFAULT_LAYERS, "Teacher layer indices (model.model[i]) to cache.", cli=LAYERS_CLI)
+    imgsz: int = opt(DEFAULT_IMGSZ, "Training image size (multiple of the max stride).")
+    batch: int = opt(64, "Images per teacher forward pass.")
+    device: str = opt(AUTO_DEVICE, "cpu, a CUDA index, or several (0,1,2,3): one shard process per device "
+                                   f"({AUTO_HELP}).")
+    p: float = opt(DEFAULT_P, P_HELP)
+    kind: str = opt(DEFAULT_KIND, KIND_HELP)
+    workers: int = opt(DEFAULT_WORKERS, "DataLoader workers decoding images (default: min(4, CPU cores)).")
+    resume: bool = opt(False, "Finish an interrupted build of the same settings.")
+    overwrite: bool = opt(False, "Delete an existing store at --out and rebuild it.")
+    shard: tuple[int, int] = opt((0, 1), "i/n: this process fills the i-th of n disjoint chunk ranges.", cli=SHARD_CLI)
+    chunk_rows: int = opt(DEFAULT_CHUNK_ROWS, "Rows per Zarr chunk: the unit of writing, resuming and sharding.")
+    skip_bad: bool = opt(False, "Leave rows of unreadable images empty instead of stopping.")
+    progress: bool = opt(True, "Show a progress bar.")
+    repair: bool = opt(False, "With --resume: recompute the row-chunks whose stored data fails to decode (corrupted "
+                              "chunks).")
+    break_locks: bool = opt(False, "Take over row-chunks claimed by another builder that is known to be dead.")
+    scheduler: str = opt("", "Build on dask.distributed: local:N worker processes here, or a scheduler address "
+                             "tcp://host:8786.")
+    retries: int = 2  # dask retries of a failed build task (a lost worker)
+    replay_epochs: int = opt(0, "Also store the teacher's maps on every augmented view of this many epochs of seeded "
+                                "training (train-from-cache --targets replay).")
+    aug_seed: int = opt(0, "The replay's augmentation seed (train with the same --aug-seed, or let training take it "
+                           "from the cache).")
+    augment: tuple[tuple[str, object], ...] = ()  # ultralytics augmentation settings (key, value) for the replay
+    dtype: str = opt("float16", "Stored maps: float16, or uint8 (square-root domain with a scale per map: about half "
+                                "the bytes, cosine >= 0.9999).")
+
+
+@dataclass(frozen=True)
+class DistillSettings(JsonConfig):
+    """What atcache adds to an ultralytics run; `layers` pairs (student layer, cache/teacher layer)."""
+
+    mode: str = "plain"  # plain, cache or online: which trainer
+    cache: str = opt("", CACHE_HELP)
+    teacher: str = opt("", "Teacher checkpoint .pt, run forward on every augmented batch.")
+    targets: str = opt("warp", "warp: align maps with mosaic/affine/flip/mixup; static: no geometric aug, exact maps; "
+                               "replay: the teacher's maps on every augmented view (build-cache --replay-epochs).")
+    at_weight: float = opt(DEFAULT_AT_WEIGHT, "Weight of the AT loss added to the detection loss.")
+    layers: tuple[tuple[int, int], ...] = opt((), "Layers to distil: 6,8,13 (same index in student and teacher or "
+                                                  "cache) or student:teacher pairs 4:6,6:8. Default from a cache: all "
+                                                  "cached layers.", cli=PAIRS_CLI)
+    p: float = opt(DEFAULT_P, P_HELP)  # online mode; a cache brings its own p, kind and eps
+    kind: str = opt(DEFAULT_KIND, KIND_HELP)
+    ram_budget_gb: float | None = opt(None, "GiB of RAM the cache may take (default: half of this machine's memory); "
+                                            "a larger cache is streamed from disk.", option="--ram-budget")
+    stream: bool | None = opt(None, "Read the maps from disk chunk by chunk (block-shuffled order) instead of RAM. "
+                                    "Default: only when the cache exceeds --ram-budget.")
+    shuffle_window: int = opt(DEFAULT_WINDOW, "Streaming: chunks whose samples are shuffled together (more: closer to "
+                                              "a full shuffle, more RAM per loader worker).")
+    aug_seed: int | None = opt(None, "Seeded augmentation: each sample's augmentation and each epoch's order a "
+                                     "function of (seed, epoch, index) alone, so runs see identical batches.")
+
+    @property
+    def student_layers(self) -> tuple[int, ...]:
+        return tuple(s for s, _ in self.layers)
+
+    @property
+    def source_layers(self) -> tuple[int, ...]:
+        return tuple(t for _, t in self.layers)
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """The ultralytics side of a training run `atcache train*` starts (its model=, data=, epochs=, ... arguments)."""
+
+    student: str = opt(help="Student: a model YAML (yolo11s.yaml, from scratch) or a checkpoint .pt.")
+    data: str = opt(help="Ultralytics detection data YAML (the one the cache was built on).")
+    epochs: int = opt(100, "Training epochs (train-from-cache --targets replay: the cache's unless given).")
+    imgsz: int = opt(DEFAULT_IMGSZ, "Training image size (must equal the cache's).")
+    batch: int = opt(64, "Batch size over all devices.")
+    device: str = opt(AUTO_DEVICE, f"cpu, a CUDA index, or several (0,1) for DDP ({AUTO_HELP}).")
+    project: str = opt("runs/detect", "Parent of the run folder (ultralytics' project).")
+    name: str = opt("", "Run name (default: the command's name; ultralytics adds a number if it exists).")
 
 
 def check_targets(targets: str, rect: bool = False) -> None:

@@ -1,12 +1,22 @@
-"""Device strings, parsed in one place: `--device cpu | 0 | cuda:1 | 0,1,2,3` for builds, training and bench."""
+"""Device strings, parsed in one place: `--device cpu | 0 | cuda:1 | 0,1,2,3` for builds, training and bench. The
+default '' means auto everywhere (CLI and direct library calls alike): CUDA device 0 when there is one, else the CPU."""
 
 from __future__ import annotations
 
 import os
 
 
+def auto_device() -> str:
+    """What the default device '' stands for: '0' (CUDA device 0) when torch sees CUDA, else 'cpu'."""
+    import torch
+
+    return "0" if torch.cuda.is_available() else "cpu"
+
+
 def parse_devices(text: str | None) -> list[str]:
-    """'0,1' -> ['0', '1']; 'cuda:1' -> ['1']; 'cpu' -> ['cpu']; '' or None -> []."""
+    """'0,1' -> ['0', '1']; 'cuda:1' -> ['1']; 'cpu' -> ['cpu']; '' or None (auto) -> ['0'] with CUDA, else ['cpu']."""
+    if not str(text or "").strip():
+        return [auto_device()]
     out = []
     for d in str(text or "").split(","):
         d = d.strip().lower()
@@ -32,20 +42,24 @@ def ranks_on_this_node(device: str | None = None) -> int:
 
 
 def cuda_fallback(device: str) -> str:
-    """The CLI's default device '0' becomes 'cpu' on a machine without CUDA (the caller says so)."""
+    """The default device '' (auto) becomes CUDA device '0' when there is one, else 'cpu'; an explicit '0' becomes
+    'cpu' on a machine without CUDA too (the caller says so); any other device is kept."""
     import torch
 
+    if not str(device or "").strip():
+        return auto_device()
     return "cpu" if device == "0" and not torch.cuda.is_available() else device
 
 
 def resolve_device(device: str):
-    """'cpu', '0', 'cuda:1' -> a torch.device; a clear error if that GPU is not there."""
+    """'cpu', '0', 'cuda:1' -> a torch.device ('' (auto): CUDA device 0 when there is one, else the CPU); a clear
+    error if that GPU is not there."""
     import torch
 
     from atcache.errors import AtcacheError
 
-    d = str(device).strip().lower()
-    if d in ("cpu", ""):
+    d = str(device or "").strip().lower() or auto_device()
+    if d == "cpu":
         return torch.device("cpu")
     if d == "mps":
         return torch.device("mps")

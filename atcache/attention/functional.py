@@ -37,7 +37,7 @@ def normalise(a: torch.Tensor, eps: float = EPS) -> tuple[torch.Tensor, torch.Te
 
 
 def attention_map(fm: torch.Tensor, p: float = 2.0, kind: str = "sum_p", eps: float = EPS) -> torch.Tensor:
-    """Normalised spatial attention map A (N, H, W), float32; the seed's trainer.py formula for kind="sum_p"."""
+    """Normalised spatial attention map A (N, H, W), float32; the reference setup's formula for kind="sum_p"."""
     return normalise(raw_attention(fm, p, kind), eps)[0]
 
 
@@ -59,7 +59,7 @@ def layer_at_loss(student_map: torch.Tensor, teacher_map: torch.Tensor) -> torch
 
 
 def at_loss(student_maps: Sequence[torch.Tensor], teacher_maps: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Sum over layers of ||A_S - A_T||_2 / N (the seed's loss); gradients flow to the student maps only."""
+    """Sum over layers of ||A_S - A_T||_2 / N (the reference setup's loss); gradients flow to the student maps only."""
     if len(student_maps) != len(teacher_maps):
         raise ValueError(f"layer count mismatch: {len(student_maps)} student vs {len(teacher_maps)} teacher maps")
     if not student_maps:

@@ -73,6 +73,16 @@ class BuildReport:
                                                       skipped=skipped, repaired={}).summary()
                 for d, rows, seconds, skipped in self.parts]
 
+    def lines(self, repair: bool = False) -> tuple[list[str], list[str]]:
+        """What build-cache prints: (notes for stderr: repaired chunks, skipped images, warnings; the summary lines
+        for stdout, one per device process of a several-device build). `repair`: --repair was asked for."""
+        notes = [f"repaired row-chunk {k} (damaged: {', '.join(arrays)})" for k, arrays in sorted(self.repaired.items())]
+        if repair and not self.repaired:
+            notes.append("repair: every row-chunk decodes and its finished rows are finite; nothing was damaged")
+        notes += [f"skipped {rel}: {why}" for rel, why in self.skipped]
+        notes += [f"atcache: warning: {warning}" for warning in self.warnings]
+        return notes, self.device_lines() or [self.summary()]
+
 
 def _make_spec(cfg: BuildConfig, teacher: LoadedModel, split: SplitFiles, device: torch.device) -> CacheSpec:
     """Validate the layer/imgsz choice against the teacher and describe the cache to build."""

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterable
 
 from atcache.cache.location import Location
+from atcache.config import check_shard
 from atcache.errors import AtcacheError, first_line
 
 if TYPE_CHECKING:
@@ -243,8 +244,7 @@ class ChunkClaim:
 
 def chunks_for_shard(n_chunks: int, shard: int, n_shards: int) -> range:
     """The contiguous block of row-chunks that shard `shard` of `n_shards` owns (disjoint, covering all)."""
-    if not (n_shards >= 1 and 0 <= shard < n_shards):
-        raise AtcacheError(f"--shard {shard}/{n_shards} is out of range; use i/n with 0 <= i < n")
+    check_shard(shard, n_shards)
     start = n_chunks * shard // n_shards
     stop = n_chunks * (shard + 1) // n_shards
     return range(start, stop)

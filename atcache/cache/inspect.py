@@ -252,3 +252,24 @@ def format_inspection(report: dict) -> str:
             f"{'-' if norm_p50 is None else f'{norm_p50:.3g}':>10} {top:>9.2f} "
             f"{'-' if entropy is None else f'{entropy:.3f}':>11} {f'{peak[0]},{peak[1]}':>9}")
     return "\n".join(lines)
+
+
+def format_corrupted(corrupted: list[dict]) -> str:
+    """`--verify`'s findings, one line per corrupted chunk."""
+    return "\n".join(f"corrupted: {c['array']} chunk {c['chunk']} (rows {c['rows'][0]}-{c['rows'][1] - 1}): {c['error']}"
+                     for c in corrupted)
+
+
+def format_comparison(compare: dict, other: str) -> str:
+    """`--compare`'s per-layer agreement with the cache `other` (and of the replayed views both hold)."""
+    lines = [f"\ncompared with {other} over {compare['common_images']} common images:"]
+    for i, c in compare["layers"].items():
+        lines.append(f"  layer {i:>3}: cosine mean {c['cosine']['mean']:.6f} p5 {c['cosine']['p5']:.6f} min "
+                     f"{c['cosine']['min']:.6f}; AT distance mean {c['at_distance']['mean']:.4g} p95 "
+                     f"{c['at_distance']['p95']:.4g}")
+    lines += [f"  layer {i:>3}: skipped ({why})" for i, why in compare["skipped"].items()]
+    if "replay" in compare:
+        lines.append(f"replayed views in common: {compare['replay']['common_views']}")
+        lines += [f"  layer {i:>3}: cosine mean {c['cosine']['mean']:.6f} p5 {c['cosine']['p5']:.6f}; "
+                  f"AT distance mean {c['at_distance']['mean']:.4g}" for i, c in compare["replay"]["layers"].items()]
+    return "\n".join(lines)

@@ -1,78 +1,92 @@
-"""What the commands share: option types spelled once, defaults read from the config dataclasses (never written
-here), and the helpers for --device, --cache and extra key=value words."""
+"""What the commands share: `command`, which makes a command of a function taking config dataclasses (their fields'
+defaults and help texts, atcache.config.opt, become its options: nothing is written twice), the few options that are
+no config field, and the helpers for --device, --cache and extra key=value words."""
 
 from __future__ import annotations
 
-import ast
-import importlib.util
+import dataclasses
+import functools
+import inspect
 import json
+import typing
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Annotated, Optional
 
 import typer
 
-from atcache.config import AUTO_DEVICE, BuildConfig
+from atcache.config import AUTO_DEVICE, CACHE_HELP
 from atcache.errors import AtcacheError
 
-
-def text(values) -> str:
-    """A tuple default (layers, seeds, ...) as the comma-separated text its option takes."""
-    return ",".join(map(str, values))
-
-
-def source_defaults(module: str, name: str) -> SimpleNamespace:
-    """The literal defaults of dataclass or function `name` in `module`, read from its source without importing it
-    (the tool modules import torch, which `atcache --help` must not); tests/test_cli.py checks them against the
-    imported ones. Defaults that are not literals (DEFAULT_LAYERS, factories) are left out."""
-    tree = ast.parse(Path(importlib.util.find_spec(module).origin).read_text(encoding="utf-8"))
-    node = next(n for n in tree.body if isinstance(n, (ast.ClassDef, ast.FunctionDef)) and n.name == name)
-    if isinstance(node, ast.ClassDef):
-        pairs = [(s.target.id, s.value) for s in node.body if isinstance(s, ast.AnnAssign) and s.value is not None]
-    else:
-        args = node.args.posonlyargs + node.args.args
-        pairs = [(a.arg, d) for a, d in zip(args[len(args) - len(node.args.defaults):], node.args.defaults)]
-        pairs += [(a.arg, d) for a, d in zip(node.args.kwonlyargs, node.args.kw_defaults) if d is not None]
-    out = {}
-    for key, value in pairs:
-        try:
-            out[key] = ast.literal_eval(value)
-        except ValueError:
-            pass
-    return SimpleNamespace(**out)
-
-
-LAYERS_TEXT = text(BuildConfig.layers)  # the reference setup's six layers
 EXTRA_ARGS = {"allow_extra_args": True, "ignore_unknown_options": True}
 COMMANDS: dict = {}  # command name -> (function, context settings); atcache.cli registers them on the app
+KEYWORD = inspect.Parameter.KEYWORD_ONLY
 
 
-def command(name: str, extra_args: bool = False):
-    """Make a function the command `name`; with `extra_args`, words after the options (key=value) reach it in
-    ctx.args."""
+class Params(list):
+    """The typer parameters made of fields of the config dataclass `cls`, and the parsers of their option text."""
 
-    def mark(fn):
-        COMMANDS[name] = (fn, EXTRA_ARGS if extra_args else {})
+    def build(self, values: dict):
+        """The config from the parsed options (taken out of `values`); its other fields keep their defaults."""
+        return self.cls(**{p.name: self.parsers[p.name](values.pop(p.name)) for p in self})
+
+
+def config_params(cls, names=None, *, required=(), **defaults) -> Params:
+    """Options of the fields `names` of `cls` (a space-separated string or a list; default: every field with a help
+    text): Annotated[type, typer.Option(help=...)] = the field's default, or the one given in `defaults`; fields
+    without a default, or named in `required`, are required. A field with a (parse, format) pair takes text."""
+    fields, hints = {f.name: f for f in dataclasses.fields(cls)}, typing.get_type_hints(cls)
+    names = names.split() if isinstance(names, str) else names or [n for n, f in fields.items() if f.metadata.get("help")]
+    params, parsers = [], {}
+    for name in names:
+        meta = fields[name].metadata
+        default, (parse, show) = defaults.get(name, fields[name].default), meta["cli"] or (None, None)
+        parsers[name] = parse or (lambda value: value)
+        if name in required or default is dataclasses.MISSING:
+            default = inspect.Parameter.empty
+        elif show:
+            default = show(default)
+        option = typer.Option(*filter(None, [meta["option"]]), help=meta["help"], show_default=default not in ("", None))
+        params.append(inspect.Parameter(name, KEYWORD, default=default, annotation=Annotated[str if show else hints[name], option]))
+    out = Params(params)
+    out.cls, out.parsers = cls, parsers
+    return out
+
+
+def command(name: str, *configs, extra_args: bool = False):
+    """Make `fn` the command `name`. Its first parameters receive the configs (a dataclass: every field with a help
+    text, or config_params(...): some fields), built from their options; its other parameters are options of their own
+    (ctx, CACHE, --json, ...). With `extra_args`, words after the options (key=value) reach it in ctx.args. An
+    AtcacheError or OSError (or Ctrl-C) becomes one line on stderr and exit code 2 (130), no traceback."""
+    specs = [c if isinstance(c, Params) else config_params(c) for c in configs]
+
+    def make(fn):
+        own = [p.replace(kind=KEYWORD) for p in list(inspect.signature(fn, eval_str=True).parameters.values())[len(specs):]]
+
+        @functools.wraps(fn)
+        def run(**values):
+            try:
+                return fn(*[spec.build(values) for spec in specs], **values)
+            except AtcacheError as e:
+                typer.echo(f"atcache: error: {e}", err=True)
+                raise typer.Exit(2)
+            except KeyboardInterrupt:
+                typer.echo("atcache: interrupted; finished chunks are kept, rerun with --resume to continue", err=True)
+                raise typer.Exit(130)
+            except OSError as e:  # disk full, permission denied, ... outside the paths that explain themselves
+                where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+                typer.echo(f"atcache: error: {e.strerror or e}{where}; fix the file system problem and rerun "
+                           "(a build keeps its finished chunks: add --resume)", err=True)
+                raise typer.Exit(2)
+
+        params = own + [p for spec in specs for p in spec]
+        run.__signature__ = inspect.Signature(params)  # what typer reads (inspect.signature and get_type_hints)
+        run.__annotations__ = {p.name: p.annotation for p in params}
+        COMMANDS[name] = (run, EXTRA_ARGS if extra_args else {})
         return fn
 
-    return mark
-AUTO = "default: CUDA device 0 if there is one, else the CPU"
-CACHE_HELP = "The cache store: a .zarr folder or an fsspec URL such as s3://bucket/voc.zarr."
+    return make
 
-StudentOpt = Annotated[str, typer.Option(help="Student: a model YAML (yolo11s.yaml, from scratch) or a checkpoint .pt.")]
-DataOpt = Annotated[Path, typer.Option(help="Ultralytics detection data YAML (the one the cache was built on).")]
-EpochsOpt = Annotated[int, typer.Option(help="Training epochs.")]
-ImgszOpt = Annotated[int, typer.Option(help="Training image size (must equal the cache's).")]
-BatchOpt = Annotated[int, typer.Option(help="Batch size over all devices.")]
-DeviceOpt = Annotated[str, typer.Option(help=f"cpu, a CUDA index, or several (0,1) for DDP ({AUTO}).", show_default=False)]
-OneDeviceOpt = Annotated[str, typer.Option("--device", help=f"cpu or a CUDA index ({AUTO}).", show_default=False)]
-ProjectOpt = Annotated[Path, typer.Option(help="Parent of the run folder (ultralytics' project).")]
-NameOpt = Annotated[str, typer.Option(help="Run name (default: the command's name; ultralytics adds a number if it exists).", show_default=False)]
-AtWeightOpt = Annotated[float, typer.Option(help="Weight of the AT loss added to the detection loss.")]
-AugSeedOpt = Annotated[Optional[int], typer.Option(help="Seeded augmentation: each sample's augmentation and each epoch's order a function of (seed, epoch, index) alone, so runs see identical batches.")]
-POpt = Annotated[float, typer.Option(help="Exponent p of the attention map sum_c |F_c|^p.")]
-KindOpt = Annotated[str, typer.Option(help="Attention map: sum_p (the reference setup's), sum, or max_p.")]
-CacheOpt = Annotated[str, typer.Option("--cache", help=CACHE_HELP)]
+
 CacheAliasOpt = Annotated[Optional[str], typer.Option("--cache", help=CACHE_HELP)]
 CacheArg = Annotated[Optional[str], typer.Argument(help="The cache store, as --cache.", show_default=False)]
 JsonOpt = Annotated[Optional[Path], typer.Option("--json", help="Also write the full report (JSON) here.")]
@@ -98,10 +112,8 @@ def pick_device(device: str, doing: str) -> str:
     return chosen
 
 
-TRAIN_OPTION_KEYS = ("model", "data", "epochs", "imgsz", "batch", "device", "project", "name")
-
-
-def ultralytics_overrides(extra: list[str], reserved: tuple[str, ...] = TRAIN_OPTION_KEYS) -> dict:
+def ultralytics_overrides(extra: list[str], reserved=("model", "data", "epochs", "imgsz", "batch", "device", "project",
+                                                     "name")) -> dict:
     """`key=value` words after the options -> ultralytics train arguments (checked against its defaults); `reserved`
     keys are atcache options of the command."""
     from atcache.yolo import DEFAULT_CFG_DICT, smart_value
@@ -121,7 +133,8 @@ def ultralytics_overrides(extra: list[str], reserved: tuple[str, ...] = TRAIN_OP
 
 
 def write_json(report: dict, path: Optional[Path]) -> None:
-    """--json: the report, indented, into `path` (its folder made)."""
+    """--json: the report, indented, into `path` (its folder made), and a line saying where."""
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(report, indent=2) + "\n")
+        typer.echo(f"report: {path}")

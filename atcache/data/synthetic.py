@@ -15,6 +15,7 @@ import cv2
 import numpy as np
 
 from atcache.data.voc import VOC_NAMES
+from atcache.tools.settings import DemoDataConfig
 
 # (year, image_set, share of all images): the proportions of VOC 2007+2012.
 SPLITS = (("2012", "train", 0.27), ("2012", "val", 0.27), ("2007", "train", 0.12), ("2007", "val", 0.12), ("2007", "test", 0.22))
@@ -135,7 +136,8 @@ def _annotation_xml(folder: str, filename: str, w: int, h: int, objects: list[Sy
     return tree
 
 
-def make_demo_data(out: str | Path, images: int = 400, size: int = 160, seed: int = 0, progress: bool = True) -> Path:
+def make_demo_data(out: str | Path, images: int = DemoDataConfig.images, size: int = DemoDataConfig.size,
+                   seed: int = DemoDataConfig.seed, progress: bool = True) -> Path:
     """Write `images` images into OUT/VOCdevkit/VOC{2007,2012} and return the VOCdevkit path.
 
     Image sides vary around `size` (long side in [0.75, 1.0] x size, aspect 0.6..1.6) like VOC's ~500x375 photos.

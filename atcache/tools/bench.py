@@ -9,7 +9,7 @@ import os
 import shutil
 import statistics
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Callable
 
@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from atcache.build.pipeline import build_cache
-from atcache.config import DEFAULT_LAYERS, BuildConfig, DistillSettings
+from atcache.config import BuildConfig, DistillSettings
 from atcache.data.splits import LetterboxedImages, SplitFiles, split_files
 from atcache.devices import parse_devices, resolve_device
 from atcache.errors import AtcacheError
@@ -25,38 +25,9 @@ from atcache.tools import plans
 from atcache.tools.bench_report import (  # noqa: F401  (format_report: the CLI imports it from here)
     TRAINER_MODES, TRAINERS, over_rounds, format_report, goals, loader_figures, round_ratios)
 from atcache.tools.measure import device_name
+from atcache.tools.settings import BenchConfig
 
 MIN_STEPS = 16  # measured steps per trainer and round below which the bench warns
-
-
-@dataclass(frozen=True)
-class BenchConfig:
-    """What `atcache bench` measures, and on what."""
-
-    out: str = "runs/bench"
-    data: str = ""  # '' -> synthetic VOC-format data generated into OUT/data
-    teacher: str = "yolo11m.yaml"
-    student: str = "yolo11s.yaml"
-    layers: tuple[int, ...] = DEFAULT_LAYERS
-    imgsz: int = 640
-    batch: int = 64
-    steps: int = 30
-    warmup: int = 5
-    images: int = 0  # training images used; 0: 8 batches' worth
-    workers: int = 8
-    device: str = ""  # '' (config.AUTO_DEVICE): the CLI takes CUDA device 0 if there is one, else cpu
-    repeats: int = 3
-    loader_samples: int = 200
-    rounds: int = 3  # interleaved rounds of the trainers, each in a rotated order
-
-    @property
-    def images_needed(self) -> int:
-        """The fewest images whose first epoch holds warmup + steps step intervals."""
-        return self.batch * (self.warmup + self.steps + 2)
-
-    @property
-    def n_images(self) -> int:
-        return self.images or self.images_needed
 
 
 def _step_intervals(images: int, batch: int) -> int:

@@ -15,6 +15,7 @@ from atcache.build.pipeline import build_cache
 from atcache.config import BuildConfig, DistillSettings
 from atcache.tools import plans
 from atcache.tools.schedule import Slots, estimate_demo, parallel_slots
+from atcache.tools.settings import DemoConfig
 
 # Small data, few epochs: ultralytics' 'auto' optimizer picks AdamW lr 4e-4 for 20 classes and steps every 64 images,
 # which leaves YOLO11s at mAP 0 here for many epochs. AdamW lr 4e-3, an optimizer step per batch (nbs 16), a 1-epoch
@@ -48,9 +49,7 @@ def student_settings(sources: plans.Sources, modes=DEMO_MODES) -> dict[str, Dist
     return {plans.report_name(mode): plans.plan(mode, sources).settings for mode in modes}
 
 
-def run_demo(out: Path, images: int, imgsz: int, teacher: str, teacher_epochs: int, device: str, quick: bool,
-             student: str = "yolo11n.yaml", student_epochs: int = 3, batch: int = 16,
-             jobs: int | None = None) -> Iterator[str]:
+def run_demo(cfg: DemoConfig) -> Iterator[str]:
     """Generate VOC-format data, convert it with prepare-voc, train a teacher briefly, build its cache, then train the
     student plain, from the cache and online for the same epochs; write the comparison into OUT/demo_results.*
 
@@ -64,7 +63,9 @@ def run_demo(out: Path, images: int, imgsz: int, teacher: str, teacher_epochs: i
     from atcache.data.synthetic import make_demo_data
     from atcache.data.voc import prepare_voc
 
-    if quick:
+    out, images, imgsz, teacher, teacher_epochs = Path(cfg.out), cfg.images, cfg.imgsz, cfg.teacher, cfg.teacher_epochs
+    student, student_epochs, batch, jobs, device = cfg.student, cfg.student_epochs, cfg.batch, cfg.jobs, cfg.device
+    if cfg.quick:
         images, imgsz = min(images, 40), min(imgsz, 64)
         teacher_epochs, student_epochs = min(teacher_epochs, 1), min(student_epochs, 1)
     out = Path(out).resolve()

@@ -1,37 +1,24 @@
 """`atcache fidelity`: how close the targets train-from-cache builds are to what the teacher says on the augmented
 image. Runs the training data pipeline (augmentations, targets) for a few batches, runs the live teacher on the same
 images, and compares per layer and per augmentation kind. Besides build-cache, the only command that loads the teacher.
-Imports ultralytics: import this module after `env.prepare()`."""
+ultralytics names come through atcache.yolo."""
 
 from __future__ import annotations
 
 import random
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from atcache.attention.agreement import map_agreement
+from atcache.config import check_replay
 from atcache.errors import AtcacheError
+from atcache.tools.settings import FidelityConfig
 from atcache.train.views import Blend, Canvas, Source, View
 
 AUGMENTATIONS = ("none", "flip", "mosaic", "affine", "mixup")  # what view_kinds tells apart
-
-
-@dataclass(frozen=True)
-class FidelityConfig:
-    """What `atcache fidelity` compares, on which data and pipeline."""
-
-    cache: str
-    teacher: str
-    data: str
-    batches: int = 8
-    batch: int = 16
-    targets: str = "warp"
-    device: str = ""  # '' (config.AUTO_DEVICE): the CLI takes CUDA device 0 if there is one, else cpu
-    seed: int = 0
-    hyp: dict = field(default_factory=dict)  # ultralytics augmentation overrides (mosaic=0, hsv_v=0, ...)
 
 
 def view_kinds(view: View) -> set[str]:
@@ -78,14 +65,10 @@ def training_dataset(cfg: FidelityConfig, store, layers: tuple[int, ...]):
     if unknown:
         raise AtcacheError(f"{unknown[0]!r} is not an ultralytics argument; pass augmentation settings such as mosaic=0")
     replay = store.spec.replay if cfg.targets == "replay" else None
+    settings = dict(cfg.hyp)
     if cfg.targets == "replay":  # the augmentation the replay arrays were made with, seeded as they were
-        if replay is None:
-            raise AtcacheError(f"cache {cfg.cache} has no replay arrays; build them with build-cache ... --replay-epochs E")
-        differ = [k for k, v in cfg.hyp.items() if replay.augment.get(k, v) != v]
-        if differ:
-            raise AtcacheError(f"{differ[0]}={cfg.hyp[differ[0]]} differs from the replay arrays of cache {cfg.cache} "
-                               f"(built with {differ[0]}={replay.augment[differ[0]]}); leave it out")
-    hyp = get_cfg(DEFAULT_CFG, {**cfg.hyp, **(replay.augment if replay else {}), "imgsz": store.spec.imgsz})
+        settings = check_replay(cfg.cache, replay, settings)
+    hyp = get_cfg(DEFAULT_CFG, {**settings, "imgsz": store.spec.imgsz})
     data = load_data_yaml(cfg.data)
     if replay is None:
         return build_dataset(hyp, data["train"], data, "train", cfg.batch, 32, targets=CacheTargets.load(store, layers),

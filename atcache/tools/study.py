@@ -10,36 +10,18 @@ from __future__ import annotations
 import json
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Iterator
 
 import yaml
 
-from atcache.config import DEFAULT_AT_WEIGHT, DEFAULT_LAYERS, STUDENT_MODES, BuildConfig
+from atcache.config import STUDENT_MODES, BuildConfig
 from atcache.tools import plans
+from atcache.tools.settings import StudyConfig
 
 STUDY_MODES = STUDENT_MODES  # the CLI's --modes choices (the one list, config.STUDENT_MODES)
 SCORES = {"mAP50": "metrics/mAP50(B)", "mAP50-95": "metrics/mAP50-95(B)"}
-
-
-@dataclass(frozen=True)
-class StudyConfig:
-    """Everything a study run depends on (written into its JSON)."""
-
-    images: int = 1600  # synthetic images generated; prepare-voc puts ~78% in train, ~22% (07 test) in val
-    imgsz: int = 160
-    teacher: str = "yolo11s.yaml"
-    teacher_epochs: int = 15
-    student: str = "yolo11n.yaml"
-    student_images: int = 300  # the students' training subset (the teacher trains on the whole split)
-    student_epochs: int = 10
-    seeds: tuple[int, ...] = (0, 1, 2)
-    modes: tuple[str, ...] = STUDY_MODES
-    at_weights: tuple[float, ...] = (DEFAULT_AT_WEIGHT,)  # every AT mode once per weight
-    layers: tuple[int, ...] = DEFAULT_LAYERS  # cached and distilled (student layer = teacher layer)
-    batch: int = 16
-    device: str = ""  # '' (config.AUTO_DEVICE): the CLI takes CUDA device 0 if there is one, else cpu
 
 
 def _mode_names(config: StudyConfig) -> list[tuple[str, str, float | None]]:

@@ -8,7 +8,9 @@ from typing import Sequence
 import cv2
 import numpy as np
 
+from atcache.config import check_replay
 from atcache.errors import AtcacheError
+from atcache.tools.settings import VisualizeConfig
 
 
 def map_on_image(a: np.ndarray, letterbox: dict[str, float], imgsz: int) -> np.ndarray:
@@ -81,8 +83,7 @@ def _replay_panels(cache, data, spec, epoch: int, images: int):
     from atcache.train.samplers import EpochSampler
 
     replay = spec.replay
-    if replay is None:
-        raise AtcacheError(f"cache {cache} has no replay arrays; drop --epoch or build them with --replay-epochs E")
+    check_replay(cache, replay, {}, instead="drop --epoch")
     if not 0 <= epoch < replay.epochs:
         raise AtcacheError(f"--epoch {epoch} is not among the cached epochs 0..{replay.epochs - 1}")
     dataset, root = training_dataset(str(data), augment_settings(dict(replay.augment), replay.epochs, spec.imgsz),
@@ -102,7 +103,8 @@ def _replay_panels(cache, data, spec, epoch: int, images: int):
     return names, pictures, [full] * len(names), maps
 
 
-def visualize_cache(cache: str | Path, data: str | Path, out: str | Path, images: int = 4, files: Sequence[str] = (),
+def visualize_cache(cache: str | Path, data: str | Path, out: str | Path, images: int = VisualizeConfig.images,
+                    files: Sequence[str] = VisualizeConfig.files,
                     student: str | None = None, epoch: int | None = None) -> list[Path]:
     """One PNG per image: the image, then per layer the teacher's cached map over it; with a student, a row of the
     student's maps and a row of |student - teacher| with the per-layer AT distance in the titles. With `epoch`, the

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Sequence
 
 from atcache.attention.functional import EPS
-from atcache.config import TARGET_MODES, TRAIN_MODES, DistillSettings
+from atcache.config import TRAIN_MODES, DistillSettings, check_replay, check_targets
 from atcache.data.splits import SplitFiles, split_files
 from atcache.devices import ranks_on_this_node
 from atcache.errors import AtcacheError
@@ -111,10 +111,7 @@ def check_settings(s: DistillSettings, imgsz: int, data: str, rect: bool = False
         if Path(s.teacher).suffix.lower() not in (".yaml", ".yml") and not Path(s.teacher).is_file():
             raise AtcacheError(f"teacher {s.teacher} does not exist; pass the path of your trained checkpoint (.pt)")
         return RunPlan(s.p, s.kind, EPS)
-    if s.targets not in TARGET_MODES:
-        raise AtcacheError(f"--targets {s.targets!r} is unknown; choose warp, static or replay")
-    if rect:
-        raise AtcacheError("rect=True training is not supported with cached targets; drop rect")
+    check_targets(s.targets, rect)
     if s.shuffle_window < 1:
         raise AtcacheError(f"--shuffle-window {s.shuffle_window} must be at least 1 (chunks shuffled together)")
     store = store or CacheStore.open(s.cache)
@@ -140,20 +137,11 @@ def replay_overrides(s: DistillSettings, overrides: dict | None, store: CacheSto
     """--targets replay: the augmentation settings, epochs and aug-seed the cache's replay arrays were made with, for
     every one the run does not give; a given one that differs is refused in one line naming it."""
     replay = store.spec.replay
-    if replay is None:
-        raise AtcacheError(f"cache {s.cache} has no replay arrays; build them with `atcache build-cache ... "
-                           "--replay-epochs E` (or train with --targets warp or static)")
-    given = dict(overrides or {})
-    for key, value in replay.augment.items():
-        if key in given and given[key] != value:
-            raise AtcacheError(
-                f"{key}={given[key]} differs from the replay arrays of cache {s.cache}, built with {key}={value}; leave "
-                f"{key} out (training takes it from the cache) or rebuild the cache with `atcache build-cache ... "
-                f"--replay-epochs {replay.epochs} {key}={given[key]}`")
+    settings = check_replay(s.cache, replay, dict(overrides or {}), instead="train with --targets warp or static")
     if replay.augment["epochs"] > replay.epochs:
         raise AtcacheError(f"cache {s.cache} holds replay arrays for {replay.epochs} of {replay.augment['epochs']} "
                            f"epochs; rebuild it with --replay-epochs {replay.augment['epochs']} to train them all")
     if s.aug_seed is not None and s.aug_seed != replay.aug_seed:
         raise AtcacheError(f"--aug-seed {s.aug_seed} differs from the replay arrays of cache {s.cache}, built with "
                            f"--aug-seed {replay.aug_seed}; leave it out or rebuild with --aug-seed {s.aug_seed}")
-    return {**replay.augment, **given}, dataclasses.replace(s, aug_seed=replay.aug_seed)
+    return settings, dataclasses.replace(s, aug_seed=replay.aug_seed)

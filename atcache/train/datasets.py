@@ -10,7 +10,7 @@ transforms with python's `random` and numpy's global generator seeded from SeedS
 their states afterwards. Mosaic partners are drawn from the whole dataset, not from a worker's buffer of recent loads.
 
 Every dataset with targets or a seed is made by `build_dataset` (the trainer's, the replay build's, the tools'), so
-they all see the same images, targets and orders. Imports ultralytics: import this module after `env.prepare()`.
+they all see the same images, targets and orders. ultralytics names come through atcache.yolo.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from atcache.yolo import YOLODataset, colorstr, get_split_fraction
 
-from atcache.config import TARGET_MODES
+from atcache.config import check_targets
 from atcache.errors import AtcacheError
 from atcache.train.render import PIECES_KEY, collate_pieces, flatten
 from atcache.train.samplers import seeded_rng
@@ -152,13 +152,10 @@ def build_dataset(cfg, img_path, data: dict, mode: str = "train", batch: int | N
         raise TypeError(f"atcache's dataset is a detection dataset; task={cfg.task} builds another")
     rect = cfg.rect or rect
     if targets is not None:
-        if target_mode not in TARGET_MODES:
-            raise AtcacheError(f"--targets {target_mode!r} is unknown; choose warp, static or replay")
+        check_targets(target_mode, rect)
         if target_mode not in targets.modes:
             raise AtcacheError(f"--targets {target_mode} cannot be read from {type(targets).__name__} (it serves "
                                f"{', '.join(targets.modes)})")
-        if rect:
-            raise AtcacheError("rect=True training is not supported with cached targets; drop rect")
     if data.get("complete"):
         fraction = 1.0  # already limited during dataset download
     else:

@@ -4,7 +4,7 @@ the augmented images seeded training sees, for every epoch, computed once and re
 The build makes the training dataset as ultralytics does (same data YAML, imgsz and augmentation settings), seeds it
 (`datasets.py`), and runs the teacher over epoch e's order, position by position; each position keeps the dataset
 index and a fingerprint of the augmented image beside the maps. Training recomputes the fingerprint of every sample
-and refuses a mismatch. Imports ultralytics: import this module after `env.prepare()`.
+and refuses a mismatch. ultralytics names come through atcache.yolo.
 """
 
 from __future__ import annotations

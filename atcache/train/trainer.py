@@ -4,10 +4,10 @@ One trainer serves three modes so that they are compared like for like:
     plain   the student alone (ultralytics as is)                                   `atcache train`
     cache   AT targets streamed from the cache, aligned with the augmentation       `atcache train-from-cache`
             (in RAM, or read from disk chunk by chunk with a block-shuffled sampler when larger than --ram-budget)
-    online  AT targets from a teacher forward on every augmented batch (the seed)   `atcache train-online`
+    online  AT targets from a teacher forward on every augmented batch (reference)  `atcache train-online`
 The settings are checked once, when the trainer is made. ultralytics' DDP workers rebuild the trainer from its args
 alone, so `train()` hands them the settings as JSON in an environment variable, read only in those workers.
-Imports ultralytics: import this module after `env.prepare()`.
+ultralytics names come through atcache.yolo.
 """
 
 from __future__ import annotations
@@ -92,7 +92,7 @@ def _torchrun_world() -> tuple[int, int, int] | None:
 
 
 class AttentionTransferLoss:
-    """ultralytics' detection criterion + at_weight x the seed's AT loss, as its own `at_loss` item.
+    """ultralytics' detection criterion + at_weight x the reference setup's AT loss, as its own `at_loss` item.
 
     Scaled like ultralytics scales its items (the returned loss is item x batch size). A copy or pickle of it is the
     plain ultralytics criterion, so EMA copies and checkpoints never carry atcache objects."""

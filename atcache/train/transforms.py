@@ -5,7 +5,7 @@
 step: they record, next to the image, the view tree of `views.py` (which source rows, which matrices, which blend
 ratio). The images stay exactly what plain ultralytics produces.
 `--targets static`: only letterbox + photometric augmentation, so the cached maps are exact targets.
-Imports ultralytics: import this module after `env.prepare()`.
+ultralytics names come through atcache.yolo.
 """
 
 from __future__ import annotations

@@ -54,6 +54,7 @@ def write_count(voc_yaml, teacher_pt, tmp_path_factory) -> int:
     return int(run.stderr.rsplit("writes=", 1)[1].split()[0])
 
 
+@pytest.mark.slow
 def test_kill_at_ten_random_points_then_resume_is_identical(built_cache, voc_yaml, teacher_pt, tmp_path, write_count,
                                                             assert_same_store):
     points = sorted(np.random.default_rng(6).choice(np.arange(1, write_count + 1), N_KILLS, replace=False).tolist())

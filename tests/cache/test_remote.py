@@ -7,6 +7,7 @@ import pytest
 from typer.testing import CliRunner
 
 from atcache.cli import app
+from atcache.cache.claims import LOCK_PREFIX
 from atcache.cache.location import Location
 from atcache.testing import COMMON, build_args, results
 
@@ -49,7 +50,7 @@ def test_build_inspect_and_train_from_an_s3_store(s3, built_cache, voc_yaml, tea
     built = runner.invoke(app, build_args(voc_yaml, teacher_pt, url))
     assert built.exit_code == 0, built.output
     assert_same_store(built_cache, url)  # plain zarr reads the URL too
-    assert not Location.of(url).list("atcache-locks")
+    assert not Location.of(url).list(LOCK_PREFIX)
 
     again = runner.invoke(app, build_args(voc_yaml, teacher_pt, url))
     assert again.exit_code == 2 and "already exists" in again.output
@@ -78,4 +79,4 @@ def test_cluster_workers_fill_one_bucket_store(s3, built_cache, voc_yaml, teache
     report = build_cache(build_config(voc_yaml, url, teacher=str(teacher_pt), scheduler="local:2"))
     assert report.computed == 31
     assert_same_store(built_cache, url)
-    assert not Location.of(url).list("atcache-locks")
+    assert not Location.of(url).list(LOCK_PREFIX)

@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 from atcache.cli import app
 from atcache.config import DEFAULT_LAYERS
 from atcache.testing import TEST_IMGSZ
+from atcache.tools.settings import DemoConfig
 
 runner = CliRunner()
 STEPS, WARMUP, BATCH, IMAGES, ROUNDS = 3, 1, 4, 24, 2
@@ -31,6 +32,7 @@ def bench(voc_yaml, teacher_pt, tmp_path_factory):
     return json.loads((out / "bench.json").read_text()), result, out, before, voc_yaml
 
 
+@pytest.mark.slow
 def test_report_has_every_field(bench):
     report, result, out, _, _ = bench
     assert json.loads((out / "copy.json").read_text()) == report
@@ -64,6 +66,7 @@ def test_report_has_every_field(bench):
     assert "cache_over_online" in result.output and "peak mem GB" in result.output
 
 
+@pytest.mark.slow
 def test_ratios_follow_from_the_raw_figures(bench):
     report = bench[0]
     t, r = report["train"], report["ratios"]
@@ -78,6 +81,7 @@ def test_ratios_follow_from_the_raw_figures(bench):
     assert report["loader"]["training_need_img_per_s"] == t["cache"]["img_per_s"]
 
 
+@pytest.mark.slow
 def test_float16_storage_is_close_to_float32(bench):
     storage = bench[0]["storage"]
     for layer, cos in storage["cosine_vs_float32"].items():
@@ -87,6 +91,7 @@ def test_float16_storage_is_close_to_float32(bench):
     assert storage["raw_float16_bytes_per_image"] == 2 * (8 * 8 + 4 * 4 + 2 * 2)  # layers 6, 16, 22 at 64 px
 
 
+@pytest.mark.slow
 def test_uses_a_linked_subset_and_leaves_the_dataset_alone(bench):
     report, _, out, before, voc_yaml = bench
     assert snapshot(voc_yaml.parent) == before  # no label cache or anything else written into the user's dataset
@@ -156,8 +161,8 @@ def test_demo_trains_the_planned_students_and_says_how_long(plan_spy, monkeypatc
 
     planned, trained, real = plan_spy
     monkeypatch.setattr(demo, "build_cache", lambda cfg: FakeBuild())
-    lines = list(demo.run_demo(tmp_path, images=40, imgsz=64, teacher=str(teacher_pt), teacher_epochs=0,
-                               device="cpu", quick=True, student="yolo11n.yaml", student_epochs=1, jobs=2))
+    lines = list(demo.run_demo(DemoConfig(out=str(tmp_path), images=40, imgsz=64, teacher=str(teacher_pt),
+                                          teacher_epochs=0, device="cpu", quick=True, student_epochs=1, jobs=2)))
     assert lines[0].startswith("estimate: about ") and "2 jobs at a time" in lines[0]
     assert lines[-1].startswith("took ") and "(estimated " in lines[-1]
     assert set(planned) >= set(demo.DEMO_MODES) and sorted(n for n, _ in trained) == sorted(demo.STUDENT_RUNS)

@@ -287,6 +287,7 @@ def _probe(device: str, voc_yaml, built_cache, tmp_path, save_dir: str = "", **t
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_torchrun_several_nodes_gets_the_global_world(voc_yaml, built_cache, tmp_path):
     """Rank 5 of 8 (node 1 of 2, four GPUs each, `torchrun --nnodes 2 --nproc-per-node 4`): init_process_group must get
     rank 5 of world 8, the batch is split over 8 ranks, and ranks > 0 do not take the run folder's name."""
