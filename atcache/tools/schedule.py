@@ -18,11 +18,11 @@ from typing import Callable
 # batch 16, workers 2, one job at a time), validation and the child's start included: YOLO11 cost ~ a + b * GFLOPs
 # (fitted to the YOLO11s teacher and the YOLO11n student), AT students' extra per image, and the builds per image.
 GFLOPS = {"n": 6.6, "s": 21.7, "m": 71.5, "l": 87.6, "x": 196.0}
-TRAIN_S = (0.0125, 0.00155)  # (a, b): seconds per image-epoch = a + b * GFLOPs
+TRAIN_S = (0.0084, 0.00104)  # (a, b): seconds per image-epoch = a + b * GFLOPs
 AT_EXTRA_S = {"plain": 0.0, "warp": 0.004, "static": 0.003, "replay": 0.002}  # + per image-epoch; online: the teacher
-ONLINE_FORWARD = 0.35  # online: + this x the teacher's train cost per image-epoch (a forward, no backward)
+ONLINE_FORWARD = 0.2  # online: + this x the teacher's train cost per image-epoch (a forward, no backward)
 BUILD_S = 0.02  # static build, per image and teacher GFLOP/21.7 (a forward of the teacher)
-REPLAY_BUILD_S = 0.009  # replay build, per augmented view and teacher GFLOP/21.7
+REPLAY_BUILD_S = 0.0065  # replay build, per augmented view and teacher GFLOP/21.7
 START_S = 8.0  # a child process's start: imports, model, dataset
 PARALLEL_SLOWDOWN = 1.25  # each of two jobs at once on 2 cores (their data loaders share the cores)
 REFERENCE_IMGSZ = 128
