@@ -5,7 +5,7 @@ stored as float16):
     * chunk_rows R = 64 / 256 (current default) / 1024, written through atcache.cache.store.CacheStore.write_chunk
     * one sharded variant written with plain zarr (shards=(1024, H, W), inner chunks=(64, H, W), same codecs)
     * map-codec variants at R = 256 (maps only; norms/letterbox/done keep the store's codecs), written through
-      CacheStore with atcache.cache.store.map_compressors patched: lz4+bitshuffle (current), zstd-3+bitshuffle,
+      CacheStore with atcache.cache.format.map_compressors patched: lz4+bitshuffle (current), zstd-3+bitshuffle,
       lz4+byte shuffle, no compression (crc32c only)
 
 For each: write throughput, bytes on disk, file count, full load of every maps array (after evicting the store's
@@ -33,7 +33,7 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, BloscShuffle, Crc32cCodec
 
-import atcache.cache.store as store_mod
+import atcache.cache.format as format_mod
 from atcache.cache.format import LETTERBOX_COLUMNS, CacheSpec
 from atcache.cache.format import small_compressors
 from atcache.cache.store import CacheStore, ChunkData
@@ -128,7 +128,7 @@ def write_store(path: Path, n: int, r: int, codec_name: str, data) -> tuple[floa
     """Create + write all rows through CacheStore; returns (create_s, write_s)."""
     maps16, norms, lb, _ = data
     files = [f"images/{i:06d}.jpg" for i in range(n)]
-    patch = mock.patch.object(store_mod, "map_compressors", lambda *dtype: codec(codec_name))
+    patch = mock.patch.object(format_mod, "map_compressors", lambda *dtype: codec(codec_name))
     with patch:
         t0 = time.perf_counter()
         st = CacheStore.create(path, make_spec(n, r), files)
@@ -365,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
                 "all variants measured on all rows (no scaling)",
                 "write = CacheStore.write_chunk for every row-chunk (maps+norms+letterbox+done), data already in "
                 "RAM as float16; store creation (incl. writing `files`) is reported separately as create_s",
-                "codec variants patch atcache.cache.store.map_compressors; norms/letterbox/done keep the store's codecs",
+                "codec variants patch atcache.cache.format.map_compressors; norms/letterbox/done keep the store's codecs",
                 "sharded variant: every array sharded by 1024 rows with 64-row inner chunks, written one shard at "
                 "a time; dask uses shard-sized chunks (1024 rows)",
                 "full_load cold: store files evicted from the OS page cache with posix_fadvise(DONTNEED) after "

@@ -153,7 +153,7 @@ def build(data_yaml: Path, teacher: str, out: Path, imgsz: int, chunk_rows: int)
 
 
 def synthetic_store(path: Path, rows: int, chunk_rows: int) -> Path:
-    """A finished store with the seed's six layers at imgsz 640 (40x40, 20x20, 40x40, 80x80, 40x40, 20x20 maps) and
+    """A finished store with the reference setup's six layers at imgsz 640 (40x40, 20x20, 40x40, 80x80, 40x40, 20x20 maps) and
     smooth random maps (they compress like real ones), written chunk by chunk through CacheStore."""
     from atcache.testing import fake_spec, fake_store, seed_layers
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The seed's experiment on real Pascal VOC 07+12: YOLO11m teacher -> YOLO11s student, AT on layers 6,8,13,16,19,22,
-# imgsz 640, p=2, the seed's loss. Stage 1 caches the teacher once (every visible GPU); stage 2 trains the student from
+# The reference experiment on real Pascal VOC 07+12: YOLO11m teacher -> YOLO11s student, AT on layers 6,8,13,16,19,22,
+# imgsz 640, p=2, the reference AT loss. Stage 1 caches the teacher once (every visible GPU); stage 2 trains the student from
 # the cache, then the two baselines with the same budget: the student alone and online AT (teacher every step).
 #
 #   VOCDEVKIT=~/data/VOCdevkit TEACHER=runs/detect/voc_yolo11m/weights/best.pt bash pipelines/voc_seed_experiment.sh

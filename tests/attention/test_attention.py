@@ -7,7 +7,7 @@ from atcache.attention.functional import at_loss, attention_map, attention_with_
 
 
 def seed_attention_map(fm, p=2):
-    """The seed's trainer.py formula, verbatim."""
+    """The reference AT code's formula (at-distillation-framework notes), verbatim."""
     am = torch.pow(torch.abs(fm), p)
     am = torch.sum(am, dim=1, keepdim=False)
     norm = torch.norm(am, p=2, dim=(1, 2), keepdim=True)

@@ -15,7 +15,7 @@ from atcache.testing import TEST_IMGSZ, TEST_LAYERS, build_config, cli_command, 
 
 
 def test_rows_equal_an_independent_recomputation(built_cache, voc_yaml, teacher_pt):
-    """Reopen with plain zarr; recompute with ultralytics' own loader, LetterBox and model, and the seed's formula."""
+    """Reopen with plain zarr; recompute with ultralytics' own loader, LetterBox and model, and the reference AT code's formula."""
     from ultralytics.data.augment import LetterBox
 
     g = zarr.open_group(str(built_cache), mode="r")
