@@ -19,6 +19,9 @@ DEFAULT_IMGSZ = 640
 DEFAULT_CHUNK_ROWS = 256
 DEFAULT_WINDOW = 4  # streaming: row-chunks whose samples are shuffled together
 DEFAULT_AT_WEIGHT = 1.0
+# build-cache --gradient: the stored input gradient is average-pooled by this stride (1: full resolution). 8 is
+# a first choice (3 x 80 x 80 float16 = 38.4 KB per image at 640); a later measurement will refine it.
+DEFAULT_GRADIENT_STRIDE = 8
 DEFAULT_WORKERS = min(4, os.cpu_count() or 1)  # DataLoader workers decoding images for the teacher
 AUTO_DEVICE = ""  # --device default: CUDA device 0 when there is one, else the CPU (atcache.devices)
 # The two fields of DistillSettings: which trainer (`mode`) and, for the cache trainer, which targets (`targets`).
@@ -102,6 +105,22 @@ LAYERS_CLI = (parse_layers, comma_text)
 PAIRS_CLI = (lambda text: parse_layers(text, pairs=True) if text else (),  # '' -> () (train-from-cache: every cached layer)
              lambda pairs: ",".join(str(s) if s == t else f"{s}:{t}" for s, t in pairs))
 SHARD_CLI = (parse_shard, lambda shard: "/".join(map(str, shard)))
+
+
+def parse_gains(text: str) -> tuple[float, ...]:
+    """'7.5,0.5,1.5' -> (7.5, 0.5, 1.5): the box, cls and dfl gains; '' -> () (ultralytics' defaults)."""
+    if not text.strip():
+        return ()
+    try:
+        gains = tuple(float(x) for x in text.replace(" ", "").split(","))
+    except ValueError:
+        gains = ()
+    if len(gains) != 3 or min(gains) < 0:
+        raise AtcacheError(f"--gradient-gains {text!r} is not three non-negative numbers box,cls,dfl (e.g. 7.5,0.5,1.5)")
+    return gains
+
+
+GAINS_CLI = (parse_gains, comma_text)
 AUTO_HELP = "default: CUDA device 0 if there is one, else the CPU"
 ONE_DEVICE_HELP = f"cpu or a CUDA index ({AUTO_HELP})."
 P_HELP = "Exponent p of the attention map sum_c |F_c|^p."
@@ -144,6 +163,12 @@ class BuildConfig(JsonConfig):
     augment: tuple[tuple[str, object], ...] = ()  # ultralytics augmentation settings (key, value) for the replay
     dtype: str = opt("float16", "Stored maps: float16, or uint8 (square-root domain with a scale per map: about half "
                                 "the bytes, cosine >= 0.9999).")
+    gradient: bool = opt(False, "Also store the teacher's input gradient dL/dx of every row (gradient-based AT: "
+                                "direction float16 + norm), pooled by --gradient-stride.")
+    gradient_stride: int = opt(DEFAULT_GRADIENT_STRIDE, "With --gradient: average-pool the gradient by this stride "
+                                                        "before storing it (1 keeps full resolution).")
+    gradient_gains: tuple[float, ...] = opt((), "With --gradient: the loss gains box,cls,dfl (default: "
+                                                "ultralytics' defaults).", cli=GAINS_CLI)
 
 
 @dataclass(frozen=True)
@@ -169,6 +194,10 @@ class DistillSettings(JsonConfig):
                                               "a full shuffle, more RAM per loader worker).")
     aug_seed: int | None = opt(None, "Seeded augmentation: each sample's augmentation and each epoch's order a "
                                      "function of (seed, epoch, index) alone, so runs see identical batches.")
+    gradient_weight: float = opt(0.0, "Gradient-based AT (Zagoruyko & Komodakis): adds weight/2 x ||J_S - J_T||_2 / N, "
+                                      "J = d(detection loss)/d(input image), the teacher's J_T computed every step.")
+    flip_weight: float = opt(0.0, "Flip-symmetry of input gradients: adds weight/2 x ||J(x) - flip(J(flip x))||_2 / N "
+                                  "(two more student forwards and a double backward per step).")
 
     @property
     def student_layers(self) -> tuple[int, ...]:

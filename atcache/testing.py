@@ -175,3 +175,22 @@ def fill_store(store, chunk=None, chunks=None) -> None:
     chunk = chunk or (lambda spec, a, b: random_chunk(spec, a, b, rng, smooth=True))
     for k in range(store.n_chunks) if chunks is None else chunks:
         store.write_chunk(k, chunk(store.spec, *store.chunk_range(k)))
+
+
+def lively_model(seed: int = 0, dtype=None):
+    """A YOLO11n (nc=20) in eval mode whose loss depends on its input: He-normal convs (the stock init shrinks the
+    activations to ~0 by the head) and class biases 0 (the stock prior makes the assigner's align metric ~eps)."""
+    import torch
+    from torch import nn
+
+    from atcache.yolo import DetectionModel
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = DetectionModel("yolo11n.yaml", nc=20, verbose=False)
+        for m in model.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+        for seq in model.model[-1].cv3:
+            nn.init.zeros_(seq[-1].bias)
+    return model.to(dtype or torch.float32).eval()

@@ -37,6 +37,8 @@ def _all_changed(cls, **required):
             values[f.name] = 7
         elif f.name == "augment":
             values[f.name] = (("mosaic", 0.5), ("fliplr", 0.0))
+        elif f.name == "gradient_gains":
+            values[f.name] = (7.5, 0.5, 1.5)
         else:
             raise AssertionError(f"no test value for {cls.__name__}.{f.name}")
     return cls(**values)

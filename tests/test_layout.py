@@ -271,3 +271,8 @@ def test_commands_touching_ultralytics_write_only_their_outputs_and_download_not
     assert student.is_file()
     assert _tree(real_settings) == settings_before, "the real ~/.config/Ultralytics was written"
     assert _new_untracked() - untracked_before == set(), "files written in the repository"
+
+
+def test_no_module_is_over_450_lines():
+    sizes = {str(p.relative_to(PACKAGE.parent)): len(p.read_text().splitlines()) for p in PACKAGE.rglob("*.py")}
+    assert {p: n for p, n in sizes.items() if n > 450} == {}

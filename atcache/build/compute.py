@@ -95,11 +95,11 @@ class _ChunkAssembler:
 
     def __init__(self, store: CacheStore, k: int):
         self.k, (self.a, self.b) = k, store.chunk_range(k)
-        self.parts: list[tuple[np.ndarray, dict, dict, np.ndarray, np.ndarray]] = []
+        self.parts: list[tuple] = []  # (rows, maps, norms, letterbox, ok, (grad direction, grad norm) or None)
         self.count = 0
 
-    def add(self, rows, maps, norms, letterbox, ok) -> bool:
-        self.parts.append((rows, maps, norms, letterbox, ok))
+    def add(self, rows, maps, norms, letterbox, ok, grad=None) -> bool:
+        self.parts.append((rows, maps, norms, letterbox, ok, grad))
         self.count += len(rows)
         return self.count == self.b - self.a
 
@@ -113,6 +113,9 @@ class _ChunkAssembler:
             norms={i: np.concatenate([p[2][i] for p in self.parts]) for i in layers},
             letterbox=np.concatenate([p[3] for p in self.parts]),
             ok=np.concatenate([p[4] for p in self.parts]),
+            **({} if self.parts[0][5] is None else {
+                "grad_direction": np.concatenate([p[5][0] for p in self.parts]),
+                "grad_norm": np.concatenate([p[5][1] for p in self.parts])}),
         )
 
 
@@ -132,6 +135,11 @@ def compute_chunks(cfg: BuildConfig, model: torch.nn.Module, split: SplitFiles, 
         num_workers=cfg.workers, pin_memory=cuda, persistent_workers=False,
         prefetch_factor=4 if cfg.workers > 0 else None,
     )
+    grad_model = None
+    if store.spec.gradient_stride:  # --gradient: an unfused copy of the teacher (atcache.build.gradients)
+        from atcache.build.gradients import batch_labels, gradient_teacher, teacher_gradients
+
+        grad_model = gradient_teacher(cfg.teacher, len(split.names), store.spec, device)
     writer = _ChunkWriter(store)
     skipped: list[tuple[str, str]] = []
     chunk_iter = iter(todo)
@@ -151,8 +159,12 @@ def compute_chunks(cfg: BuildConfig, model: torch.nn.Module, split: SplitFiles, 
             for a, n in zip(maps, norms):
                 a[bad] = float("nan")
                 n[bad] = float("nan")
+            grad = None
+            if grad_model is not None:
+                labels = batch_labels(split, batch_rows.tolist(), letterbox.numpy(), ok, store.spec.imgsz)
+                grad = teacher_gradients(grad_model, images, labels, store.spec.gradient_stride, ok)
             if assembler.add(batch_rows.numpy(), {i: a.to(torch.float16).cpu().numpy() for i, a in zip(cfg.layers, maps)},
-                             {i: n.cpu().numpy() for i, n in zip(cfg.layers, norms)}, letterbox.numpy(), ok):
+                             {i: n.cpu().numpy() for i, n in zip(cfg.layers, norms)}, letterbox.numpy(), ok, grad):
                 writer.put(assembler.k, assembler.data())
                 nxt = next(chunk_iter, None)
                 assembler = _ChunkAssembler(store, nxt) if nxt is not None else None

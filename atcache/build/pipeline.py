@@ -97,6 +97,11 @@ def _make_spec(cfg: BuildConfig, teacher: LoadedModel, split: SplitFiles, device
         raise AtcacheError("--batch and --chunk-rows must be at least 1")
     if cfg.dtype not in MAP_DTYPES:
         raise AtcacheError(f"--dtype {cfg.dtype!r} is unknown; choose one of {', '.join(MAP_DTYPES)}")
+    if cfg.gradient and (cfg.gradient_stride < 1 or cfg.imgsz % cfg.gradient_stride):
+        raise AtcacheError(f"--gradient-stride {cfg.gradient_stride} does not divide --imgsz {cfg.imgsz}; choose a "
+                           "divisor such as 8 (1 keeps full resolution)")
+    if cfg.gradient_gains and not cfg.gradient:
+        raise AtcacheError("--gradient-gains sets the loss of the stored gradients; add --gradient")
     shapes = probe_layers(teacher.model, cfg.layers, cfg.imgsz, device)
     layers = []
     for index, (c, h, w) in zip(cfg.layers, shapes):
@@ -113,7 +118,15 @@ def _make_spec(cfg: BuildConfig, teacher: LoadedModel, split: SplitFiles, device
         letterbox=Letterbox(), teacher_path=teacher.path, data_yaml=split.data_yaml,
         atcache_version=__version__, ultralytics_version=ultralytics_version(), torch_version=torch.__version__,
         replay=_replay_spec(cfg) if cfg.replay_epochs else None,
+        gradient_stride=cfg.gradient_stride if cfg.gradient else 0,
+        gradient_gains=_gradient_gains(cfg) if cfg.gradient else None,
     )
+
+
+def _gradient_gains(cfg: BuildConfig) -> dict:
+    from atcache.build.gradients import loss_gains
+
+    return loss_gains(cfg.gradient_gains)
 
 
 def _replay_spec(cfg: BuildConfig):

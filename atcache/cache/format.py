@@ -14,6 +14,13 @@ map size; dimension names in brackets, stored as each array's zarr `dimension_na
 With --replay-epochs (E epochs of M samples, R' = replay chunk_rows), in group `replay`:
     replay/maps/<i>, replay/scales/<i>, replay/norms/<i>   (E, M[, H, W])  [epoch, position(, y_<i>, x_<i>)]
     replay/sample (int32), replay/record (uint64), replay/done (bool)  (E, M)  [epoch, position]   chunks (1, R'...)
+With --gradient (S = spec.gradient_stride >= 1, G = imgsz / S; static rows only), in group `grad`:
+    grad/direction (N, 3, G, G) float16   unit-L2 direction of the teacher's input gradient J_T = dL/dx, avg-pooled
+                                          by S  [row, channel, y_grad, x_grad]   chunks (R, 3, G, G), fill NaN
+    grad/norm      (N,)         float32   ||pooled J_T||_2 (J_T = norm * direction)  [row]   chunks (R,), fill NaN
+    x: the row's letterboxed image as the maps' teacher sees it, RGB in [0, 1]; L: ultralytics' detection loss of that
+    image alone on its labels letterboxed the same way, the teacher unfused in eval mode, gains spec.gradient_gains
+    (see atcache.attention.gradient). A spec without gradient_stride (older stores) reads as 0: no gradients.
 
 Within a group a dimension name has one size everywhere (each layer's grid has its own y_<i>, x_<i>), so the store
 opens as it is with xarray: `xr.open_datatree(path, engine="zarr")`, `xr.open_zarr(path, group="maps")`.
@@ -148,6 +155,13 @@ class CacheSpec:
     torch_version: str = ""
     created: str = ""
     replay: ReplaySpec | None = None  # --replay-epochs: maps of every augmented view, see ReplaySpec
+    gradient_stride: int = 0  # --gradient: pooling stride of the stored input gradients; 0: none stored
+    gradient_gains: dict | None = None  # --gradient: the loss gains {"box", "cls", "dfl"} the gradients were taken with
+
+    @property
+    def gradient_size(self) -> int:
+        """G: the stored gradient's height and width (imgsz / gradient_stride); 0 without gradients."""
+        return self.imgsz // self.gradient_stride if self.gradient_stride else 0
 
     @property
     def layer_indices(self) -> tuple[int, ...]:
@@ -168,6 +182,8 @@ class CacheSpec:
         d = dataclasses.asdict(self)
         if d["replay"] is None:  # a store without replay arrays reads (and is written) as before they existed
             del d["replay"]
+        if not d["gradient_stride"]:  # nor one without gradients
+            del d["gradient_stride"], d["gradient_gains"]
         return d
 
     @classmethod
@@ -182,6 +198,7 @@ class CacheSpec:
         d["letterbox"] = Letterbox(**lb)
         if d.get("replay") is not None:
             d["replay"] = ReplaySpec(**d["replay"])
+        d["gradient_stride"] = int(d.get("gradient_stride") or 0)  # an older store: no gradients
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
 
@@ -211,6 +228,18 @@ def check_format_version(d: dict[str, Any], where: str = "") -> None:
 def _short(v: Any) -> str:
     s = str(v)
     return s if len(s) <= 80 else s[:77] + "..."
+
+
+@dataclass(frozen=True)
+class ChunkData:
+    """The rows of one row-chunk, ready to write: maps[layer] (r, H, W) f16, norms[layer] (r,), letterbox (r, columns)."""
+
+    maps: dict[int, np.ndarray]
+    norms: dict[int, np.ndarray]
+    letterbox: np.ndarray
+    ok: np.ndarray  # (r,) bool: rows whose image was read; the others stay NaN and not done
+    grad_direction: np.ndarray | None = None  # (r, 3, G, G) float16: stores with gradients (spec.gradient_stride)
+    grad_norm: np.ndarray | None = None  # (r,) float32
 
 
 # ---------------------------------------------------------------------- codecs and arrays
@@ -308,5 +337,12 @@ def create_arrays(group: zarr.Group, spec: CacheSpec, files: Sequence[str]) -> N
     files_arr = group.create_array("files", shape=(n,), chunks=(r,), dtype=str, fill_value="",
                                    dimension_names=("row",), overwrite=True)
     files_arr[:] = np.asarray(files, dtype=object)
+    if spec.gradient_stride:
+        g = spec.gradient_size
+        group.create_array("grad/direction", shape=(n, 3, g, g), chunks=(r, 3, g, g), dtype="float16",
+                           fill_value=np.nan, compressors=map_compressors("float16"),
+                           dimension_names=("row", "channel", "y_grad", "x_grad"), overwrite=True)
+        group.create_array("grad/norm", shape=(n,), chunks=(r,), dtype="float32", fill_value=np.nan,
+                           compressors=small_compressors(4), dimension_names=("row",), overwrite=True)
     if spec.replay is not None:
         _create_replay_arrays(group, spec)

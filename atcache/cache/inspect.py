@@ -35,6 +35,7 @@ class CacheView:
     letterbox: LetterboxTable
     maps: dict[int, da.Array]
     norms: dict[int, da.Array]
+    grad: da.Array | None = None  # --gradient: J_T (N, 3, G, G) float32 = direction * norm; None without gradients
 
     @property
     def layers(self) -> tuple[int, ...]:
@@ -55,6 +56,7 @@ def open_cache(path: str | Path) -> CacheView:
     return CacheView(
         path=store.path, spec=store.spec, files=store.files(), done=store.done_mask(), letterbox=store.letterbox(),
         maps={i: m for i, (m, _) in arrays.items()}, norms={i: n for i, (_, n) in arrays.items()},
+        grad=store.dask_grad(),
     )
 
 
@@ -135,7 +137,16 @@ def inspect_cache(path: str | Path, workers: int | None = None, scheduler: str |
         "store_bytes": store_bytes, "bytes_per_image": store_bytes / max(len(done), 1),
         "layers": layers,
         **({"replay": _replay_summary(path)} if view.spec.replay else {}),
+        **({"gradient": _gradient_summary(path, done)} if view.spec.gradient_stride else {}),
     }
+
+
+def _gradient_summary(path, done: np.ndarray) -> dict:
+    """Stride, loss gains, size and the distribution of ||J_T|| over the done rows of the stored input gradients."""
+    store = CacheStore.open(path)
+    spec = store.spec
+    return {"stride": spec.gradient_stride, "gains": spec.gradient_gains, "shape": [3, spec.gradient_size, spec.gradient_size],
+            "norm": _summarise(store.read("grad/norm")[done])}
 
 
 def _replay_summary(path) -> dict:
@@ -234,6 +245,9 @@ def format_inspection(report: dict) -> str:
         f"{report['store_bytes'] / 1e6:.2f} MB ({report['bytes_per_image'] / 1e3:.1f} KB/image)",
         *([f"replay: {r['epochs']} epochs x {r['samples']} samples (aug-seed {r['aug_seed']}), "
            f"{r['positions_done']}/{r['epochs'] * r['samples']} views done"] if (r := report.get("replay")) else []),
+        *([f"input gradients: stride {gr['stride']} ({'x'.join(map(str, gr['shape']))} per image), gains {gr['gains']}, "
+           f"||J|| p50 {gr['norm']['p50']:.3g}"] if (gr := report.get("gradient")) and gr["norm"]["p50"] is not None
+          else []),
         "",
         f"{'layer':>5} {'stride':>6} {'grid':>7} {'done':>7} {'missing':>7} {'non-finite':>10} {'norm!=1':>7} "
         f"{'||a|| p50':>10} {'A max':>9} {'entropy p50':>11} {'peak cell':>9}",

@@ -6,7 +6,6 @@ AtcacheError naming the array and rows (training never runs on garbage)."""
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -16,21 +15,11 @@ import zarr
 from atcache.errors import AtcacheError, first_line
 from atcache.cache.location import Location
 from atcache.cache.claims import CREATOR_ATTR, claim_creation, clear_for_build, creation_state, exists_error, owner_alive, remove_store
-from atcache.cache.format import CacheSpec, LetterboxTable, create_arrays, decode_maps, encode_maps
+from atcache.cache.format import CacheSpec, ChunkData, LetterboxTable, create_arrays, decode_maps, encode_maps
 
 SPEC_ATTR = "atcache"
 CREATE_WAIT_S = 120.0
 
-
-
-@dataclass(frozen=True)
-class ChunkData:
-    """The rows of one row-chunk, ready to write: maps[layer] (r, H, W) f16, norms[layer] (r,), letterbox (r, columns)."""
-
-    maps: dict[int, np.ndarray]
-    norms: dict[int, np.ndarray]
-    letterbox: np.ndarray
-    ok: np.ndarray  # (r,) bool: rows whose image was read; the others stay NaN and not done
 
 
 class CacheStore:
@@ -267,7 +256,8 @@ class CacheStore:
         """Every array of the store; each is chunked by `chunk_rows` rows along axis 0."""
         kinds = ("maps", "norms") + (("scales",) if self.spec.map_dtype == "uint8" else ())
         per_layer = [f"{kind}/{layer}" for kind in kinds for layer in self.spec.layer_indices]
-        return per_layer + ["letterbox", "files", "done"]
+        grad = ["grad/direction", "grad/norm"] if self.spec.gradient_stride else []
+        return per_layer + grad + ["letterbox", "files", "done"]
 
     def read(self, name: str, a: int = 0, b: int | None = None) -> np.ndarray:
         """Rows a:b (default: all) of array `name`; a chunk that fails to decode (crc32c mismatch, truncated file) is
@@ -326,6 +316,16 @@ class CacheStore:
             maps = da.map_blocks(decode_maps, maps, scales[:, None, None], dtype=np.float16)
         return maps, da.from_zarr(self.group[f"norms/{layer}"])
 
+    def dask_grad(self):
+        """The input gradients J_T (N, 3, G, G) float32 = direction * norm as a dask array chunked as stored; None
+        without gradients."""
+        if not self.spec.gradient_stride:
+            return None
+        import dask.array as da
+
+        direction, norm = da.from_zarr(self.group["grad/direction"]), da.from_zarr(self.group["grad/norm"])
+        return direction.astype(np.float32) * norm[:, None, None, None]
+
     def dask_replay_maps(self, layer: int):
         """Replay maps (E, M, H, W) of `layer` as a dask array chunked as stored, decoded like `dask_layer`'s."""
         import dask.array as da
@@ -355,7 +355,8 @@ class CacheStore:
             block = self.group[name][a:b] if replay is None else self.group[name][e, a:b]
         except Exception as error:
             return f"{type(error).__name__}: {error}".splitlines()[0]
-        if "norms/" in name or "scales/" in name or ("maps/" in name and self.spec.map_dtype == "float16"):
+        if ("norms/" in name or "scales/" in name or name.startswith("grad/")
+                or ("maps/" in name and self.spec.map_dtype == "float16")):
             bad = _nonfinite_finished(np.asarray(block), done[a:b] if replay is None else done[e, a:b])
             if len(bad):
                 return f"{len(bad)} done rows are not finite (first row {a + bad[0]})"
@@ -411,6 +412,13 @@ class CacheStore:
             if scales is not None:
                 self.group[f"scales/{layer.index}"][a:b] = scales
             self.group[f"norms/{layer.index}"][a:b] = data.norms[layer.index].astype(np.float32, copy=False)
+        if self.spec.gradient_stride:
+            g = self.spec.gradient_size
+            if data.grad_direction is None or data.grad_direction.shape != (b - a, 3, g, g) or data.grad_norm is None:
+                raise ValueError(f"chunk {k}: this store keeps gradients (3 x {g} x {g} per row), got "
+                                 f"{None if data.grad_direction is None else data.grad_direction.shape}")
+            self.group["grad/direction"][a:b] = data.grad_direction.astype(np.float16, copy=False)
+            self.group["grad/norm"][a:b] = data.grad_norm.astype(np.float32, copy=False)
         self.group["letterbox"][a:b] = data.letterbox.astype(np.float32, copy=False)
         self.group["done"][a:b] = data.ok.astype(bool, copy=False)
 

@@ -29,6 +29,7 @@ from atcache.yolo import DEFAULT_CFG, LOGGER
 from atcache.yolo import unwrap_model
 
 from atcache.attention.functional import at_loss, attention_map
+from atcache.attention.gradient import LOSS_KEYS, flip_loss, gradient_at_loss, input_gradient
 from atcache.config import DistillSettings
 from atcache.devices import cuda_indices
 from atcache.errors import AtcacheError
@@ -44,9 +45,10 @@ from atcache.train.targets import TARGETS_KEY, CacheTargets, TargetSource
 
 # check_cache, ram_need_gb and cache_streams (checks.py) are imported from here too
 __all__ = ["AtcacheTrainer", "AttentionTransferLoss", "DistillSettings", "train_student", "unwrap_worker_error",
-           "SETTINGS_ENV", "AT_LOSS", "check_cache", "ram_need_gb", "cache_streams"]
+           "SETTINGS_ENV", "AT_LOSS", "GRAD_LOSS", "FLIP_LOSS", "check_cache", "ram_need_gb", "cache_streams"]
 SETTINGS_ENV = "ATCACHE_TRAIN_SETTINGS"
-AT_LOSS = "at_loss"
+AT_LOSS, GRAD_LOSS, FLIP_LOSS = "at_loss", "grad_loss", "flip_loss"
+TERM_LOSSES = (AT_LOSS, GRAD_LOSS, FLIP_LOSS)  # training-only items: validation has no targets
 
 
 def _settings_for(settings: DistillSettings | None, cfg) -> DistillSettings:
@@ -92,25 +94,37 @@ def _torchrun_world() -> tuple[int, int, int] | None:
 
 
 class AttentionTransferLoss:
-    """ultralytics' detection criterion + at_weight x the reference setup's AT loss, as its own `at_loss` item.
-
-    Scaled like ultralytics scales its items (the returned loss is item x batch size). A copy or pickle of it is the
-    plain ultralytics criterion, so EMA copies and checkpoints never carry atcache objects."""
+    """ultralytics' detection criterion + the terms the settings turn on, each its own item:
+        at_loss    at_weight x the reference setup's AT loss (feature attention maps)
+        grad_loss  gradient_weight/2 x gradient_at_loss(J_S, J_T)   (online: J_T from the teacher every step)
+        flip_loss  flip_weight/2 x flip_loss(student, x)            (any mode)
+    J = d(per-image detection loss)/d(input), atcache.attention.gradient. Scaled like ultralytics scales its items (the
+    returned loss is item x batch size). A copy or pickle of it is the plain ultralytics criterion, so EMA copies and
+    checkpoints never carry atcache objects."""
 
     def __init__(self, base, trainer: "AtcacheTrainer"):
         self.base, self.trainer = base, trainer
 
     def __call__(self, preds, batch):
         loss, items = self.base(preds, batch)
-        student = self.trainer.student_features()
-        if student is None:  # not a training step of ours (e.g. a loss call on a copy)
+        t, s = self.trainer, self.trainer.settings
+        if not t.take_step():  # not a training step of ours (e.g. a loss call on a copy)
             return loss, items
-        teacher = self.trainer.teacher_maps(batch)
-        with torch.autocast(device_type=batch["img"].device.type, enabled=False):  # AT math in float32
-            maps = [attention_map(f, self.trainer.p, self.trainer.kind, self.trainer.eps) for f in student]
-            value = self.trainer.settings.at_weight * at_loss(maps, teacher)
-        items = {**items, AT_LOSS: value.detach()}
-        return torch.cat([loss, (value * batch["img"].shape[0]).reshape(1).to(loss.dtype)]), items
+        terms = {}
+        if t.at_on:
+            student, teacher = t.student_features(), t.teacher_maps(batch)
+        with torch.autocast(device_type=batch["img"].device.type, enabled=False):  # the terms' math in float32
+            if t.at_on:
+                maps = [attention_map(f, t.p, t.kind, t.eps) for f in student]
+                terms[AT_LOSS] = s.at_weight * at_loss(maps, teacher)
+            if t.grad_on:
+                terms[GRAD_LOSS] = s.gradient_weight / 2 * gradient_at_loss(t.student_gradient(preds, batch),
+                                                                            t.teacher_gradient(batch))
+            if t.flip_on:
+                terms[FLIP_LOSS] = s.flip_weight / 2 * t.flip_term(batch)
+        n = batch["img"].shape[0]
+        items = {**items, **{k: v.detach() for k, v in terms.items()}}
+        return torch.cat([loss, *[(v * n).reshape(1).to(loss.dtype) for v in terms.values()]]), items
 
     def __getattr__(self, name):  # the trainer and validator read attributes of the criterion (e.g. hyp, stride)
         if name in ("base", "trainer"):
@@ -122,6 +136,11 @@ class AttentionTransferLoss:
 
     def __reduce_ex__(self, protocol):
         return self.base.__reduce_ex__(protocol)
+
+
+def _labels(batch: dict) -> dict:
+    """The labels the per-image loss reads (batch_idx, cls, bboxes)."""
+    return {k: batch[k] for k in LOSS_KEYS}
 
 
 class AtcacheTrainer(DetectionTrainer):
@@ -136,6 +155,13 @@ class AtcacheTrainer(DetectionTrainer):
             self.settings = s
         args = get_cfg(cfg, overrides)  # checked before ultralytics makes the run folder
         self.plan = check_settings(s, args.imgsz, args.data, args.rect, args.device, store)
+        for name in ("gradient_weight", "flip_weight"):
+            if not (getattr(s, name) >= 0 and np.isfinite(getattr(s, name))):
+                raise AtcacheError(f"--{name.replace('_', '-')} {getattr(s, name)} must be a finite number >= 0")
+        if s.gradient_weight and s.mode != "online":
+            raise AtcacheError("--gradient-weight needs the teacher's input gradients every step: use train-online")
+        self.at_on = s.mode != "plain" and s.at_weight != 0  # at_weight 0: no AT term, no at_loss item
+        self.grad_on, self.flip_on = s.gradient_weight > 0, s.flip_weight > 0
         self.p, self.kind, self.eps, self.streaming = self.plan.p, self.plan.kind, self.plan.eps, self.plan.streaming
         launch = _torchrun_world()
         # torchrun runs this on every rank, without the save_dir ultralytics' own launcher hands its workers
@@ -148,6 +174,10 @@ class AtcacheTrainer(DetectionTrainer):
         super().__init__(cfg, overrides, _callbacks)
         if launch:
             self._join_world(*launch)
+        if (self.grad_on or self.flip_on) and (launch or self.world_size > 1):
+            raise AtcacheError("--gradient-weight and --flip-weight (double backprop) are not supported with DDP; "
+                               "train on one device")
+        self._armed = False  # preprocess_batch arms the criterion wrapper for the one loss call of a training step
         self.cache_targets: TargetSource | None = None
         self.teacher = None
         self._taps: FeatureHooks | None = None
@@ -248,6 +278,9 @@ class AtcacheTrainer(DetectionTrainer):
 
     def preprocess_batch(self, batch: dict) -> dict:
         batch = super().preprocess_batch(batch)
+        self._armed = self.at_on or self.grad_on or self.flip_on
+        if self.grad_on:  # J_S from the training forward itself: its input must require grad before it runs
+            batch["img"].requires_grad_(True)
         if self.settings.mode == "plain":
             return batch
         if PIECES_KEY in batch:  # warp targets of the whole batch, rendered here on the training device
@@ -256,8 +289,13 @@ class AtcacheTrainer(DetectionTrainer):
             batch[TARGETS_KEY] = self._renderer.render(batch.pop(PIECES_KEY))
         if TARGETS_KEY in batch:
             batch[TARGETS_KEY] = self._fit_targets(batch[TARGETS_KEY], batch["img"].shape[-2:])
-        self._arm_taps()
+        if self.at_on:
+            self._arm_taps()
         return batch
+
+    def plot_training_samples(self, batch: dict, ni: int) -> None:
+        """ultralytics' plot, of the images without their autograd flag (numpy() refuses a tensor requiring grad)."""
+        super().plot_training_samples({**batch, "img": batch["img"].detach()}, ni)
 
     def _fit_targets(self, targets: Sequence[torch.Tensor], img_hw) -> list[torch.Tensor]:
         """Targets on the device, resampled and renormalised if multi_scale resized the batch."""
@@ -277,14 +315,22 @@ class AtcacheTrainer(DetectionTrainer):
         super()._setup_train()
         if isinstance(self.train_loader.sampler, EpochSampler):
             self.train_loader.sampler.set_epoch(self.start_epoch)  # a resumed run continues the epochs' orders
-        if self.settings.mode == "plain":
+        if not (self.at_on or self.grad_on or self.flip_on):
             return
         model = unwrap_model(self.model)
-        student_strides = self._strides(model, self.settings.student_layers)
         if self.settings.mode == "online":
             from atcache.yolo import load_model
 
-            self.teacher = load_model(self.settings.teacher, nc=self.data["nc"], device=self.device).model
+            # unfused for input gradients: the teacher's J_T through the same layers (conv + BN) as the student's J_S
+            self.teacher = load_model(self.settings.teacher, nc=self.data["nc"], device=self.device,
+                                      fuse=not self.grad_on).model
+        if self.at_on:
+            self._check_strides(model)
+        model.criterion = AttentionTransferLoss(model.init_criterion(), self)
+
+    def _check_strides(self, model) -> None:
+        student_strides = self._strides(model, self.settings.student_layers)
+        if self.settings.mode == "online":
             source_strides = self._strides(self.teacher, self.settings.source_layers)
             source = "teacher"
         else:
@@ -296,7 +342,6 @@ class AtcacheTrainer(DetectionTrainer):
                     f"student layer {s_layer} has stride {ss} but {source} layer {t_layer} has stride {ts}; "
                     "pair layers of equal stride with --layers student:cache (e.g. 4:6)"
                 )
-        model.criterion = AttentionTransferLoss(model.init_criterion(), self)
 
     def _strides(self, model, layers: Sequence[int]) -> list[int]:
         was_training = model.training
@@ -323,7 +368,36 @@ class AtcacheTrainer(DetectionTrainer):
     def teacher_maps(self, batch: dict) -> list[torch.Tensor]:
         if self.settings.mode == "cache":
             return batch[TARGETS_KEY]
-        return layer_maps(self.teacher, batch["img"], self.settings.source_layers, self.p, self.kind, self.eps)[0]
+        return layer_maps(self.teacher, batch["img"].detach(), self.settings.source_layers, self.p, self.kind, self.eps)[0]
+
+    def take_step(self) -> bool:
+        """Whether this loss call is the training step's one (armed by preprocess_batch); disarms."""
+        armed, self._armed = self._armed, False
+        return armed
+
+    def student_gradient(self, preds, batch: dict) -> torch.Tensor:
+        """J_S (train mode, BN-coupled), differentiable w.r.t. the weights, from the training forward's `preds`. Under
+        AMP the backward runs through that half-precision forward, scaled by the GradScaler's scale against underflow."""
+        scale = self.scaler.get_scale() if self.scaler.is_enabled() else 1.0
+        return input_gradient(unwrap_model(self.model), batch["img"], _labels(batch), create_graph=True, preds=preds,
+                              loss_scale=scale)
+
+    def teacher_gradient(self, batch: dict) -> torch.Tensor:
+        """J_T (teacher in eval mode, per image, float32) on the same augmented batch; a constant."""
+        return input_gradient(self.teacher, batch["img"].detach().float(), _labels(batch))
+
+    def flip_term(self, batch: dict) -> torch.Tensor:
+        """flip_loss of the student (train mode, float32) on the batch; its two extra forwards leave BN's running
+        statistics as they were (momentum 0), so those follow the training forwards alone, as in a plain run."""
+        bns = [m for m in unwrap_model(self.model).modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+        momenta = [m.momentum for m in bns]
+        try:
+            for m in bns:
+                m.momentum = 0.0
+            return flip_loss(unwrap_model(self.model), batch["img"].detach().float(), _labels(batch))
+        finally:
+            for m, momentum in zip(bns, momenta):
+                m.momentum = momentum
 
     def train(self):
         """ultralytics' training; an AtcacheError raised in a loader worker (e.g. a corrupted chunk) comes back as its
@@ -339,17 +413,19 @@ class AtcacheTrainer(DetectionTrainer):
 
     # ------------------------------------------------------------------ logging
     def label_loss_items(self, loss_items=None, prefix="train"):
-        """Validation has no targets: its columns leave `at_loss` out; training logs it like any other loss."""
+        """Validation has no targets: its columns leave `at_loss`, `grad_loss` and `flip_loss` out; training logs them
+        like any other loss."""
         if prefix == "val":
             if loss_items is None:
-                return [f"{prefix}/{x}" for x in self.loss_names if x != AT_LOSS]
-            loss_items = {k: v for k, v in loss_items.items() if k != AT_LOSS}
+                return [f"{prefix}/{x}" for x in self.loss_names if x not in TERM_LOSSES]
+            loss_items = {k: v for k, v in loss_items.items() if k not in TERM_LOSSES}
         return super().label_loss_items(loss_items, prefix)
 
 
 def train_student(settings: DistillSettings, overrides: dict) -> AtcacheTrainer:
     """Run one ultralytics training with atcache's settings; returns the finished trainer (save_dir, best, metrics)."""
     trainer = AtcacheTrainer(overrides=overrides, settings=settings)
-    LOGGER.info(f"atcache: mode={settings.mode} layers={list(settings.layers)} at_weight={settings.at_weight}")
+    LOGGER.info(f"atcache: mode={settings.mode} layers={list(settings.layers)} at_weight={settings.at_weight} "
+                f"gradient_weight={settings.gradient_weight} flip_weight={settings.flip_weight}")
     trainer.train()
     return trainer

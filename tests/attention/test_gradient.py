@@ -5,27 +5,13 @@ from contextlib import contextmanager
 
 import pytest
 import torch
-from torch import nn
 
 from atcache.attention.gradient import (criterion, flip_batch, flip_loss, gradient_at_loss, gradient_attention,
                                         image_labels, input_gradient, join, per_image_loss, pool_gradient, split)
-from atcache.yolo import DetectionModel, load_model
+from atcache.testing import lively_model
+from atcache.yolo import load_model
 
 FP16_SMALLEST_SUBNORMAL = 2.0**-24
-
-
-def lively_model(seed: int = 0, dtype=torch.float32) -> nn.Module:
-    """A YOLO11n (nc=20) in eval mode whose output depends on its input: He-normal convs (the stock init shrinks the
-    activations to ~0 by the head) and class biases 0 (the stock prior makes the assigner's align metric ~eps)."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = DetectionModel("yolo11n.yaml", nc=20, verbose=False)
-        for m in model.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
-        for seq in model.model[-1].cv3:
-            nn.init.zeros_(seq[-1].bias)
-    return model.to(dtype).eval()
 
 
 def make_batch(n: int, dtype=torch.float32, boxes=(1, 2, 3, 1), seed: int = 1) -> dict:

@@ -1,0 +1,108 @@
+"""Gradient-based AT and the flip-symmetry term in the trainer: the criterion wrapper's terms against
+atcache.attention.gradient computed by hand (factor beta/2), and one-epoch CLI runs that log them."""
+
+import copy
+import math
+import pickletools
+import zipfile
+
+import pytest
+import torch
+from torch import nn
+
+from atcache.attention.gradient import flip_loss, gradient_at_loss, input_gradient
+from atcache.config import DistillSettings
+from atcache.testing import COMMON, invoke, lively_model, results
+from atcache.train.trainer import FLIP_LOSS, GRAD_LOSS, AtcacheTrainer, AttentionTransferLoss
+
+
+def lively(seed: int):
+    """atcache.testing.lively_model with ultralytics' default args (what the trainer's criterion reads)."""
+    from atcache.yolo import get_cfg
+
+    model = lively_model(seed)
+    model.args = get_cfg()
+    return model
+
+
+def fixed_batch(n: int = 2, size: int = 64) -> dict:
+    g = torch.Generator().manual_seed(3)
+    return {"img": torch.rand(n, 3, size, size, generator=g), "batch_idx": torch.tensor([0.0, 1.0, 1.0]),
+            "cls": torch.tensor([[1.0], [4.0], [7.0]]),
+            "bboxes": torch.tensor([[0.3, 0.4, 0.3, 0.4], [0.6, 0.5, 0.4, 0.3], [0.4, 0.6, 0.2, 0.3]])}
+
+
+def test_wrapper_adds_half_beta_times_the_gradient_and_flip_terms():
+    student, teacher = lively(0).train(), lively(1).eval()
+    settings = DistillSettings(mode="online", at_weight=0.0, gradient_weight=3.0, flip_weight=5.0)
+    trainer = AtcacheTrainer.__new__(AtcacheTrainer)  # only what the wrapper reads
+    trainer.settings, trainer.model, trainer.teacher, trainer._armed = settings, student, teacher, True
+    trainer.at_on, trainer.grad_on, trainer.flip_on = False, True, True
+    trainer.scaler = torch.amp.GradScaler("cpu", enabled=False)
+    student.criterion = AttentionTransferLoss(student.init_criterion(), trainer)
+    frozen = copy.deepcopy(student)  # the student as it was before the step (a copy's criterion is the plain one)
+    one_forward = copy.deepcopy(student)  # BN's running statistics after the training forward alone
+    batch = fixed_batch()
+    labels = {k: batch[k] for k in ("batch_idx", "cls", "bboxes")}
+
+    x = batch["img"].clone().requires_grad_(True)
+    loss, items = student.criterion(student(x), {**batch, "img": x})
+    base_loss, base_items = frozen.criterion(frozen(batch["img"]), batch)
+    one_forward(batch["img"])
+
+    J_S = input_gradient(frozen, batch["img"], labels)  # train mode, one forward of the batch
+    J_T = input_gradient(teacher, batch["img"], labels)  # eval mode
+    grad_expected = 3.0 / 2 * gradient_at_loss(J_S, J_T)
+    flip_expected = 5.0 / 2 * flip_loss(frozen, batch["img"], labels)
+    assert grad_expected > 0 and flip_expected > 0
+    torch.testing.assert_close(items[GRAD_LOSS], grad_expected.detach(), rtol=1e-4, atol=0)
+    torch.testing.assert_close(items[FLIP_LOSS], flip_expected.detach(), rtol=1e-4, atol=0)
+    torch.testing.assert_close(loss[:3], base_loss.detach(), rtol=1e-5, atol=0)
+    torch.testing.assert_close(loss[3:].detach(), torch.stack([grad_expected, flip_expected]).detach() * 2, rtol=1e-4, atol=0)
+    assert set(items) == set(base_items) | {GRAD_LOSS, FLIP_LOSS}
+    # the extra flip forwards leave BN's running statistics as the one training forward left them
+    for bn, ref in zip(student.modules(), one_forward.modules()):
+        if isinstance(bn, nn.BatchNorm2d):
+            torch.testing.assert_close(bn.running_mean, ref.running_mean)
+            torch.testing.assert_close(bn.running_var, ref.running_var)
+    # differentiable w.r.t. the weights (double backprop), and the wrapper disarmed after its one call
+    loss.sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in student.parameters() if p.grad is not None)
+    again, again_items = student.criterion(student(batch["img"]), batch)
+    assert GRAD_LOSS not in again_items and again.shape == base_loss.shape
+
+
+def test_train_with_flip_weight_logs_flip_loss_and_saves_a_plain_checkpoint(voc_yaml, tmp_path):
+    result = invoke("train", "--data", voc_yaml, "--project", tmp_path, "--name", "flip", "--flip-weight", "1", *COMMON)
+    assert result.exit_code == 0, (result.output, result.exception)
+    row = results(tmp_path / "flip")
+    assert math.isfinite(row["train/flip_loss"]) and row["train/flip_loss"] > 0
+    assert "train/at_loss" not in row and not any(k.startswith("val/flip") for k in row)
+    best = tmp_path / "flip" / "weights" / "best.pt"
+    with zipfile.ZipFile(best) as z:  # the pickle names no atcache class (a process without atcache can load it)
+        pickled = z.read(next(n for n in z.namelist() if n.endswith("data.pkl")))
+    modules = {arg.split(" ")[0] for op, arg, _ in pickletools.genops(pickled) if op.name == "GLOBAL"}
+    modules |= {arg for op, arg, _ in pickletools.genops(pickled) if op.name in ("SHORT_BINUNICODE", "BINUNICODE")
+                and isinstance(arg, str) and arg.startswith("atcache.")}
+    assert not any(m.split(".")[0] == "atcache" for m in modules), modules
+    from ultralytics import YOLO
+
+    assert YOLO(best).model.yaml["nc"] > 0
+
+
+def test_train_online_gradient_weight_logs_grad_loss(voc_yaml, teacher_pt, tmp_path):
+    result = invoke("train-online", "--teacher", teacher_pt, "--data", voc_yaml, "--project", tmp_path, "--name", "grad",
+                    "--gradient-weight", "1", "--at-weight", "0", *COMMON)
+    assert result.exit_code == 0, (result.output, result.exception)
+    row = results(tmp_path / "grad")
+    assert math.isfinite(row["train/grad_loss"]) and row["train/grad_loss"] > 0
+    assert "train/at_loss" not in row and "train/flip_loss" not in row
+    assert not any(k.startswith("val/grad") for k in row)
+
+
+def test_gradient_weight_needs_train_online(voc_yaml, tmp_path):
+    from atcache.errors import AtcacheError
+
+    with pytest.raises(AtcacheError, match="train-online"):
+        AtcacheTrainer(overrides={"model": "yolo11n.yaml", "data": str(voc_yaml), "imgsz": 64, "device": "cpu",
+                                  "project": str(tmp_path)}, settings=DistillSettings(gradient_weight=1.0))
