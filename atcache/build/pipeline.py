@@ -17,7 +17,7 @@ import torch
 
 from atcache.version import __version__
 from atcache.attention.functional import EPS, KINDS
-from atcache.config import BuildConfig
+from atcache.config import DEFAULT_GRADIENT_STRIDE, BuildConfig
 from atcache.data.splits import SplitFiles, split_files
 from atcache.devices import parse_devices, resolve_device
 from atcache.errors import AtcacheError
@@ -100,8 +100,9 @@ def _make_spec(cfg: BuildConfig, teacher: LoadedModel, split: SplitFiles, device
     if cfg.gradient and (cfg.gradient_stride < 1 or cfg.imgsz % cfg.gradient_stride):
         raise AtcacheError(f"--gradient-stride {cfg.gradient_stride} does not divide --imgsz {cfg.imgsz}; choose a "
                            "divisor such as 8 (1 keeps full resolution)")
-    if cfg.gradient_gains and not cfg.gradient:
-        raise AtcacheError("--gradient-gains sets the loss of the stored gradients; add --gradient")
+    if (cfg.gradient_gains or cfg.gradient_stride != DEFAULT_GRADIENT_STRIDE) and not cfg.gradient:
+        what = "--gradient-gains sets the loss" if cfg.gradient_gains else "--gradient-stride sets the resolution"
+        raise AtcacheError(f"{what} of the stored gradients; add --gradient")
     shapes = probe_layers(teacher.model, cfg.layers, cfg.imgsz, device)
     layers = []
     for index, (c, h, w) in zip(cfg.layers, shapes):

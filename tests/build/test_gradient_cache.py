@@ -114,6 +114,11 @@ def test_resume_with_another_gradient_stride_is_refused(grad_cache, voc_yaml, te
 def test_bad_gradient_settings_are_refused(voc_yaml, teacher_pt, tmp_path):
     with pytest.raises(AtcacheError, match="--gradient-stride 5 does not divide"):
         build_cache(build_config(voc_yaml, tmp_path / "x.zarr", teacher=str(teacher_pt), gradient=True, gradient_stride=5))
+    with pytest.raises(AtcacheError, match="--gradient-stride sets the resolution of the stored gradients; add --gradient"):
+        build_cache(build_config(voc_yaml, tmp_path / "y.zarr", teacher=str(teacher_pt), gradient_stride=4))
+    with pytest.raises(AtcacheError, match="--gradient-gains sets the loss of the stored gradients; add --gradient"):
+        build_cache(build_config(voc_yaml, tmp_path / "z.zarr", teacher=str(teacher_pt), gradient_gains=(7.5, 0.5, 1.5)))
+    assert not (tmp_path / "y.zarr").exists() and not (tmp_path / "z.zarr").exists()
 
 
 def test_open_cache_grad_is_direction_times_norm(grad_cache):
