@@ -195,7 +195,8 @@ class DistillSettings(JsonConfig):
     aug_seed: int | None = opt(None, "Seeded augmentation: each sample's augmentation and each epoch's order a "
                                      "function of (seed, epoch, index) alone, so runs see identical batches.")
     gradient_weight: float = opt(0.0, "Gradient-based AT (Zagoruyko & Komodakis): adds weight/2 x ||J_S - J_T||_2 / N, "
-                                      "J = d(detection loss)/d(input image), the teacher's J_T computed every step.")
+                                      "J = d(detection loss)/d(input image), the teacher's J_T computed every step "
+                                      "(train-from-cache --targets static: read from a build-cache --gradient cache).")
     flip_weight: float = opt(0.0, "Flip-symmetry of input gradients: adds weight/2 x ||J(x) - flip(J(flip x))||_2 / N "
                                   "(two more student forwards and a double backward per step).")
 

@@ -37,7 +37,7 @@ def train_cmd(run: RunSettings, settings: DistillSettings, ctx: typer.Context):
     _train(ctx, settings, run)
 
 
-CACHE_FIELDS = "cache at_weight targets layers ram_budget_gb stream shuffle_window aug_seed flip_weight"
+CACHE_FIELDS = "cache at_weight targets layers ram_budget_gb stream shuffle_window aug_seed gradient_weight flip_weight"
 
 
 @command("train-from-cache", config_params(DistillSettings, CACHE_FIELDS, required=("cache",)), RunSettings, extra_args=True)

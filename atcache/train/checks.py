@@ -18,6 +18,7 @@ from atcache.devices import ranks_on_this_node
 from atcache.errors import AtcacheError
 from atcache.cache.format import CacheSpec
 from atcache.cache.store import CacheStore
+from atcache.train.gradients import check_gradient_cache, check_gradient_mode
 from atcache.train.targets import join_rows
 
 
@@ -101,6 +102,7 @@ def check_settings(s: DistillSettings, imgsz: int, data: str, rect: bool = False
     """Refuse settings that cannot work before anything is built (each split is listed once, the store opened once)."""
     if s.mode not in TRAIN_MODES:
         raise AtcacheError(f"unknown training mode {s.mode!r}; choose one of {', '.join(TRAIN_MODES)}")
+    check_gradient_mode(s)
     train_split = split_files(data, "train")  # an empty or missing split is one line here, not ultralytics' traceback
     split_files(data, "val")
     if s.mode == "plain":
@@ -120,7 +122,9 @@ def check_settings(s: DistillSettings, imgsz: int, data: str, rect: bool = False
         spec = check_cache(s.cache, s.source_layers, imgsz, train_split, stream=True, store=store)
         return RunPlan(spec.p, spec.kind, spec.eps, store, streaming=False)
     spec = check_cache(s.cache, s.source_layers, imgsz, train_split, s.ram_budget_gb, s.stream, ranks, store)
-    return RunPlan(spec.p, spec.kind, spec.eps, store, _streams(spec, s, ranks))
+    streaming = _streams(spec, s, ranks)
+    check_gradient_cache(s, store, streaming)
+    return RunPlan(spec.p, spec.kind, spec.eps, store, streaming)
 
 
 def cache_streams(s: DistillSettings, device: str | None = None) -> bool:

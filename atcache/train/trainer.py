@@ -38,6 +38,7 @@ from atcache.attention.recipe import layer_maps
 from atcache.cache.store import CacheStore
 from atcache.train.checks import cache_streams, check_cache, check_settings, ram_need_gb, replay_overrides
 from atcache.train.datasets import build_dataset
+from atcache.train.gradients import CachedGradients, check_gradient_mode
 from atcache.train.render import PIECES_KEY
 from atcache.train.samplers import BlockShuffleSampler, EpochSampler, lru_chunks, with_sampler
 from atcache.train.streaming import StreamingCacheTargets
@@ -96,7 +97,8 @@ def _torchrun_world() -> tuple[int, int, int] | None:
 class AttentionTransferLoss:
     """ultralytics' detection criterion + the terms the settings turn on, each its own item:
         at_loss    at_weight x the reference setup's AT loss (feature attention maps)
-        grad_loss  gradient_weight/2 x gradient_at_loss(J_S, J_T)   (online: J_T from the teacher every step)
+        grad_loss  gradient_weight/2 x gradient_at_loss(J_S, J_T)   (online: J_T from the teacher every step;
+                   cache --targets static: each row's cached J_T, J_S pooled by its gradient_stride)
         flip_loss  flip_weight/2 x flip_loss(student, x)            (any mode)
     J = d(per-image detection loss)/d(input), atcache.attention.gradient. Scaled like ultralytics scales its items (the
     returned loss is item x batch size). A copy or pickle of it is the plain ultralytics criterion, so EMA copies and
@@ -146,9 +148,12 @@ def _labels(batch: dict) -> dict:
 class AtcacheTrainer(DetectionTrainer):
     """DetectionTrainer + attention transfer (mode cache or online) or nothing (plain); everything else is ultralytics'."""
 
+    cached_gradients: CachedGradients | None = None  # cache mode with --gradient-weight: the cached J_T (_setup_train)
+
     def __init__(self, cfg=DEFAULT_CFG, overrides: dict | None = None, _callbacks=None, settings: DistillSettings | None = None):
         self.settings = s = _settings_for(settings, cfg)
         store = None
+        check_gradient_mode(s)  # before replay_overrides reads the cache
         if s.mode == "cache" and s.targets == "replay":
             store = CacheStore.open(s.cache)  # the one open: the settings check below reuses it
             overrides, s = replay_overrides(s, overrides, store)
@@ -158,8 +163,6 @@ class AtcacheTrainer(DetectionTrainer):
         for name in ("gradient_weight", "flip_weight"):
             if not (getattr(s, name) >= 0 and np.isfinite(getattr(s, name))):
                 raise AtcacheError(f"--{name.replace('_', '-')} {getattr(s, name)} must be a finite number >= 0")
-        if s.gradient_weight and s.mode != "online":
-            raise AtcacheError("--gradient-weight needs the teacher's input gradients every step: use train-online")
         self.at_on = s.mode != "plain" and s.at_weight != 0  # at_weight 0: no AT term, no at_loss item
         self.grad_on, self.flip_on = s.gradient_weight > 0, s.flip_weight > 0
         self.p, self.kind, self.eps, self.streaming = self.plan.p, self.plan.kind, self.plan.eps, self.plan.streaming
@@ -324,6 +327,9 @@ class AtcacheTrainer(DetectionTrainer):
             # unfused for input gradients: the teacher's J_T through the same layers (conv + BN) as the student's J_S
             self.teacher = load_model(self.settings.teacher, nc=self.data["nc"], device=self.device,
                                       fuse=not self.grad_on).model
+        elif self.grad_on:
+            ds = self.train_loader.dataset
+            self.cached_gradients = CachedGradients.load(self.plan.store, ds.im_files, ds.at_rows)
         if self.at_on:
             self._check_strides(model)
         model.criterion = AttentionTransferLoss(model.init_criterion(), self)
@@ -379,11 +385,14 @@ class AtcacheTrainer(DetectionTrainer):
         """J_S (train mode, BN-coupled), differentiable w.r.t. the weights, from the training forward's `preds`. Under
         AMP the backward runs through that half-precision forward, scaled by the GradScaler's scale against underflow."""
         scale = self.scaler.get_scale() if self.scaler.is_enabled() else 1.0
-        return input_gradient(unwrap_model(self.model), batch["img"], _labels(batch), create_graph=True, preds=preds,
-                              loss_scale=scale)
+        J = input_gradient(unwrap_model(self.model), batch["img"], _labels(batch), create_graph=True, preds=preds,
+                           loss_scale=scale)
+        return J if self.cached_gradients is None else self.cached_gradients.pool(J)
 
     def teacher_gradient(self, batch: dict) -> torch.Tensor:
-        """J_T (teacher in eval mode, per image, float32) on the same augmented batch; a constant."""
+        """J_T (teacher in eval mode, per image, float32) on the same augmented batch, or the cache's; a constant."""
+        if self.cached_gradients is not None:
+            return self.cached_gradients.teacher(batch)
         return input_gradient(self.teacher, batch["img"].detach().float(), _labels(batch))
 
     def flip_term(self, batch: dict) -> torch.Tensor:

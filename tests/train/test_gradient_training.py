@@ -12,7 +12,7 @@ from torch import nn
 
 from atcache.attention.gradient import flip_loss, gradient_at_loss, input_gradient
 from atcache.config import DistillSettings
-from atcache.testing import COMMON, invoke, lively_model, results
+from atcache.testing import COMMON, assert_one_line_error, build_config, invoke, lively_model, results
 from atcache.train.trainer import FLIP_LOSS, GRAD_LOSS, AtcacheTrainer, AttentionTransferLoss
 
 
@@ -106,3 +106,61 @@ def test_gradient_weight_needs_train_online(voc_yaml, tmp_path):
     with pytest.raises(AtcacheError, match="train-online"):
         AtcacheTrainer(overrides={"model": "yolo11n.yaml", "data": str(voc_yaml), "imgsz": 64, "device": "cpu",
                                   "project": str(tmp_path)}, settings=DistillSettings(gradient_weight=1.0))
+
+
+# --------------------------------------------------------------- train-from-cache --gradient-weight (cached J_T)
+GRAD_STRIDE = 8
+
+
+@pytest.fixture(scope="module")
+def grad_cache(voc_yaml, teacher_pt, tmp_path_factory):
+    from atcache.build.pipeline import build_cache
+
+    out = tmp_path_factory.mktemp("gradcache") / "grad.zarr"
+    build_cache(build_config(voc_yaml, out, teacher=str(teacher_pt), gradient=True, gradient_stride=GRAD_STRIDE))
+    return out
+
+
+def test_train_from_cache_gradient_weight_logs_grad_loss(voc_yaml, grad_cache, tmp_path):
+    result = invoke("train-from-cache", "--cache", grad_cache, "--targets", "static", "--data", voc_yaml, "--project",
+                    tmp_path, "--name", "cgrad", "--gradient-weight", "1", "--at-weight", "0", *COMMON)
+    assert result.exit_code == 0, (result.output, result.exception)
+    row = results(tmp_path / "cgrad")
+    assert math.isfinite(row["train/grad_loss"]) and row["train/grad_loss"] > 0
+    assert "train/at_loss" not in row and not any(k.startswith("val/grad") for k in row)
+
+
+def test_cached_teacher_gradient_is_direction_times_norm_of_the_batch_rows(voc_yaml, grad_cache):
+    import numpy as np
+
+    from atcache.cache.store import CacheStore
+    from atcache.testing import target_dataset
+    from atcache.train.gradients import CachedGradients
+
+    store = CacheStore.open(grad_cache)
+    ds = target_dataset(voc_yaml, grad_cache, mode="static")
+    grads = CachedGradients.load(store, ds.im_files, ds.at_rows)
+    picks = [3, 0, 7]
+    batch = ds.collate_fn([ds[i] for i in picks])
+    batch["img"] = batch["img"].float() / 255
+    rows = ds.at_rows[picks]
+    assert grads.rows(batch).tolist() == rows.tolist()
+    expected = store.read("grad/direction")[rows].astype(np.float32) * store.read("grad/norm")[rows][:, None, None, None]
+    J_T = grads.teacher(batch)
+    g = 64 // GRAD_STRIDE
+    assert J_T.shape == (3, 3, g, g) and J_T.dtype == torch.float32 and J_T.abs().sum() > 0
+    torch.testing.assert_close(J_T, torch.from_numpy(expected))
+    assert grads.pool(torch.ones(3, 3, 64, 64)).shape == (3, 3, g, g)
+
+
+@pytest.mark.parametrize("cache,extra,message", [
+    ("grad", ["--targets", "warp"], "a mosaic's loss is not a warp of per-image losses"),
+    ("grad", ["--targets", "replay"], "replay arrays hold no input gradients yet"),
+    ("plain", ["--targets", "static"], "build it with build-cache --gradient"),
+    ("grad", ["--targets", "static", "--stream"], "does not stream"),
+])
+def test_train_from_cache_gradient_weight_refusals(voc_yaml, grad_cache, built_cache, tmp_path, cache, extra, message):
+    path = grad_cache if cache == "grad" else built_cache
+    result = invoke("train-from-cache", "--cache", path, "--data", voc_yaml, "--project", tmp_path,
+                    "--gradient-weight", "1", *COMMON, *extra)
+    assert_one_line_error(result, message)
