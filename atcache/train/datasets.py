@@ -168,12 +168,3 @@ def build_dataset(cfg, img_path, data: dict, mode: str = "train", batch: int | N
         targets=targets, target_mode=target_mode, root=data.get("path") if root is None else root, pieces=pieces,
         aug_seed=aug_seed, epochs=epochs,
     )
-
-
-def rebuild(dataset: YOLODataset, hyp, **kwargs) -> AtcacheDataset:
-    """`build_dataset` with the arguments ultralytics' `build_yolo_dataset` gave `dataset` (with `hyp` as cfg), for
-    scripts that build ultralytics' dataset first; kwargs: build_dataset's keywords."""
-    if type(dataset) is not YOLODataset:
-        raise AtcacheError(f"cached targets need a plain detection dataset, got {type(dataset).__name__}; use task=detect")
-    return build_dataset(hyp, dataset.img_path, dataset.data, "train" if dataset.augment else "val",
-                         dataset.batch_size, dataset.stride, dataset.rect, **kwargs)
