@@ -19,8 +19,9 @@ DEFAULT_IMGSZ = 640
 DEFAULT_CHUNK_ROWS = 256
 DEFAULT_WINDOW = 4  # streaming: row-chunks whose samples are shuffled together
 DEFAULT_AT_WEIGHT = 1.0
-# build-cache --gradient: the stored input gradient is average-pooled by this stride (1: full resolution). 8 is
-# a first choice (3 x 80 x 80 float16 = 38.4 KB per image at 640); a later measurement will refine it.
+# build-cache --gradient: the stored input gradient is average-pooled by this stride (1: full resolution); 8 by
+# measurement (pipelines/README.md, "gradient stride"): 3 x 80 x 80 float16 = 38 KB per image at 640, and the
+# student's weight gradient keeps the same cosine to the full-resolution one as at strides 4 and 16.
 DEFAULT_GRADIENT_STRIDE = 8
 DEFAULT_WORKERS = min(4, os.cpu_count() or 1)  # DataLoader workers decoding images for the teacher
 AUTO_DEVICE = ""  # --device default: CUDA device 0 when there is one, else the CPU (atcache.devices)
@@ -28,14 +29,17 @@ AUTO_DEVICE = ""  # --device default: CUDA device 0 when there is one, else the 
 TRAIN_MODES = ("plain", "cache", "online")
 TARGET_MODES = ("warp", "static", "replay")
 # The one enumeration of student modes the tools (demo, bench, study) run and report; each is one (mode, targets)
-# pair of DistillSettings (atcache.tools.plans.plan builds the settings).
-STUDENT_MODES = ("plain", "online", "static", "warp", "replay")
+# pair of DistillSettings and the one term it weights (atcache.tools.plans.plan builds the settings): activation AT,
+# or for grad gradient-based AT alone (replay targets), for flip the flip-symmetry term alone (no teacher).
+STUDENT_MODES = ("plain", "online", "static", "warp", "replay", "grad", "flip")
 STUDENT_MODE_FIELDS = {  # student mode -> (DistillSettings.mode, DistillSettings.targets)
     "plain": ("plain", "warp"),
     "online": ("online", "warp"),
     "static": ("cache", "static"),
     "warp": ("cache", "warp"),
     "replay": ("cache", "replay"),
+    "grad": ("cache", "replay"),
+    "flip": ("plain", "warp"),
 }
 
 
@@ -196,7 +200,11 @@ class DistillSettings(JsonConfig):
                                      "function of (seed, epoch, index) alone, so runs see identical batches.")
     gradient_weight: float = opt(0.0, "Gradient-based AT (Zagoruyko & Komodakis): adds weight/2 x ||J_S - J_T||_2 / N, "
                                       "J = d(detection loss)/d(input image), the teacher's J_T computed every step "
-                                      "(train-from-cache --targets static: read from a build-cache --gradient cache).")
+                                      "(train-from-cache --targets static or replay: read from a build-cache --gradient "
+                                      "cache).")
+    gradient_stride: int | None = opt(None, "With --gradient-weight: compare J_S and J_T average-pooled by this stride "
+                                            "(1: full resolution). Default: the cache's; train-online "
+                                            f"{DEFAULT_GRADIENT_STRIDE}, as build-cache --gradient.")
     flip_weight: float = opt(0.0, "Flip-symmetry of input gradients: adds weight/2 x ||J(x) - flip(J(flip x))||_2 / N "
                                   "(two more student forwards and a double backward per step).")
 

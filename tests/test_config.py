@@ -35,6 +35,8 @@ def _all_changed(cls, **required):
             values[f.name] = False
         elif f.name == "aug_seed":
             values[f.name] = 7
+        elif f.name == "gradient_stride" and default is None:
+            values[f.name] = 4
         elif f.name == "augment":
             values[f.name] = (("mosaic", 0.5), ("fliplr", 0.0))
         elif f.name == "gradient_gains":

@@ -9,6 +9,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from atcache.attention.gradient import LOSS_KEYS
 from atcache.attention.recipe import layer_maps
 from atcache.cache.format import AUGMENT_KEYS, ReplaySpec
 from atcache.cache.store import CacheStore
@@ -44,7 +45,8 @@ class _UnitBatches(torch.utils.data.Sampler):
 
 def compute_replay(cfg: BuildConfig, model: torch.nn.Module, store: CacheStore, units: Sequence[int],
                    device: torch.device) -> None:
-    """Teacher maps on the augmented images of replay units `units`, each written whole."""
+    """Teacher maps (and with --gradient the input gradients J_T, from the unfused copy `build.gradients` makes, on
+    each view's own labels) on the augmented images of replay units `units`, each written whole."""
     from tqdm import tqdm
 
     replay = store.spec.replay
@@ -61,6 +63,11 @@ def compute_replay(cfg: BuildConfig, model: torch.nn.Module, store: CacheStore, 
     )
     bar = tqdm(total=sum(b - a for _, a, b in spans), desc=f"replay {Path(cfg.out).name}", unit="img",
                disable=not cfg.progress, dynamic_ncols=True)
+    grad_model = None
+    if store.spec.gradient_stride:
+        from atcache.build.gradients import gradient_teacher, teacher_gradients
+
+        grad_model = gradient_teacher(cfg.teacher, len(data["names"]), store.spec, device)
     batches = iter(loader)
     try:
         for u, (e, a, b) in zip(units, spans):
@@ -69,13 +76,19 @@ def compute_replay(cfg: BuildConfig, model: torch.nn.Module, store: CacheStore, 
                 batch = next(batches)
                 maps, norms = layer_maps(model, batch["img"], cfg.layers, store.spec.p, store.spec.kind, store.spec.eps)
                 records = np.array([fingerprint(im) for im in batch["img"]], dtype=np.uint64)
+                grad = None
+                if grad_model is not None:
+                    labels = {k: batch[k] for k in LOSS_KEYS}
+                    grad = teacher_gradients(grad_model, batch["img"], labels, store.spec.gradient_stride,
+                                             np.ones(len(records), dtype=bool))
                 parts.append((records, [m.to(torch.float16).cpu().numpy() for m in maps],
-                              [n.cpu().numpy() for n in norms]))
+                              [n.cpu().numpy() for n in norms], grad))
                 bar.update(len(records))
             store.write_replay(
                 u, maps={i: np.concatenate([p[1][j] for p in parts]) for j, i in enumerate(cfg.layers)},
                 norms={i: np.concatenate([p[2][j] for p in parts]) for j, i in enumerate(cfg.layers)},
-                samples=orders[e][a:b], records=np.concatenate([p[0] for p in parts]))
+                samples=orders[e][a:b], records=np.concatenate([p[0] for p in parts]),
+                grad=None if grad_model is None else tuple(np.concatenate([p[3][j] for p in parts]) for j in (0, 1)))
     finally:
         bar.close()
 

@@ -14,7 +14,9 @@ map size; dimension names in brackets, stored as each array's zarr `dimension_na
 With --replay-epochs (E epochs of M samples, R' = replay chunk_rows), in group `replay`:
     replay/maps/<i>, replay/scales/<i>, replay/norms/<i>   (E, M[, H, W])  [epoch, position(, y_<i>, x_<i>)]
     replay/sample (int32), replay/record (uint64), replay/done (bool)  (E, M)  [epoch, position]   chunks (1, R'...)
-With --gradient (S = spec.gradient_stride >= 1, G = imgsz / S; static rows only), in group `grad`:
+With --gradient (S = spec.gradient_stride >= 1, G = imgsz / S), in group `grad` (and, with --replay-epochs, the same
+per replayed view in `replay/grad/direction` (E, M, 3, G, G) [epoch, position, channel, y_grad, x_grad] chunks
+(1, R', 3, G, G), and `replay/grad/norm` (E, M), x being the augmented view and L on that view's labels):
     grad/direction (N, 3, G, G) float16   unit-L2 direction of the teacher's input gradient J_T = dL/dx, avg-pooled
                                           by S  [row, channel, y_grad, x_grad]   chunks (R, 3, G, G), fill NaN
     grad/norm      (N,)         float32   ||pooled J_T||_2 (J_T = norm * direction)  [row]   chunks (R,), fill NaN
@@ -305,6 +307,13 @@ def _create_replay_arrays(group: zarr.Group, spec: CacheSpec) -> None:
         group.create_array(f"replay/norms/{layer.index}", shape=(e, m), chunks=(1, r), dtype="float32",
                            fill_value=np.nan, compressors=small_compressors(4), dimension_names=("epoch", "position"),
                            overwrite=True)
+    if spec.gradient_stride:
+        g = spec.gradient_size
+        group.create_array("replay/grad/direction", shape=(e, m, 3, g, g), chunks=(1, r, 3, g, g), dtype="float16",
+                           fill_value=np.nan, compressors=map_compressors("float16"),
+                           dimension_names=("epoch", "position", "channel", "y_grad", "x_grad"), overwrite=True)
+        group.create_array("replay/grad/norm", shape=(e, m), chunks=(1, r), dtype="float32", fill_value=np.nan,
+                           compressors=small_compressors(4), dimension_names=("epoch", "position"), overwrite=True)
     for name, dtype, fill, size in (("sample", "int32", -1, 4), ("record", "uint64", 0, 8), ("done", "bool", False, 1)):
         group.create_array(f"replay/{name}", shape=(e, m), chunks=(1, r), dtype=dtype, fill_value=fill,
                            compressors=small_compressors(size), dimension_names=("epoch", "position"), overwrite=True)

@@ -16,6 +16,7 @@ from atcache.attention.agreement import map_agreement
 from atcache.errors import AtcacheError, first_line
 from atcache.scheduler import dask_scheduler
 from atcache.cache.format import CacheSpec, LetterboxTable
+from atcache.cache import arrays
 from atcache.cache.store import CacheStore
 
 NORM_TOLERANCE = 5e-3  # |(||A||_2) - 1| allowed for a float16 map of unit norm
@@ -36,6 +37,8 @@ class CacheView:
     maps: dict[int, da.Array]
     norms: dict[int, da.Array]
     grad: da.Array | None = None  # --gradient: J_T (N, 3, G, G) float32 = direction * norm; None without gradients
+    replay_maps: dict[int, da.Array] | None = None  # --replay-epochs: per layer (E, M, H, W), positions in training order
+    replay_grad: da.Array | None = None  # --replay-epochs with --gradient: J_T of every view (E, M, 3, G, G) float32
 
     @property
     def layers(self) -> tuple[int, ...]:
@@ -52,11 +55,13 @@ class CacheView:
 def open_cache(path: str | Path) -> CacheView:
     """Open a finished or partial cache for reading (the spec is checked as on every open)."""
     store = CacheStore.open(path)
-    arrays = {i: store.dask_layer(i) for i in store.spec.layer_indices}
+    layers = {i: arrays.layer(store, i) for i in store.spec.layer_indices}
     return CacheView(
         path=store.path, spec=store.spec, files=store.files(), done=store.done_mask(), letterbox=store.letterbox(),
-        maps={i: m for i, (m, _) in arrays.items()}, norms={i: n for i, (_, n) in arrays.items()},
-        grad=store.dask_grad(),
+        maps={i: m for i, (m, _) in layers.items()}, norms={i: n for i, (_, n) in layers.items()},
+        grad=arrays.grad(store),
+        replay_maps={i: arrays.replay_maps(store, i) for i in store.spec.layer_indices} if store.spec.replay else None,
+        replay_grad=arrays.replay_grad(store),
     )
 
 
@@ -225,7 +230,7 @@ def _compare_replay(path, other, layers, workers, scheduler) -> dict | None:
     done = (one.replay_done() & two.replay_done()).reshape(-1)
     graphs = {}
     for i in layers:
-        x, y = (s.dask_replay_maps(i) for s in (one, two))
+        x, y = (arrays.replay_maps(s, i) for s in (one, two))
         x, y = (m.reshape((-1, *m.shape[2:]))[np.flatnonzero(done)] for m in (x, y))
         graphs[i] = da.map_blocks(_pair_figures, x, y.rechunk(x.chunks), dtype=np.float32, drop_axis=(1, 2), new_axis=1)
     with dask_scheduler(workers, scheduler):

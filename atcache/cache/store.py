@@ -222,9 +222,10 @@ class CacheStore:
             return out
 
     def write_replay(self, u: int, maps: dict[int, np.ndarray], norms: dict[int, np.ndarray], samples: np.ndarray,
-                     records: np.ndarray) -> None:
+                     records: np.ndarray, grad: tuple[np.ndarray, np.ndarray] | None = None) -> None:
         """Write replay unit u whole (data first, `done` last): per layer the maps (r, H, W) and norms (r,) of the
-        positions, the dataset index of each position and the fingerprint of its augmented image."""
+        positions, the dataset index of each position and the fingerprint of its augmented image; with gradients
+        (spec.gradient_stride) `grad` = (direction (r, 3, G, G), norm (r,)) of each view's J_T."""
         e, a, b = self.replay_unit(u)
         for layer in self.spec.layers:
             stored, scales = encode_maps(maps[layer.index], self.spec.map_dtype)
@@ -232,16 +233,28 @@ class CacheStore:
             if scales is not None:
                 self.group[f"replay/scales/{layer.index}"][e, a:b] = scales
             self.group[f"replay/norms/{layer.index}"][e, a:b] = norms[layer.index].astype(np.float32, copy=False)
+        if self.spec.gradient_stride:
+            g = self.spec.gradient_size
+            if grad is None or grad[0].shape != (b - a, 3, g, g):
+                raise ValueError(f"replay unit {u}: this store keeps gradients (3 x {g} x {g} per view), got "
+                                 f"{None if grad is None else grad[0].shape}")
+            self.group["replay/grad/direction"][e, a:b] = grad[0].astype(np.float16, copy=False)
+            self.group["replay/grad/norm"][e, a:b] = grad[1].astype(np.float32, copy=False)
         self.group["replay/sample"][e, a:b] = samples.astype(np.int32, copy=False)
         self.group["replay/record"][e, a:b] = records.astype(np.uint64, copy=False)
         self.group["replay/done"][e, a:b] = True
 
-    def read_replay(self, layers: Sequence[int], e: int, a: int, b: int) -> tuple[dict[int, np.ndarray], np.ndarray]:
-        """({layer: maps (r, H, W) float16}, fingerprints (r,) uint64) of positions a:b of epoch e; a chunk that fails
-        to decode is one AtcacheError naming the array, epoch and positions."""
+    def read_replay(self, layers: Sequence[int], e: int, a: int, b: int, grad: bool = False
+                    ) -> tuple[dict[int, np.ndarray], np.ndarray] | tuple[dict[int, np.ndarray], np.ndarray, tuple]:
+        """({layer: maps (r, H, W) float16}, fingerprints (r,) uint64) of positions a:b of epoch e, and with `grad`
+        (direction (r, 3, G, G) float16, norm (r,) float32) of their J_T; a chunk that fails to decode is one
+        AtcacheError naming the array, epoch and positions."""
         out = {}
         scales = [f"replay/scales/{i}" for i in layers] if self.spec.map_dtype == "uint8" else []
-        for name in [f"replay/maps/{i}" for i in layers] + scales + ["replay/record", "replay/done"]:
+        grads = ["replay/grad/direction", "replay/grad/norm"] if grad else []
+        if grad and not self.spec.gradient_stride:
+            raise AtcacheError(f"cache {self.path} holds no input gradients; build it with build-cache --gradient")
+        for name in [f"replay/maps/{i}" for i in layers] + scales + grads + ["replay/record", "replay/done"]:
             try:
                 out[name] = np.asarray(self.group[name][e, a:b])
             except Exception as error:
@@ -250,7 +263,10 @@ class CacheStore:
         if not out["replay/done"].all():
             raise AtcacheError(f"cache {self.path}: replay epoch {e} positions {a}-{b - 1} are not built yet; finish "
                                "the cache with `atcache build-cache ... --resume`")
-        return {i: decode_maps(out[f"replay/maps/{i}"], out.get(f"replay/scales/{i}")) for i in layers}, out["replay/record"]
+        maps = {i: decode_maps(out[f"replay/maps/{i}"], out.get(f"replay/scales/{i}")) for i in layers}
+        if grad:
+            return maps, out["replay/record"], (out["replay/grad/direction"], out["replay/grad/norm"])
+        return maps, out["replay/record"]
 
     def array_names(self) -> list[str]:
         """Every array of the store; each is chunked by `chunk_rows` rows along axis 0."""
@@ -306,37 +322,6 @@ class CacheStore:
         columns = tuple(self.group["letterbox"].attrs.get("columns", self.spec.letterbox.columns))
         return LetterboxTable(self.read("letterbox").astype(np.float32, copy=False), columns)
 
-    def dask_layer(self, layer: int):
-        """(maps (N, H, W), norms (N,)) of `layer` as dask arrays chunked as stored (reading errors surface at compute)."""
-        import dask.array as da
-
-        maps = da.from_zarr(self.group[f"maps/{layer}"])
-        if self.spec.map_dtype == "uint8":  # decoded chunk by chunk, with the scales of the same rows
-            scales = da.from_zarr(self.group[f"scales/{layer}"])
-            maps = da.map_blocks(decode_maps, maps, scales[:, None, None], dtype=np.float16)
-        return maps, da.from_zarr(self.group[f"norms/{layer}"])
-
-    def dask_grad(self):
-        """The input gradients J_T (N, 3, G, G) float32 = direction * norm as a dask array chunked as stored; None
-        without gradients."""
-        if not self.spec.gradient_stride:
-            return None
-        import dask.array as da
-
-        direction, norm = da.from_zarr(self.group["grad/direction"]), da.from_zarr(self.group["grad/norm"])
-        return direction.astype(np.float32) * norm[:, None, None, None]
-
-    def dask_replay_maps(self, layer: int):
-        """Replay maps (E, M, H, W) of `layer` as a dask array chunked as stored, decoded like `dask_layer`'s."""
-        import dask.array as da
-
-        maps = da.from_zarr(self.group[f"replay/maps/{layer}"])
-        if self.spec.map_dtype == "uint8":
-            scales = da.from_zarr(self.group[f"replay/scales/{layer}"])
-            maps = da.map_blocks(lambda q, s: decode_maps(q.reshape(-1, *q.shape[2:]), s.reshape(-1)).reshape(q.shape),
-                                 maps, scales[:, :, None, None], dtype=np.float16)
-        return maps
-
     def chunk_error(self, name: str, a: int, b: int, what: str) -> AtcacheError:
         """One line naming the array and rows that cannot be used, and how to find and fix the rest."""
         return AtcacheError(f"cache {self.path}: {name} rows {a}-{b - 1} {what}; {REPAIR_HINT.format(path=self.path)}")
@@ -355,7 +340,7 @@ class CacheStore:
             block = self.group[name][a:b] if replay is None else self.group[name][e, a:b]
         except Exception as error:
             return f"{type(error).__name__}: {error}".splitlines()[0]
-        if ("norms/" in name or "scales/" in name or name.startswith("grad/")
+        if ("norms/" in name or "scales/" in name or "grad/" in name
                 or ("maps/" in name and self.spec.map_dtype == "float16")):
             bad = _nonfinite_finished(np.asarray(block), done[a:b] if replay is None else done[e, a:b])
             if len(bad):
@@ -368,7 +353,8 @@ class CacheStore:
             return []
         kinds = ("maps", "norms") + (("scales",) if self.spec.map_dtype == "uint8" else ())
         per_layer = [f"replay/{kind}/{layer}" for kind in kinds for layer in self.spec.layer_indices]
-        return per_layer + ["replay/sample", "replay/record", "replay/done"]
+        grad = ["replay/grad/direction", "replay/grad/norm"] if self.spec.gradient_stride else []
+        return per_layer + grad + ["replay/sample", "replay/record", "replay/done"]
 
     def damaged_chunks(self, chunks: Iterable[int]) -> dict[int, list[str]]:
         """Row-chunks (of `chunks`) with an array whose chunk cannot be trusted (see chunk_problem): {k: [arrays]}."""

@@ -76,7 +76,8 @@ def training_dataset(cfg: FidelityConfig, store, layers: tuple[int, ...]):
     from atcache.train.replay import ReplayTargets
 
     return build_dataset(hyp, data["train"], data, "train", cfg.batch, 32,
-                         targets=ReplayTargets(store.path, store.spec, layers), target_mode="replay",
+                         targets=ReplayTargets(store.path, store.spec, layers, gradients=cfg.gradient),
+                         target_mode="replay",
                          aug_seed=replay.aug_seed, epochs=hyp.epochs)
 
 
@@ -107,6 +108,7 @@ def measure_fidelity(cfg: FidelityConfig) -> dict:
     if teacher.weights_sha256 != spec.teacher_weights_sha256:
         raise AtcacheError(f"teacher {cfg.teacher} is not the one cache {cfg.cache} was built with ({spec.teacher_path}); "
                            "pass that checkpoint")
+    gradients = _gradient_check(cfg, store, len(split.names), device) if cfg.gradient else None
     dataset = training_dataset(cfg, store, layers)
     random.seed(cfg.seed)  # ultralytics' augmentations draw from python's and numpy's generators
     np.random.seed(cfg.seed)
@@ -121,28 +123,72 @@ def measure_fidelity(cfg: FidelityConfig) -> dict:
         for j, (layer, maps) in enumerate(zip(layers, live)):
             cached = np.stack([labels[TARGETS_KEY][j].numpy() for labels, _ in samples])
             agreement[layer] = map_agreement(maps.cpu().numpy(), cached)
+        if gradients is not None:
+            agreement["gradient"] = gradients.agreement(dataset, keys, samples)
         for k, (_, view) in enumerate(samples):
             figures = {layer: (float(c[k]), float(d[k])) for layer, (c, d) in agreement.items()}
             records.append((view_kinds(view), figures))
-    return _fidelity_report(cfg, layers, records)
+    return _fidelity_report(cfg, layers + (("gradient",) if gradients is not None else ()), records)
+
+
+class _GradientCheck:
+    """Stored J_T of each compared sample (a replayed view's, or a static row's) vs the live teacher's (unfused, eval
+    mode) on the same image and labels, pooled by the cache's stride: cosine and norm ratio stored / live."""
+
+    def __init__(self, store, model: torch.nn.Module):
+        self.store, self.model, self.stride = store, model, store.spec.gradient_stride
+
+    def agreement(self, dataset, keys, samples) -> tuple[np.ndarray, np.ndarray]:
+        from atcache.attention.gradient import LOSS_KEYS, input_gradient, join, pool_gradient
+        from atcache.train.targets import GRAD_KEY, TARGETS_KEY
+
+        device = next(self.model.parameters()).device
+        batch = dataset.collate_fn([{k: v for k, v in labels.items() if k not in (TARGETS_KEY, GRAD_KEY)}
+                                    for labels, _ in samples])
+        live = pool_gradient(input_gradient(self.model, batch["img"].to(device).float() / 255,
+                                            {k: batch[k].to(device) for k in LOSS_KEYS}), self.stride).cpu()
+        if GRAD_KEY in samples[0][0]:  # replay: the view's own J_T, delivered with the sample
+            stored = torch.stack([join(labels[GRAD_KEY][0][None], labels[GRAD_KEY][1].view(1))[0]
+                                  for labels, _ in samples])
+        else:  # static: the row's
+            rows = [int(dataset.at_rows[int(k)]) for k in keys]
+            stored = join(torch.from_numpy(np.stack([self.store.read("grad/direction", r, r + 1)[0] for r in rows])),
+                          torch.from_numpy(np.stack([self.store.read("grad/norm", r, r + 1)[0] for r in rows])))
+        a, b = stored.flatten(1).double(), live.flatten(1).double()
+        cosine = torch.nn.functional.cosine_similarity(a, b, dim=1, eps=1e-30)
+        ratio = a.norm(dim=1) / b.norm(dim=1).clamp_min(1e-30)
+        return cosine.numpy(), ratio.numpy()
+
+
+def _gradient_check(cfg: FidelityConfig, store, nc: int, device) -> _GradientCheck:
+    """Refuse --gradient where no J_T is cached for the compared samples; else the unfused teacher for live J_T."""
+    from atcache.build.gradients import gradient_teacher
+
+    if not store.spec.gradient_stride:
+        raise AtcacheError(f"cache {cfg.cache} holds no input gradients; build it with build-cache --gradient")
+    if cfg.targets == "warp":
+        raise AtcacheError("--gradient compares J_T of cached images: use --targets replay (augmented views) or static "
+                           "(letterboxed rows); a warp of a gradient is not one")
+    return _GradientCheck(store, gradient_teacher(cfg.teacher, nc, store.spec, device))
 
 
 def _fidelity_report(cfg: FidelityConfig, layers, records) -> dict:
     """Aggregate per-sample figures by layer, for all samples and per augmentation kind (a sample counts for every
     kind it went through; 'none' = letterbox only)."""
-    def stats(values):
+    def stats(values, second):  # the second figure: AT distance of a map, norm ratio (stored / live) of a gradient
         cos = np.array([v[0] for v in values])
-        dist = np.array([v[1] for v in values])
+        other = np.array([v[1] for v in values])
         return {"n": len(values), "cosine_mean": float(cos.mean()), "cosine_p5": float(np.percentile(cos, 5)),
-                "at_distance_mean": float(dist.mean())}
+                second: float(other.mean())}
 
     out = {}
     for layer in layers:
-        per = {"all": stats([fig[layer] for _, fig in records])}
+        second = "norm_ratio_mean" if layer == "gradient" else "at_distance_mean"
+        per = {"all": stats([fig[layer] for _, fig in records], second)}
         for kind in AUGMENTATIONS:
             values = [fig[layer] for kinds, fig in records if kind in kinds]
             if values:
-                per[kind] = stats(values)
+                per[kind] = stats(values, second)
         out[str(layer)] = per
     combos: dict[str, int] = {}
     for kinds, _ in records:
@@ -154,9 +200,12 @@ def _fidelity_report(cfg: FidelityConfig, layers, records) -> dict:
 def format_fidelity(report: dict) -> str:
     lines = [f"{report['samples']} augmented samples ({report['config']['targets']} targets); augmentations seen: "
              + ", ".join(f"{k} {n}" for k, n in sorted(report["combinations"].items(), key=lambda x: -x[1])), "",
-             f"{'layer':>5} {'kind':>7} {'n':>5} {'cosine mean':>11} {'cosine p5':>10} {'AT dist':>8}"]
+             f"{'layer':>8} {'kind':>7} {'n':>5} {'cosine mean':>11} {'cosine p5':>10} {'AT dist':>8}"]
     for layer, per in report["layers"].items():
         for kind, s in per.items():
-            lines.append(f"{layer:>5} {kind:>7} {s['n']:>5} {s['cosine_mean']:>11.4f} {s['cosine_p5']:>10.4f} "
-                         f"{s['at_distance_mean']:>8.4f}")
+            lines.append(f"{layer:>8} {kind:>7} {s['n']:>5} {s['cosine_mean']:>11.4f} {s['cosine_p5']:>10.4f} "
+                         f"{s.get('at_distance_mean', s.get('norm_ratio_mean')):>8.4f}")
+    if "gradient" in report["layers"]:
+        lines.append("gradient: the cached input gradient J_T vs the live teacher's; last column: norm ratio "
+                     "stored / live")
     return "\n".join(lines)

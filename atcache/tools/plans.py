@@ -1,7 +1,7 @@
 """The one plan from a student mode to what it runs, for every tool that trains students (demo, bench, study).
 
-A student mode (config.STUDENT_MODES: plain, online, static, warp, replay) is one (trainer, targets) pair of
-DistillSettings; `plan` turns it, with the sources it reads (the teacher, the static cache, the replay cache), into
+A student mode (config.STUDENT_MODES: plain, online, static, warp, replay, grad, flip) is one (trainer, targets) pair
+of DistillSettings and the term it weights; `plan` turns it, with the sources it reads (the teacher, the static cache, the replay cache), into
 the settings the trainer receives and says which source it needs built first. No torch, no ultralytics."""
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ REPORT_NAMES = {"warp": "cache"}
 @dataclass(frozen=True)
 class Sources:
     """What AT students read: `layers` (student, teacher) pairs, the teacher checkpoint (online), the static cache
-    (static, warp) and the replay cache (replay)."""
+    (static, warp) and the replay cache (replay; grad: one built with --gradient)."""
 
     layers: tuple[tuple[int, int], ...] = ()
     teacher: str = ""
@@ -42,15 +42,21 @@ class StudentPlan:
 
 
 def plan(mode: str, sources: Sources, at_weight: float | None = None, aug_seed: int | None = None) -> StudentPlan:
-    """The settings of student `mode`. `at_weight` None: the default weight; `aug_seed` seeds each sample's
-    augmentation (None: ultralytics' own). A replay student takes its aug seed from its cache (built with it), so
-    its settings leave it out."""
+    """The settings of student `mode`. `at_weight`: the weight of the mode's term (at_weight; grad: gradient_weight,
+    flip: flip_weight), None: the default 1; `aug_seed` seeds each sample's augmentation (None: ultralytics' own). A
+    replay (or grad) student takes its aug seed from its cache (built with it), so its settings leave it out."""
     if mode not in STUDENT_MODES:
         raise AtcacheError(f"student mode {mode!r} is unknown; choose among {', '.join(STUDENT_MODES)}")
     trainer, targets = STUDENT_MODE_FIELDS[mode]
+    weight = DEFAULT_AT_WEIGHT if at_weight is None else at_weight
+    if mode == "flip":
+        return StudentPlan(mode, DistillSettings(mode="plain", aug_seed=aug_seed, flip_weight=weight), "")
     if trainer == "plain":
         return StudentPlan(mode, DistillSettings(mode="plain", aug_seed=aug_seed), "")
-    weight = DEFAULT_AT_WEIGHT if at_weight is None else at_weight
+    if mode == "grad":
+        return StudentPlan(mode, DistillSettings(mode="cache", cache=sources.replay_cache, targets="replay",
+                                                 layers=sources.layers, at_weight=0.0, gradient_weight=weight),
+                           "replay")
     if trainer == "online":
         return StudentPlan(mode, DistillSettings(mode="online", teacher=sources.teacher, layers=sources.layers,
                                                  at_weight=weight, aug_seed=aug_seed), "teacher")

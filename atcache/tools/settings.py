@@ -31,6 +31,18 @@ def _modes(text: str) -> tuple[str, ...]:
     return tuple(text.split(","))
 
 
+def _mode_counts(text: str) -> tuple[tuple[str, int], ...]:
+    """study --mode-seeds: mode=count pairs, comma-separated (e.g. online=3,static=3)."""
+    out = []
+    for part in filter(None, text.split(",")):
+        mode, _, count = part.partition("=")
+        _modes(mode)
+        if not count.isdigit() or int(count) < 1:
+            raise AtcacheError(f"--mode-seeds {part!r} is not mode=count with a count >= 1 (e.g. online=3)")
+        out.append((mode, int(count)))
+    return tuple(out)
+
+
 def _files(text: str) -> tuple[str, ...]:
     return tuple(f.strip() for f in text.split(",") if f.strip())
 
@@ -93,6 +105,8 @@ class FidelityConfig:
     targets: str = opt("warp", "warp (default augmentations), static or replay, as in train-from-cache.")
     device: str = opt(AUTO_DEVICE, ONE_DEVICE_HELP)
     seed: int = opt(0, "Seed of the sample order and the augmentations.")
+    gradient: bool = opt(False, "Also compare the cached input gradients J_T (build-cache --gradient; --targets replay "
+                                "or static) with the live teacher's on the same view: cosine and norm ratio.")
     hyp: dict = field(default_factory=dict)  # ultralytics augmentation overrides (mosaic=0, hsv_v=0, ...)
 
 
@@ -133,10 +147,15 @@ class StudyConfig:
     student_epochs: int = opt(10, "Epochs of every student run.")
     seeds: tuple[int, ...] = opt((0, 1, 2), "Comma-separated seeds (each run's seed and --aug-seed).",
                                  cli=_numbers(int))
-    modes: tuple[str, ...] = opt(STUDENT_MODES, "Comma-separated modes among plain, online, static, warp, replay.",
+    modes: tuple[str, ...] = opt(STUDENT_MODES, "Comma-separated modes among plain, online, static, warp, replay, grad "
+                                                "(gradient AT from replay targets), flip (flip-symmetry term).",
                                  cli=(_modes, comma_text))
-    at_weights: tuple[float, ...] = opt((DEFAULT_AT_WEIGHT,), "Comma-separated --at-weight values; every AT mode runs "
-                                                              "once per value.", cli=_numbers(float))
+    mode_seeds: tuple[tuple[str, int], ...] = opt((), "Comma-separated mode=count: these modes run on the first count "
+                                                      "of --seeds only (e.g. online=3,static=3).",
+                                                  cli=(_mode_counts, lambda v: ",".join(f"{m}={n}" for m, n in v)))
+    at_weights: tuple[float, ...] = opt((DEFAULT_AT_WEIGHT,), "Comma-separated weights of each mode's term (--at-weight; "
+                                                              "grad: --gradient-weight, flip: --flip-weight); every "
+                                                              "mode but plain runs once per value.", cli=_numbers(float))
     layers: tuple[int, ...] = opt(DEFAULT_LAYERS, "Comma-separated layers cached and distilled (student layer = "
                                                   "teacher layer).", cli=LAYERS_CLI)
     batch: int = opt(16, "Batch size.")

@@ -1,9 +1,11 @@
 """`atcache study`: a seeded accuracy study of what attention transfer from the cache buys, at CPU scale.
 
 One teacher, trained on the whole training split; students that see a subset of it, trained the same way (data,
-epochs, hyperparameters, `--aug-seed` = seed) in each mode: plain, online AT, and from the cache with static, warp
-and replay targets, over several seeds; every student is scored on the whole validation split. Reports per-seed
-values and mean / std per mode (JSON and a Markdown table)."""
+epochs, hyperparameters, `--aug-seed` = seed) in each mode: plain, online AT, from the cache with static, warp and
+replay targets, gradient-based AT from replay targets (grad) and the flip-symmetry term (flip), over several seeds;
+every student is scored on the whole validation split. Reports per-seed values, mean / std per mode and each mode's
+per-seed difference to plain with its 95 % confidence interval (JSON and a Markdown table), rewritten after every
+seed; a rerun in the same OUT reuses the students already trained with the same settings."""
 
 from __future__ import annotations
 
@@ -125,52 +127,104 @@ def run_study(config: StudyConfig, out: Path) -> Iterator[str]:
                  "imgsz": config.imgsz, "batch": config.batch, "device": config.device, "workers": 2,
                  "project": str(out / "students"), "exist_ok": True, "plots": False, "val": False,
                  "deterministic": True, **DEMO_HYP}
+    gradients = "grad" in config.modes  # the replay caches then hold J_T too (one cache serves replay and grad)
     runs: dict[str, dict] = {name: {"per_seed": []} for name, _, _ in _mode_names(config)}
-    for seed in config.seeds:
+    counts = dict(config.mode_seeds)
+    setup = {"device": device_name(resolve_device(config.device)),
+             "teacher": {"checkpoint": teacher["checkpoint"], "metrics": teacher["metrics"],
+                         "train_s": teacher.get("seconds")},
+             "data": {"student_train_images": config.student_images,
+                      "val_images": len(_val_files(student_yaml)), "layers": [t for _, t in layers]},
+             "cache_build_s": cache_report.seconds}
+    for k, seed in enumerate(config.seeds):
         replay_built, replay_s = False, 0.0
         sources = plans.Sources(layers=layers, teacher=teacher["checkpoint"], cache=str(cache),
-                                replay_cache=str(out / f"replay_seed{seed}{_tag(config, epochs=True)}.zarr"))
+                                replay_cache=str(out / f"replay_seed{seed}{_tag(config, epochs=True)}"
+                                                       f"{'_grad' if gradients else ''}.zarr"))
         for name, mode, weight in _mode_names(config):
+            if k >= counts.get(mode, len(config.seeds)):
+                continue
             student = student_plan(mode, weight, seed, sources)
             if student.replay_build and not replay_built:  # the teacher on this seed's augmented views
-                report = build(Path(sources.replay_cache), replay_epochs=config.student_epochs, aug_seed=seed)
+                report = build(Path(sources.replay_cache), replay_epochs=config.student_epochs, aug_seed=seed,
+                               gradient=gradients)
                 replay_built, replay_s = True, report.seconds
                 yield f"seed {seed}: build-cache --replay-epochs {config.student_epochs}: {report.summary()}"
-            settings = student.settings
-            t0 = time.perf_counter()
-            r = measure_training(settings, {**overrides, "seed": seed, "name": f"{name}_seed{seed}{_tag(config, True)}"})
-            wall = time.perf_counter() - t0
-            m = r.get("metrics", {})
-            runs[name]["per_seed"].append({
-                "seed": seed, **{k: m.get(key, 0.0) for k, key in SCORES.items()}, "img_per_s": r["img_per_s"],
-                "wall_s": wall, "cache_build_s": replay_s if mode == "replay" else None, "save_dir": r["save_dir"]})
-            yield (f"seed {seed} {name}: mAP50 {m.get(SCORES['mAP50'], 0):.3f} mAP50-95 {m.get(SCORES['mAP50-95'], 0):.3f}"
-                   f" in {wall:.0f}s")
-    modes = {}
-    for name, run in runs.items():
-        seeds = run["per_seed"]
-        modes[name] = {key: [s[key] for s in seeds] for key in ("mAP50", "mAP50-95", "img_per_s", "wall_s")}
-        modes[name]["seeds"] = [s["seed"] for s in seeds]
-        for key in ("mAP50", "mAP50-95", "img_per_s"):
-            modes[name][f"{key}_mean"], modes[name][f"{key}_std"] = _mean_std(modes[name][key])
-        if name.startswith("replay"):
-            modes[name]["cache_build_s"] = [s["cache_build_s"] for s in seeds]
-    results = {
-        "config": asdict(config),
-        "device": device_name(resolve_device(config.device)),
-        "teacher": {"checkpoint": teacher["checkpoint"], "metrics": teacher["metrics"],
-                    "train_s": teacher.get("seconds")},
-        "data": {"student_train_images": config.student_images,
-                 "val_images": len(_val_files(student_yaml)), "layers": [t for _, t in layers]},
-        "cache_build_s": cache_report.seconds,
-        "modes": modes,
-        "seconds": time.perf_counter() - t_start,
-    }
-    (out / "accuracy.json").write_text(json.dumps(results, indent=2) + "\n")
-    (out / "accuracy.md").write_text(study_table(results) + "\n")
+            run_name = f"{name}_seed{seed}{_tag(config, True)}"
+            folder = out / "students" / run_name  # ultralytics' run folder (project, name, exist_ok)
+            entry = _finished_run(folder, student.settings, {**overrides, "seed": seed})
+            if entry is None:
+                t0 = time.perf_counter()
+                r = measure_training(student.settings, {**overrides, "seed": seed, "name": run_name})
+                m = r.get("metrics", {})
+                entry = {"seed": seed, **{key: m.get(col, 0.0) for key, col in SCORES.items()},
+                         "img_per_s": r["img_per_s"], "wall_s": time.perf_counter() - t0,
+                         "cache_build_s": replay_s if student.replay_build else None, "save_dir": r["save_dir"]}
+                _record_run(folder, student.settings, {**overrides, "seed": seed}, entry)
+            runs[name]["per_seed"].append(entry)
+            yield f"seed {seed} {name}: mAP50 {entry['mAP50']:.3f} mAP50-95 {entry['mAP50-95']:.3f} in {entry['wall_s']:.0f}s"
+        results = _summary(config, setup, runs, time.perf_counter() - t_start)  # written after every seed
+        (out / "accuracy.json").write_text(json.dumps(results, indent=2) + "\n")
+        (out / "accuracy.md").write_text(study_table(results) + "\n")
     yield ""
     yield from study_table(results).splitlines()
     yield f"results: {out / 'accuracy.md'} and {out / 'accuracy.json'} ({results['seconds']:.0f}s in all)"
+
+
+RUN_RECORD = "atcache_study_run.json"  # in a finished student's run folder: its settings and figures
+
+
+def _finished_run(folder: Path, settings, overrides: dict) -> dict | None:
+    """The figures of a student this study already trained with the same settings (a rerun after an interruption
+    continues where it stopped), else None."""
+    record = folder / RUN_RECORD
+    if not record.is_file():
+        return None
+    saved = json.loads(record.read_text())
+    same = saved["settings"] == settings.to_json() and saved["overrides"] == json.loads(json.dumps(overrides))
+    return {**saved["entry"], "reused": True} if same else None
+
+
+def _record_run(folder: Path, settings, overrides: dict, entry: dict) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / RUN_RECORD).write_text(json.dumps({"settings": settings.to_json(), "overrides": overrides,
+                                                 "entry": entry}, indent=2))
+
+
+def paired_difference(values: list[float], plain: list[float]) -> dict:
+    """Per-seed differences mode - plain (same seed: same init, same batches) with their mean, std and the 95 %
+    confidence interval of the mean (Student's t, n - 1 degrees of freedom)."""
+    from scipy import stats
+
+    d = [a - b for a, b in zip(values, plain)]
+    mean, std = _mean_std(d)
+    half = float(stats.t.ppf(0.975, len(d) - 1)) * std / len(d) ** 0.5 if len(d) > 1 else float("nan")
+    return {"n": len(d), "differences": d, "mean": mean, "std": std, "ci95": [mean - half, mean + half]}
+
+
+def _summary(config: StudyConfig, setup: dict, runs: dict, seconds: float) -> dict:
+    """The study's JSON: per mode the per-seed values, mean / std, and the paired difference to plain."""
+    modes = {}
+    for name, run in runs.items():
+        seeds = run["per_seed"]
+        if not seeds:
+            continue
+        m = modes[name] = {key: [s[key] for s in seeds] for key in ("mAP50", "mAP50-95", "img_per_s", "wall_s")}
+        m["seeds"] = [s["seed"] for s in seeds]
+        for key in ("mAP50", "mAP50-95", "img_per_s"):
+            m[f"{key}_mean"], m[f"{key}_std"] = _mean_std(m[key])
+        if any(s.get("cache_build_s") is not None for s in seeds):
+            m["cache_build_s"] = [s["cache_build_s"] for s in seeds]
+    plain = modes.get("plain")
+    for name, m in modes.items():
+        if plain is None or name == "plain":
+            continue
+        common = [s for s in m["seeds"] if s in plain["seeds"]]
+        if common:
+            pick = lambda mode, key: [mode[key][mode["seeds"].index(s)] for s in common]  # noqa: E731
+            m["vs_plain"] = {"seeds": common, **{key: paired_difference(pick(m, key), pick(plain, key))
+                                                 for key in SCORES}}
+    return {"config": asdict(config), **setup, "modes": modes, "seconds": seconds}
 
 
 def _val_files(data_yaml: Path) -> tuple[str, ...]:
@@ -180,20 +234,32 @@ def _val_files(data_yaml: Path) -> tuple[str, ...]:
 
 
 def study_table(results: dict) -> str:
-    """Modes x (mean +- std over seeds) as a Markdown table, with the setup in its last line."""
+    """Modes x (mean +- std over seeds, and the paired difference to plain with its 95 % CI) as a Markdown table,
+    with the setup in its last line."""
     c, d = results["config"], results["data"]
-    lines = ["| mode | mAP50 | mAP50-95 | img/s | seeds |", "|---|---|---|---|---|"]
+    lines = ["| mode | mAP50 | mAP50-95 | mAP50 − plain (95 % CI) | mAP50-95 − plain (95 % CI) | img/s | seeds |",
+             "|---|---|---|---|---|---|---|"]
+
+    def diff(m: dict, key: str) -> str:
+        v = m.get("vs_plain", {}).get(key)
+        if not v:
+            return ""
+        lo, hi = v["ci95"]
+        return f"{v['mean']:+.3f} [{lo:+.3f}, {hi:+.3f}]" if v["n"] > 1 else f"{v['mean']:+.3f}"
+
     for name, m in results["modes"].items():
         lines.append(f"| {name} | {m['mAP50_mean']:.3f} ± {m['mAP50_std']:.3f} | "
-                     f"{m['mAP50-95_mean']:.3f} ± {m['mAP50-95_std']:.3f} | {m['img_per_s_mean']:.1f} | "
-                     f"{len(m['seeds'])} |")
+                     f"{m['mAP50-95_mean']:.3f} ± {m['mAP50-95_std']:.3f} | {diff(m, 'mAP50')} | "
+                     f"{diff(m, 'mAP50-95')} | {m['img_per_s_mean']:.1f} | {len(m['seeds'])} |")
     t = results["teacher"]["metrics"]
     lines.append(f"| teacher {Path(c['teacher']).stem} (reference) | {t.get(SCORES['mAP50'], 0):.3f} | "
-                 f"{t.get(SCORES['mAP50-95'], 0):.3f} | | |")
+                 f"{t.get(SCORES['mAP50-95'], 0):.3f} | | | | |")
     lines += ["", f"{Path(c['student']).stem} students, {c['student_epochs']} epochs on {d['student_train_images']} "
-                  f"training images, imgsz {c['imgsz']}, batch {c['batch']}, at_weight {', '.join(map(str, c['at_weights']))}, "
+                  f"training images, imgsz {c['imgsz']}, batch {c['batch']}, term weight "
+                  f"{', '.join(map(str, c['at_weights']))} (at_weight; grad: gradient_weight, flip: flip_weight), "
                   f"layers {','.join(map(str, c['layers']))}, "
                   f"scored on {d['val_images']} validation images; teacher {Path(c['teacher']).stem} trained "
                   f"{c['teacher_epochs']} epochs on the whole training split; mean ± std over seeds "
-                  f"{', '.join(map(str, c['seeds']))}; device: {results['device']}."]
+                  f"{', '.join(map(str, c['seeds']))}; differences to plain paired by seed (same init, same batches), "
+                  f"mean and 95 % t-interval; device: {results['device']}."]
     return "\n".join(lines)

@@ -1,4 +1,6 @@
-"""`atcache visualize`: PNG grids of cached attention maps over their images (and a student's maps beside them)."""
+"""`atcache visualize`: PNG grids of cached attention maps over their images (and a student's maps beside them); for
+a cache with input gradients (build-cache --gradient) also the gradient attention, the paper's picture: sum over
+channels of |J|^2, normalised (atcache.attention.gradient.gradient_attention)."""
 
 from __future__ import annotations
 
@@ -64,13 +66,22 @@ def _student_maps(student: str, images: list[np.ndarray], layers: Sequence[int],
 
 
 def _cached_panels(opened, split, images: int, files: Sequence[str]):
-    """(names, BGR pictures, letterboxes, per picture the cached maps per layer) of images of the cache's split."""
+    """(names, BGR pictures, letterboxes, per picture the cached maps per layer, gradients) of images of the cache's
+    split; gradients: None, or (J_T (n, 3, G, G), their label batch) of a cache with input gradients."""
     from atcache.data.splits import read_image
 
     rows = _choose_rows(opened.files, opened.done, images, files, split.root)
     pictures = [read_image(split.root / opened.files[r]) for r in rows]
     maps = [[opened.maps[i][r].compute().astype(np.float32) for i in opened.layers] for r in rows]
-    return [Path(opened.files[r]).name for r in rows], pictures, [opened.letterbox.row(r) for r in rows], maps
+    grads = None
+    if opened.grad is not None:
+        from atcache.build.gradients import batch_labels
+        from atcache.cache.format import LETTERBOX_COLUMNS
+
+        table = np.array([[opened.letterbox.row(r)[c] for c in LETTERBOX_COLUMNS] for r in rows], dtype=np.float32)
+        labels = batch_labels(split, rows, table, np.ones(len(rows), dtype=bool), opened.spec.imgsz)
+        grads = (np.stack([opened.grad[r].compute() for r in rows]), labels)
+    return [Path(opened.files[r]).name for r in rows], pictures, [opened.letterbox.row(r) for r in rows], maps, grads
 
 
 def _replay_panels(cache, data, spec, epoch: int, images: int):
@@ -88,27 +99,59 @@ def _replay_panels(cache, data, spec, epoch: int, images: int):
         raise AtcacheError(f"--epoch {epoch} is not among the cached epochs 0..{replay.epochs - 1}")
     dataset, root = training_dataset(str(data), augment_settings(dict(replay.augment), replay.epochs, spec.imgsz),
                                      replay.aug_seed)
-    targets = ReplayTargets(str(cache), spec, spec.layer_indices)
+    with_grad = bool(spec.gradient_stride)
+    targets = ReplayTargets(str(cache), spec, spec.layer_indices, gradients=with_grad)
     targets.check(dataset.im_files, root["path"])
     order = EpochSampler(replay.samples, replay.aug_seed).order(epoch)
     positions = np.unique(np.linspace(0, replay.samples - 1, min(images, replay.samples)).astype(int))
-    names, pictures, maps = [], [], []
+    names, pictures, maps, samples, grads = [], [], [], [], []
     for p in positions:
         index = int(order[p])
-        image = dataset[epoch * replay.samples + index]["img"]
+        sample = dataset[epoch * replay.samples + index]
+        image = sample["img"]
         names.append(f"e{epoch} p{p}: {Path(dataset.im_files[index]).name}")
         pictures.append(np.ascontiguousarray(image.numpy().transpose(1, 2, 0)[..., ::-1]))  # RGB CHW -> BGR HWC
         maps.append(targets.maps(epoch, index, image))
+        samples.append(sample)
+        if with_grad:
+            direction, norm = targets.gradient(epoch, index)
+            grads.append(direction.astype(np.float32) * norm)
     full = {"h0": spec.imgsz, "w0": spec.imgsz, "h": spec.imgsz, "w": spec.imgsz, "pad_top": 0, "pad_left": 0}
-    return names, pictures, [full] * len(names), maps
+    if with_grad:
+        batch = dataset.collate_fn(samples)
+        grads = (np.stack(grads), {k: batch[k] for k in ("batch_idx", "cls", "bboxes")})
+    return names, pictures, [full] * len(names), maps, grads if with_grad else None
+
+
+def _gradient_pictures(J: np.ndarray) -> list[np.ndarray]:
+    """The paper's gradient attention (G, G) of each J (n, 3, G, G)."""
+    import torch
+
+    from atcache.attention.gradient import gradient_attention
+
+    return list(gradient_attention(torch.from_numpy(J).double()).float().numpy())
+
+
+def _student_gradients(student: str, images: list[np.ndarray], labels: dict, stride: int, nc: int) -> np.ndarray:
+    """The student's J_S (n, 3, G, G) on the same inputs and labels as the cached J_T: eval mode, per image, pooled."""
+    import torch
+
+    from atcache.attention.gradient import input_gradient, pool_gradient
+    from atcache.data.splits import to_tensor
+    from atcache.yolo import load_model
+
+    model = load_model(student, nc=nc, device="cpu", fuse=False).model
+    x = torch.stack([to_tensor(im) for im in images]).float() / 255
+    return pool_gradient(input_gradient(model, x, labels), stride).numpy()
 
 
 def visualize_cache(cache: str | Path, data: str | Path, out: str | Path, images: int = VisualizeConfig.images,
                     files: Sequence[str] = VisualizeConfig.files,
                     student: str | None = None, epoch: int | None = None) -> list[Path]:
-    """One PNG per image: the image, then per layer the teacher's cached map over it; with a student, a row of the
-    student's maps and a row of |student - teacher| with the per-layer AT distance in the titles. With `epoch`, the
-    augmented images of that replay epoch with their replayed maps."""
+    """One PNG per image: the image, then per layer the teacher's cached map over it (and, with cached input gradients,
+    the teacher's gradient attention); with a student, a row of the student's maps (and gradient attention on the same
+    input and labels) and a row of |student - teacher| with the AT distance in the titles. With `epoch`, the augmented
+    images of that replay epoch with their replayed maps."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -124,39 +167,47 @@ def visualize_cache(cache: str | Path, data: str | Path, out: str | Path, images
         raise AtcacheError(f"the {spec.split} split of {data} is not the dataset cache {cache} was built on; "
                            "pass the data YAML the cache was built with")
     if epoch is None:
-        names, pictures, letterboxes, teacher = _cached_panels(opened, split, images, files)
+        names, pictures, letterboxes, teacher, grads = _cached_panels(opened, split, images, files)
         inputs = [letterbox_image(p, spec.imgsz)[0] for p in pictures]
     else:
-        names, pictures, letterboxes, teacher = _replay_panels(cache, data, spec, epoch, images)
+        names, pictures, letterboxes, teacher, grads = _replay_panels(cache, data, spec, epoch, images)
         inputs = pictures  # already the imgsz x imgsz training input
     layers = opened.layers
     students = _student_maps(student, inputs, layers, spec, len(split.names)) if student else None
+    if grads is not None:  # one more column: the gradient attention, as one more "layer" of maps
+        for maps, picture in zip(teacher, _gradient_pictures(grads[0])):
+            maps.append(picture)
+        if student:
+            J_S = _student_gradients(student, inputs, grads[1], spec.gradient_stride, len(split.names))
+            for maps, picture in zip(students, _gradient_pictures(J_S)):
+                maps.append(picture)
+    columns = [(f"L{i}", f"(s{spec.layer(i).stride})") for i in layers]
+    columns += [("dL/dx", f"(s{spec.gradient_stride})")] if grads is not None else []
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for n, (name, picture, letterbox) in enumerate(zip(names, pictures, letterboxes)):
         rgb = picture[..., ::-1]
         grid_rows = 3 if students else 1
-        fig, axes = plt.subplots(grid_rows, len(layers) + 1, figsize=(2.6 * (len(layers) + 1), 2.6 * grid_rows),
+        fig, axes = plt.subplots(grid_rows, len(columns) + 1, figsize=(2.6 * (len(columns) + 1), 2.6 * grid_rows),
                                  squeeze=False)
         for ax in axes.ravel():
             ax.axis("off")
         axes[0, 0].imshow(rgb)
         axes[0, 0].set_title(name, fontsize=8)
-        for k, layer in enumerate(layers):
-            stride = spec.layer(layer).stride
+        for k, (what, stride) in enumerate(columns):
             t = teacher[n][k]
             axes[0, k + 1].imshow(rgb)
             axes[0, k + 1].imshow(map_on_image(t, letterbox, spec.imgsz), cmap="jet", alpha=0.5)
-            axes[0, k + 1].set_title(f"teacher L{layer} (s{stride})", fontsize=8)
+            axes[0, k + 1].set_title(f"teacher {what} {stride}", fontsize=8)
             if students:
                 s = students[n][k]
                 distance = float(np.linalg.norm(s - t))
                 axes[1, k + 1].imshow(rgb)
                 axes[1, k + 1].imshow(map_on_image(s, letterbox, spec.imgsz), cmap="jet", alpha=0.5)
-                axes[1, k + 1].set_title(f"student L{layer}", fontsize=8)
+                axes[1, k + 1].set_title(f"student {what}", fontsize=8)
                 axes[2, k + 1].imshow(map_on_image(np.abs(s - t), letterbox, spec.imgsz), cmap="magma")
-                axes[2, k + 1].set_title(f"|S-T| L{layer} AT {distance:.3f}", fontsize=8)
+                axes[2, k + 1].set_title(f"|S-T| {what} AT {distance:.3f}", fontsize=8)
         fig.tight_layout()
         stem = Path(name.rsplit(": ", 1)[-1]).stem
         path = out / (f"{n:03d}_{stem}.png" if epoch is None else f"e{epoch:03d}_{n:03d}_{stem}.png")

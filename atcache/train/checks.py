@@ -120,6 +120,7 @@ def check_settings(s: DistillSettings, imgsz: int, data: str, rect: bool = False
     ranks = ranks_on_this_node(device)
     if s.targets == "replay":  # read chunk by chunk in training order, never loaded whole
         spec = check_cache(s.cache, s.source_layers, imgsz, train_split, stream=True, store=store)
+        check_gradient_cache(s, store, streaming=False)
         return RunPlan(spec.p, spec.kind, spec.eps, store, streaming=False)
     spec = check_cache(s.cache, s.source_layers, imgsz, train_split, s.ram_budget_gb, s.stream, ranks, store)
     streaming = _streams(spec, s, ranks)

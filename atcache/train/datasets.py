@@ -28,7 +28,7 @@ from atcache.config import check_targets
 from atcache.errors import AtcacheError
 from atcache.train.render import PIECES_KEY, collate_pieces, flatten
 from atcache.train.samplers import seeded_rng
-from atcache.train.targets import TARGETS_KEY, VIEW_KEY, TargetSource
+from atcache.train.targets import GRAD_KEY, TARGETS_KEY, VIEW_KEY, TargetSource
 from atcache.train.transforms import static_pipeline, tracked_pipeline, unbuffered
 from atcache.train.views import Source
 
@@ -121,6 +121,9 @@ class AtcacheDataset(YOLODataset):
                 return labels, view
             maps = self.at_cache.targets(self.at_mode, view, self.at_epoch, index, labels["img"])
             labels[TARGETS_KEY] = [torch.from_numpy(m) for m in maps]
+            if getattr(self.at_cache, "gradients", False):  # replay targets with --gradient-weight
+                direction, norm = self.at_cache.gradient(self.at_epoch, index)
+                labels[GRAD_KEY] = (torch.from_numpy(direction), torch.tensor(norm, dtype=torch.float32))
             return labels, view
 
     @staticmethod
@@ -133,8 +136,11 @@ class AtcacheDataset(YOLODataset):
         if TARGETS_KEY not in batch[0]:
             return YOLODataset.collate_fn(batch)
         targets = [b.pop(TARGETS_KEY) for b in batch]
+        grads = [b.pop(GRAD_KEY) for b in batch] if GRAD_KEY in batch[0] else None
         out = YOLODataset.collate_fn(batch)
         out[TARGETS_KEY] = [torch.stack(layer) for layer in zip(*targets)]
+        if grads is not None:  # (direction (N, 3, G, G) float16, norm (N,) float32)
+            out[GRAD_KEY] = tuple(torch.stack(part) for part in zip(*grads))
         return out
 
 

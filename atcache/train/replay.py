@@ -82,9 +82,10 @@ class ReplayTargets(ChunkReader, TargetSource):
 
     modes: ClassVar[tuple[str, ...]] = ("replay",)
 
-    def __init__(self, path: str, spec: CacheSpec, layers: Sequence[int], capacity: int = 4):
+    def __init__(self, path: str, spec: CacheSpec, layers: Sequence[int], capacity: int = 4, gradients: bool = False):
         super().__init__(path, capacity)
         self.spec, self.replay, self.layers = spec, spec.replay, tuple(layers)
+        self.gradients = gradients  # samples also carry their view's J_T (--gradient-weight), see `gradient`
         self._positions: dict[int, np.ndarray] = {}
 
     def check(self, im_files: Sequence[str], root: str | Path) -> None:
@@ -110,11 +111,11 @@ class ReplayTargets(ChunkReader, TargetSource):
         return int(self._positions[epoch][index])
 
     def decode(self, store: CacheStore, key: tuple[int, int]):
-        """(first position, maps, records) of replay chunk `k` of epoch `e`, key (e, k)."""
+        """(first position, maps, records[, (grad direction, grad norm)]) of replay chunk `k` of epoch `e`, key (e, k)."""
         epoch, k = key
         r = self.replay.chunk_rows
         a = k * r
-        return (a, *store.read_replay(self.layers, epoch, a, min(a + r, self.replay.samples)))
+        return (a, *store.read_replay(self.layers, epoch, a, min(a + r, self.replay.samples), grad=self.gradients))
 
     def maps(self, epoch: int, index: int, image: torch.Tensor) -> list[np.ndarray]:
         """Per layer the stored map (H, W) float32 of this sample, after its augmented image's fingerprint matched."""
@@ -122,10 +123,16 @@ class ReplayTargets(ChunkReader, TargetSource):
             raise AtcacheError(f"epoch {epoch} is not in the replay arrays of {self.path} ({self.replay.epochs} "
                                "epochs); train at most that many epochs or rebuild with a larger --replay-epochs")
         p = self.position(epoch, index)
-        a, maps, records = self.chunk((epoch, p // self.replay.chunk_rows))
+        a, maps, records = self.chunk((epoch, p // self.replay.chunk_rows))[:3]
         if int(records[p - a]) != fingerprint(image):
             raise AtcacheError(
                 f"the augmented image of sample {index} in epoch {epoch} differs from the one cache {self.path} "
                 "replayed (fingerprint mismatch): another ultralytics or OpenCV version, or other data or "
                 "augmentation settings than the build; rebuild the cache here with the same settings")
         return [maps[i][p - a].astype(np.float32) for i in self.layers]
+
+    def gradient(self, epoch: int, index: int) -> tuple[np.ndarray, np.float32]:
+        """(direction (3, G, G) float16, norm) of the stored J_T of this sample's view (after `maps` checked it)."""
+        p = self.position(epoch, index)
+        a, *_, (direction, norm) = self.chunk((epoch, p // self.replay.chunk_rows))
+        return direction[p - a], norm[p - a]

@@ -29,6 +29,7 @@ from atcache.cache.store import CacheStore
 
 VIEW_KEY = "atcache_view"
 TARGETS_KEY = "at_targets"
+GRAD_KEY = "at_grad"  # replay targets with --gradient-weight: each sample's J_T as (direction, norm)
 
 
 class TargetSource(ABC):

@@ -38,7 +38,8 @@ from atcache.attention.recipe import layer_maps
 from atcache.cache.store import CacheStore
 from atcache.train.checks import cache_streams, check_cache, check_settings, ram_need_gb, replay_overrides
 from atcache.train.datasets import build_dataset
-from atcache.train.gradients import CachedGradients, check_gradient_mode
+from atcache.train.gradients import (CachedGradients, OnlineGradients, ReplayGradients, TeacherGradients,
+                                     check_gradient_mode)
 from atcache.train.render import PIECES_KEY
 from atcache.train.samplers import BlockShuffleSampler, EpochSampler, lru_chunks, with_sampler
 from atcache.train.streaming import StreamingCacheTargets
@@ -97,8 +98,8 @@ def _torchrun_world() -> tuple[int, int, int] | None:
 class AttentionTransferLoss:
     """ultralytics' detection criterion + the terms the settings turn on, each its own item:
         at_loss    at_weight x the reference setup's AT loss (feature attention maps)
-        grad_loss  gradient_weight/2 x gradient_at_loss(J_S, J_T)   (online: J_T from the teacher every step;
-                   cache --targets static: each row's cached J_T, J_S pooled by its gradient_stride)
+        grad_loss  gradient_weight/2 x gradient_at_loss(J_S, J_T), both pooled by one stride (train.gradients: J_T
+                   from the teacher every step, a cache row's, or a replayed view's)
         flip_loss  flip_weight/2 x flip_loss(student, x)            (any mode)
     J = d(per-image detection loss)/d(input), atcache.attention.gradient. Scaled like ultralytics scales its items (the
     returned loss is item x batch size). A copy or pickle of it is the plain ultralytics criterion, so EMA copies and
@@ -148,7 +149,7 @@ def _labels(batch: dict) -> dict:
 class AtcacheTrainer(DetectionTrainer):
     """DetectionTrainer + attention transfer (mode cache or online) or nothing (plain); everything else is ultralytics'."""
 
-    cached_gradients: CachedGradients | None = None  # cache mode with --gradient-weight: the cached J_T (_setup_train)
+    gradients: TeacherGradients | None = None  # --gradient-weight: where J_T comes from (_setup_train)
 
     def __init__(self, cfg=DEFAULT_CFG, overrides: dict | None = None, _callbacks=None, settings: DistillSettings | None = None):
         self.settings = s = _settings_for(settings, cfg)
@@ -246,7 +247,8 @@ class AtcacheTrainer(DetectionTrainer):
         if self.settings.targets == "replay":
             from atcache.train.replay import ReplayTargets
 
-            return ReplayTargets(self.plan.store.path, self.plan.store.spec, self.settings.source_layers)
+            return ReplayTargets(self.plan.store.path, self.plan.store.spec, self.settings.source_layers,
+                                 gradients=self.grad_on)
         load = StreamingCacheTargets.open if self.streaming else CacheTargets.load
         return load(self.plan.store, self.settings.source_layers)
 
@@ -327,9 +329,13 @@ class AtcacheTrainer(DetectionTrainer):
             # unfused for input gradients: the teacher's J_T through the same layers (conv + BN) as the student's J_S
             self.teacher = load_model(self.settings.teacher, nc=self.data["nc"], device=self.device,
                                       fuse=not self.grad_on).model
+            if self.grad_on:
+                self.gradients = OnlineGradients(self.teacher, self.settings.gradient_stride)
+        elif self.grad_on and self.settings.targets == "replay":
+            self.gradients = ReplayGradients(self.plan.store.spec.gradient_stride, self.plan.store.spec.imgsz)
         elif self.grad_on:
             ds = self.train_loader.dataset
-            self.cached_gradients = CachedGradients.load(self.plan.store, ds.im_files, ds.at_rows)
+            self.gradients = CachedGradients.load(self.plan.store, ds.im_files, ds.at_rows)
         if self.at_on:
             self._check_strides(model)
         model.criterion = AttentionTransferLoss(model.init_criterion(), self)
@@ -387,13 +393,12 @@ class AtcacheTrainer(DetectionTrainer):
         scale = self.scaler.get_scale() if self.scaler.is_enabled() else 1.0
         J = input_gradient(unwrap_model(self.model), batch["img"], _labels(batch), create_graph=True, preds=preds,
                            loss_scale=scale)
-        return J if self.cached_gradients is None else self.cached_gradients.pool(J)
+        return self.gradients.pool(J)
 
     def teacher_gradient(self, batch: dict) -> torch.Tensor:
-        """J_T (teacher in eval mode, per image, float32) on the same augmented batch, or the cache's; a constant."""
-        if self.cached_gradients is not None:
-            return self.cached_gradients.teacher(batch)
-        return input_gradient(self.teacher, batch["img"].detach().float(), _labels(batch))
+        """J_T (teacher in eval mode, per image, float32, pooled) of the batch: live, a cache row's or a replayed
+        view's; a constant."""
+        return self.gradients.teacher(batch)
 
     def flip_term(self, batch: dict) -> torch.Tensor:
         """flip_loss of the student (train mode, float32) on the batch; its two extra forwards leave BN's running

@@ -136,3 +136,33 @@ def test_open_cache_grad_is_direction_times_norm(grad_cache):
     assert report["gradient"]["stride"] == STRIDE and report["gradient"]["shape"] == [3, size, size]
     assert report["gradient"]["norm"]["min"] > 0
     assert f"input gradients: stride {STRIDE} (3x{size}x{size} per image)" in format_inspection(report)
+
+
+@pytest.mark.parametrize("with_student", [False, True])
+def test_visualize_adds_the_gradient_attention_column(grad_cache, voc_yaml, teacher_pt, tmp_path, with_student):
+    """One more column, drawn: the teacher's gradient attention (and the student's, and |S-T|, with --student)."""
+    from PIL import Image
+
+    from atcache.testing import invoke
+
+    extra = ["--student", teacher_pt] if with_student else []
+    result = invoke("visualize", grad_cache, "--data", voc_yaml, "--out", tmp_path, "--images", "2", *extra)
+    assert result.exit_code == 0, (result.output, result.exception)
+    px, rows = int(2.6 * 80), 3 if with_student else 1
+    for png in sorted(tmp_path.glob("*.png")):
+        im = np.asarray(Image.open(png).convert("RGB")).astype(np.float32)
+        assert im.shape[:2] == (rows * px, (len(TEST_LAYERS) + 2) * px)
+        for r in range(rows):
+            assert im[r * px:(r + 1) * px, -px:].std() > 10, r  # the gradient column is drawn in every row
+
+
+def test_gradient_attention_pictures_are_the_papers_of_the_stored_gradients(grad_cache):
+    from atcache.attention.gradient import gradient_attention
+    from atcache.tools.visualize import _gradient_pictures
+
+    J = open_cache(grad_cache).grad[:3].compute()
+    pictures = _gradient_pictures(J)
+    expected = (J ** 2).sum(1)
+    expected /= np.linalg.norm(expected.reshape(3, -1), axis=1)[:, None, None]
+    np.testing.assert_allclose(np.stack(pictures), expected, rtol=1e-4, atol=1e-6)
+    assert gradient_attention(torch.from_numpy(J)).shape == (3, *J.shape[-2:])

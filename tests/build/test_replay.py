@@ -17,8 +17,11 @@ from atcache.build.pipeline import build_cache
 from atcache.cli import app
 from atcache.testing import TEST_IMGSZ, TEST_LAYERS, assert_clean, assert_one_line_error, build_config, cli_command
 
-REPLAY = dict(replay_epochs=2, aug_seed=11, augment=(("close_mosaic", 1), ("mixup", 0.5)))
-REPLAY_ARGS = ["--replay-epochs", "2", "--aug-seed", "11", "close_mosaic=1", "mixup=0.5"]
+# with --gradient, so every guarantee below (resume, shards, devices, dask, verify) covers replay/grad/* as well
+REPLAY = dict(replay_epochs=2, aug_seed=11, augment=(("close_mosaic", 1), ("mixup", 0.5)), gradient=True,
+              gradient_stride=8)
+REPLAY_ARGS = ["--replay-epochs", "2", "--aug-seed", "11", "close_mosaic=1", "mixup=0.5", "--gradient",
+               "--gradient-stride", "8"]
 DRILL = Path(__file__).with_name("drill_build.py")
 runner = CliRunner()
 
@@ -33,7 +36,7 @@ def replay_cache(voc_yaml, teacher_pt, tmp_path_factory) -> Path:
 
 def replay_arrays(path) -> dict:
     g = zarr.open_group(str(path), mode="r")
-    out = {name: g[f"replay/{name}"][:] for name in ("sample", "record", "done")}
+    out = {name: g[f"replay/{name}"][:] for name in ("sample", "record", "done", "grad/direction", "grad/norm")}
     for layer in TEST_LAYERS:
         out[f"maps/{layer}"] = g[f"replay/maps/{layer}"][:]
         out[f"norms/{layer}"] = g[f"replay/norms/{layer}"][:]
@@ -77,6 +80,26 @@ def test_replay_targets_are_the_live_teachers_maps(replay_cache, voc_yaml, teach
         assert report["layers"][layer]["all"]["cosine_p5"] >= 0.99, layer
 
 
+def test_fidelity_gradient_compares_each_replayed_views_gradient(replay_cache, built_cache, voc_yaml, teacher_pt):
+    """fidelity --targets replay --gradient: stored vs live J_T per view (cosine mean >= 0.999, p5 >= 0.99, norms
+    equal); refused on a warp run and on a cache without gradients."""
+    from atcache.tools.fidelity import FidelityConfig, format_fidelity, measure_fidelity
+
+    cfg = FidelityConfig(cache=str(replay_cache), teacher=str(teacher_pt), data=str(voc_yaml), batches=3, batch=8,
+                         targets="replay", device="cpu", seed=2, gradient=True)
+    report = measure_fidelity(cfg)
+    grad = report["layers"]["gradient"]["all"]
+    assert grad["n"] == 24 and grad["cosine_mean"] >= 0.999 and grad["cosine_p5"] >= 0.99, grad
+    assert abs(grad["norm_ratio_mean"] - 1) < 1e-3
+    assert "norm ratio stored / live" in format_fidelity(report)
+    base = ["fidelity", "--teacher", str(teacher_pt), "--data", str(voc_yaml), "--batches", "1", "--device", "cpu",
+            "--gradient"]
+    assert_one_line_error(runner.invoke(app, base + ["--cache", str(replay_cache), "--targets", "warp"]),
+                          "use --targets replay")
+    assert_one_line_error(runner.invoke(app, base + ["--cache", str(built_cache), "--targets", "static"]),
+                          "holds no input gradients")
+
+
 def test_two_shards_equal_one_process(replay_cache, voc_yaml, teacher_pt, tmp_path):
     from atcache.cache.inspect import compare_caches
 
@@ -96,7 +119,7 @@ def test_kill_during_the_replay_then_resume_is_identical(replay_cache, voc_yaml,
                            timeout=300)
     assert count.returncode == 0, count.stderr
     writes = int(count.stderr.rsplit("writes=", 1)[1].split()[0])
-    per_unit = 2 * len(TEST_LAYERS) + 3  # maps and norms per layer, sample, record, done
+    per_unit = 2 * len(TEST_LAYERS) + 5  # maps and norms per layer, grad direction and norm, sample, record, done
     for n in (writes - 3 * per_unit - 2, writes - 3):  # both in the replay (the static arrays come first)
         out = tmp_path / f"killed-{n}.zarr"
         args = cli_command(voc_yaml, teacher_pt, out) + REPLAY_ARGS
@@ -107,14 +130,14 @@ def test_kill_during_the_replay_then_resume_is_identical(replay_cache, voc_yaml,
         assert 0 < done.sum() < done.size
         ref = replay_arrays(replay_cache)
         got = replay_arrays(out)
-        for key in ("maps/16", "record", "sample"):  # a position is never done without its data
+        for key in ("maps/16", "grad/direction", "record", "sample"):  # a position is never done without its data
             np.testing.assert_array_equal(got[key][done], ref[key][done])
         build_cache(build_config(voc_yaml, out, teacher=str(teacher_pt), resume=True, **REPLAY))
         assert_same_replay(replay_cache, out)
         assert_clean(out)
 
 
-def replay_run_losses(settings, voc_yaml, tmp_path, name) -> tuple[list, list]:
+def replay_run_losses(settings, voc_yaml, tmp_path, name, item="at_loss") -> tuple[list, list, list]:
     from atcache.train.trainer import AtcacheTrainer
 
     class Recording(AtcacheTrainer):
@@ -130,10 +153,10 @@ def replay_run_losses(settings, voc_yaml, tmp_path, name) -> tuple[list, list]:
         overrides |= {"epochs": 2, "close_mosaic": 1, "mixup": 0.5}
     trainer = Recording(overrides=overrides, settings=settings)
     trainer.seen, losses = [], []
-    trainer.add_callback("on_train_batch_end", lambda t: losses.append(float(t.loss_items["at_loss"])))
+    trainer.add_callback("on_train_batch_end", lambda t: losses.append(float(t.loss_items[item])))
     trainer.train()
     with open(trainer.csv) as f:
-        losses_csv = [float(row["train/at_loss"]) for row in csv.DictReader(f, skipinitialspace=True)]
+        losses_csv = [float(row[f"train/{item}"]) for row in csv.DictReader(f, skipinitialspace=True)]
     return trainer.seen, losses, losses_csv
 
 
@@ -153,6 +176,74 @@ def test_replay_training_sees_the_online_runs_batches_and_losses(replay_cache, v
     np.testing.assert_allclose(loss_replay, loss_online, rtol=1e-3)  # float16 storage of unit-norm maps
     assert len(csv_replay) == 2
     np.testing.assert_allclose(csv_replay, csv_online, rtol=1e-3)  # results.csv: the epochs' mean at_loss
+
+
+@pytest.mark.slow
+def test_replay_gradient_training_sees_the_online_teachers_gradients(replay_cache, voc_yaml, teacher_pt, tmp_path):
+    """train-online --gradient-weight and train-from-cache --targets replay --gradient-weight, same --aug-seed, student
+    frozen: the same J_T, so per-step grad_loss equal within float16 storage tolerance over both epochs."""
+    from atcache.config import DistillSettings
+
+    layers = tuple((i, i) for i in TEST_LAYERS)
+    grad = dict(at_weight=0.0, gradient_weight=1.0)
+    online = DistillSettings(mode="online", teacher=str(teacher_pt), layers=layers, aug_seed=11, **grad)
+    replay = DistillSettings(mode="cache", cache=str(replay_cache), targets="replay", layers=layers, **grad)
+    seen_online, loss_online, csv_online = replay_run_losses(online, voc_yaml, tmp_path, "online", "grad_loss")
+    seen_replay, loss_replay, csv_replay = replay_run_losses(replay, voc_yaml, tmp_path, "replay", "grad_loss")
+    assert seen_replay == seen_online and len(seen_replay) == 2 * 8
+    assert all(math.isfinite(x) and x > 0 for x in loss_replay)
+    np.testing.assert_allclose(loss_replay, loss_online, rtol=1e-3)
+    np.testing.assert_allclose(csv_replay, csv_online, rtol=1e-3)
+
+
+def test_replay_gradients_are_the_teachers_on_each_view(replay_cache, voc_yaml, teacher_pt):
+    """replay/grad/* of a position = the unfused teacher's pooled input gradient on that view and its labels, as the
+    seeded training dataset makes them; open_cache(...).replay_grad and training's samples carry the same J_T."""
+    import torch
+
+    from atcache.attention.gradient import input_gradient, pool_gradient
+    from atcache.cache.inspect import open_cache
+    from atcache.cache.store import CacheStore
+    from atcache.train.replay import ReplayTargets, augment_settings, training_dataset
+    from atcache.train.samplers import EpochSampler
+    from atcache.yolo import load_model
+
+    store = CacheStore.open(replay_cache)
+    spec, g = store.spec, TEST_IMGSZ // 8
+    stored = open_cache(replay_cache).replay_grad
+    assert stored.shape == (2, 31, 3, g, g) and stored.dtype == np.float32
+    hyp = augment_settings(dict(spec.replay.augment), 2, TEST_IMGSZ)
+    dataset, _ = training_dataset(str(voc_yaml), hyp, 11)
+    teacher = load_model(str(teacher_pt), nc=20, fuse=False).model
+    picks = [(0, 0), (0, 17), (1, 5), (1, 30)]  # (epoch, position)
+    samples = [dataset[e * 31 + int(EpochSampler(31, 11).order(e)[p])] for e, p in picks]
+    batch = dataset.collate_fn(samples)
+    labels = {k: batch[k] for k in ("batch_idx", "cls", "bboxes")}
+    expected = pool_gradient(input_gradient(teacher, batch["img"].float() / 255, labels), 8)
+    got = torch.from_numpy(np.stack([stored[e, p].compute() for e, p in picks]))
+    assert expected.abs().sum() > 0
+    cosine = torch.nn.functional.cosine_similarity(got.flatten(1), expected.flatten(1).float())
+    assert cosine.min() > 0.9999, cosine
+    torch.testing.assert_close(got.flatten(1).norm(dim=1), expected.flatten(1).norm(dim=1).float(), rtol=1e-3, atol=0)
+    reader = ReplayTargets(str(replay_cache), spec, TEST_LAYERS, gradients=True)
+    for (e, p), sample in zip(picks, samples):
+        index = int(EpochSampler(31, 11).order(e)[p])
+        reader.maps(e, index, sample["img"])  # the fingerprint check
+        direction, norm = reader.gradient(e, index)
+        np.testing.assert_allclose(direction.astype(np.float32) * norm, stored[e, p].compute(), rtol=1e-6)
+
+
+def test_train_from_cache_replay_gradient_weight_logs_grad_loss(replay_cache, voc_yaml, tmp_path):
+    result = runner.invoke(app, common(voc_yaml, replay_cache, tmp_path, "--name", "g", "--gradient-weight", "1",
+                                       "--at-weight", "0", "plots=False", "workers=0", "nbs=4"))
+    assert result.exit_code == 0, (result.output, result.exception)
+    with open(tmp_path / "g" / "results.csv") as f:
+        rows = list(csv.DictReader(f, skipinitialspace=True))
+    assert len(rows) == 2 and all(math.isfinite(float(r["train/grad_loss"])) and float(r["train/grad_loss"]) > 0
+                                  for r in rows)
+    assert "train/at_loss" not in rows[0]
+    assert_one_line_error(runner.invoke(app, common(voc_yaml, replay_cache, tmp_path, "--gradient-weight", "1",
+                                                    "--gradient-stride", "2")), "--gradient-stride 2 differs")
 
 
 def common(voc_yaml, cache, tmp_path, *extra):
@@ -208,6 +299,12 @@ def test_inspect_and_verify_understand_replay_arrays(replay_cache, tmp_path):
     assert (bad["array"], bad["epoch"], bad["rows"]) == ("replay/maps/16", 1, [16, 24])
     result = runner.invoke(app, ["inspect", str(damaged), "--verify"])
     assert result.exit_code == 1 and "corrupted: replay/maps/16" in result.output
+    chunk = damaged / "replay" / "grad" / "direction" / "c" / "0" / "1" / "0" / "0" / "0"  # epoch 0, positions 8-15
+    raw = bytearray(chunk.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    chunk.write_bytes(bytes(raw))
+    assert {(b["array"], b["epoch"], tuple(b["rows"])) for b in verify_cache(damaged)} == {
+        ("replay/maps/16", 1, (16, 24)), ("replay/grad/direction", 0, (8, 16))}
 
 
 @pytest.mark.slow

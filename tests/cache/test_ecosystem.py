@@ -10,6 +10,7 @@ import pytest
 import xarray as xr
 import zarr
 
+from atcache.cache import arrays
 from atcache.cache.claims import LOCK_PREFIX, ChunkClaim, claim_creation
 from atcache.cache.format import FORMAT_VERSION, ReplaySpec, decode_maps
 from atcache.cache.inspect import open_cache
@@ -80,7 +81,7 @@ def test_xarray_reads_what_atcache_reads(tmp_path, dtype, replay):
             rscale = tree[f"replay/scales/{i}"].values if uint8 else None
             decoded = rmaps.values if rscale is None else decode_maps(
                 rmaps.values.reshape(-1, layer.height, layer.width), rscale.reshape(-1)).reshape(rmaps.shape)
-            np.testing.assert_array_equal(decoded, store.dask_replay_maps(i).compute())
+            np.testing.assert_array_equal(decoded, arrays.replay_maps(store, i).compute())
             np.testing.assert_array_equal(tree[f"replay/norms/{i}"].values, store.group[f"replay/norms/{i}"][:])
     if replay:
         for name in ("sample", "record", "done"):

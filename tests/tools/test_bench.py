@@ -207,7 +207,7 @@ def test_study_trains_the_planned_students(plan_spy, monkeypatch, tmp_path):
         mode, seed = name.split("_seed")[0], int(name.split("_seed")[1][0])
         sources = plans.Sources(layers=((6, 6), (16, 16)), teacher=str(tmp_path / "best.pt"),
                                 cache=str(tmp_path / "cache_L6-16_n8.zarr"),
-                                replay_cache=str(tmp_path / f"replay_seed{seed}_L6-16_n8_e1.zarr"))
+                                replay_cache=str(tmp_path / f"replay_seed{seed}_L6-16_n8_e1_grad.zarr"))
         assert settings == real(mode, sources, at_weight=0.5, aug_seed=seed).settings, name
 
 

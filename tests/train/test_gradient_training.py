@@ -13,6 +13,7 @@ from torch import nn
 from atcache.attention.gradient import flip_loss, gradient_at_loss, input_gradient
 from atcache.config import DistillSettings
 from atcache.testing import COMMON, assert_one_line_error, build_config, invoke, lively_model, results
+from atcache.train.gradients import OnlineGradients
 from atcache.train.trainer import FLIP_LOSS, GRAD_LOSS, AtcacheTrainer, AttentionTransferLoss
 
 
@@ -37,6 +38,7 @@ def test_wrapper_adds_half_beta_times_the_gradient_and_flip_terms():
     settings = DistillSettings(mode="online", at_weight=0.0, gradient_weight=3.0, flip_weight=5.0)
     trainer = AtcacheTrainer.__new__(AtcacheTrainer)  # only what the wrapper reads
     trainer.settings, trainer.model, trainer.teacher, trainer._armed = settings, student, teacher, True
+    trainer.gradients = OnlineGradients(teacher, stride=1)
     trainer.at_on, trainer.grad_on, trainer.flip_on = False, True, True
     trainer.scaler = torch.amp.GradScaler("cpu", enabled=False)
     student.criterion = AttentionTransferLoss(student.init_criterion(), trainer)
@@ -155,7 +157,7 @@ def test_cached_teacher_gradient_is_direction_times_norm_of_the_batch_rows(voc_y
 
 @pytest.mark.parametrize("cache,extra,message", [
     ("grad", ["--targets", "warp"], "a mosaic's loss is not a warp of per-image losses"),
-    ("grad", ["--targets", "replay"], "replay arrays hold no input gradients yet"),
+    ("grad", ["--targets", "static", "--gradient-stride", "4"], "--gradient-stride 4 differs from the stride"),
     ("plain", ["--targets", "static"], "build it with build-cache --gradient"),
     ("grad", ["--targets", "static", "--stream"], "does not stream"),
 ])
