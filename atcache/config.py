@@ -30,8 +30,9 @@ TRAIN_MODES = ("plain", "cache", "online")
 TARGET_MODES = ("warp", "static", "replay")
 # The one enumeration of student modes the tools (demo, bench, study) run and report; each is one (mode, targets)
 # pair of DistillSettings and the one term it weights (atcache.tools.plans.plan builds the settings): activation AT,
-# or for grad gradient-based AT alone (replay targets), for flip the flip-symmetry term alone (no teacher).
-STUDENT_MODES = ("plain", "online", "static", "warp", "replay", "grad", "flip")
+# or for grad gradient-based AT alone (replay targets; grad_online: the teacher's J_T live), for flip the
+# flip-symmetry term alone (no teacher).
+STUDENT_MODES = ("plain", "online", "static", "warp", "replay", "grad", "grad_online", "flip")
 STUDENT_MODE_FIELDS = {  # student mode -> (DistillSettings.mode, DistillSettings.targets)
     "plain": ("plain", "warp"),
     "online": ("online", "warp"),
@@ -39,6 +40,7 @@ STUDENT_MODE_FIELDS = {  # student mode -> (DistillSettings.mode, DistillSetting
     "warp": ("cache", "warp"),
     "replay": ("cache", "replay"),
     "grad": ("cache", "replay"),
+    "grad_online": ("online", "warp"),
     "flip": ("plain", "warp"),
 }
 

@@ -23,7 +23,8 @@ from atcache.devices import parse_devices, resolve_device
 from atcache.errors import AtcacheError
 from atcache.tools import plans
 from atcache.tools.bench_report import (  # noqa: F401  (format_report: the CLI imports it from here)
-    TRAINER_MODES, TRAINERS, over_rounds, format_report, goals, loader_figures, round_ratios)
+    GRADIENT_MODES, GRADIENT_RATIOS, TRAINER_MODES, TRAINERS, over_rounds, format_report, goals, loader_figures,
+    round_ratios)
 from atcache.tools.measure import device_name
 from atcache.tools.settings import BenchConfig
 
@@ -72,6 +73,10 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict:
     storage = _measure_storage(cfg, split, cache, device)
     replay_cache = out / "bench_replay.zarr"
     replay = _measure_replay_build(cfg, data_yaml, split, replay_cache, build, device, log)
+    gradient = None
+    if cfg.gradient:  # the replay cache of the grad trainer holds J_T of every view
+        gradient = _measure_gradient_builds(cfg, data_yaml, build, replay, out / "bench_replay_grad.zarr", log)
+        replay_cache = out / "bench_replay_grad.zarr"
     train = _measure_trainers(cfg, data_yaml, split, cache, replay_cache, log)
     loader = loader_figures(train)
     spread = {name: {"min": min(v), "max": max(v)} for name, v in (
@@ -88,6 +93,13 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict:
         "replay_over_plain": train["replay"]["img_per_s"] / train["plain"]["img_per_s"],
         "replay_build_over_floor": replay["replay_build_img_per_s"] / replay["floor_img_per_s"],
     }
+    if gradient is not None:
+        ratios |= {name: train[a]["img_per_s"] / train[b]["img_per_s"] for name, (a, b) in GRADIENT_RATIOS.items()}
+        ratios["gradient_build_over_build"] = gradient["build_img_per_s"] / build["build_img_per_s"]
+        ratios["gradient_replay_build_over_replay_build"] = (gradient["replay_build_img_per_s"]
+                                                             / replay["replay_build_img_per_s"])
+        spread |= {name: {"min": min(v), "max": max(v)} for name, v in
+                   ((n, round_ratios(train, a, b)) for n, (a, b) in GRADIENT_RATIOS.items())}
     report = {
         "device": device_name(device),
         "versions": _versions(),
@@ -100,6 +112,7 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict:
         "train": train,
         "build": build,
         "replay_build": replay,
+        "gradient": gradient,
         "loader": loader,
         "storage": storage,
         "seconds": time.perf_counter() - t0,
@@ -285,6 +298,34 @@ def _measure_replay_build(cfg: BenchConfig, data_yaml: Path, split: SplitFiles, 
     return out
 
 
+def _measure_gradient_builds(cfg: BenchConfig, data_yaml: Path, build: dict, replay: dict, replay_cache: Path,
+                             log) -> dict:
+    """build-cache --gradient: the static build (median of repeats, as without) and the replay build of the same
+    epochs, their img/s and the bytes the gradients add per image and per view."""
+    common = dict(teacher=cfg.teacher, data=str(data_yaml), layers=cfg.layers, imgsz=cfg.imgsz, batch=cfg.batch,
+                  device=cfg.device, workers=_build_workers(cfg), overwrite=True, progress=False, gradient=True)
+    static = []
+    for _ in range(cfg.repeats):
+        report = build_cache(BuildConfig(out=str(Path(cfg.out).resolve() / "bench_cache_grad.zarr"), **common))
+        static.append(report.computed / report.loop_seconds)
+    static_bytes = report.store_bytes
+    report = build_cache(BuildConfig(out=str(replay_cache), replay_epochs=replay["epochs"],
+                                     augment=(("close_mosaic", 0),), **common))
+    replay_s = max(report.loop_seconds - build["images"] / statistics.median(static), 1e-9)
+    out = {"stride": BuildConfig.gradient_stride, "repeats": cfg.repeats, "build_img_per_s": statistics.median(static),
+           "build_img_per_s_runs": static, "bytes_per_image": static_bytes / build["images"],
+           "gradient_bytes_per_image": (static_bytes - build["store_bytes"]) / build["images"],
+           "replay_build_img_per_s": report.replayed / replay_s,
+           "bytes_per_view": (report.store_bytes - static_bytes) / max(report.replayed, 1),
+           "gradient_bytes_per_view": (report.store_bytes - static_bytes) / max(report.replayed, 1)
+           - replay["bytes_per_view"]}
+    log(f"bench: build --gradient {out['build_img_per_s']:.1f} img/s (without: {build['build_img_per_s']:.1f}); "
+        f"replay build --gradient {out['replay_build_img_per_s']:.1f} views/s (without: "
+        f"{replay['replay_build_img_per_s']:.1f}); gradients add {out['gradient_bytes_per_image'] / 1e3:.1f} KB/image, "
+        f"{out['gradient_bytes_per_view'] / 1e3:.1f} KB/view")
+    return out
+
+
 def _measure_trainers(cfg: BenchConfig, data_yaml: Path, split: SplitFiles, cache: Path, replay_cache: Path, log) -> dict:
     """Each trainer for warmup + steps batches inside one epoch, in a fresh process (same data, student, batch, device),
     interleaved: `rounds` rounds, each in an order rotated by one, so drift and warm-up hit every trainer alike. Per
@@ -302,8 +343,9 @@ def _measure_trainers(cfg: BenchConfig, data_yaml: Path, split: SplitFiles, cach
     _read_once([split.absolute(i) for i in range(len(split.files))] + [p for c in (cache, replay_cache)
                                                                        for p in Path(c).rglob("*") if p.is_file()])
     runs: dict[str, list[dict]] = {name: [] for name in plan}
+    names = tuple(plan)
     for r in range(cfg.rounds):
-        order = TRAINERS[r % len(TRAINERS):] + TRAINERS[:r % len(TRAINERS)]
+        order = names[r % len(names):] + names[:r % len(names)]
         for name in order:
             loader = cfg.loader_samples if r == 0 and name in ("plain", "cache") else 0
             result = measure_training(plan[name], {**overrides, "name": name}, steps=cfg.steps, warmup=cfg.warmup,
@@ -315,10 +357,12 @@ def _measure_trainers(cfg: BenchConfig, data_yaml: Path, split: SplitFiles, cach
 
 
 def trainer_settings(cfg: BenchConfig, cache: Path, replay_cache: Path) -> dict[str, DistillSettings]:
-    """Each trainer's settings, by report name (plain, cache, online, replay), from the one plan of student modes."""
+    """Each trainer's settings, by report name (plain, cache, online, replay; with --gradient also grad, grad_online,
+    flip), from the one plan of student modes."""
     sources = plans.Sources(layers=tuple((i, i) for i in cfg.layers), teacher=cfg.teacher, cache=str(cache),
                             replay_cache=str(replay_cache))
-    return {plans.report_name(mode): plans.plan(mode, sources).settings for mode in TRAINER_MODES}
+    modes = TRAINER_MODES + (GRADIENT_MODES if cfg.gradient else ())
+    return {plans.report_name(mode): plans.plan(mode, sources).settings for mode in modes}
 
 
 def _read_once(paths) -> None:

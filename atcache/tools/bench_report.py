@@ -11,6 +11,13 @@ from atcache.tools.plans import report_name
 # The trainers bench measures (student modes) and their names in the report: plain, cache (warp targets), online, replay
 TRAINER_MODES = ("plain", "warp", "online", "replay")
 TRAINERS = tuple(report_name(m) for m in TRAINER_MODES)
+GRADIENT_MODES = ("grad", "grad_online", "flip")  # bench --gradient: gradient-based AT (cached, live) and the flip term
+GRADIENT_RATIOS = {  # ratio name -> (trainer, trainer), img/s over img/s
+    "grad_over_plain": ("grad", "plain"),
+    "grad_over_grad_online": ("grad", "grad_online"),
+    "grad_over_replay": ("grad", "replay"),
+    "flip_over_plain": ("flip", "plain"),
+}
 # Goals for the reference setup (GPU, YOLO11m -> YOLO11s, imgsz 640, batch 64): ratio name -> (comparison, value)
 GOALS = {
     "cache_over_plain": (">=", 0.97),
@@ -80,13 +87,18 @@ def format_report(report: dict) -> str:
     """The bench as a few readable lines (the JSON has everything)."""
     t, b, s, r = report["train"], report["build"], report["storage"], report["ratios"]
     lines = [f"device: {report['device']}", "",
-             f"{'trainer':<8} {'img/s':>9} {'rounds (img/s)':>24} {'median step s':>14} {'peak mem GB':>12}"]
-    lines += [f"{k:<8} {t[k]['img_per_s']:>9.1f} {' '.join(f'{x:.1f}' for x in t[k]['img_per_s_rounds']):>24} "
-              f"{t[k]['median_step_s']:>14.4f} {t[k]['peak_mem_gb']:>12.2f}" for k in TRAINERS]
+             f"{'trainer':<11} {'img/s':>9} {'rounds (img/s)':>24} {'median step s':>14} {'peak mem GB':>12}"]
+    lines += [f"{k:<11} {t[k]['img_per_s']:>9.1f} {' '.join(f'{x:.1f}' for x in t[k]['img_per_s_rounds']):>24} "
+              f"{t[k]['median_step_s']:>14.4f} {t[k]['peak_mem_gb']:>12.2f}" for k in t]
     rb = report["replay_build"]
     lines += ["", f"build {b['build_img_per_s']:.1f} img/s vs teacher inference {b['inference_img_per_s']:.1f} img/s",
               f"replay build {rb['replay_build_img_per_s']:.1f} views/s vs augmented loader + teacher "
               f"{rb['floor_img_per_s']:.1f} img/s ({rb['views']} views, {rb['bytes_per_view'] / 1e3:.1f} KB/view)",
+              *([] if not report.get("gradient") else [
+                  f"build --gradient {report['gradient']['build_img_per_s']:.1f} img/s, replay build --gradient "
+                  f"{report['gradient']['replay_build_img_per_s']:.1f} views/s; gradients (stride "
+                  f"{report['gradient']['stride']}) add {report['gradient']['gradient_bytes_per_image'] / 1e3:.1f} "
+                  f"KB/image, {report['gradient']['gradient_bytes_per_view'] / 1e3:.1f} KB/view"]),
               f"store {s['bytes_per_image'] / 1e3:.1f} KB/image ({s['map_dtype']}; raw {s['raw_float16_bytes_per_image'] / 1e3:.1f} KB); "
               f"cosine vs float32 >= {min(v['min'] for v in s['cosine_vs_float32'].values()):.6f}"]
     loader = report["loader"]

@@ -1,6 +1,6 @@
 """The one plan from a student mode to what it runs, for every tool that trains students (demo, bench, study).
 
-A student mode (config.STUDENT_MODES: plain, online, static, warp, replay, grad, flip) is one (trainer, targets) pair
+A student mode (config.STUDENT_MODES: plain, online, static, warp, replay, grad, grad_online, flip) is one (trainer, targets) pair
 of DistillSettings and the term it weights; `plan` turns it, with the sources it reads (the teacher, the static cache, the replay cache), into
 the settings the trainer receives and says which source it needs built first. No torch, no ultralytics."""
 
@@ -57,6 +57,9 @@ def plan(mode: str, sources: Sources, at_weight: float | None = None, aug_seed: 
         return StudentPlan(mode, DistillSettings(mode="cache", cache=sources.replay_cache, targets="replay",
                                                  layers=sources.layers, at_weight=0.0, gradient_weight=weight),
                            "replay")
+    if mode == "grad_online":
+        return StudentPlan(mode, DistillSettings(mode="online", teacher=sources.teacher, layers=sources.layers,
+                                                 at_weight=0.0, gradient_weight=weight, aug_seed=aug_seed), "teacher")
     if trainer == "online":
         return StudentPlan(mode, DistillSettings(mode="online", teacher=sources.teacher, layers=sources.layers,
                                                  at_weight=weight, aug_seed=aug_seed), "teacher")

@@ -11,6 +11,9 @@ from atcache.config import (AUTO_DEVICE, CACHE_HELP, DEFAULT_AT_WEIGHT, DEFAULT_
 from atcache.errors import AtcacheError
 
 
+STUDY_MODES = tuple(m for m in STUDENT_MODES if m != "grad_online")  # the study's default: grad_online = grad, slower
+
+
 def _numbers(kind):
     """(parse, format) of a comma-separated list of numbers (study --seeds, --at-weights)."""
 
@@ -147,8 +150,9 @@ class StudyConfig:
     student_epochs: int = opt(10, "Epochs of every student run.")
     seeds: tuple[int, ...] = opt((0, 1, 2), "Comma-separated seeds (each run's seed and --aug-seed).",
                                  cli=_numbers(int))
-    modes: tuple[str, ...] = opt(STUDENT_MODES, "Comma-separated modes among plain, online, static, warp, replay, grad "
-                                                "(gradient AT from replay targets), flip (flip-symmetry term).",
+    modes: tuple[str, ...] = opt(STUDY_MODES, "Comma-separated modes among plain, online, static, warp, replay, grad "
+                                              "(gradient AT from replay targets), grad_online, flip (flip-symmetry "
+                                              "term).",
                                  cli=(_modes, comma_text))
     mode_seeds: tuple[tuple[str, int], ...] = opt((), "Comma-separated mode=count: these modes run on the first count "
                                                       "of --seeds only (e.g. online=3,static=3).",
@@ -181,7 +185,9 @@ class BenchConfig:
     device: str = opt(AUTO_DEVICE, ONE_DEVICE_HELP)
     repeats: int = opt(3, "Alternating build / inference passes; medians are reported.")
     loader_samples: int = 200
-    rounds: int = opt(3, "Interleaved rounds of the four trainers (rotated order); medians and spread are reported.")
+    rounds: int = opt(3, "Interleaved rounds of the trainers (rotated order); medians and spread are reported.")
+    gradient: bool = opt(False, "Also measure gradient-based AT and the flip term: trainers grad (J_T from a replay "
+                                "cache), grad_online and flip, the build with --gradient, bytes per image and view.")
 
     @property
     def images_needed(self) -> int:

@@ -18,11 +18,9 @@ from typing import Iterator
 
 import yaml
 
-from atcache.config import STUDENT_MODES, BuildConfig
+from atcache.config import BuildConfig
 from atcache.tools import plans
-from atcache.tools.settings import StudyConfig
-
-STUDY_MODES = STUDENT_MODES  # the CLI's --modes choices (the one list, config.STUDENT_MODES)
+from atcache.tools.settings import STUDY_MODES, StudyConfig  # noqa: F401  (STUDY_MODES: the default --modes)
 SCORES = {"mAP50": "metrics/mAP50(B)", "mAP50-95": "metrics/mAP50-95(B)"}
 
 

@@ -202,7 +202,7 @@ def test_study_trains_the_planned_students(plan_spy, monkeypatch, tmp_path):
     config = study.StudyConfig(images=40, imgsz=64, student_images=8, student_epochs=1, seeds=(0, 1),
                                at_weights=(0.5,), layers=(6, 16))
     list(study.run_study(config, tmp_path))
-    assert study.STUDY_MODES == STUDENT_MODES and planned == list(STUDENT_MODES) * 2
+    assert set(study.STUDY_MODES) == set(STUDENT_MODES) - {"grad_online"} and planned == list(study.STUDY_MODES) * 2
     for name, settings in trained:
         mode, seed = name.split("_seed")[0], int(name.split("_seed")[1][0])
         sources = plans.Sources(layers=((6, 6), (16, 16)), teacher=str(tmp_path / "best.pt"),
@@ -225,3 +225,49 @@ def test_plan_covers_every_student_mode():
     assert plans.plan("static", sources).settings.cache == "c.zarr" and plans.plan("online", sources).needs == "teacher"
     with pytest.raises(Exception, match="unknown"):
         plans.plan("cache", sources)
+
+
+def test_study_pairs_each_mode_with_plain_by_seed_and_reuses_finished_students(plan_spy, monkeypatch, tmp_path):
+    from atcache.build import pipeline
+    from atcache.tools import demo, study
+
+    planned, trained, _ = plan_spy
+    monkeypatch.setattr(pipeline, "build_cache", lambda cfg: FakeBuild())
+    monkeypatch.setattr(demo, "train_teacher", lambda *a, **k: (tmp_path / "best.pt", {}))
+    config = study.StudyConfig(images=40, imgsz=64, student_images=8, student_epochs=1, seeds=(0, 1, 2),
+                               modes=("plain", "grad", "flip", "online"), mode_seeds=(("online", 1),))
+    list(study.run_study(config, tmp_path))
+    assert planned == ["plain", "grad", "flip", "online"] + ["plain", "grad", "flip"] * 2
+    report = json.loads((tmp_path / "accuracy.json").read_text())
+    assert report["modes"]["online"]["seeds"] == [0] and report["modes"]["grad"]["seeds"] == [0, 1, 2]
+    vs = report["modes"]["grad"]["vs_plain"]["mAP50"]
+    assert vs["n"] == 3 and vs["differences"] == [0.0, 0.0, 0.0] and vs["ci95"] == [0.0, 0.0]
+    assert "mAP50 − plain (95 % CI)" in (tmp_path / "accuracy.md").read_text()
+    settings = {n: s for n, s in trained}
+    assert settings["grad_seed0_n8_e1"].gradient_weight == 1.0 and settings["grad_seed0_n8_e1"].at_weight == 0.0
+    assert settings["flip_seed1_n8_e1"].flip_weight == 1.0 and settings["flip_seed1_n8_e1"].mode == "plain"
+    trained.clear()
+    list(study.run_study(config, tmp_path))  # a rerun trains nothing again
+    assert trained == []
+
+
+def test_paired_difference_has_the_t_interval():
+    from atcache.tools.study import paired_difference
+
+    d = paired_difference([0.5, 0.7, 0.6, 0.9], [0.4, 0.5, 0.5, 0.6])  # differences 0.1, 0.2, 0.1, 0.3
+    assert d["n"] == 4 and d["mean"] == pytest.approx(0.175)
+    half = 3.182446305284263 * d["std"] / 2  # t(0.975, 3) * s / sqrt(4)
+    assert d["ci95"] == pytest.approx([0.175 - half, 0.175 + half])
+
+
+def test_bench_gradient_adds_the_gradient_trainers():
+    from atcache.tools import bench
+
+    cfg = bench.BenchConfig(layers=(6, 16), teacher="t.pt", gradient=True)
+    plan = bench.trainer_settings(cfg, "c.zarr", "r.zarr")
+    assert list(plan) == ["plain", "cache", "online", "replay", "grad", "grad_online", "flip"]
+    assert (plan["grad"].mode, plan["grad"].targets, plan["grad"].cache) == ("cache", "replay", "r.zarr")
+    assert plan["grad"].gradient_weight == 1.0 and plan["grad"].at_weight == 0.0
+    assert (plan["grad_online"].mode, plan["grad_online"].teacher, plan["grad_online"].at_weight) == ("online", "t.pt", 0.0)
+    assert plan["flip"].mode == "plain" and plan["flip"].flip_weight == 1.0
+    assert list(bench.trainer_settings(bench.BenchConfig(layers=(6,), teacher="t.pt"), "c", "r")) == list(bench.TRAINERS)
