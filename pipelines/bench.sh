@@ -5,9 +5,10 @@
 #                                 # use real VOC; TEACHER=best.pt for a trained teacher; default: synthetic, random init)
 #   bash pipelines/bench.sh cpu   # the same pair at imgsz 320, batch 8, on a CPU (~15 min on 2 cores)
 #   bash pipelines/bench.sh cpu-small   # YOLO11n -> YOLO11n at imgsz 128, batch 8, 5 rounds, on a CPU (~5 min on 2 cores)
+#   bash pipelines/bench.sh cpu-gradient   # cpu-small with --gradient: + grad, grad_online, flip (~12 min on 2 cores)
 # Trainers run in 3 interleaved rounds; the images default to enough for warm-up + measured steps inside one epoch.
 set -euo pipefail
-MODE=${1:?usage: bench.sh gpu|cpu|cpu-small}
+MODE=${1:?usage: bench.sh gpu|cpu|cpu-small|cpu-gradient}
 TEACHER=${TEACHER:-yolo11m.yaml}
 DATA_ARGS=()
 if [ -n "${DATA:-}" ]; then DATA_ARGS=(--data "$DATA"); fi
@@ -18,5 +19,8 @@ case "$MODE" in
          --warmup 2 --device cpu --out runs/bench_cpu --json pipelines/results/bench_cpu.json ;;
   cpu-small) atcache bench "${DATA_ARGS[@]}" --teacher yolo11n.yaml --student yolo11n.yaml --imgsz 128 --batch 8 --rounds 5 \
          --steps 20 --warmup 3 --device cpu --out runs/bench_cpu_n128 --json pipelines/results/bench_cpu_yolo11n_128.json ;;
-  *) echo "usage: bench.sh gpu|cpu|cpu-small" >&2; exit 2 ;;
+  cpu-gradient) atcache bench "${DATA_ARGS[@]}" --teacher yolo11n.yaml --student yolo11n.yaml --imgsz 128 --batch 8 \
+         --rounds 5 --steps 20 --warmup 3 --device cpu --gradient --out runs/bench_cpu_gradient \
+         --json pipelines/results/bench_cpu_gradient.json ;;
+  *) echo "usage: bench.sh gpu|cpu|cpu-small|cpu-gradient" >&2; exit 2 ;;
 esac

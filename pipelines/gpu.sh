@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# The one-call GPU check: `atcache bench` at the reference setup (YOLO11m -> YOLO11s, imgsz 640, batch 64, the six seed
-# layers, generated images; trainers in 3 interleaved rounds, the replay build's views/s, the device renderer's warp
-# targets/s, storage precision), then the fidelity of warp and replay targets to the live teacher. JSON into
-# $RESULTS (pipelines/results by default): bench_$TAG.json, fidelity_warp_$TAG.json, fidelity_replay_$TAG.json.
+# The one-call GPU check: `atcache bench --gradient` at the reference setup (YOLO11m -> YOLO11s, imgsz 640, batch 64,
+# the six seed layers, generated images; trainers in 3 interleaved rounds with the gradient-AT and flip trainers, the
+# replay build's views/s with and without --gradient, the device renderer's warp targets/s, storage precision), then
+# the fidelity of warp and replay targets (and of the replayed input gradients) to the live teacher. JSON into
+# $RESULTS (pipelines/results by default): bench_$TAG.json, fidelity_{warp,replay,gradient}_$TAG.json.
 #
 # On a bare GPU machine with torch, torchvision and OpenCV but without ultralytics, zarr, numcodecs or dask: run
 # `bash pipelines/gpu_wheels.sh` here first and carry .whl/ there; the script installs them into /tmp and runs atcache
@@ -37,11 +38,13 @@ else
 fi
 mkdir -p "$RUN" "$RESULTS"
 B=$RUN/bench
-python3 -m atcache bench "${BENCH[@]}" --rounds "$ROUNDS" --device "$DEVICE" --out "$B" --json "$RESULTS/bench_$TAG.json"
+python3 -m atcache bench "${BENCH[@]}" --gradient --rounds "$ROUNDS" --device "$DEVICE" --out "$B" --json "$RESULTS/bench_$TAG.json"
 for targets in warp replay; do
   cache=$B/bench_cache.zarr
   [ "$targets" = replay ] && cache=$B/bench_replay.zarr
   python3 -m atcache fidelity --cache "$cache" --teacher "$B/bench_teacher.pt" --data "$B/data/bench.yaml" \
     --targets "$targets" --device "$DEVICE" "${FIDELITY[@]}" --json "$RESULTS/fidelity_${targets}_$TAG.json"
 done
-echo "gpu.sh: results in $RESULTS (bench_$TAG.json, fidelity_warp_$TAG.json, fidelity_replay_$TAG.json)"
+python3 -m atcache fidelity --cache "$B/bench_replay_grad.zarr" --teacher "$B/bench_teacher.pt" --data "$B/data/bench.yaml" \
+  --targets replay --gradient --device "$DEVICE" "${FIDELITY[@]}" --json "$RESULTS/fidelity_gradient_$TAG.json"
+echo "gpu.sh: results in $RESULTS (bench_$TAG.json, fidelity_{warp,replay,gradient}_$TAG.json)"

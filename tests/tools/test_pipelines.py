@@ -46,7 +46,8 @@ def test_voc_seed_experiment_dry_run(voc_devkit, teacher_pt, tmp_path):
 
 
 def test_gpu_check_cpu_path(tmp_path):
-    """pipelines/gpu.sh as shipped, on its CPU path at toy sizes: bench in 2 rounds, then fidelity of warp and replay."""
+    """pipelines/gpu.sh as shipped, on its CPU path at toy sizes: bench --gradient in 2 rounds, then fidelity of warp
+    and replay targets and of the replayed gradients."""
     results = tmp_path / "results"
     env = dict(os.environ, DEVICE="cpu", QUICK="1", TAG="cpu_quick", RUN=str(tmp_path / "run"), RESULTS=str(results),
                PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
@@ -61,6 +62,9 @@ def test_gpu_check_cpu_path(tmp_path):
         assert fidelity["config"]["targets"] == targets
     replay = json.loads((results / "fidelity_replay_cpu_quick.json").read_text())
     assert min(v["all"]["cosine_mean"] for v in replay["layers"].values()) > 0.999  # replay targets: the teacher's own
+    gradient = json.loads((results / "fidelity_gradient_cpu_quick.json").read_text())["layers"]["gradient"]["all"]
+    assert gradient["cosine_mean"] > 0.999 and bench["train"]["grad"]["img_per_s"] > 0
+    assert bench["gradient"]["gradient_bytes_per_view"] > 0
 
 
 def test_accuracy_study_pipeline_at_toy_scale(tmp_path):
@@ -73,7 +77,8 @@ def test_accuracy_study_pipeline_at_toy_scale(tmp_path):
                             capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((tmp_path / "pipelines" / "results" / "accuracy_toy.json").read_text())
-    assert set(report["modes"]) == {"plain", "online", "static", "warp", "replay"}
+    assert set(report["modes"]) == {"plain", "online", "static", "warp", "replay", "grad", "flip"}
+    assert all(m["vs_plain"]["mAP50"]["n"] == 2 for name, m in report["modes"].items() if name != "plain")
     for mode in report["modes"].values():
         assert mode["seeds"] == [0, 1] and len(mode["mAP50"]) == 2 and len(mode["mAP50-95"]) == 2
         assert mode["mAP50_mean"] == pytest.approx(sum(mode["mAP50"]) / 2)
