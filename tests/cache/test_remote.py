@@ -80,3 +80,26 @@ def test_cluster_workers_fill_one_bucket_store(s3, built_cache, voc_yaml, teache
     assert report.computed == 31
     assert_same_store(built_cache, url)
     assert not Location.of(url).list(LOCK_PREFIX)
+
+
+def test_replay_gradients_in_a_bucket(s3, voc_yaml, teacher_pt, tmp_path):
+    """build-cache --gradient --replay-epochs into the bucket equals the same build in a folder (J_T of every view
+    included), verifies, and trains with --targets replay --gradient-weight from the bucket."""
+    import numpy as np
+
+    from atcache.cache.inspect import open_cache, verify_cache
+
+    extra = ["--gradient", "--replay-epochs", "1", "--aug-seed", "3", "close_mosaic=0"]
+    url, local = f"{s3}/replay_grad.zarr", tmp_path / "replay_grad.zarr"
+    for out in (url, local):
+        built = runner.invoke(app, build_args(voc_yaml, teacher_pt, out) + extra)
+        assert built.exit_code == 0, built.output
+    remote, here = open_cache(url), open_cache(local)
+    np.testing.assert_array_equal(remote.replay_grad.compute(), here.replay_grad.compute())
+    np.testing.assert_array_equal(remote.grad.compute(), here.grad.compute())
+    assert verify_cache(url) == [] and not Location.of(url).list(LOCK_PREFIX)
+    trained = runner.invoke(app, ["train-from-cache", "--cache", url, "--targets", "replay", "--gradient-weight", "1",
+                                  "--data", str(voc_yaml), "--project", str(tmp_path), "--name", "g",
+                                  *COMMON])
+    assert trained.exit_code == 0, (trained.output, trained.exception)
+    assert results(tmp_path / "g")["train/grad_loss"] > 0
