@@ -80,7 +80,7 @@ def _time_loader(dataset, samples: int, device, batch: int) -> dict:
     import numpy as np
     import torch
 
-    from atcache.train.render import PIECES_KEY, collate_pieces, flatten
+    from atcache.train.render import PIECES_KEY, collate_pieces
     from atcache.train.datasets import AtcacheDataset
     from atcache.train.targets import VIEW_KEY
 
@@ -99,7 +99,7 @@ def _time_loader(dataset, samples: int, device, batch: int) -> dict:
         figures["layers_per_target"] = len(dataset.at_cache.layers)
         if dataset.at_pieces and len(views) >= batch:
             renderer = dataset.at_cache.batch_renderer(device)
-            batches = [collate_pieces([flatten(v, dataset.at_cache.pad_of) for v in views[a:a + batch]])
+            batches = [collate_pieces([dataset.at_cache.pieces(v) for v in views[a:a + batch]])
                        for a in range(0, len(views) - batch + 1, batch)]
             renderer.render(batches[0])  # warm-up (allocations, kernels)
             cuda = torch.device(device).type == "cuda"

@@ -26,7 +26,7 @@ from atcache.yolo import YOLODataset, colorstr, get_split_fraction
 
 from atcache.config import check_targets
 from atcache.errors import AtcacheError
-from atcache.train.render import PIECES_KEY, collate_pieces, flatten
+from atcache.train.render import PIECES_KEY, collate_pieces
 from atcache.train.samplers import seeded_rng
 from atcache.train.targets import GRAD_KEY, TARGETS_KEY, VIEW_KEY, TargetSource
 from atcache.train.transforms import static_pipeline, tracked_pipeline, unbuffered
@@ -117,7 +117,7 @@ class AtcacheDataset(YOLODataset):
             labels = self.transforms(self.get_image_and_label(index))
             view = labels.pop(VIEW_KEY)
             if self.at_pieces:  # rendered with the whole batch on the training device
-                labels[PIECES_KEY] = flatten(view, self.at_cache.pad_of)
+                labels[PIECES_KEY] = self.at_cache.pieces(view)
                 return labels, view
             maps = self.at_cache.targets(self.at_mode, view, self.at_epoch, index, labels["img"])
             labels[TARGETS_KEY] = [torch.from_numpy(m) for m in maps]

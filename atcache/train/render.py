@@ -2,10 +2,12 @@
 
 Loader workers only flatten each sample's view tree (`views.py`) into pieces: per source reached, its cache row,
 the 3x3 matrix from output pixels to that source's pixels, the clip regions on the way, its blend group and weight
-(`flatten`). After collation the trainer renders every layer of the batch at once (`BatchRenderer.render`) with the
-rules of the numpy reference (`TargetRendering.warped`): the last covering piece of a blend group wins, uncovered
-cells borrow from the first piece whose cached grid reaches them, then the layer's grey energy; blend groups are
-mixed by weight and each map renormalised. The two agree within 1e-4 per cell (tests/test_render.py).
+(`flatten`); a cache streamed from disk also ships those rows' maps as stored (`Pieces.maps`), since the device
+cannot hold them all. After collation the trainer renders every layer of the batch at once (`BatchRenderer.render`,
+from the maps it holds or the ones the batch brings) with the rules of the numpy reference (`TargetRendering.warped`):
+the last covering piece of a blend group wins, uncovered cells borrow from the first piece whose cached grid reaches
+them, then the layer's grey energy; blend groups are mixed by weight and each map renormalised. The two agree within
+1e-4 per cell (tests/test_render.py).
 """
 
 from __future__ import annotations
@@ -36,6 +38,10 @@ class Pieces:
     clip_shape: np.ndarray  # (K, C, 2) float64 (h, w) of those canvases (NO_CLIP: padding)
     group: np.ndarray  # (K,) int64 blend group (one per MixUp part; 0 without MixUp)
     weight: np.ndarray  # (K,) float64 the group's blend weight
+    # shipped by a cache streamed from disk (else None: the renderer holds every row): per layer, of each piece's row
+    maps: dict[int, np.ndarray] | None = None  # (K, H, W) as stored: float16, or uint8 with `scales`
+    norms: dict[int, np.ndarray] | None = None  # (K,) float32
+    scales: dict[int, np.ndarray] | None = None  # (K,) float32, uint8 maps only
 
 
 def _has_blend(view: View) -> bool:
@@ -100,7 +106,9 @@ def flatten(view: View, pad_of) -> Pieces:
 
 
 def collate_pieces(samples: Sequence[Pieces]) -> dict[str, torch.Tensor]:
-    """A batch of pieces padded to the most pieces (row -1) and clips (NO_CLIP) of any sample."""
+    """A batch of pieces padded to the most pieces (row -1) and clips (NO_CLIP) of any sample. Shipped maps become the
+    batch's table: `maps/<layer>` (M, H, W), `norms/<layer>` and `scales/<layer>` (M,), M the batch's pieces, and
+    `rows` index it instead of the cache."""
     b = len(samples)
     k = max(len(p.rows) for p in samples)
     c = max(p.clips.shape[1] for p in samples)
@@ -119,6 +127,14 @@ def collate_pieces(samples: Sequence[Pieces]) -> dict[str, torch.Tensor]:
             out[name][i, :n] = torch.from_numpy(getattr(p, name))
         out["clips"][i, :n, :m] = torch.from_numpy(p.clips)
         out["clip_shape"][i, :n, :m] = torch.from_numpy(p.clip_shape)
+    if samples[0].maps is not None:
+        start = 0
+        for i, p in enumerate(samples):
+            out["rows"][i, :len(p.rows)] = torch.arange(start, start + len(p.rows))
+            start += len(p.rows)
+        for name in ("maps", "norms", "scales"):
+            for layer in getattr(samples[0], name) or {}:
+                out[f"{name}/{layer}"] = torch.from_numpy(np.concatenate([getattr(p, name)[layer] for p in samples]))
     return out
 
 
@@ -138,38 +154,42 @@ def _inside(x: torch.Tensor, y: torch.Tensor, shape: torch.Tensor) -> torch.Tens
 
 
 class BatchRenderer:
-    """Cached maps of some layers as tensors on one device (float16, or uint8 with per-map scales), rendering the warp
-    targets of whole batches. On a CPU the tensors share the arrays' memory."""
+    """Renders the warp targets of whole batches on one device, from the cached maps of some layers held there as
+    tensors (float16, or uint8 with per-map scales; on a CPU they share the arrays' memory), or with `maps` None from
+    the rows each batch brings (`Pieces.maps`: a cache streamed from disk)."""
 
-    def __init__(self, maps: dict[int, np.ndarray], norms: dict[int, np.ndarray], scales: dict[int, np.ndarray] | None,
-                 strides: dict[int, int], grey: dict[int, float], eps: float, device="cpu"):
+    def __init__(self, maps: dict[int, np.ndarray] | None, norms: dict[int, np.ndarray] | None,
+                 scales: dict[int, np.ndarray] | None, strides: dict[int, int], grey: dict[int, float], eps: float,
+                 device="cpu"):
         self.device = torch.device(device)
-        self.layers = tuple(maps)
-        self.maps = {i: torch.from_numpy(maps[i]).to(self.device) for i in self.layers}
-        self.norms = {i: torch.from_numpy(np.asarray(norms[i], np.float32)).to(self.device) for i in self.layers}
-        self.scales = None if scales is None else {
-            i: torch.from_numpy(np.asarray(scales[i], np.float32)).to(self.device) for i in self.layers}
+        self.layers = tuple(strides)
+        self.maps = self.norms = self.scales = None
+        if maps is not None:
+            self.maps = {i: torch.from_numpy(maps[i]).to(self.device) for i in self.layers}
+            self.norms = {i: torch.from_numpy(np.asarray(norms[i], np.float32)).to(self.device) for i in self.layers}
+            self.scales = None if scales is None else {
+                i: torch.from_numpy(np.asarray(scales[i], np.float32)).to(self.device) for i in self.layers}
         self.strides, self.grey, self.eps = dict(strides), dict(grey), eps
 
     def nbytes(self) -> int:
-        """Bytes of the cache held by this renderer (on its device)."""
-        held = list(self.maps.values()) + list(self.norms.values()) + list((self.scales or {}).values())
+        """Bytes of the cache held by this renderer (on its device): none when batches bring their rows."""
+        held = list((self.maps or {}).values()) + list((self.norms or {}).values()) + list((self.scales or {}).values())
         return sum(t.numel() * t.element_size() for t in held)
 
-    def energy(self, layer: int, rows: torch.Tensor) -> torch.Tensor:
-        """The un-normalised maps a = A * ||a|| of `rows` (M,), (M, H, W) float32."""
-        stored = self.maps[layer][rows]
-        if self.scales is None:
-            maps = stored.float()
-        else:
-            q = stored.float() / 255.0  # decoded as store.decode_maps decodes (to float16)
-            maps = (self.scales[layer][rows][:, None, None] * q * q).half().float()
-        return maps * self.norms[layer][rows][:, None, None]
+    def table(self, p: dict[str, torch.Tensor]) -> tuple[dict, dict, dict | None]:
+        """(maps, norms, scales or None) per layer that the batch's `rows` index: held, or shipped with the batch."""
+        if self.maps is not None:
+            return self.maps, self.norms, self.scales
+        if f"maps/{self.layers[0]}" not in p:
+            raise AtcacheError("this renderer renders from the rows each batch ships, and the batch brought none")
+        maps, norms = ({i: p[f"{name}/{i}"] for i in self.layers} for name in ("maps", "norms"))
+        return maps, norms, {i: p[f"scales/{i}"] for i in self.layers} if f"scales/{self.layers[0]}" in p else None
 
     def render(self, pieces: dict[str, torch.Tensor]) -> list[torch.Tensor]:
         """Per layer: (B, h // s, w // s) float32 targets of a batch of collated pieces (see `collate_pieces`).
         Where each cell samples, and which piece wins it, depend on the stride alone: worked out once per stride."""
         p = {k: v.to(self.device, non_blocking=True) for k, v in pieces.items()}
+        maps, norms, scales = self.table(p)
         h, w = (int(x) for x in pieces["shape"][0])
         valid = p["rows"] >= 0
         rows = p["rows"].clamp(min=0)
@@ -192,7 +212,7 @@ class BatchRenderer:
             covers = clipped & _inside(x, y, p["source_shape"])
             u = (x + p["pad"][..., 1:2] - c) / s
             v = (y + p["pad"][..., 0:1] - c) / s
-            eh, ew = self.maps[layers[0]].shape[1:]
+            eh, ew = maps[layers[0]].shape[1:]
             reaches = clipped & (u >= -0.5) & (u <= ew - 0.5) & (v >= -0.5) & (v <= eh - 0.5)
             taps = _bilinear_taps(u.reshape(b * k, -1), v.reshape(b * k, -1), eh, ew)
             order = torch.arange(1, k + 1, device=self.device, dtype=torch.uint8 if k < 255 else torch.int64)[None, :, None]
@@ -201,13 +221,26 @@ class BatchRenderer:
             covered = covers.any(dim=1)
             got = torch.stack([has for _, has in borrowed]).any(dim=0)
             for layer in layers:
-                values = _sample(self.energy(layer, rows.reshape(-1)), taps).reshape(b, k, -1)
+                energy = _energy(maps[layer], norms[layer], scales and scales[layer], rows.reshape(-1))
+                values = _sample(energy, taps).reshape(b, k, -1)
                 e = torch.where(covered, _mix(values, painted, p["weight"]),
                                 torch.where(got, _mix(values, borrowed, p["weight"]),
                                             torch.tensor(self.grey.get(layer, 0.0), dtype=torch.float64,
                                                          device=self.device))).reshape(b, gh, gw)
                 out[layer] = (e / (torch.linalg.vector_norm(e, dim=(1, 2), keepdim=True) + self.eps)).float()
         return [out[i] for i in self.layers]
+
+
+def _energy(maps: torch.Tensor, norms: torch.Tensor, scales: torch.Tensor | None, rows: torch.Tensor) -> torch.Tensor:
+    """The un-normalised maps a = A * ||a|| of `rows` (M,) of a table (maps (N, H, W) as stored, norms and scales (N,)):
+    (M, H, W) float32, uint8 maps decoded as store.decode_maps decodes them (to float16)."""
+    stored = maps[rows]
+    if scales is None:
+        decoded = stored.float()
+    else:
+        q = stored.float() / 255.0
+        decoded = (scales[rows][:, None, None] * q * q).half().float()
+    return decoded * norms[rows][:, None, None]
 
 
 def _bilinear_taps(u: torch.Tensor, v: torch.Tensor, h: int, w: int):

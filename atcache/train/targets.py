@@ -22,7 +22,7 @@ import torch
 from atcache.errors import AtcacheError
 from atcache.train.views import Source, View, bilinear, render_grids
 from atcache.data.splits import relative_to_root
-from atcache.train.render import BatchRenderer
+from atcache.train.render import BatchRenderer, Pieces, flatten
 from atcache.cache.format import CacheSpec, LetterboxTable
 from atcache.cache.format import decode_maps
 from atcache.cache.store import CacheStore
@@ -34,7 +34,7 @@ GRAD_KEY = "at_grad"  # replay targets with --gradient-weight: each sample's J_T
 
 class TargetSource(ABC):
     """Where a training dataset's targets come from. The dataset calls, in this order: `check` and `rows_for` once
-    (made), then per sample `targets` (or, when `renders_batches`, ships the view flattened with `pad_of` for
+    (made), then per sample `targets` (or, when `renders_batches`, ships the view flattened by `pieces` for
     `batch_renderer` to render whole batches on the training device)."""
 
     spec: CacheSpec
@@ -57,6 +57,10 @@ class TargetSource(ABC):
     @abstractmethod
     def pad_of(self, row: int) -> tuple[float, float]:
         """(top, left) letterbox pad of a row."""
+
+    def pieces(self, view: View) -> Pieces:
+        """What a loader ships for `batch_renderer` to render the view's targets from: the view flattened."""
+        return flatten(view, self.pad_of)
 
     def batch_renderer(self, device) -> BatchRenderer:
         raise AtcacheError(f"{type(self).__name__} cannot render targets per batch")

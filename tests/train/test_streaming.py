@@ -1,5 +1,6 @@
-"""Streaming a cache from disk: the block-shuffled sampler, chunk-by-chunk targets equal to the in-RAM ones, one decode
-per chunk and epoch, a training run that streams, and corrupted chunks stopping training with one line."""
+"""Streaming a cache from disk: the block-shuffled sampler, chunk-by-chunk targets equal to the in-RAM ones (numpy, and
+rendered per batch on the device from shipped rows), one decode per chunk and epoch, a training run that streams, and
+corrupted chunks stopping training with one line."""
 
 import math
 import random
@@ -8,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import zarr
 from typer.testing import CliRunner
 
@@ -114,6 +116,65 @@ def test_streamed_targets_equal_the_in_ram_targets(voc_yaml, built_cache):
             np.testing.assert_array_equal(a, b)
 
 
+def uint8_copy(cache, path) -> Path:
+    """The cache re-encoded with uint8 maps (what `build-cache --dtype uint8` stores), chunk by chunk."""
+    from dataclasses import replace
+
+    from atcache.cache.format import ChunkData
+    from atcache.cache.store import CacheStore
+
+    src = CacheStore.open(cache)
+    out = CacheStore.create(path, replace(src.spec, map_dtype="uint8"), list(src.files()))
+    for k in range(src.n_chunks):
+        a, b = src.chunk_range(k)
+        read = {i: src.read_layer(i, a, b) for i in src.spec.layer_indices}
+        out.write_chunk(k, ChunkData({i: m for i, (m, _) in read.items()}, {i: n for i, (_, n) in read.items()},
+                                     src.read("letterbox", a, b), src.read("done", a, b)))
+    return path
+
+
+def seeded_batch(voc_yaml, source, keys, **hyp) -> dict:
+    """One collated batch of `keys` from a seeded (aug_seed 3) warp dataset whose targets come from `source`."""
+    from atcache.train.datasets import AtcacheDataset, build_dataset
+    from atcache.yolo import check_det_dataset, get_cfg
+
+    args = get_cfg(overrides={"imgsz": TEST_IMGSZ, "data": str(voc_yaml), **hyp})
+    data = check_det_dataset(str(voc_yaml))
+    ds = build_dataset(args, data["train"], data, batch=4, targets=source, target_mode="warp", pieces=True,
+                       aug_seed=3, epochs=2)
+    assert ds.at_pieces
+    return AtcacheDataset.collate_fn([ds[k] for k in keys])
+
+
+@pytest.mark.parametrize("dtype", ["float16", "uint8"])
+def test_streamed_warp_targets_render_on_the_device_as_the_in_ram_ones(voc_yaml, built_cache, tmp_path, dtype):
+    """The same seeded samples: the streamed source ships its rows' stored maps with the views and renders them per
+    batch on the device, equal to the in-RAM cache's device renderer (which holds every row) within 1e-4."""
+    from atcache.train.render import PIECES_KEY
+    from atcache.train.streaming import StreamingCacheTargets
+    from atcache.train.targets import CacheTargets
+
+    cache = built_cache if dtype == "float16" else uint8_copy(built_cache, tmp_path / "u8.zarr")
+    ram = CacheTargets.load(cache, TEST_LAYERS)
+    streamed = StreamingCacheTargets.open(cache, TEST_LAYERS, capacity=2)
+    keys = [0, 5, 9, 17, 23, 31, 44, 58]  # epoch 0 and (keys >= 40 with 40 images) epoch 1
+    hyp = dict(mosaic=1.0, mixup=0.5, degrees=10, fliplr=0.5)
+    ram_pieces = seeded_batch(voc_yaml, ram, keys, **hyp)[PIECES_KEY]
+    streamed_pieces = seeded_batch(voc_yaml, streamed, keys, **hyp)[PIECES_KEY]
+    names = ("maps", "norms", "scales") if dtype == "uint8" else ("maps", "norms")
+    shipped = {f"{name}/{i}" for name in names for i in TEST_LAYERS}
+    assert set(streamed_pieces) - set(ram_pieces) == shipped and not set(ram_pieces) - set(streamed_pieces)
+    assert streamed_pieces[f"maps/{TEST_LAYERS[0]}"].dtype == (torch.uint8 if dtype == "uint8" else torch.float16)
+    renderer = streamed.batch_renderer("cpu")
+    assert renderer.nbytes() == 0  # nothing of the cache held on the device
+    want = ram.batch_renderer("cpu").render(ram_pieces)
+    got = renderer.render(streamed_pieces)
+    for a, b in zip(got, want):
+        assert a.shape == b.shape == (len(keys), *a.shape[1:])
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
+    assert sum(streamed.decoded.values()) > 0  # read from the store, chunk by chunk
+
+
 def split_root(voc_yaml) -> Path:
     from atcache.data.splits import split_files
 
@@ -171,6 +232,7 @@ def test_training_streams_a_cache_over_the_ram_budget(voc_yaml, built_cache, tmp
     assert trainer.streaming and isinstance(trainer.cache_targets, StreamingCacheTargets)
     assert isinstance(trainer.train_loader.sampler, BlockShuffleSampler)
     assert set(trainer.cache_targets.decoded.values()) == {1}  # one epoch in the trainer's own process: once each
+    assert trainer.train_loader.dataset.at_pieces and trainer._renderer.maps is None  # rendered from shipped rows
     with open(trainer.csv) as f:
         header, row = (line.split(",") for line in f.read().splitlines()[:2])
     at = float(row[[h.strip() for h in header].index("train/at_loss")])
