@@ -6,8 +6,8 @@ elsewhere a heartbeat record rewritten every HEARTBEAT_S.
 The records stay out of the zarr hierarchy (zarr warns on, and xarray trips over, any key of a group that is not a
 node): the creator's record is the attribute CREATOR_ATTR of the root group's `zarr.json`, which the creator creates
 atomically (so the store is a plain empty zarr group while it is being created, and the spec replaces the record when
-it is complete); the builders' chunk records live under LOCK_PREFIX, inside the `done` array's prefix, which zarr never
-lists (an array has no members; its chunks are addressed by key)."""
+it is complete); the builders' claim records (one per builder: the ranges of units it owns) live under LOCK_PREFIX,
+inside the `done` array's prefix, which zarr never lists (an array has no members; its chunks are addressed by key)."""
 
 from __future__ import annotations
 
@@ -54,11 +54,6 @@ def claim_creation(loc: Location) -> bool:
         raise AtcacheError(f"cannot create cache {loc}: permission denied ({e.filename or e}); choose a writable --out") from None
     except OSError as e:
         raise AtcacheError(f"cannot create cache {loc}: {first_line(e)}; check the location and its free space") from None
-
-
-def _owner_key(token) -> str:
-    """Where a builder's heartbeat record lives (its chunk records carry the same token)."""
-    return f"{LOCK_PREFIX}/owners/{token}.json"
 
 
 def creation_state(loc: Location) -> tuple[str, dict]:
@@ -142,97 +137,145 @@ def owner_alive(record: dict, stale_s: float = LOCK_STALE_S) -> bool:
     return time.time() - float(record.get("heartbeat", 0)) < stale_s
 
 
-class ChunkClaim:
-    """One builder's ownership of the row-chunks it computes: a record per chunk under LOCK_PREFIX (`done/atcache-locks/`), each created
-    atomically, so two builders with overlapping shards never interleave: the second is refused.
+CLAIM_WAIT_S = 2.0  # how long a claim waits for a later, overlapping one to withdraw (see ChunkClaim.acquire)
 
-    Records of a dead builder (kill -9, lost node) are taken over: on this host when its process is gone, from
-    another host after LOCK_STALE_S without a heartbeat, or at once with --break-locks."""
+
+def unit_ranges(units: Iterable[int]) -> list[list[int]]:
+    """Sorted units as contiguous [start, stop) ranges: what one claim record holds, however many units."""
+    out: list[list[int]] = []
+    for k in sorted(set(units)):
+        if out and out[-1][1] == k:
+            out[-1][1] = k + 1
+        else:
+            out.append([k, k + 1])
+    return out
+
+
+def _first_common(a: list[list[int]], b: list[list[int]]) -> int | None:
+    """The first unit in both range lists, None if they are disjoint."""
+    best = None
+    for s0, e0 in a:
+        for s1, e1 in b:
+            lo = max(s0, s1)
+            if lo < min(e0, e1) and (best is None or lo < best):
+                best = lo
+    return best
+
+
+class ChunkClaim:
+    """One builder's ownership of the units (row-chunks, replay units) it computes: ONE record, the contiguous ranges
+    it owns, under LOCK_PREFIX as `claim-<seq>.json`, whatever the number of units. Two builders with overlapping units
+    never both proceed: each creates its record (atomically, at the next free sequence number), then reads the others;
+    a live overlapping record with a lower number refuses it at once, one with a higher number is given CLAIM_WAIT_S
+    to withdraw (its builder sees this record and refuses), after which this builder refuses too. A builder proceeds
+    only when, after its record exists, it sees no live overlap, so of two overlapping builders at most one proceeds.
+
+    A dead builder's record (kill -9, lost node) is taken over: on this host when its process is gone, from another
+    host after LOCK_STALE_S without a heartbeat (the record is rewritten every HEARTBEAT_S), or at once with
+    --break-locks."""
 
     def __init__(self, store: CacheStore, chunks: Iterable[int], break_locks: bool = False):
-        self.store, self.location, self.chunks = store, store.location, list(chunks)
-        self.record, self.break_locks = owner_record("build"), break_locks
+        self.store, self.location = store, store.location
+        self.chunks = sorted(set(chunks))
+        self.record, self.break_locks = {**owner_record("build"), "ranges": unit_ranges(self.chunks)}, break_locks
         self.held: list[int] = []
+        self.key: str | None = None
         self._released = threading.Event()
 
-    def _key(self, k: int) -> str:
-        return f"{LOCK_PREFIX}/chunk-{k:08d}.json"
+    @staticmethod
+    def _seq(name: str) -> int | None:
+        stem = name.rsplit("/", 1)[-1]
+        if stem.startswith("claim-") and stem.endswith(".json"):
+            digits = stem[len("claim-"):-len(".json")]
+            return int(digits) if digits.isdigit() else None
+        return None
 
-    def _heartbeat_key(self) -> str:
-        return _owner_key(self.record["token"])
+    def _records(self) -> dict[str, dict]:
+        """Every other builder's claim record, by key (records being written, `.tmp`, are not claims yet)."""
+        out = {}
+        for name in self.location.list(LOCK_PREFIX):
+            if name == self.key or self._seq(name) is None:
+                continue
+            raw = self.location.read(name)
+            if raw is not None:
+                out[name] = parse_record(raw)
+        return out
 
     def acquire(self) -> "ChunkClaim":
+        if not self.chunks:
+            return self
         self.sweep_dead()
+        names = [n for n in self.location.list(LOCK_PREFIX) if self._seq(n) is not None]
+        seq = max((self._seq(n) for n in names), default=-1) + 1
         data = json.dumps(self.record).encode()
-        self.location.write(self._heartbeat_key(), data)
+        while not self.location.create(f"{LOCK_PREFIX}/claim-{seq:010d}.json", data):
+            seq += 1
+        self.key = f"{LOCK_PREFIX}/claim-{seq:010d}.json"
         try:
-            for k in self.chunks:
-                if self.location.create(self._key(k), data):
-                    self.held.append(k)
-                    continue
-                holder = self._holder(k)
-                if holder is not None and owner_alive(holder) and not self.break_locks:
-                    raise AtcacheError(self._refusal(k, holder))
-                self.location.delete(self._key(k))  # a dead builder's record: take it over
-                if holder is not None:
-                    self.location.delete(_owner_key(holder.get("token")))
-                if not self.location.create(self._key(k), data):
-                    raise AtcacheError(self._refusal(k, self._holder(k) or {}))
-                self.held.append(k)
+            deadline = time.monotonic() + CLAIM_WAIT_S
+            while True:
+                later = self._check(seq)
+                if later is None:
+                    break
+                if time.monotonic() > deadline:
+                    raise AtcacheError(self._refusal(*later))
+                time.sleep(0.05)
         except BaseException:
             self.release()
             raise
+        self.held = list(self.chunks)
         threading.Thread(target=self._beat_until_released, daemon=True).start()
         return self
 
-    def sweep_dead(self) -> None:
-        """Delete the records of dead builders (a kill -9 leaves them behind, also for chunks they had finished)."""
-        for name in self.location.list(LOCK_PREFIX):
-            if name.endswith(".tmp"):  # another builder's record on its way into place (Location.create)
+    def _check(self, seq: int) -> tuple[int, dict] | None:
+        """Refuse a live overlapping claim with a lower number; delete dead ones (taken over); return (unit, record)
+        of a live overlapping claim with a higher number (it should withdraw), None if there is none."""
+        later = None
+        for name, other in self._records().items():
+            common = _first_common(self.record["ranges"], other.get("ranges") or [])
+            if common is None:
                 continue
-            raw = self.location.read(name)
-            record = parse_record(raw) if raw is not None else {}
-            if name.startswith(f"{LOCK_PREFIX}/owners/"):
-                if record and not owner_alive(record):
-                    self.location.delete(name)
-            elif name.startswith(f"{LOCK_PREFIX}/chunk-") and raw is not None and record.get("token") != self.record["token"]:
-                if not owner_alive(self._with_heartbeat(record)):
-                    self.location.delete(name)
+            if not other or not owner_alive(other) or self.break_locks:
+                self.location.delete(name)  # a dead builder's claim (or an unreadable one): taken over
+                continue
+            if self._seq(name) < seq:
+                raise AtcacheError(self._refusal(common, other))
+            later = later or (common, other)
+        return later
 
-    def _holder(self, k: int) -> dict | None:
-        raw = self.location.read(self._key(k))
-        return None if raw is None else self._with_heartbeat(parse_record(raw))
-
-    def _with_heartbeat(self, record: dict) -> dict:
-        """A chunk record with its owner's latest heartbeat (the owner file, rewritten while the claim is held)."""
-        beat = self.location.read(_owner_key(record.get("token")))
-        if beat is not None:
-            record["heartbeat"] = parse_record(beat).get("heartbeat", record.get("heartbeat", 0))
-        return record
+    def sweep_dead(self) -> None:
+        """Delete the claim records of dead builders (a kill -9 leaves them behind, also for units they finished)."""
+        for name, other in self._records().items():
+            if not other or not owner_alive(other):
+                self.location.delete(name)
 
     def _refusal(self, k: int, holder: dict) -> str:
-        a, b = self.store.chunk_range(k)
         since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(holder.get("since", 0))))
+        replay = self.store.replay_unit(k)
+        if replay is None:
+            a, b = self.store.chunk_range(k)
+            what = f"row-chunk {k} (rows {a}-{b - 1})"
+        else:
+            what = f"replay unit {k} (epoch {replay[0]}, positions {replay[1]}-{replay[2] - 1})"
         return (
-            f"cache {self.location}: row-chunk {k} (rows {a}-{b - 1}) is being built by pid "
-            f"{holder.get('pid')} on {holder.get('host')} since {since}; two builders must not share chunks: wait for "
-            "it to finish, give each builder its own --shard i/n, or pass --break-locks if that builder is dead"
+            f"cache {self.location}: {what} is being built by pid {holder.get('pid')} on {holder.get('host')} since "
+            f"{since}; two builders must not share chunks: wait for it to finish, give each builder its own --shard "
+            "i/n, or pass --break-locks if that builder is dead"
         )
 
     def _beat_until_released(self) -> None:
-        """Tell builders on other hosts that this one is alive, every HEARTBEAT_S while the claim is held."""
+        """Tell builders on other hosts that this one is alive: its record rewritten every HEARTBEAT_S while held."""
         while not self._released.wait(HEARTBEAT_S):
             try:
-                self.location.write(self._heartbeat_key(), json.dumps({**self.record, "heartbeat": time.time()}).encode())
+                self.location.write(self.key, json.dumps({**self.record, "heartbeat": time.time()}).encode())
             except Exception:  # a transient storage error must not kill the build; the next beat retries
                 pass
 
     def release(self) -> None:
         self._released.set()
-        for k in self.held:
-            self.location.delete(self._key(k))
-        self.held = []
-        self.location.delete(self._heartbeat_key())
+        if self.key is not None:
+            self.location.delete(self.key)
+        self.held, self.key = [], None
         self.location.prune(LOCK_PREFIX)
 
     def __enter__(self) -> "ChunkClaim":

@@ -29,8 +29,9 @@ opens as it is with xarray: `xr.open_datatree(path, engine="zarr")`, `xr.open_za
 
 Nothing but zarr nodes sits in the hierarchy (zarr, xarray and dask see no foreign key): the builders' ownership
 records (atcache.cache.claims) live where zarr never lists: the creator's record is an attribute of the root
-`zarr.json` (created atomically, replaced by the spec once the store is complete), and the row-chunk claims of running
-builders are files under `done/atcache-locks/` (inside an array's prefix, next to its chunks under `done/c/`).
+`zarr.json` (created atomically, replaced by the spec once the store is complete), and each running builder's claim
+(one file: the ranges of units it owns) is a file under `done/atcache-locks/` (inside an array's prefix, next to its
+chunks under `done/c/`).
 
 Row-chunk k (rows k*R .. (k+1)*R) is the unit of writing, resuming and sharding: every array is chunked by R rows
 along axis 0, so one builder writing chunk k touches exactly one chunk file of each array and two builders with

@@ -1,6 +1,7 @@
 """Crash and corruption drills: kill -9 at random points, disk full, permission denied, flipped bytes, two builders on
 one store. Each ends in a store identical to an uninterrupted build, or in a one-line refusal that loses nothing."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -130,7 +131,8 @@ def test_overlapping_builders_are_refused(built_cache, voc_yaml, teacher_pt, tmp
         with pytest.raises(AtcacheError, match=rf"row-chunk 2 \(rows 16-23\) is being built by pid {os.getpid()}"):
             resume(voc_yaml, teacher_pt, out)
         assert not store.done_mask()[8:24].any()  # refused before computing anything, chunk 1 included
-        assert sorted(p.name for p in (out / LOCK_PREFIX).glob("chunk-*")) == ["chunk-00000002.json"]
+        [record] = [json.loads(p.read_text()) for p in (out / LOCK_PREFIX).glob("claim-*.json")]
+        assert record["ranges"] == [[2, 3]] and record["pid"] == os.getpid()
         resume(voc_yaml, teacher_pt, out, shard=(0, 2))  # a disjoint shard (chunks 0-1) is fine
         assert store.done_mask()[8:16].all()
     resume(voc_yaml, teacher_pt, out)
@@ -182,8 +184,7 @@ def test_claims_from_other_hosts_expire_without_heartbeats(built_cache, tmp_path
         pass
     remote.acquire()
     remote._released.set()
-    beat = f"{LOCK_PREFIX}/owners/{remote.record['token']}.json"
-    store.location.write(beat, json.dumps({**remote.record, "heartbeat": time.time() - LOCK_STALE_S - 1}).encode())
+    store.location.write(remote.key, json.dumps({**remote.record, "heartbeat": time.time() - LOCK_STALE_S - 1}).encode())
     with ChunkClaim(store, [0]) as mine:  # silent for longer than LOCK_STALE_S: taken over
         assert mine.held == [0]
     assert_clean(out)
