@@ -248,7 +248,8 @@ class ChunkData:
 # ---------------------------------------------------------------------- codecs and arrays
 def map_compressors(dtype: str = "float16") -> list:
     """float16: bit-shuffled LZ4 (fp16 mantissas barely compress with byte shuffle); uint8: zstd-9 without shuffle
-    (measured on a teacher's maps at 640: 8.9 KB/image against 10.7 with lz4 + bitshuffle); then a crc32c checksum."""
+    (a trained teacher's replay views at 640: 9.73 KB of maps per view, within 0.3% of the best chain of Zarr v3
+    codecs, 2.4% under bitshuffle, 12.5% under lz4 + bitshuffle; pipelines/README.md); then a crc32c checksum."""
     if dtype == "uint8":
         return [BloscCodec(cname="zstd", clevel=9, shuffle=BloscShuffle.noshuffle, typesize=1), Crc32cCodec()]
     return [BloscCodec(cname="lz4", clevel=5, shuffle=BloscShuffle.bitshuffle, typesize=2), Crc32cCodec()]

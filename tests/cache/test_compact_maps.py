@@ -131,3 +131,77 @@ def test_compare_decodes_uint8_replay_arrays(voc_yaml, teacher_pt, tmp_path):
     replay = compare_caches(b, a)["replay"]
     assert replay["common_views"] == 31
     assert all(c["cosine"]["min"] >= 0.9999 for c in replay["layers"].values())
+
+
+# the codecs of the Zarr v3 specification, which every Zarr v3 reader decodes
+SPEC_CODECS = {"bytes", "transpose", "blosc", "zstd", "gzip", "crc32c"}
+
+
+def test_a_uint8_store_reads_back_equal_with_plain_zarr(tmp_path):
+    """A uint8 store with replay arrays, written through atcache, read back by plain zarr equal to what was written,
+    every map and per-view array stored with the chosen chain: blosc zstd-9 without shuffle, then crc32c."""
+    import dataclasses
+    import json
+
+    from atcache.cache.format import LayerSpec, ReplaySpec, map_compressors
+    from atcache.cache.store import CacheStore
+    from atcache.testing import fake_spec, random_chunk
+
+    layers = (LayerSpec(6, 16, 8, 5, 5), LayerSpec(8, 32, 16, 3, 3))
+    replay = ReplaySpec(epochs=2, aug_seed=0, samples=7, chunk_rows=4, files_sha256="synthetic", augment={})
+    spec = dataclasses.replace(fake_spec(layers, n_rows=6, chunk_rows=4, imgsz=80), map_dtype="uint8", replay=replay)
+    files = [f"images/{i:03d}.jpg" for i in range(6)]
+    path = tmp_path / "u8.zarr"
+    store = CacheStore.create(path, spec, files)
+    rng = np.random.default_rng(0)
+    chunks = {k: random_chunk(spec, *store.chunk_range(k), rng, smooth=True) for k in range(store.n_chunks)}
+    for k, data in chunks.items():
+        store.write_chunk(k, data)
+    views = {}
+    for u in range(store.n_chunks, store.n_units):
+        e, a, b = store.replay_unit(u)
+        data = random_chunk(spec, a, b, rng, smooth=True)
+        samples = rng.permutation(7)[: b - a].astype(np.int32)
+        records = rng.integers(0, 2**63, b - a, dtype=np.uint64)
+        store.write_replay(u, maps=data.maps, norms=data.norms, samples=samples, records=records)
+        views[u] = (e, a, b, data, samples, records)
+
+    g = zarr.open_group(str(path), mode="r")  # plain zarr, nothing of atcache
+    for k, data in chunks.items():
+        a, b = store.chunk_range(k)
+        for layer in layers:
+            q, scales = encode_maps(data.maps[layer.index], "uint8")
+            np.testing.assert_array_equal(g[f"maps/{layer.index}"][a:b], q)
+            np.testing.assert_array_equal(g[f"scales/{layer.index}"][a:b], scales)
+            np.testing.assert_array_equal(g[f"norms/{layer.index}"][a:b], data.norms[layer.index])
+        np.testing.assert_array_equal(g["letterbox"][a:b], data.letterbox)
+    assert g["done"][:].all() and list(g["files"][:]) == files
+    for e, a, b, data, samples, records in views.values():
+        for layer in layers:
+            q, scales = encode_maps(data.maps[layer.index], "uint8")
+            np.testing.assert_array_equal(g[f"replay/maps/{layer.index}"][e, a:b], q)
+            np.testing.assert_array_equal(g[f"replay/scales/{layer.index}"][e, a:b], scales)
+            np.testing.assert_array_equal(g[f"replay/norms/{layer.index}"][e, a:b], data.norms[layer.index])
+            np.testing.assert_array_equal(decode_maps(g[f"replay/maps/{layer.index}"][e, a:b],
+                                                      g[f"replay/scales/{layer.index}"][e, a:b]),
+                                          store.read_replay([layer.index], e, a, b)[0][layer.index])
+        np.testing.assert_array_equal(g["replay/sample"][e, a:b], samples)
+        np.testing.assert_array_equal(g["replay/record"][e, a:b], records)
+        assert g["replay/done"][e, a:b].all()
+
+    def codecs(name):  # the codec chain as the array's metadata gives it to any reader
+        return json.loads((path / name / "zarr.json").read_text())["codecs"]
+
+    chosen = [{"name": "blosc", "configuration": {"typesize": 1, "cname": "zstd", "clevel": 9, "shuffle": "noshuffle",
+                                                  "blocksize": 0}}, {"name": "crc32c"}]
+    assert g["replay/maps/6"].compressors == tuple(map_compressors("uint8"))
+    for name in ("maps/6", "maps/8", "replay/maps/6", "replay/maps/8"):
+        assert codecs(name)[1:] == chosen, name
+        assert codecs(name)[0]["name"] == "bytes"
+    arrays = [name for name, a in g.arrays()] + [f"{p}/{name}" for p in ("maps", "scales", "norms", "replay/maps",
+                                                                         "replay/scales", "replay/norms")
+                                                 for name, _ in g[p].arrays()]
+    arrays += [f"replay/{n}" for n in ("sample", "record", "done")]
+    for name in arrays:
+        if name != "files":  # strings: the vlen-utf8 codec of the main image list, not a per-view array
+            assert {c["name"] for c in codecs(name)} <= SPEC_CODECS, (name, codecs(name))
