@@ -14,6 +14,7 @@ import zarr
 
 from atcache.errors import AtcacheError, first_line
 from atcache.cache.location import Location
+from atcache.cache.writes import write_together
 from atcache.cache.claims import CREATOR_ATTR, claim_creation, clear_for_build, creation_state, exists_error, owner_alive, remove_store
 from atcache.cache.format import CacheSpec, ChunkData, LetterboxTable, create_arrays, decode_maps, encode_maps
 
@@ -28,6 +29,7 @@ class CacheStore:
 
     def __init__(self, location: Location, group: zarr.Group, spec: CacheSpec):
         self.location, self.group, self.spec = location, group, spec
+        self._arrays: dict[str, zarr.Array] = {}
 
     @property
     def path(self) -> str:
@@ -149,11 +151,11 @@ class CacheStore:
 
     # ------------------------------------------------------------------ reading
     def files(self) -> np.ndarray:
-        return np.asarray(self.group["files"][:], dtype=object)
+        return np.asarray(self._array("files")[:], dtype=object)
 
     def done_mask(self) -> np.ndarray:
         """(N,) bool; a chunk of `done` that cannot be decoded counts as not done (its rows get recomputed)."""
-        arr = self.group["done"]
+        arr = self._array("done")
         try:
             return np.asarray(arr[:], dtype=bool)
         except Exception:
@@ -210,13 +212,13 @@ class CacheStore:
     def replay_done(self) -> np.ndarray:
         """(E, M) bool: replayed samples written; a chunk that cannot be decoded counts as not done."""
         try:
-            return np.asarray(self.group["replay/done"][:], dtype=bool)
+            return np.asarray(self._array("replay/done")[:], dtype=bool)
         except Exception:
             replay = self.spec.replay
             out = np.zeros((replay.epochs, replay.samples), dtype=bool)
             for e, a, b in map(self.replay_unit, range(self.n_chunks, self.n_units)):
                 try:
-                    out[e, a:b] = self.group["replay/done"][e, a:b]
+                    out[e, a:b] = self._array("replay/done")[e, a:b]
                 except Exception:
                     pass
             return out
@@ -227,22 +229,25 @@ class CacheStore:
         positions, the dataset index of each position and the fingerprint of its augmented image; with gradients
         (spec.gradient_stride) `grad` = (direction (r, 3, G, G), norm (r,)) of each view's J_T."""
         e, a, b = self.replay_unit(u)
+        at = (e, slice(a, b))
+        writes = []
         for layer in self.spec.layers:
             stored, scales = encode_maps(maps[layer.index], self.spec.map_dtype)
-            self.group[f"replay/maps/{layer.index}"][e, a:b] = stored
+            writes.append((f"replay/maps/{layer.index}", at, stored))
             if scales is not None:
-                self.group[f"replay/scales/{layer.index}"][e, a:b] = scales
-            self.group[f"replay/norms/{layer.index}"][e, a:b] = norms[layer.index].astype(np.float32, copy=False)
+                writes.append((f"replay/scales/{layer.index}", at, scales))
+            writes.append((f"replay/norms/{layer.index}", at, norms[layer.index].astype(np.float32, copy=False)))
         if self.spec.gradient_stride:
             g = self.spec.gradient_size
             if grad is None or grad[0].shape != (b - a, 3, g, g):
                 raise ValueError(f"replay unit {u}: this store keeps gradients (3 x {g} x {g} per view), got "
                                  f"{None if grad is None else grad[0].shape}")
-            self.group["replay/grad/direction"][e, a:b] = grad[0].astype(np.float16, copy=False)
-            self.group["replay/grad/norm"][e, a:b] = grad[1].astype(np.float32, copy=False)
-        self.group["replay/sample"][e, a:b] = samples.astype(np.int32, copy=False)
-        self.group["replay/record"][e, a:b] = records.astype(np.uint64, copy=False)
-        self.group["replay/done"][e, a:b] = True
+            writes.append(("replay/grad/direction", at, grad[0].astype(np.float16, copy=False)))
+            writes.append(("replay/grad/norm", at, grad[1].astype(np.float32, copy=False)))
+        writes.append(("replay/sample", at, samples.astype(np.int32, copy=False)))
+        writes.append(("replay/record", at, records.astype(np.uint64, copy=False)))
+        write_together(self._array, writes)
+        self._array("replay/done")[at] = True
 
     def read_replay(self, layers: Sequence[int], e: int, a: int, b: int, grad: bool = False
                     ) -> tuple[dict[int, np.ndarray], np.ndarray] | tuple[dict[int, np.ndarray], np.ndarray, tuple]:
@@ -256,7 +261,7 @@ class CacheStore:
             raise AtcacheError(f"cache {self.path} holds no input gradients; build it with build-cache --gradient")
         for name in [f"replay/maps/{i}" for i in layers] + scales + grads + ["replay/record", "replay/done"]:
             try:
-                out[name] = np.asarray(self.group[name][e, a:b])
+                out[name] = np.asarray(self._array(name)[e, a:b])
             except Exception as error:
                 raise AtcacheError(f"cache {self.path}: {name} epoch {e} positions {a}-{b - 1} "
                                    f"{_decode_failure(error)}; rebuild the replay arrays with build-cache --overwrite") from None
@@ -280,14 +285,14 @@ class CacheStore:
         one AtcacheError naming the array and the rows of the first chunk that fails."""
         b = self.n_rows if b is None else b
         try:
-            return np.asarray(self.group[name][a:b])
+            return np.asarray(self._array(name)[a:b])
         except Exception as e:
             error = e
         r = self.spec.chunk_rows
         for k in range(a // r, -(-b // r)):  # which chunk: decode them one at a time
             lo, hi = max(a, k * r), min(b, (k + 1) * r)
             try:
-                self.group[name][lo:hi]
+                self._array(name)[lo:hi]
             except Exception as e:
                 raise self.chunk_error(name, lo, hi, _decode_failure(e)) from None
         raise self.chunk_error(name, a, b, _decode_failure(error)) from None
@@ -319,7 +324,7 @@ class CacheStore:
 
     def letterbox(self) -> LetterboxTable:
         """Every row's letterbox, read by the column names stored with the array."""
-        columns = tuple(self.group["letterbox"].attrs.get("columns", self.spec.letterbox.columns))
+        columns = tuple(self._array("letterbox").attrs.get("columns", self.spec.letterbox.columns))
         return LetterboxTable(self.read("letterbox").astype(np.float32, copy=False), columns)
 
     def chunk_error(self, name: str, a: int, b: int, what: str) -> AtcacheError:
@@ -337,7 +342,7 @@ class CacheStore:
         replay = self.replay_unit(k) if name.startswith("replay/") else None
         e, a, b = replay if replay else (None, *self.chunk_range(k))
         try:
-            block = self.group[name][a:b] if replay is None else self.group[name][e, a:b]
+            block = self._array(name)[a:b] if replay is None else self._array(name)[e, a:b]
         except Exception as error:
             return f"{type(error).__name__}: {error}".splitlines()[0]
         if ("norms/" in name or "scales/" in name or "grad/" in name
@@ -367,7 +372,7 @@ class CacheStore:
 
     def rewrite_files(self, files: Sequence[str]) -> None:
         """Rewrite the image list (for --repair of a damaged `files` chunk; the list is known from the split)."""
-        self.group["files"][:] = np.asarray(files, dtype=object)
+        self._array("files")[:] = np.asarray(files, dtype=object)
 
     def sweep_partial_writes(self) -> int:
         """Delete the temporary files interrupted local writes left behind (zarr writes a `.partial` file, then renames
@@ -384,7 +389,7 @@ class CacheStore:
         """Forget row-chunks (their data will be recomputed); `done` goes first so no row is ever done without data."""
         for k in chunks:
             a, b = self.chunk_range(k)
-            self.group["done"][a:b] = False
+            self._array("done")[a:b] = False
 
     # ------------------------------------------------------------------ writing
     def write_chunk(self, k: int, data: ChunkData) -> None:
@@ -392,21 +397,30 @@ class CacheStore:
         a, b = self.chunk_range(k)
         if data.letterbox.shape != (b - a, len(self.spec.letterbox.columns)):
             raise ValueError(f"chunk {k} holds {b - a} rows, got letterbox {data.letterbox.shape}")
+        at, writes = slice(a, b), []
         for layer in self.spec.layers:
             stored, scales = encode_maps(data.maps[layer.index], self.spec.map_dtype)
-            self.group[f"maps/{layer.index}"][a:b] = stored
+            writes.append((f"maps/{layer.index}", at, stored))
             if scales is not None:
-                self.group[f"scales/{layer.index}"][a:b] = scales
-            self.group[f"norms/{layer.index}"][a:b] = data.norms[layer.index].astype(np.float32, copy=False)
+                writes.append((f"scales/{layer.index}", at, scales))
+            writes.append((f"norms/{layer.index}", at, data.norms[layer.index].astype(np.float32, copy=False)))
         if self.spec.gradient_stride:
             g = self.spec.gradient_size
             if data.grad_direction is None or data.grad_direction.shape != (b - a, 3, g, g) or data.grad_norm is None:
                 raise ValueError(f"chunk {k}: this store keeps gradients (3 x {g} x {g} per row), got "
                                  f"{None if data.grad_direction is None else data.grad_direction.shape}")
-            self.group["grad/direction"][a:b] = data.grad_direction.astype(np.float16, copy=False)
-            self.group["grad/norm"][a:b] = data.grad_norm.astype(np.float32, copy=False)
-        self.group["letterbox"][a:b] = data.letterbox.astype(np.float32, copy=False)
-        self.group["done"][a:b] = data.ok.astype(bool, copy=False)
+            writes.append(("grad/direction", at, data.grad_direction.astype(np.float16, copy=False)))
+            writes.append(("grad/norm", at, data.grad_norm.astype(np.float32, copy=False)))
+        writes.append(("letterbox", at, data.letterbox.astype(np.float32, copy=False)))
+        write_together(self._array, writes)
+        self._array("done")[at] = data.ok.astype(bool, copy=False)
+
+    def _array(self, name: str) -> zarr.Array:
+        """Array `name`, its metadata read once per handle (on a bucket every lookup is a GET)."""
+        arr = self._arrays.get(name)
+        if arr is None:
+            arr = self._arrays[name] = self.group[name]
+        return arr
 
 
 REPAIR_HINT = 'run "atcache inspect --verify {path}", then "atcache build-cache ... --resume --repair"'
