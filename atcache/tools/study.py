@@ -258,6 +258,6 @@ def study_table(results: dict) -> str:
                   f"layers {','.join(map(str, c['layers']))}, "
                   f"scored on {d['val_images']} validation images; teacher {Path(c['teacher']).stem} trained "
                   f"{c['teacher_epochs']} epochs on the whole training split; mean ± std over each mode's seeds (the "
-                  f"first of {', '.join(map(str, c['seeds']))}; count in the last column); differences to plain paired by seed (same init, same batches), "
-                  f"mean and 95 % t-interval; device: {results['device']}."]
+                  f"first of {', '.join(map(str, c['seeds']))}; count in the last column); differences to plain "
+                  f"paired by seed (same init, same batches), mean and 95 % t-interval; device: {results['device']}."]
     return "\n".join(lines)
