@@ -177,6 +177,32 @@ def fill_store(store, chunk=None, chunks=None) -> None:
         store.write_chunk(k, chunk(store.spec, *store.chunk_range(k)))
 
 
+def race_claims(store, starts, size: int = 100) -> list:
+    """Claims of units [s, s + size) for each start, acquired at the same moment from one thread each: those that
+    proceeded (the others were refused)."""
+    import threading
+
+    from atcache.cache.claims import ChunkClaim
+    from atcache.errors import AtcacheError
+
+    got, barrier = [], threading.Barrier(len(starts))
+
+    def take(units):
+        claim = ChunkClaim(store, units)
+        barrier.wait()
+        try:
+            got.append(claim.acquire())
+        except AtcacheError:
+            pass
+
+    threads = [threading.Thread(target=take, args=(range(s, s + size),)) for s in starts]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return got
+
+
 def lively_model(seed: int = 0, dtype=None):
     """A YOLO11n (nc=20) in eval mode whose loss depends on its input: He-normal convs (the stock init shrinks the
     activations to ~0 by the head) and class biases 0 (the stock prior makes the assigner's align metric ~eps)."""

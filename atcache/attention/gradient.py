@@ -82,6 +82,11 @@ def _batch_size(obj: Any) -> int:
     raise ValueError("predictions hold no tensor")
 
 
+def loss_labels(batch: dict) -> dict:
+    """The labels the per-image loss reads (batch_idx, cls, bboxes) of an ultralytics batch."""
+    return {k: batch[k] for k in LOSS_KEYS}
+
+
 def image_labels(batch: dict, i: int) -> dict:
     """Image i's labels as the batch of one the criterion reads: batch_idx all 0, its cls (k, 1), bboxes (k, 4)."""
     idx = batch["batch_idx"].view(-1)

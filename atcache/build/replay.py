@@ -9,7 +9,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from atcache.attention.gradient import LOSS_KEYS
+from atcache.attention.gradient import loss_labels
 from atcache.attention.recipe import layer_maps
 from atcache.cache.format import AUGMENT_KEYS, ReplaySpec
 from atcache.cache.store import CacheStore
@@ -78,8 +78,7 @@ def compute_replay(cfg: BuildConfig, model: torch.nn.Module, store: CacheStore, 
                 records = np.array([fingerprint(im) for im in batch["img"]], dtype=np.uint64)
                 grad = None
                 if grad_model is not None:
-                    labels = {k: batch[k] for k in LOSS_KEYS}
-                    grad = teacher_gradients(grad_model, batch["img"], labels, store.spec.gradient_stride,
+                    grad = teacher_gradients(grad_model, batch["img"], loss_labels(batch), store.spec.gradient_stride,
                                              np.ones(len(records), dtype=bool))
                 parts.append((records, [m.to(torch.float16).cpu().numpy() for m in maps],
                               [n.cpu().numpy() for n in norms], grad))

@@ -108,8 +108,10 @@ def measure_fidelity(cfg: FidelityConfig) -> dict:
     if teacher.weights_sha256 != spec.teacher_weights_sha256:
         raise AtcacheError(f"teacher {cfg.teacher} is not the one cache {cfg.cache} was built with ({spec.teacher_path}); "
                            "pass that checkpoint")
-    gradients = _gradient_check(cfg, store, len(split.names), device) if cfg.gradient else None
+    if cfg.gradient:
+        _check_gradient_targets(cfg, store)
     dataset = training_dataset(cfg, store, layers)
+    gradients = _gradient_check(cfg, store, len(split.names), device, dataset) if cfg.gradient else None
     random.seed(cfg.seed)  # ultralytics' augmentations draw from python's and numpy's generators
     np.random.seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
@@ -124,7 +126,7 @@ def measure_fidelity(cfg: FidelityConfig) -> dict:
             cached = np.stack([labels[TARGETS_KEY][j].numpy() for labels, _ in samples])
             agreement[layer] = map_agreement(maps.cpu().numpy(), cached)
         if gradients is not None:
-            agreement["gradient"] = gradients.agreement(dataset, keys, samples)
+            agreement["gradient"] = gradients.agreement(dataset, samples)
         for k, (_, view) in enumerate(samples):
             figures = {layer: (float(c[k]), float(d[k])) for layer, (c, d) in agreement.items()}
             records.append((view_kinds(view), figures))
@@ -132,44 +134,43 @@ def measure_fidelity(cfg: FidelityConfig) -> dict:
 
 
 class _GradientCheck:
-    """Stored J_T of each compared sample (a replayed view's, or a static row's) vs the live teacher's (unfused, eval
-    mode) on the same image and labels, pooled by the cache's stride: cosine and norm ratio stored / live."""
+    """Stored J_T of each compared sample, as training reads it (`source`: a replayed view's, delivered with the
+    sample, or a static row's), vs the live teacher's (unfused, eval mode) on the same image and labels, pooled by the
+    cache's stride: cosine and norm ratio stored / live."""
 
-    def __init__(self, store, model: torch.nn.Module):
-        self.store, self.model, self.stride = store, model, store.spec.gradient_stride
+    def __init__(self, model: torch.nn.Module, source):
+        self.model, self.source = model, source
 
-    def agreement(self, dataset, keys, samples) -> tuple[np.ndarray, np.ndarray]:
-        from atcache.attention.gradient import LOSS_KEYS, input_gradient, join, pool_gradient
-        from atcache.train.targets import GRAD_KEY, TARGETS_KEY
+    def agreement(self, dataset, samples) -> tuple[np.ndarray, np.ndarray]:
+        from atcache.attention.gradient import input_gradient, loss_labels
 
         device = next(self.model.parameters()).device
-        batch = dataset.collate_fn([{k: v for k, v in labels.items() if k not in (TARGETS_KEY, GRAD_KEY)}
-                                    for labels, _ in samples])
-        live = pool_gradient(input_gradient(self.model, batch["img"].to(device).float() / 255,
-                                            {k: batch[k].to(device) for k in LOSS_KEYS}), self.stride).cpu()
-        if GRAD_KEY in samples[0][0]:  # replay: the view's own J_T, delivered with the sample
-            stored = torch.stack([join(labels[GRAD_KEY][0][None], labels[GRAD_KEY][1].view(1))[0]
-                                  for labels, _ in samples])
-        else:  # static: the row's
-            rows = [int(dataset.at_rows[int(k)]) for k in keys]
-            stored = join(torch.from_numpy(np.stack([self.store.read("grad/direction", r, r + 1)[0] for r in rows])),
-                          torch.from_numpy(np.stack([self.store.read("grad/norm", r, r + 1)[0] for r in rows])))
-        a, b = stored.flatten(1).double(), live.flatten(1).double()
+        batch = dataset.collate_fn([dict(labels) for labels, _ in samples])
+        labels = {k: v.to(device) for k, v in loss_labels(batch).items()}
+        live = self.source.pool(input_gradient(self.model, batch["img"].to(device).float() / 255, labels)).cpu()
+        a, b = self.source.teacher(batch).flatten(1).double(), live.flatten(1).double()
         cosine = torch.nn.functional.cosine_similarity(a, b, dim=1, eps=1e-30)
         ratio = a.norm(dim=1) / b.norm(dim=1).clamp_min(1e-30)
         return cosine.numpy(), ratio.numpy()
 
 
-def _gradient_check(cfg: FidelityConfig, store, nc: int, device) -> _GradientCheck:
-    """Refuse --gradient where no J_T is cached for the compared samples; else the unfused teacher for live J_T."""
-    from atcache.build.gradients import gradient_teacher
-
+def _check_gradient_targets(cfg: FidelityConfig, store) -> None:
+    """Refuse --gradient where no J_T is cached for the compared samples."""
     if not store.spec.gradient_stride:
         raise AtcacheError(f"cache {cfg.cache} holds no input gradients; build it with build-cache --gradient")
     if cfg.targets == "warp":
         raise AtcacheError("--gradient compares J_T of cached images: use --targets replay (augmented views) or static "
                            "(letterboxed rows); a warp of a gradient is not one")
-    return _GradientCheck(store, gradient_teacher(cfg.teacher, nc, store.spec, device))
+
+
+def _gradient_check(cfg: FidelityConfig, store, nc: int, device, dataset) -> _GradientCheck:
+    """The unfused teacher for live J_T, and the cached J_T as training reads them."""
+    from atcache.build.gradients import gradient_teacher
+    from atcache.train.gradients import CachedGradients, ReplayGradients
+
+    source = (ReplayGradients(store.spec.gradient_stride, store.spec.imgsz) if cfg.targets == "replay"
+              else CachedGradients.load(store, dataset.im_files, dataset.at_rows))
+    return _GradientCheck(gradient_teacher(cfg.teacher, nc, store.spec, device), source)
 
 
 def _fidelity_report(cfg: FidelityConfig, layers, records) -> dict:

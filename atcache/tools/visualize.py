@@ -118,8 +118,10 @@ def _replay_panels(cache, data, spec, epoch: int, images: int):
             grads.append(direction.astype(np.float32) * norm)
     full = {"h0": spec.imgsz, "w0": spec.imgsz, "h": spec.imgsz, "w": spec.imgsz, "pad_top": 0, "pad_left": 0}
     if with_grad:
+        from atcache.attention.gradient import loss_labels
+
         batch = dataset.collate_fn(samples)
-        grads = (np.stack(grads), {k: batch[k] for k in ("batch_idx", "cls", "bboxes")})
+        grads = (np.stack(grads), loss_labels(batch))
     return names, pictures, [full] * len(names), maps, grads if with_grad else None
 
 

@@ -121,7 +121,7 @@ class AtcacheDataset(YOLODataset):
                 return labels, view
             maps = self.at_cache.targets(self.at_mode, view, self.at_epoch, index, labels["img"])
             labels[TARGETS_KEY] = [torch.from_numpy(m) for m in maps]
-            if getattr(self.at_cache, "gradients", False):  # replay targets with --gradient-weight
+            if self.at_cache.gradients:  # replay targets with --gradient-weight
                 direction, norm = self.at_cache.gradient(self.at_epoch, index)
                 labels[GRAD_KEY] = (torch.from_numpy(direction), torch.tensor(norm, dtype=torch.float32))
             return labels, view

@@ -14,7 +14,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from atcache.attention.gradient import LOSS_KEYS, input_gradient, join, pool_gradient
+from atcache.attention.gradient import input_gradient, join, loss_labels, pool_gradient
 from atcache.cache.store import CacheStore
 from atcache.config import DEFAULT_GRADIENT_STRIDE, DistillSettings
 from atcache.errors import AtcacheError
@@ -83,8 +83,7 @@ class OnlineGradients(TeacherGradients):
         self.model = teacher
 
     def teacher(self, batch: dict) -> torch.Tensor:
-        labels = {k: batch[k] for k in LOSS_KEYS}
-        return self.pool(input_gradient(self.model, batch["img"].detach().float(), labels))
+        return self.pool(input_gradient(self.model, batch["img"].detach().float(), loss_labels(batch)))
 
 
 class CachedGradients(TeacherGradients):

@@ -41,6 +41,7 @@ class TargetSource(ABC):
     layers: tuple[int, ...]  # cache layer indices, in the order targets are returned
     modes: ClassVar[tuple[str, ...]]  # the --targets modes this source serves
     renders_batches: ClassVar[bool] = False  # warp targets can be rendered per batch (`pad_of`, `batch_renderer`)
+    gradients: bool = False  # samples also carry their view's input gradient (ReplayTargets.gradient)
 
     def check(self, im_files: Sequence[str], root: str | Path) -> None:
         """Refuse a training set other than the one this source was made for (beyond what `rows_for` refuses)."""

@@ -29,7 +29,7 @@ from atcache.yolo import DEFAULT_CFG, LOGGER
 from atcache.yolo import unwrap_model
 
 from atcache.attention.functional import at_loss, attention_map
-from atcache.attention.gradient import LOSS_KEYS, flip_loss, gradient_at_loss, input_gradient
+from atcache.attention.gradient import flip_loss, gradient_at_loss, input_gradient, loss_labels
 from atcache.config import DistillSettings
 from atcache.devices import cuda_indices
 from atcache.errors import AtcacheError
@@ -139,11 +139,6 @@ class AttentionTransferLoss:
 
     def __reduce_ex__(self, protocol):
         return self.base.__reduce_ex__(protocol)
-
-
-def _labels(batch: dict) -> dict:
-    """The labels the per-image loss reads (batch_idx, cls, bboxes)."""
-    return {k: batch[k] for k in LOSS_KEYS}
 
 
 class AtcacheTrainer(DetectionTrainer):
@@ -391,7 +386,7 @@ class AtcacheTrainer(DetectionTrainer):
         """J_S (train mode, BN-coupled), differentiable w.r.t. the weights, from the training forward's `preds`. Under
         AMP the backward runs through that half-precision forward, scaled by the GradScaler's scale against underflow."""
         scale = self.scaler.get_scale() if self.scaler.is_enabled() else 1.0
-        J = input_gradient(unwrap_model(self.model), batch["img"], _labels(batch), create_graph=True, preds=preds,
+        J = input_gradient(unwrap_model(self.model), batch["img"], loss_labels(batch), create_graph=True, preds=preds,
                            loss_scale=scale)
         return self.gradients.pool(J)
 
@@ -408,7 +403,7 @@ class AtcacheTrainer(DetectionTrainer):
         try:
             for m in bns:
                 m.momentum = 0.0
-            return flip_loss(unwrap_model(self.model), batch["img"].detach().float(), _labels(batch))
+            return flip_loss(unwrap_model(self.model), batch["img"].detach().float(), loss_labels(batch))
         finally:
             for m, momentum in zip(bns, momenta):
                 m.momentum = momentum

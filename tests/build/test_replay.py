@@ -83,6 +83,8 @@ def test_replay_targets_are_the_live_teachers_maps(replay_cache, voc_yaml, teach
 def test_fidelity_gradient_compares_each_replayed_views_gradient(replay_cache, built_cache, voc_yaml, teacher_pt):
     """fidelity --targets replay --gradient: stored vs live J_T per view (cosine mean >= 0.999, p5 >= 0.99, norms
     equal); refused on a warp run and on a cache without gradients."""
+    import dataclasses
+
     from atcache.tools.fidelity import FidelityConfig, format_fidelity, measure_fidelity
 
     cfg = FidelityConfig(cache=str(replay_cache), teacher=str(teacher_pt), data=str(voc_yaml), batches=3, batch=8,
@@ -92,6 +94,10 @@ def test_fidelity_gradient_compares_each_replayed_views_gradient(replay_cache, b
     assert grad["n"] == 24 and grad["cosine_mean"] >= 0.999 and grad["cosine_p5"] >= 0.99, grad
     assert abs(grad["norm_ratio_mean"] - 1) < 1e-3
     assert "norm ratio stored / live" in format_fidelity(report)
+    static = measure_fidelity(dataclasses.replace(cfg, targets="static", batches=1,
+                                                  hyp={"hsv_h": 0.0, "hsv_s": 0.0, "hsv_v": 0.0}))
+    grad = static["layers"]["gradient"]["all"]  # without colour augmentation a static row's J_T is exact
+    assert grad["n"] == 8 and grad["cosine_p5"] >= 0.99 and abs(grad["norm_ratio_mean"] - 1) < 1e-3, grad
     base = ["fidelity", "--teacher", str(teacher_pt), "--data", str(voc_yaml), "--batches", "1", "--device", "cpu",
             "--gradient"]
     assert_one_line_error(runner.invoke(app, base + ["--cache", str(replay_cache), "--targets", "warp"]),

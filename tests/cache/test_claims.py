@@ -2,14 +2,13 @@
 proceed (also when they race, also on S3), dead builders' claims are taken over."""
 
 import json
-import threading
 
 import pytest
 
 from atcache.cache.claims import LOCK_PREFIX, ChunkClaim, unit_ranges
 from atcache.cache.store import CacheStore
 from atcache.errors import AtcacheError
-from atcache.testing import fake_spec, seed_layers
+from atcache.testing import fake_spec, race_claims, seed_layers
 
 
 @pytest.fixture
@@ -38,22 +37,7 @@ def test_one_record_for_thousands_of_units(store):
 
 def test_racing_overlapping_claims_never_both_proceed(store):
     for trial in range(20):
-        got, barrier = [], threading.Barrier(3)
-
-        def claim(units):
-            c = ChunkClaim(store, units)
-            barrier.wait()
-            try:
-                c.acquire()
-                got.append(c)
-            except AtcacheError:
-                pass
-
-        threads = [threading.Thread(target=claim, args=(range(s, s + 100),)) for s in (0, 50, 90)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        got = race_claims(store, (0, 50, 90))
         assert len(got) == 1, (trial, [c.chunks[0] for c in got])  # every two of the three overlap
         for c in got:
             c.release()

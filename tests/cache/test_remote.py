@@ -106,31 +106,16 @@ def test_replay_gradients_in_a_bucket(s3, voc_yaml, teacher_pt, tmp_path):
 
 
 def test_claims_on_s3_one_record_and_racing_overlaps(s3):
-    import threading
-
     from atcache.cache.claims import ChunkClaim
     from atcache.cache.store import CacheStore
-    from atcache.errors import AtcacheError
-    from atcache.testing import fake_spec, seed_layers
+    from atcache.testing import fake_spec, race_claims, seed_layers
 
     spec = fake_spec(seed_layers(64)[:1], n_rows=2000, chunk_rows=1, imgsz=64)
     store = CacheStore.create(f"{s3}/claims.zarr", spec, [f"{i}.jpg" for i in range(2000)])
     with ChunkClaim(store, range(2000)) as claim:
         assert store.location.list(LOCK_PREFIX) == [claim.key]
     for trial in range(5):
-        got, barrier = [], threading.Barrier(2)
-
-        def take(units):
-            c = ChunkClaim(store, units)
-            barrier.wait()
-            try:
-                got.append(c.acquire())
-            except AtcacheError:
-                pass
-
-        threads = [threading.Thread(target=take, args=(range(s, s + 100),)) for s in (0, 99)]
-        [t.start() for t in threads]
-        [t.join() for t in threads]
+        got = race_claims(store, (0, 99))
         assert len(got) == 1, trial
         got[0].release()
     assert not store.location.list(LOCK_PREFIX)
