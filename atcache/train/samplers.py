@@ -5,8 +5,11 @@ No ultralytics import."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
+import os
 import random
+import threading
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -15,18 +18,54 @@ import torch
 from atcache.config import DEFAULT_WINDOW
 
 
+# module-level draws of python's `random` and numpy's global generator (what ultralytics' transforms call)
+PY_DRAWS = ("random", "uniform", "randint", "randrange", "choice", "choices", "shuffle", "sample", "getrandbits",
+            "randbytes", "gauss", "normalvariate", "lognormvariate", "expovariate", "vonmisesvariate", "gammavariate",
+            "betavariate", "paretovariate", "weibullvariate", "triangular", "binomialvariate")
+NP_DRAWS = ("rand", "randn", "randint", "random", "random_sample", "ranf", "sample", "uniform", "normal", "beta",
+            "choice", "shuffle", "permutation", "binomial", "poisson", "exponential", "gamma", "standard_normal",
+            "random_integers", "bytes")
+_THREAD = threading.local()  # .generators: (random.Random, np.random.RandomState) of this thread's seeded sample
+_ROUTED: set[int] = set()  # pids whose module functions are routed
+
+
+def _route_module_draws() -> None:
+    """Route `random.<draw>` and `np.random.<draw>` through this thread's seeded generators while it makes a seeded
+    sample, to the process-global ones otherwise: another thread drawing meanwhile (dask's IO loop, a bucket client's
+    retry jitter) then cannot change a view, and the view cannot change that thread's draws. Once per process."""
+    if os.getpid() in _ROUTED:
+        return
+    _ROUTED.add(os.getpid())
+    for module, names, which in ((random, PY_DRAWS, 0), (np.random, NP_DRAWS, 1)):
+        for name in names:
+            original = getattr(module, name, None)
+            if original is None or getattr(original, "atcache_routed", False):
+                continue
+
+            def draw(*args, _original=original, _name=name, _which=which, **kwargs):
+                generators = getattr(_THREAD, "generators", None)
+                if generators is None:
+                    return _original(*args, **kwargs)
+                return getattr(generators[_which], _name)(*args, **kwargs)
+
+            draw.atcache_routed = True
+            functools.update_wrapper(draw, original)
+            setattr(module, name, draw)
+
+
 @contextlib.contextmanager
 def seeded_rng(seed: int, epoch: int, index: int):
-    """python `random` and numpy's global generator seeded from (seed, epoch, index); their states restored after."""
-    saved = random.getstate(), np.random.get_state()
+    """Within: python `random`'s and numpy's module-level draws, in this thread, come from generators seeded from
+    (seed, epoch, index) (the same streams as `random.seed` / `np.random.seed` with that state would give), whatever
+    other threads draw meanwhile; the process-global generators are left untouched."""
+    _route_module_draws()
     state = np.random.SeedSequence([int(seed), int(epoch), int(index)]).generate_state(4)
-    random.seed(int.from_bytes(state.tobytes(), "little"))
-    np.random.seed(state)
+    saved = getattr(_THREAD, "generators", None)
+    _THREAD.generators = (random.Random(int.from_bytes(state.tobytes(), "little")), np.random.RandomState(state))
     try:
         yield
     finally:
-        random.setstate(saved[0])
-        np.random.set_state(saved[1])
+        _THREAD.generators = saved
 
 
 def rank_share(order: np.ndarray, rank: int, world_size: int) -> np.ndarray:

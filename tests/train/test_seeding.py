@@ -45,6 +45,37 @@ def test_a_sample_depends_on_seed_epoch_and_index_only(voc_yaml, built_cache):
     assert fingerprint(other[5]) != first[5]
 
 
+def test_other_threads_drawing_meanwhile_change_no_sample(voc_yaml):
+    """Another thread of the process drawing from python's `random` and numpy's global generator while samples are
+    made (dask's IO loop, a bucket client's retry jitter) changes none of them, and keeps its own stream."""
+    import random
+    import threading
+
+    ds = seeded(voc_yaml, mixup=0.5)
+    keys = list(range(len(ds))) + [len(ds) + 3, 2 * len(ds) + 1]
+    quiet = [fingerprint(ds[k]) for k in keys]
+    random.seed(0)
+    np.random.seed(0)
+    expected = [(random.random(), float(np.random.rand())) for _ in range(20000)]
+    random.seed(0)
+    np.random.seed(0)
+    stop, drawn = threading.Event(), []
+
+    def draw():
+        while not stop.is_set() and len(drawn) < len(expected):
+            drawn.append((random.random(), float(np.random.rand())))
+
+    thread = threading.Thread(target=draw)
+    thread.start()
+    try:
+        busy = [fingerprint(ds[k]) for k in keys]
+    finally:
+        stop.set()
+        thread.join()
+    assert busy == quiet
+    assert len(drawn) > 100 and drawn == expected[:len(drawn)]
+
+
 def test_close_mosaic_epochs_use_the_closed_pipeline(voc_yaml):
     from ultralytics.data.augment import Compose, Mosaic
 
