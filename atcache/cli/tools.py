@@ -48,7 +48,8 @@ def study_cmd(where: StudyOutput, cfg: StudyConfig):
     prepare(Path(where.out) / "ultralytics")
     from atcache.tools.study import run_study
 
-    for line in run_study(dataclasses.replace(cfg, device=pick_device(cfg.device, "training")), Path(where.out)):
+    for line in run_study(dataclasses.replace(cfg, device=pick_device(cfg.device, "training")), Path(where.out),
+                          ledger=Path(where.ledger) if where.ledger else None):
         typer.echo(line)
 
 

@@ -135,6 +135,8 @@ class StudyOutput:
     """Where `atcache study` runs (not part of what the study depends on, StudyConfig)."""
 
     out: str = opt("runs/accuracy", "Run folder (data, teacher, caches, students, accuracy.json/.md).")
+    ledger: str = opt("", "JSON file of the finished students' records: read to reuse them and rewritten after each "
+                          "(keeps a long study's progress outside OUT).")
 
 
 @dataclass(frozen=True)

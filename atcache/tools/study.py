@@ -5,7 +5,7 @@ epochs, hyperparameters, `--aug-seed` = seed) in each mode: plain, online AT, fr
 replay targets, gradient-based AT from replay targets (grad) and the flip-symmetry term (flip), over several seeds;
 every student is scored on the whole validation split. Reports per-seed values, mean / std per mode and each mode's
 per-seed difference to plain with its 95 % confidence interval (JSON and a Markdown table), rewritten after every
-seed; a rerun in the same OUT reuses the students already trained with the same settings."""
+seed; a rerun in the same OUT (or with the same --ledger) reuses the students already trained with the same settings."""
 
 from __future__ import annotations
 
@@ -78,9 +78,10 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def run_study(config: StudyConfig, out: Path) -> Iterator[str]:
+def run_study(config: StudyConfig, out: Path, ledger: Path | None = None) -> Iterator[str]:
     """Data, teacher (reused when OUT already holds one trained with the same settings), caches, then every mode for
-    every seed; writes OUT/accuracy.json and OUT/accuracy.md and yields progress lines."""
+    every seed; writes OUT/accuracy.json and OUT/accuracy.md and yields progress lines. Students recorded in their run
+    folder or in `ledger` with the same settings are reused; `ledger` gets every finished student's record."""
     from atcache.build.pipeline import build_cache
     from atcache.tools.demo import DEMO_HYP, train_teacher
     from atcache.devices import resolve_device
@@ -143,14 +144,14 @@ def run_study(config: StudyConfig, out: Path) -> Iterator[str]:
             if k >= counts.get(mode, len(config.seeds)):
                 continue
             student = student_plan(mode, weight, seed, sources)
-            if student.replay_build and not replay_built:  # the teacher on this seed's augmented views
+            run_name = f"{name}_seed{seed}{_tag(config, True)}"
+            folder = out / "students" / run_name  # ultralytics' run folder (project, name, exist_ok)
+            entry = _finished_run(folder, ledger, student.settings, {**overrides, "seed": seed})
+            if entry is None and student.replay_build and not replay_built:  # the teacher on this seed's views
                 report = build(Path(sources.replay_cache), replay_epochs=config.student_epochs, aug_seed=seed,
                                gradient=gradients)
                 replay_built, replay_s = True, report.seconds
                 yield f"seed {seed}: build-cache --replay-epochs {config.student_epochs}: {report.summary()}"
-            run_name = f"{name}_seed{seed}{_tag(config, True)}"
-            folder = out / "students" / run_name  # ultralytics' run folder (project, name, exist_ok)
-            entry = _finished_run(folder, student.settings, {**overrides, "seed": seed})
             if entry is None:
                 t0 = time.perf_counter()
                 r = measure_training(student.settings, {**overrides, "seed": seed, "name": run_name})
@@ -158,7 +159,7 @@ def run_study(config: StudyConfig, out: Path) -> Iterator[str]:
                 entry = {"seed": seed, **{key: m.get(col, 0.0) for key, col in SCORES.items()},
                          "img_per_s": r["img_per_s"], "wall_s": time.perf_counter() - t0,
                          "cache_build_s": replay_s if student.replay_build else None, "save_dir": r["save_dir"]}
-                _record_run(folder, student.settings, {**overrides, "seed": seed}, entry)
+                _record_run(folder, ledger, student.settings, {**overrides, "seed": seed}, entry)
             runs[name]["per_seed"].append(entry)
             yield f"seed {seed} {name}: mAP50 {entry['mAP50']:.3f} mAP50-95 {entry['mAP50-95']:.3f} in {entry['wall_s']:.0f}s"
         results = _summary(config, setup, runs, time.perf_counter() - t_start)  # written after every seed
@@ -172,21 +173,31 @@ def run_study(config: StudyConfig, out: Path) -> Iterator[str]:
 RUN_RECORD = "atcache_study_run.json"  # in a finished student's run folder: its settings and figures
 
 
-def _finished_run(folder: Path, settings, overrides: dict) -> dict | None:
-    """The figures of a student this study already trained with the same settings (a rerun after an interruption
-    continues where it stopped), else None."""
+def _finished_run(folder: Path, ledger: Path | None, settings, overrides: dict) -> dict | None:
+    """The figures of a student this study already trained with the same settings (its run folder's record, else the
+    ledger's; a rerun after an interruption continues where it stopped), else None."""
     record = folder / RUN_RECORD
-    if not record.is_file():
+    saved = json.loads(record.read_text()) if record.is_file() else _ledger(ledger).get(folder.name)
+    if saved is None:
         return None
-    saved = json.loads(record.read_text())
     same = saved["settings"] == settings.to_json() and saved["overrides"] == json.loads(json.dumps(overrides))
     return {**saved["entry"], "reused": True} if same else None
 
 
-def _record_run(folder: Path, settings, overrides: dict, entry: dict) -> None:
+def _ledger(path: Path | None) -> dict:
+    return json.loads(path.read_text()) if path is not None and path.is_file() else {}
+
+
+def _record_run(folder: Path, ledger: Path | None, settings, overrides: dict, entry: dict) -> None:
+    record = {"settings": settings.to_json(), "overrides": overrides, "entry": entry}
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / RUN_RECORD).write_text(json.dumps({"settings": settings.to_json(), "overrides": overrides,
-                                                 "entry": entry}, indent=2))
+    (folder / RUN_RECORD).write_text(json.dumps(record, indent=2))
+    if ledger is not None:
+        runs = {**_ledger(ledger), folder.name: record}
+        ledger.parent.mkdir(parents=True, exist_ok=True)
+        tmp = ledger.with_name(ledger.name + ".tmp")
+        tmp.write_text(json.dumps(dict(sorted(runs.items())), indent=1) + "\n")
+        tmp.replace(ledger)
 
 
 def paired_difference(values: list[float], plain: list[float]) -> dict:

@@ -1,7 +1,9 @@
 """`atcache bench` end to end on a CPU for a few steps: every field of the JSON, ratios that follow from the raw
 figures, the user's dataset left untouched, and one-line refusals."""
 
+import dataclasses
 import json
+import shutil
 import math
 
 import pytest
@@ -232,11 +234,14 @@ def test_study_pairs_each_mode_with_plain_by_seed_and_reuses_finished_students(p
     from atcache.tools import demo, study
 
     planned, trained, _ = plan_spy
-    monkeypatch.setattr(pipeline, "build_cache", lambda cfg: FakeBuild())
+    builds = []
+    monkeypatch.setattr(pipeline, "build_cache", lambda cfg: builds.append(cfg.replay_epochs) or FakeBuild())
     monkeypatch.setattr(demo, "train_teacher", lambda *a, **k: (tmp_path / "best.pt", {}))
     config = study.StudyConfig(images=40, imgsz=64, student_images=8, student_epochs=1, seeds=(0, 1, 2),
                                modes=("plain", "grad", "flip", "online"), mode_seeds=(("online", 1),))
-    list(study.run_study(config, tmp_path))
+    ledger = tmp_path / "kept" / "runs.json"
+    list(study.run_study(config, tmp_path, ledger=ledger))
+    assert builds == [0, 1, 1, 1]  # the static cache, then one replay cache per seed
     assert planned == ["plain", "grad", "flip", "online"] + ["plain", "grad", "flip"] * 2
     report = json.loads((tmp_path / "accuracy.json").read_text())
     assert report["modes"]["online"]["seeds"] == [0] and report["modes"]["grad"]["seeds"] == [0, 1, 2]
@@ -247,8 +252,15 @@ def test_study_pairs_each_mode_with_plain_by_seed_and_reuses_finished_students(p
     assert settings["grad_seed0_n8_e1"].gradient_weight == 1.0 and settings["grad_seed0_n8_e1"].at_weight == 0.0
     assert settings["flip_seed1_n8_e1"].flip_weight == 1.0 and settings["flip_seed1_n8_e1"].mode == "plain"
     trained.clear()
+    builds.clear()
     list(study.run_study(config, tmp_path))  # a rerun trains nothing again
-    assert trained == []
+    assert trained == [] and builds == [0]
+    shutil.rmtree(tmp_path / "students")  # OUT lost its students: the ledger still knows them
+    list(study.run_study(config, tmp_path, ledger=ledger))
+    assert trained == [] and json.loads((tmp_path / "accuracy.json").read_text())["modes"] == report["modes"]
+    other = dataclasses.replace(config, student_epochs=2)  # other settings: nothing reused
+    list(study.run_study(dataclasses.replace(other, seeds=(0,), modes=("plain",)), tmp_path, ledger=ledger))
+    assert [name for name, _ in trained] == ["plain_seed0_n8_e2"] and len(json.loads(ledger.read_text())) == 11
 
 
 def test_paired_difference_has_the_t_interval():
