@@ -203,6 +203,30 @@ def race_claims(store, starts, size: int = 100) -> list:
     return got
 
 
+def race_creation(path, spec, files, builders: int = 4) -> tuple[list, list]:
+    """`builders` shards opening a new store at `path` at the same moment, one thread each (as `--shard i/n` processes
+    started together): (the stores they got, the errors they met)."""
+    import threading
+
+    from atcache.cache.store import CacheStore
+
+    stores, errors, barrier = [], [], threading.Barrier(builders)
+
+    def open_store():
+        barrier.wait()
+        try:
+            stores.append(CacheStore.open_or_create(path, spec, files, resume=False, overwrite=False, join=True))
+        except Exception as e:  # noqa: BLE001 - the caller asserts there is none
+            errors.append(e)
+
+    threads = [threading.Thread(target=open_store) for _ in range(builders)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return stores, errors
+
+
 def lively_model(seed: int = 0, dtype=None):
     """A YOLO11n (nc=20) in eval mode whose loss depends on its input: He-normal convs (the stock init shrinks the
     activations to ~0 by the head) and class biases 0 (the stock prior makes the assigner's align metric ~eps)."""

@@ -8,7 +8,7 @@ import pytest
 from atcache.cache.claims import LOCK_PREFIX, ChunkClaim, unit_ranges
 from atcache.cache.store import CacheStore
 from atcache.errors import AtcacheError
-from atcache.testing import fake_spec, race_claims, seed_layers
+from atcache.testing import fake_spec, race_claims, race_creation, seed_layers
 
 
 @pytest.fixture
@@ -33,6 +33,21 @@ def test_one_record_for_thousands_of_units(store):
         with pytest.raises(AtcacheError, match="row-chunk 3999 .* is being built by pid"):
             ChunkClaim(store, [3999]).acquire()
     assert not store.location.list(LOCK_PREFIX)
+
+
+def test_shards_started_together_on_a_new_store_all_join_it(tmp_path):
+    """Four shards creating the same new store at once: one creates it, the others wait for its spec and join
+    (none mistakes the store being created for foreign content)."""
+    spec = fake_spec(seed_layers(64)[:2], n_rows=40, chunk_rows=4, imgsz=64)
+    files = [f"images/{i:05d}.jpg" for i in range(40)]
+    for trial in range(15):
+        stores, errors = race_creation(tmp_path / f"new{trial}.zarr", spec, files)
+        assert not errors and len(stores) == 4, (trial, errors)
+        assert all(s.spec == spec for s in stores)
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / "notes.txt").write_text("not a store")
+    stores, errors = race_creation(tmp_path / "foreign", spec, files, builders=2)
+    assert not stores and all("is not an atcache store" in str(e) for e in errors) and len(errors) == 2
 
 
 def test_racing_overlapping_claims_never_both_proceed(store):

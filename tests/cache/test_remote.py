@@ -105,11 +105,15 @@ def test_replay_gradients_in_a_bucket(s3, voc_yaml, teacher_pt, tmp_path):
     assert results(tmp_path / "g")["train/grad_loss"] > 0
 
 
-def test_claims_on_s3_one_record_and_racing_overlaps(s3):
+def test_claims_on_s3_one_record_racing_overlaps_and_creation(s3):
     from atcache.cache.claims import ChunkClaim
     from atcache.cache.store import CacheStore
-    from atcache.testing import fake_spec, race_claims, seed_layers
+    from atcache.testing import fake_spec, race_claims, race_creation, seed_layers
 
+    small = fake_spec(seed_layers(64)[:1], n_rows=40, chunk_rows=4, imgsz=64)
+    for trial in range(3):  # four shards started together on a new bucket store all join it
+        stores, errors = race_creation(f"{s3}/new{trial}.zarr", small, [f"{i}.jpg" for i in range(40)])
+        assert not errors and len(stores) == 4, (trial, errors)
     spec = fake_spec(seed_layers(64)[:1], n_rows=2000, chunk_rows=1, imgsz=64)
     store = CacheStore.create(f"{s3}/claims.zarr", spec, [f"{i}.jpg" for i in range(2000)])
     with ChunkClaim(store, range(2000)) as claim:
