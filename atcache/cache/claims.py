@@ -46,8 +46,9 @@ def claim_creation(loc: Location) -> bool:
             loc.local_path.mkdir(parents=True, exist_ok=True)
         if loc.exists(CREATE_RECORD):
             return False
-        # a creator writes CREATE_RECORD before anything else, so content without it after a second look is foreign
-        if not loc.is_empty() and not loc.exists(CREATE_RECORD):
+        # a creator writes CREATE_RECORD (through a temporary file) before anything else, so content other than
+        # that temporary file without CREATE_RECORD after a second look is foreign
+        if not loc.is_empty(but_pending=True) and not loc.exists(CREATE_RECORD):
             raise AtcacheError(f"{loc} exists and is not an atcache store; choose another --out or remove it")
         root = {"zarr_format": 3, "node_type": "group", "attributes": {CREATOR_ATTR: owner_record("create")}}
         return loc.create(CREATE_RECORD, json.dumps(root, indent=2).encode())

@@ -14,6 +14,8 @@ map size; dimension names in brackets, stored as each array's zarr `dimension_na
 With --replay-epochs (E epochs of M samples, R' = replay chunk_rows), in group `replay`:
     replay/maps/<i>, replay/scales/<i>, replay/norms/<i>   (E, M[, H, W])  [epoch, position(, y_<i>, x_<i>)]
     replay/sample (int32), replay/record (uint64), replay/done (bool)  (E, M)  [epoch, position]   chunks (1, R'...)
+    (record: the fingerprint of the augmented image (3, H, W) uint8, spec.replay.fingerprint: "crc32c+crc32" =
+    crc32c(bytes) | crc32(bytes) << 32, the C-order bytes; stores made before it: "blake2b", 8-byte blake2b, little-endian)
 With --gradient (S = spec.gradient_stride >= 1, G = imgsz / S), in group `grad` (and, with --replay-epochs, the same
 per replayed view in `replay/grad/direction` (E, M, 3, G, G) [epoch, position, channel, y_grad, x_grad] chunks
 (1, R', 3, G, G), and `replay/grad/norm` (E, M), x being the augmented view and L on that view's labels):
@@ -53,6 +55,10 @@ from atcache.errors import AtcacheError
 FORMAT_VERSION = 2  # 2: per-layer dimension names y_<i>, x_<i>; ownership records out of the zarr hierarchy
 # The letterbox array's columns, the one definition (the store writes them as the array's `columns` attribute).
 LETTERBOX_COLUMNS = ("h0", "w0", "h", "w", "pad_top", "pad_left", "ratio")
+
+# How replay/record fingerprints an augmented image: the default (two CRCs, ~4x faster than blake2b at 640: a training
+# loader checks every sample) and what stores made before it hold.
+FINGERPRINTS = ("crc32c+crc32", "blake2b")
 
 # Fields that may differ between two specs of the same cache (informational only).
 INFORMATIONAL = ("created", "atcache_version", "ultralytics_version", "torch_version", "teacher_path", "data_yaml")
@@ -126,6 +132,7 @@ class ReplaySpec:
     chunk_rows: int
     files_sha256: str
     augment: dict  # AUGMENT_KEYS -> the value the build used
+    fingerprint: str = "crc32c+crc32"  # of each augmented image (replay/record), one of FINGERPRINTS
 
     @property
     def chunks_per_epoch(self) -> int:
@@ -200,7 +207,10 @@ class CacheSpec:
             lb["columns"] = tuple(lb["columns"])
         d["letterbox"] = Letterbox(**lb)
         if d.get("replay") is not None:
-            d["replay"] = ReplaySpec(**d["replay"])
+            d["replay"] = ReplaySpec(**{"fingerprint": "blake2b", **d["replay"]})  # an older store: blake2b records
+            if d["replay"].fingerprint not in FINGERPRINTS:
+                raise ValueError(f"its replay records are fingerprinted with {d['replay'].fingerprint!r}, which this "
+                                 "atcache does not know")
         d["gradient_stride"] = int(d.get("gradient_stride") or 0)  # an older store: no gradients
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
@@ -209,6 +219,9 @@ class CacheSpec:
         """Human-readable 'field: ours vs theirs' for every field that determines the data and differs."""
         out = []
         a, b = self.to_dict(), other.to_dict()
+        for spec in (a, b):  # a resumed build keeps the store's own fingerprint
+            if spec.get("replay"):
+                spec["replay"] = {k: v for k, v in spec["replay"].items() if k != "fingerprint"}
         for key in list(a) + [k for k in b if k not in a]:
             if key in INFORMATIONAL:
                 continue

@@ -74,9 +74,13 @@ class Location:
         """Is there a file (or, for name '', anything at all) at the store root / `name`?"""
         return bool(self._fs_root[0].exists(self._path(name)))
 
-    def is_empty(self) -> bool:
+    def is_empty(self, but_pending: bool = False) -> bool:
+        """Nothing at the root; with `but_pending`, nothing but the temporary files of `create` / `write` in flight."""
         fs, root = self._fs_root
-        return not fs.exists(root) or not fs.ls(root, detail=False)
+        names = fs.ls(root, detail=False) if fs.exists(root) else []
+        if but_pending:
+            names = [n for n in names if not n.endswith(".tmp")]
+        return not names
 
     def read(self, name: str) -> bytes | None:
         """The bytes of `name`, or None if it does not exist."""

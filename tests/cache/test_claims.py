@@ -40,7 +40,7 @@ def test_shards_started_together_on_a_new_store_all_join_it(tmp_path):
     (none mistakes the store being created for foreign content)."""
     spec = fake_spec(seed_layers(64)[:2], n_rows=40, chunk_rows=4, imgsz=64)
     files = [f"images/{i:05d}.jpg" for i in range(40)]
-    for trial in range(15):
+    for trial in range(30):
         stores, errors = race_creation(tmp_path / f"new{trial}.zarr", spec, files)
         assert not errors and len(stores) == 4, (trial, errors)
         assert all(s.spec == spec for s in stores)
