@@ -25,6 +25,7 @@ from atcache.attention.hooks import probe_layers
 from atcache.build.runners import RunResult, run_here, run_on_cluster, run_on_devices
 from atcache.cache.format import CacheSpec, LayerSpec, Letterbox
 from atcache.cache.claims import ChunkClaim, chunks_for_shard
+from atcache.cache.integrity import damaged_chunks
 from atcache.cache.format import MAP_DTYPES
 from atcache.cache.store import CacheStore
 from atcache.yolo import LoadedModel, load_model
@@ -219,7 +220,7 @@ def _claim_chunks(store: CacheStore, owned: Sequence[int], cfg: BuildConfig):
         yield [], {}
         return
     with ChunkClaim(store, candidates, break_locks=cfg.break_locks):
-        repaired = store.damaged_chunks([k for k in candidates if k < store.n_chunks]) if cfg.repair else {}
+        repaired = damaged_chunks(store, [k for k in candidates if k < store.n_chunks]) if cfg.repair else {}
         if repaired:
             store.mark_not_done(repaired)
             complete = store.complete_units()

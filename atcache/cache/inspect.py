@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from atcache.errors import AtcacheError, first_line
 from atcache.scheduler import dask_scheduler
 from atcache.cache.format import CacheSpec, LetterboxTable
 from atcache.cache import arrays
+from atcache.cache.integrity import unit_problems
 from atcache.cache.store import CacheStore
 
 NORM_TOLERANCE = 5e-3  # |(||A||_2) - 1| allowed for a float16 map of unit norm
@@ -165,25 +167,29 @@ def _replay_summary(path) -> dict:
 # ----------------------------------------------------------------------------------------------------- integrity
 def verify_cache(path: str | Path, workers: int | None = None, scheduler: str | None = None) -> list[dict]:
     """Decode every chunk of every array (crc32c checked by zarr); one entry per chunk that fails, or a done row
-    whose map is not finite, with its array, layer and row range."""
+    whose map is not finite, with its array, layer and row range. Each task gets a range of units and the store's
+    path alone, and opens the store itself."""
     store = CacheStore.open(path)
-    done = store.done_mask()
-    replay_done = store.replay_done() if store.spec.replay else None
-
-    def check(name: str, k: int) -> dict | None:
-        replay = name.startswith("replay/")
-        problem = store.chunk_problem(name, k, replay_done if replay else done)
-        if problem is None:
-            return None
-        e, a, b = store.replay_unit(k) if replay else (None, *store.chunk_range(k))
-        return {"array": name, "chunk": k, "rows": [a, b], "error": problem, **({"epoch": e} if replay else {})}
-
-    tasks = [dask.delayed(check)(name, k) for name in store.array_names() for k in range(store.n_chunks)]
-    tasks += [dask.delayed(check)(name, u) for name in store.replay_array_names()
-              for u in range(store.n_chunks, store.n_units)]
+    n = store.n_units
+    per_task = max(1, min(VERIFY_UNITS_PER_TASK, -(-n // (8 * max(1, workers or os.cpu_count() or 1)))))
+    tasks = [dask.delayed(_verify_units, pure=False)(store.path, a, min(a + per_task, n)) for a in range(0, n, per_task)]
     with dask_scheduler(workers, scheduler):
         results = dask.compute(*tasks)
-    return [r for r in results if r is not None]
+    return [r for block in results for r in block]
+
+
+VERIFY_UNITS_PER_TASK = 256  # units (row-chunks or replay chunks) one verify task reads, array by array
+
+
+def _verify_units(path: str, start: int, stop: int) -> list[dict]:
+    """The problems of units [start, stop) of the store at `path` (a dask task: small arguments, its own handle)."""
+    store = CacheStore.open(path)
+    out = []
+    for name, k, problem in unit_problems(store, start, stop):
+        replay = store.replay_unit(k) if name.startswith("replay/") else None
+        e, a, b = replay if replay else (None, *store.chunk_range(k))
+        out.append({"array": name, "chunk": k, "rows": [a, b], "error": problem, **({"epoch": e} if replay else {})})
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------- comparing

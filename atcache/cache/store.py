@@ -264,7 +264,7 @@ class CacheStore:
                 out[name] = np.asarray(self._array(name)[e, a:b])
             except Exception as error:
                 raise AtcacheError(f"cache {self.path}: {name} epoch {e} positions {a}-{b - 1} "
-                                   f"{_decode_failure(error)}; rebuild the replay arrays with build-cache --overwrite") from None
+                                   f"{decode_failure(error)}; rebuild the replay arrays with build-cache --overwrite") from None
         if not out["replay/done"].all():
             raise AtcacheError(f"cache {self.path}: replay epoch {e} positions {a}-{b - 1} are not built yet; finish "
                                "the cache with `atcache build-cache ... --resume`")
@@ -294,8 +294,8 @@ class CacheStore:
             try:
                 self._array(name)[lo:hi]
             except Exception as e:
-                raise self.chunk_error(name, lo, hi, _decode_failure(e)) from None
-        raise self.chunk_error(name, a, b, _decode_failure(error)) from None
+                raise self.chunk_error(name, lo, hi, decode_failure(e)) from None
+        raise self.chunk_error(name, a, b, decode_failure(error)) from None
 
     def read_layer(self, layer: int, a: int = 0, b: int | None = None,
                    done: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -315,7 +315,7 @@ class CacheStore:
         if done is not None:
             finite = ((f"scales/{layer}", scales),) if uint8 else ((f"maps/{layer}", stored),)
             for name, values in finite + ((f"norms/{layer}", norms),):
-                bad = _nonfinite_finished(values, done[a:a + len(values)])
+                bad = nonfinite_finished(values, done[a:a + len(values)])
                 if len(bad):
                     first = a + int(bad[0])
                     raise self.chunk_error(name, *self.chunk_range(first // self.spec.chunk_rows),
@@ -335,23 +335,6 @@ class CacheStore:
         """Bytes on disk (or in the bucket) of the whole store."""
         return self.location.nbytes()
 
-    def chunk_problem(self, name: str, k: int, done: np.ndarray) -> str | None:
-        """Why unit k of array `name` cannot be trusted: it fails to decode (checksum mismatch, truncated file) or, for
-        maps/norms, a done row (per `done`, the store's done mask; for replay arrays the replay done mask) is not
-        finite; None if it is sound. k is a row-chunk, or for `replay/...` arrays a replay unit."""
-        replay = self.replay_unit(k) if name.startswith("replay/") else None
-        e, a, b = replay if replay else (None, *self.chunk_range(k))
-        try:
-            block = self._array(name)[a:b] if replay is None else self._array(name)[e, a:b]
-        except Exception as error:
-            return f"{type(error).__name__}: {error}".splitlines()[0]
-        if ("norms/" in name or "scales/" in name or "grad/" in name
-                or ("maps/" in name and self.spec.map_dtype == "float16")):
-            bad = _nonfinite_finished(np.asarray(block), done[a:b] if replay is None else done[e, a:b])
-            if len(bad):
-                return f"{len(bad)} done rows are not finite (first row {a + bad[0]})"
-        return None
-
     def replay_array_names(self) -> list[str]:
         """The replay arrays (none without --replay-epochs); each is chunked by one epoch x chunk_rows positions."""
         if self.spec.replay is None:
@@ -360,15 +343,6 @@ class CacheStore:
         per_layer = [f"replay/{kind}/{layer}" for kind in kinds for layer in self.spec.layer_indices]
         grad = ["replay/grad/direction", "replay/grad/norm"] if self.spec.gradient_stride else []
         return per_layer + grad + ["replay/sample", "replay/record", "replay/done"]
-
-    def damaged_chunks(self, chunks: Iterable[int]) -> dict[int, list[str]]:
-        """Row-chunks (of `chunks`) with an array whose chunk cannot be trusted (see chunk_problem): {k: [arrays]}."""
-        done, damaged = self.done_mask(), {}
-        for k in chunks:
-            names = [name for name in self.array_names() if self.chunk_problem(name, k, done) is not None]
-            if names:
-                damaged[k] = names
-        return damaged
 
     def rewrite_files(self, files: Sequence[str]) -> None:
         """Rewrite the image list (for --repair of a damaged `files` chunk; the list is known from the split)."""
@@ -415,6 +389,10 @@ class CacheStore:
         write_together(self._array, writes)
         self._array("done")[at] = data.ok.astype(bool, copy=False)
 
+    def array(self, name: str) -> zarr.Array:
+        """The zarr array `name` of this store (for the package's readers: atcache.cache.integrity)."""
+        return self._array(name)
+
     def _array(self, name: str) -> zarr.Array:
         """Array `name`, its metadata read once per handle (on a bucket every lookup is a GET)."""
         arr = self._arrays.get(name)
@@ -426,14 +404,14 @@ class CacheStore:
 REPAIR_HINT = 'run "atcache inspect --verify {path}", then "atcache build-cache ... --resume --repair"'
 
 
-def _decode_failure(e: Exception) -> str:
+def decode_failure(e: Exception) -> str:
     text = first_line(e)
     if "checksum" in text.lower() or "crc" in text.lower():
         return "cannot be decoded (checksum mismatch: corrupted chunk)"
     return f"cannot be decoded ({type(e).__name__}: {text})"
 
 
-def _nonfinite_finished(values: np.ndarray, done: np.ndarray) -> np.ndarray:
+def nonfinite_finished(values: np.ndarray, done: np.ndarray) -> np.ndarray:
     """Offsets of the rows of a block (r, ...) that are finished (`done`, (r,)) but hold NaN or Inf."""
     finite = np.isfinite(np.asarray(values, dtype=np.float32).reshape(len(values), -1)).all(1)
     return np.flatnonzero(done & ~finite)
