@@ -1,0 +1,739 @@
+"""Scale drill: the non-compute costs of a cache (build bookkeeping, opening for training, target supply, inspect) on
+synthetic stores shaped like the real jobs, at several sizes, on a local folder and on a loopback S3 server (moto).
+
+    python pipelines/scale_drill.py                       # local: 0.1 %, 1 %, 10 % of a 100-epoch VOC replay
+    python pipelines/scale_drill.py --s3 --sizes 0.1,1    # the same on a moto S3 server on 127.0.0.1
+    python pipelines/scale_drill.py --tiny                # seconds (what tests/tools/test_scale_drill.py runs)
+    python pipelines/scale_drill.py --analyse-only        # the Markdown table again from the JSON
+    python pipelines/scale_drill.py --merge local.json s3.json   # one report from separate runs
+
+A size is a fraction of a 100-epoch VOC replay at 640 (16,551 rows x 100 epochs = 1.66 M views, 6 layers 6,8,13,16,19,22
+of strides 16,32,16,8,16,32, uint8 maps): 1 % is the static rows plus 1 epoch of replay arrays, 0.1 % is 1,655 rows and
+one epoch of them. Maps are smooth blobs plus noise (about 10 KB per view compressed, like a trained teacher's), written
+through CacheStore's own write API. What is timed, each step in its own process (peak RSS: that process and its
+children, sampled every 50 ms):
+  build    `build_cache` itself, the teacher replaced by a synthetic compute (pipeline.load_model, _make_spec and
+           run_here patched; run_here writes each unit with CacheStore.write_chunk / write_replay from one pre-made
+           chunk of maps): create + claim, writes per unit, the completion check, the sweep; half the units as shard
+           0/2, then --resume of the rest, and a fresh store by four shards at once. `claim100`: create, claim and
+           resume of an empty 100 % store (nothing written: bookkeeping alone at full size).
+  open     check_settings -> the target source (CacheTargets.load / StreamingCacheTargets.open / ReplayTargets) ->
+           the targets of a first batch of 16 (ultralytics' label scan of the images is not included).
+  supply   per view in one process, as a loader worker does: static rows in RAM, streamed in block-shuffled order,
+           replay in training order (read, decode, fingerprint of a 640x640 image); against ultralytics' own
+           augmentation (YOLODataset[i], mosaic, 640) on VOC-sized synthetic JPEGs.
+  inspect  inspect and inspect --verify with --scheduler local:2, against one process decompressing every chunk.
+Sizes not built are extrapolated linearly from the two largest measured ones (labelled "extrapolated"), as is COCO
+(118,287 images x 300 epochs)."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+os.environ.setdefault("YOLO_OFFLINE", "1")
+RESULTS = Path("pipelines/results/scale_drill_cpu.json")
+VOC_ROWS, VOC_EPOCHS, COCO_ROWS, COCO_EPOCHS = 16551, 100, 118287, 300
+LAYERS = (6, 8, 13, 16, 19, 22)
+IMGSZ, CHUNK_ROWS, BATCH = 640, 256, 16
+TINY = {"rows": 96, "epochs": 2, "chunk_rows": 16, "label": "tiny"}
+BUDGETS = {  # what the numbers are held against
+    "claim_resume_100pct_s3_s": 10.0,  # claiming and resuming a 100-epoch VOC replay build on S3, per builder
+    "unit_noncompute_s3_s": 0.036,  # a unit's claims, chunk writes and done marks on S3
+    "open_first_batch_s": 5.0,  # opening a cache to the first batch, every size
+    "replay_supply_fraction": 0.10,  # replay targets' loader cost per sample / ultralytics' augmentation per sample
+}
+
+
+# ------------------------------------------------------------------------------------------------ sizes and data
+def size_shape(fraction: float) -> dict:
+    """Rows and replay epochs of a store holding `fraction` of a 100-epoch VOC replay's views."""
+    views = round(fraction * VOC_ROWS * VOC_EPOCHS)
+    if views >= VOC_ROWS:
+        return {"rows": VOC_ROWS, "epochs": max(1, round(views / VOC_ROWS)), "chunk_rows": CHUNK_ROWS,
+                "label": f"{fraction * 100:g}%"}
+    return {"rows": views, "epochs": 1, "chunk_rows": CHUNK_ROWS, "label": f"{fraction * 100:g}%"}
+
+
+def make_split(root: Path, rows: int) -> Path:
+    """A data YAML whose train split is `rows` hard links to one VOC-sized JPEG (what the settings check lists and
+    fingerprints), val two images."""
+    import cv2
+
+    if (root / "data.yaml").exists():
+        return root / "data.yaml"
+    rng = np.random.default_rng(0)
+    image = cv2.GaussianBlur(rng.integers(0, 255, (375, 500, 3), dtype=np.uint8), (7, 7), 0)
+    for split, n in (("train", rows), ("val", 2)):
+        (root / "images" / split).mkdir(parents=True, exist_ok=True)
+        first = root / "images" / split / "0000000.jpg"
+        cv2.imwrite(str(first), image)
+        for i in range(1, n):
+            os.link(first, root / "images" / split / f"{i:07d}.jpg")
+    (root / "data.yaml").write_text(f"path: {root}\ntrain: images/train\nval: images/val\nnames:\n  0: thing\n")
+    return root / "data.yaml"
+
+
+def replay_image():
+    """The 640x640 augmented image every replayed view claims to be (its fingerprint is stored as each record)."""
+    import torch
+
+    return torch.from_numpy(np.random.default_rng(1).integers(0, 255, (3, IMGSZ, IMGSZ), dtype=np.uint8))
+
+
+def synthetic_spec(split, rows: int, epochs: int, chunk_rows: int):
+    """The spec a VOC-640 uint8 build with `epochs` replay epochs would write, for the synthetic split."""
+    import dataclasses
+
+    from atcache.cache.format import AUGMENT_KEYS, ReplaySpec
+    from atcache.testing import fake_spec, seed_layers
+    from atcache.train.replay import files_sha256
+
+    spec = fake_spec(seed_layers(IMGSZ), rows, chunk_rows, imgsz=IMGSZ)
+    replay = ReplaySpec(epochs=epochs, aug_seed=0, samples=rows, chunk_rows=chunk_rows,
+                        files_sha256=files_sha256([split.absolute(i) for i in range(rows)], split.root),
+                        augment={k: (VOC_EPOCHS if k == "epochs" else 0) for k in AUGMENT_KEYS})
+    return dataclasses.replace(spec, map_dtype="uint8", dataset_fingerprint=split.fingerprint(), replay=replay)
+
+
+def synthetic_maps(r: int, seed: int = 0, noise: float = 0.015) -> dict[int, np.ndarray]:
+    """Per layer r maps (r, H, W) float32: bicubic-upsampled 6x6 blobs plus uniform noise (~10 KB a view as uint8)."""
+    import cv2
+
+    from atcache.testing import seed_layers
+
+    rng, out = np.random.default_rng(seed), {}
+    for layer in seed_layers(IMGSZ):
+        low = rng.random((6, 6, r), dtype=np.float32) ** 3
+        up = np.concatenate([cv2.resize(low[..., s:s + 128], (layer.width, layer.height), interpolation=cv2.INTER_CUBIC)
+                             .reshape(layer.height, layer.width, -1) for s in range(0, r, 128)], axis=2)
+        m = np.clip(up, 0, None) + noise * rng.random(up.shape, dtype=np.float32)
+        out[layer.index] = np.ascontiguousarray(m.transpose(2, 0, 1))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ steps (children)
+class Timers(dict):
+    """Seconds and calls per name, accumulated by wrapped functions (nested calls are counted in both)."""
+
+    def wrap(self, owner, name: str, key: str | None = None):
+        original = getattr(owner, name)
+        key = key or name
+
+        def timed(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                s, n = self.get(key, (0.0, 0))
+                self[key] = (s + time.perf_counter() - t0, n + 1)
+
+        setattr(owner, name, timed)
+
+
+def step_build(a: dict) -> dict:
+    """build_cache over a synthetic split with the compute replaced by writes of pre-made maps (see the docstring)."""
+    import dataclasses
+
+    from atcache.build import pipeline
+    from atcache.build.runners import RunResult
+    from atcache.cache.claims import ChunkClaim
+    from atcache.cache.store import CacheStore, ChunkData
+    from atcache.config import BuildConfig
+    from atcache.data.splits import split_files
+    from atcache.train.replay import fingerprint
+
+    split = split_files(a["data"], "train")
+    spec = synthetic_spec(split, a["rows"], a["epochs"], a["chunk_rows"])
+    pool = synthetic_maps(a["chunk_rows"])
+    record = fingerprint(replay_image())
+    norms = {i: np.ones(a["chunk_rows"], np.float32) for i in LAYERS}
+    letterbox = np.tile(np.array([375, 500, 480, 640, 80, 0, 1.28], np.float32), (a["chunk_rows"], 1))
+    writes: dict[str, list[float]] = {"static": [], "replay": []}
+
+    def runner(cfg, store, todo, teacher, split, device):
+        for u in todo if a.get("write", True) else []:
+            t0 = time.perf_counter()
+            span = store.replay_unit(u)
+            if span is None:
+                lo, hi = store.chunk_range(u)
+                n = hi - lo
+                store.write_chunk(u, ChunkData({i: m[:n] for i, m in pool.items()}, {i: x[:n] for i, x in norms.items()},
+                                               letterbox[:n], np.ones(n, bool)))
+                writes["static"].append(time.perf_counter() - t0)
+            else:
+                e, lo, hi = span
+                n = hi - lo
+                store.write_replay(u, {i: m[:n] for i, m in pool.items()}, {i: x[:n] for i, x in norms.items()},
+                                   np.arange(lo, hi, dtype=np.int32), np.full(n, record, np.uint64))
+                writes["replay"].append(time.perf_counter() - t0)
+        return RunResult()
+
+    timers = Timers()
+    pipeline.load_model = lambda *args, **kw: None
+    pipeline._make_spec = lambda cfg, teacher, split, device: spec
+    pipeline.run_here = runner
+    timers.wrap(CacheStore, "open_or_create")
+    timers.wrap(CacheStore, "complete_units")
+    timers.wrap(CacheStore, "done_mask")
+    timers.wrap(CacheStore, "replay_done")
+    timers.wrap(CacheStore, "sweep_partial_writes", "sweep")
+    timers.wrap(CacheStore, "nbytes_stored")
+    timers.wrap(ChunkClaim, "acquire", "claim")
+    timers.wrap(ChunkClaim, "release")
+    timers.wrap(pipeline, "vanishing_layers")
+    timers.wrap(pipeline, "run_here", "runner")
+    cfg = BuildConfig(teacher="synthetic", data=a["data"], out=a["url"], imgsz=IMGSZ, batch=BATCH, device="cpu",
+                      workers=0, chunk_rows=a["chunk_rows"], layers=LAYERS, progress=False, dtype="uint8",
+                      replay_epochs=a["epochs"], shard=tuple(a.get("shard", (0, 1))), resume=a.get("resume", False))
+    if a.get("start_at"):  # four shards started together
+        time.sleep(max(0.0, a["start_at"] - time.time()))
+    t0 = time.perf_counter()
+    report = pipeline.build_cache(dataclasses.replace(cfg))
+    total = time.perf_counter() - t0
+    units = len(writes["static"]) + len(writes["replay"])
+    write_s = sum(writes["static"]) + sum(writes["replay"])
+    out = {"seconds": total, "units_written": units, "write_s": write_s,
+           "write_s_per_static_unit": float(np.mean(writes["static"])) if writes["static"] else None,
+           "write_s_per_replay_unit": float(np.mean(writes["replay"])) if writes["replay"] else None,
+           "bookkeeping_s": total - write_s, "store_bytes": report.store_bytes,
+           "timers": {k: {"s": s, "calls": n} for k, (s, n) in timers.items()}}
+    out["noncompute_s_per_unit"] = total / units if units else None
+    return out
+
+
+def step_open(a: dict) -> dict:
+    """check_settings -> target source -> targets of a first batch of BATCH samples, for one target mode."""
+    from atcache.config import DistillSettings
+    from atcache.train.checks import check_settings
+    from atcache.train.replay import ReplayTargets
+    from atcache.train.samplers import EpochSampler
+    from atcache.train.streaming import StreamingCacheTargets
+    from atcache.train.targets import CacheTargets
+
+    mode, layers = a["mode"], LAYERS
+    image = replay_image() if mode == "replay" else None
+    s = DistillSettings(mode="cache", cache=a["url"], targets="replay" if mode == "replay" else "static",
+                        layers=tuple((i, i) for i in layers), stream=mode == "streamed")
+    t0 = time.perf_counter()
+    plan = check_settings(s, IMGSZ, a["data"])
+    t1 = time.perf_counter()
+    if mode == "replay":
+        source = ReplayTargets(plan.store.path, plan.store.spec, layers)
+    else:
+        source = (StreamingCacheTargets.open if plan.streaming else CacheTargets.load)(plan.store, layers)
+    t2 = time.perf_counter()
+    if mode == "replay":
+        order = EpochSampler(source.replay.samples, source.replay.aug_seed).order(0)
+        targets = [source.maps(0, int(i), image) for i in order[:BATCH]]
+    else:
+        targets = [source.static(r) for r in range(BATCH)]
+    t3 = time.perf_counter()
+    assert len(targets) == BATCH
+    return {"check_s": t1 - t0, "source_s": t2 - t1, "first_batch_s": t3 - t2, "seconds": t3 - t0,
+            "streaming": plan.streaming}
+
+
+def step_supply(a: dict) -> dict:
+    """Views/s of each target source in one process (static in RAM, streamed, replay), per view."""
+    from atcache.cache.store import CacheStore
+    from atcache.train.replay import ReplayTargets, fingerprint
+    from atcache.train.samplers import BlockShuffleSampler, EpochSampler
+    from atcache.train.streaming import StreamingCacheTargets
+    from atcache.train.targets import CacheTargets
+
+    store, n = CacheStore.open(a["url"]), a["views"]
+    rows = store.n_rows
+    out = {}
+    ram = CacheTargets.load(store, LAYERS)
+    order = np.random.default_rng(0).permutation(rows)
+    picks = [int(order[i % rows]) for i in range(n)]
+    t0 = time.perf_counter()
+    for r in picks:
+        ram.static(r)
+    out["static_ram"] = (time.perf_counter() - t0) / n
+    del ram
+    stream = StreamingCacheTargets.open(store, LAYERS)
+    order = BlockShuffleSampler(np.arange(rows) // store.spec.chunk_rows, 4, seed=0).order(0)
+    picks = [int(order[i % rows]) for i in range(n)]
+    t0 = time.perf_counter()
+    for r in picks:
+        stream.static(r)
+    out["streamed"] = (time.perf_counter() - t0) / n
+    replay = ReplayTargets(store.path, store.spec, LAYERS)
+    image = replay_image()
+    m = store.spec.replay.samples
+    sampler = EpochSampler(m, store.spec.replay.aug_seed)
+    keys = [(i // m, int(sampler.order(i // m)[i % m])) for i in range(min(n, m * store.spec.replay.epochs))]
+    t0 = time.perf_counter()
+    for e, index in keys:
+        replay.maps(e, index, image)
+    out["replay"] = (time.perf_counter() - t0) / len(keys)
+    t0 = time.perf_counter()
+    for _ in range(200):
+        fingerprint(image)
+    out["replay_fingerprint"] = (time.perf_counter() - t0) / 200
+    return {"s_per_view": out, "views_per_s": {k: 1 / v for k, v in out.items()}}
+
+
+def step_augment(a: dict) -> dict:
+    """ultralytics' per-sample augmentation at 640 (YOLODataset[i], default hyperparameters: mosaic, affine, HSV,
+    flip) on VOC-sized synthetic JPEGs."""
+    from atcache.data.synthetic import make_demo_data
+    from atcache.data.voc import prepare_voc
+    from atcache.testing import yolo_dataset
+
+    root = Path(a["dir"])
+    yaml = root / "VOC" / "VOC.yaml"
+    if not yaml.exists():
+        devkit = make_demo_data(root / "demo", images=64, size=500, seed=0, progress=False)
+        yaml = prepare_voc(devkit, root / "VOC", progress=False)
+    ds = yolo_dataset(yaml, imgsz=IMGSZ)
+    for i in range(4):
+        ds[i]
+    n = a["samples"]
+    t0 = time.perf_counter()
+    for i in range(n):
+        ds[i % len(ds)]
+    return {"s_per_sample": (time.perf_counter() - t0) / n, "samples": n}
+
+
+def step_inspect(a: dict) -> dict:
+    """inspect and inspect --verify (--scheduler local:2), and one process decompressing every chunk of every array."""
+    from atcache.cache.inspect import inspect_cache, verify_cache
+    from atcache.cache.store import CacheStore
+
+    store = CacheStore.open(a["url"])
+    nbytes = store.nbytes_stored()
+    t0 = time.perf_counter()
+    report = inspect_cache(a["url"], scheduler="local:2")
+    t1 = time.perf_counter()
+    bad = verify_cache(a["url"], scheduler="local:2")
+    t2 = time.perf_counter()
+    chunks = 0
+    for name in store.array_names():
+        arr = store.group[name]
+        for k in range(store.n_chunks):
+            np.asarray(arr[slice(*store.chunk_range(k))])
+            chunks += 1
+    for name in store.replay_array_names():
+        arr = store.group[name]
+        for u in range(store.n_chunks, store.n_units):
+            e, lo, hi = store.replay_unit(u)
+            np.asarray(arr[e, lo:hi])
+            chunks += 1
+    t3 = time.perf_counter()
+    assert not bad and report["rows_done"] == store.n_rows
+    return {"store_bytes": nbytes, "chunks": chunks, "inspect_s": t1 - t0, "verify_s": t2 - t1, "plain_loop_s": t3 - t2,
+            "verify_mb_per_s": nbytes / 1e6 / (t2 - t1), "plain_loop_mb_per_s": nbytes / 1e6 / (t3 - t2),
+            "verify_chunks_per_s": chunks / (t2 - t1), "plain_chunks_per_s": chunks / (t3 - t2)}
+
+
+STEPS = {"build": step_build, "open": step_open, "supply": step_supply, "augment": step_augment, "inspect": step_inspect}
+
+
+# ------------------------------------------------------------------------------------------------ parent
+def tree_rss(proc) -> int:
+    """RSS of a process and all its descendants, bytes (shared pages counted in each)."""
+    import psutil
+
+    total = 0
+    for p in [proc, *proc.children(recursive=True)]:
+        try:
+            total += p.memory_info().rss
+        except psutil.Error:
+            pass
+    return total
+
+
+def run_step(name: str, args: dict, env: dict) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, __file__, "--step", name, "--step-args", json.dumps(args)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def finish(procs: list[subprocess.Popen]) -> list[dict]:
+    """Wait for step processes (sampling their peak tree RSS); their JSON results with `peak_rss_mb` added."""
+    import psutil
+
+    handles = [psutil.Process(p.pid) for p in procs]
+    peaks = [0] * len(procs)
+    while any(p.poll() is None for p in procs):
+        for k, (p, h) in enumerate(zip(procs, handles)):
+            if p.poll() is None:
+                try:
+                    peaks[k] = max(peaks[k], tree_rss(h))
+                except psutil.Error:
+                    pass
+        time.sleep(0.05)
+    results = []
+    for p, peak in zip(procs, peaks):
+        out, err = p.communicate()
+        if p.returncode != 0:
+            raise RuntimeError(f"step failed ({p.args[3]} {p.args[5]}):\n{err[-3000:]}")
+        results.append({**json.loads(out.strip().splitlines()[-1]), "peak_rss_mb": peak / 2**20})
+    return results
+
+
+def step(name: str, args: dict, env: dict) -> dict:
+    return finish([run_step(name, args, env)])[0]
+
+
+class MotoS3:
+    """A moto S3 server on 127.0.0.1 with one bucket (as tests/cache/test_remote.py starts it); `env` points boto and
+    s3fs at it."""
+
+    def __enter__(self):
+        import logging
+
+        from moto.server import ThreadedMotoServer
+
+        logging.getLogger("werkzeug").setLevel(logging.ERROR)
+        self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+        self.server.start()
+        host, port = self.server.get_host_and_port()
+        self.env = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "testing",
+                    "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+        os.environ.update(self.env)
+        import boto3
+
+        boto3.client("s3").create_bucket(Bucket="atcache-drill")
+        return self
+
+    def __exit__(self, *exc):
+        self.server.stop()
+
+
+def drill_size(shape: dict, backend: str, work: Path, env: dict, supply_views: int, progress) -> dict:
+    """Every step at one size on one backend."""
+    rows, epochs, label = shape["rows"], shape["epochs"], shape["label"]
+    data = str(make_split(work / f"split-{rows}", rows))
+    base = f"s3://atcache-drill/{label}" if backend == "s3" else str(work / backend / label)
+    common = {"data": data, "rows": rows, "epochs": epochs, "chunk_rows": shape["chunk_rows"]}
+    out = {"rows": rows, "epochs": epochs, "chunk_rows": shape["chunk_rows"], "views": rows * epochs,
+           "units": -(-rows // shape["chunk_rows"]) * (1 + epochs)}
+    url = f"{base}/one.zarr"
+    progress(f"{backend} {label}: build half (shard 0/2)")
+    out["build_half"] = step("build", {**common, "url": url, "shard": [0, 2]}, env)
+    progress(f"{backend} {label}: resume the rest")
+    out["resume"] = step("build", {**common, "url": url, "resume": True}, env)
+    progress(f"{backend} {label}: four shards at once")
+    t0, start = time.perf_counter(), time.time() + 8
+    shards = finish([run_step("build", {**common, "url": f"{base}/four.zarr", "shard": [i, 4], "start_at": start}, env)
+                     for i in range(4)])
+    out["four_shards"] = {"seconds": max(s["seconds"] for s in shards), "wall_s": time.perf_counter() - t0 - 8,
+                          "units_written": sum(s["units_written"] for s in shards),
+                          "peak_rss_mb": sum(s["peak_rss_mb"] for s in shards), "shards": shards}
+    out["four_shards"]["s_per_unit"] = out["four_shards"]["seconds"] / max(1, out["four_shards"]["units_written"])
+    out["store_bytes"] = out["resume"]["store_bytes"]
+    out["bytes_per_view"] = out["store_bytes"] / (rows * (1 + epochs))
+    for mode in ("static", "streamed", "replay"):
+        progress(f"{backend} {label}: open for training ({mode})")
+        out[f"open_{mode}"] = step("open", {**common, "url": url, "mode": mode}, env)
+    progress(f"{backend} {label}: target supply")
+    out["supply"] = step("supply", {"url": url, "views": supply_views}, env)
+    progress(f"{backend} {label}: inspect, inspect --verify")
+    out["inspect"] = step("inspect", {"url": url}, env)
+    if backend == "s3" or label != "tiny":
+        for path in (url, f"{base}/four.zarr"):
+            if backend == "s3":
+                subprocess.run([sys.executable, "-c", f"import s3fs; s3fs.S3FileSystem().rm({path[5:]!r}, recursive=True)"],
+                               env=env, check=False)
+            else:
+                shutil.rmtree(path, ignore_errors=True)
+    return out
+
+
+def claim_full(backend: str, work: Path, env: dict, shape: dict, progress) -> dict:
+    """Create, claim and resume-claim an empty store of `shape` (nothing written): bookkeeping alone at that size."""
+    data = str(make_split(work / f"split-{shape['rows']}", shape["rows"]))
+    url = f"s3://atcache-drill/claim-{shape['label']}.zarr" if backend == "s3" else str(work / backend / f"claim-{shape['label']}.zarr")
+    common = {"data": data, "rows": shape["rows"], "epochs": shape["epochs"], "chunk_rows": shape["chunk_rows"],
+              "url": url, "write": False}
+    progress(f"{backend} {shape['label']}: create + claim an empty store, then resume it")
+    return {"create_claim": step("build", common, env), "resume_claim": step("build", {**common, "resume": True}, env),
+            "units": -(-shape["rows"] // shape["chunk_rows"]) * (1 + shape["epochs"])}
+
+
+def environment() -> dict:
+    import importlib.metadata as md
+
+    cpu = platform.processor()
+    try:
+        cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    versions = {}
+    for pkg in ("atcache", "zarr", "numcodecs", "numpy", "dask", "distributed", "s3fs", "moto", "ultralytics", "torch"):
+        try:
+            versions[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return {"device": cpu, "cpus": os.cpu_count(), "python": platform.python_version(), "versions": versions,
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
+# ------------------------------------------------------------------------------------------------ analysis
+def _fit(points: list[tuple[float, float]]) -> tuple[float, float, bool]:
+    """(constant, slope, flat) of the least-squares line through the measured points; flat when the slope moves the
+    value by under 25 % over the measured range (then the mean is the extrapolation)."""
+    x, y = np.array(points, dtype=float).T
+    if len(x) < 2 or np.ptp(x) == 0:
+        return float(y.mean()), 0.0, True
+    slope, constant = np.polyfit(x, y, 1)
+    flat = abs(slope) * np.ptp(x) < 0.25 * max(abs(y.mean()), 1e-12)
+    return (float(y.mean()), 0.0, True) if flat else (float(constant), float(slope), False)
+
+
+# name -> (how to read it from a measured size, unit, what it grows with: "rows" of the static arrays or "units"
+# (extrapolated on the least-squares line; peak RSS: the mean when flat), "per" a per-unit or per-view cost (the mean),
+# "rate" a throughput (not extrapolated))
+METRICS = {
+    "build_half_s": (lambda r: r["build_half"]["seconds"], "s", "units"),
+    "build_half_bookkeeping_s": (lambda r: r["build_half"]["bookkeeping_s"], "s", "units"),
+    "resume_s": (lambda r: r["resume"]["seconds"], "s", "units"),
+    "resume_bookkeeping_s": (lambda r: r["resume"]["bookkeeping_s"], "s", "units"),
+    "noncompute_s_per_unit": (lambda r: (r["build_half"]["seconds"] + r["resume"]["seconds"])
+                              / max(1, r["build_half"]["units_written"] + r["resume"]["units_written"]), "s", "per"),
+    "write_s_per_replay_unit": (lambda r: r["resume"]["write_s_per_replay_unit"], "s", "per"),
+    "completion_check_s": (lambda r: r["resume"]["timers"].get("done_mask", {}).get("s", 0)
+                           + r["resume"]["timers"].get("replay_done", {}).get("s", 0), "s", "units"),
+    "sweep_s": (lambda r: r["resume"]["timers"].get("sweep", {}).get("s", 0), "s", "units"),
+    "four_shards_s": (lambda r: r["four_shards"]["seconds"], "s", "units"),
+    "four_shards_s_per_unit": (lambda r: r["four_shards"]["s_per_unit"], "s", "per"),
+    "open_static_s": (lambda r: r["open_static"]["seconds"], "s", "rows"),
+    "open_streamed_s": (lambda r: r["open_streamed"]["seconds"], "s", "rows"),
+    "open_replay_s": (lambda r: r["open_replay"]["seconds"], "s", "rows"),
+    "supply_static_ram_ms": (lambda r: 1e3 * r["supply"]["s_per_view"]["static_ram"], "ms", "per"),
+    "supply_streamed_ms": (lambda r: 1e3 * r["supply"]["s_per_view"]["streamed"], "ms", "per"),
+    "supply_replay_ms": (lambda r: 1e3 * r["supply"]["s_per_view"]["replay"], "ms", "per"),
+    "inspect_s": (lambda r: r["inspect"]["inspect_s"], "s", "rows"),
+    "verify_s": (lambda r: r["inspect"]["verify_s"], "s", "units"),
+    "verify_mb_per_s": (lambda r: r["inspect"]["verify_mb_per_s"], "MB/s", "rate"),
+    "plain_loop_mb_per_s": (lambda r: r["inspect"]["plain_loop_mb_per_s"], "MB/s", "rate"),
+    "peak_rss_build_mb": (lambda r: max(r["build_half"]["peak_rss_mb"], r["resume"]["peak_rss_mb"]), "MB", "units"),
+    "peak_rss_open_static_mb": (lambda r: r["open_static"]["peak_rss_mb"], "MB", "rows"),
+    "peak_rss_open_streamed_mb": (lambda r: r["open_streamed"]["peak_rss_mb"], "MB", "rows"),
+    "peak_rss_open_replay_mb": (lambda r: r["open_replay"]["peak_rss_mb"], "MB", "units"),
+    "peak_rss_supply_mb": (lambda r: r["supply"]["peak_rss_mb"], "MB", "rows"),
+    "peak_rss_inspect_mb": (lambda r: r["inspect"]["peak_rss_mb"], "MB", "units"),
+}
+TARGETS = {"100% VOC": (VOC_ROWS, VOC_EPOCHS), "COCO": (COCO_ROWS, COCO_EPOCHS)}
+
+
+def analyse(report: dict) -> dict:
+    """Per backend: the metrics of each measured size, their growth (least squares over the measured sizes, per 1,000
+    units or rows and per GB), the 100 % VOC and COCO values extrapolated from it, and the budgets met or not."""
+    out = {}
+    for backend, b in report["backends"].items():
+        sizes = b["sizes"]
+        table = {label: {m: f(r) for m, (f, _, _) in METRICS.items()} for label, r in sizes.items()}
+        growth, extrapolated = {}, {}
+        if len(sizes) >= 2:
+            for m, (_, unit, by) in METRICS.items():
+                if by == "rate":
+                    continue
+                x = "units" if by == "per" else by
+                c, slope, flat = _fit([(r[x], table[lbl][m]) for lbl, r in sizes.items()])
+                if by == "per" or (flat and m.startswith("peak_rss")):
+                    c, slope, flat = float(np.mean([table[lbl][m] for lbl in sizes])), 0.0, True
+                elif not m.startswith("peak_rss"):
+                    slope, constant = np.polyfit([r[x] for r in sizes.values()], [table[lbl][m] for lbl in sizes], 1)
+                    c, slope, flat = float(constant), float(slope), False
+                by = x
+                per_gb = float(np.polyfit([r["store_bytes"] / 1e9 for r in sizes.values()], [table[lbl][m] for lbl in sizes], 1)[0])
+                growth[m] = {"unit": unit, "grows_with": by, "flat": flat, "constant": c,
+                             f"per_1000_{by}": slope * 1000, "per_gb": 0.0 if flat else per_gb}
+            bpv = max(r["store_bytes"] / (r["rows"] * (1 + r["epochs"])) for r in sizes.values())
+            for name, (rows, epochs) in TARGETS.items():
+                x = {"rows": rows, "units": -(-rows // CHUNK_ROWS) * (1 + epochs)}
+                extrapolated[name] = {"rows": rows, "epochs": epochs, "units": x["units"], "extrapolated": True,
+                                      "store_gb": rows * (1 + epochs) * bpv / 1e9,
+                                      **{m: max(0.0, g["constant"] + g[f"per_1000_{g['grows_with']}"] * x[g["grows_with"]] / 1000)
+                                         for m, g in growth.items()}}
+        out[backend] = {"table": table, "growth": growth, "extrapolated": extrapolated,
+                        "budgets": budgets(backend, b, table, extrapolated, report)}
+    return out
+
+
+def budgets(backend: str, b: dict, table: dict, extrapolated: dict, report: dict) -> dict:
+    """Each budget: the number it is held against, measured (or extrapolated, said so), met or not."""
+    out = {}
+    aug = report.get("augment", {}).get("s_per_sample")
+    opens = [v for row in table.values() for k, v in row.items() if k.startswith("open_") and k.endswith("_s")]
+    voc = [v for k, v in extrapolated.get("100% VOC", {}).items() if k.startswith("open_") and k.endswith("_s")]
+    coco = [v for k, v in extrapolated.get("COCO", {}).items() if k.startswith("open_") and k.endswith("_s")]
+    worst = max(opens + voc)
+    out["open_first_batch_s"] = {"value": worst, "budget": BUDGETS["open_first_batch_s"],
+                                 "met": worst < BUDGETS["open_first_batch_s"],
+                                 "note": "slowest mode, measured sizes" + (" and 100 % VOC (extrapolated)" if voc else "")
+                                         + (f"; COCO (extrapolated): {max(coco):.3g} s" if coco else "")}
+    if aug:
+        worst = max(row["supply_replay_ms"] / 1e3 for row in table.values())
+        out["replay_supply_fraction"] = {"value": worst / aug, "budget": BUDGETS["replay_supply_fraction"],
+                                         "met": worst / aug <= BUDGETS["replay_supply_fraction"],
+                                         "note": f"replay read+decode+fingerprint {worst * 1e3:.2f} ms vs augmentation "
+                                                 f"{aug * 1e3:.1f} ms per sample"}
+    largest = max(b["sizes"], key=lambda k: b["sizes"][k]["units"])
+    ratio = table[largest]["verify_mb_per_s"] / table[largest]["plain_loop_mb_per_s"]
+    out["verify_vs_plain_decompress"] = {"value": ratio, "budget": 1.0, "met": ratio >= 1.0,
+                                         "note": "inspect --verify MB/s (local:2) / one-process decompress-all MB/s; "
+                                                 ">= 1: limited by disk/decompression"}
+    rss = {m: [row[m] for row in table.values()] for m in ("peak_rss_open_streamed_mb", "peak_rss_open_replay_mb")}
+    units = [r["units"] for r in b["sizes"].values()]
+    growth = {m: (v[-1] - v[0]) / np.mean(v) for m, v in rss.items()}
+    out["training_rss_flat"] = {"value": growth, "budget": "independent of epochs and rows",
+                                "met": all(g < 0.15 for g in growth.values()),
+                                "note": f"peak RSS (opening + first batch) change, largest vs smallest size, relative to its mean, "
+                                        f"{min(units)}..{max(units)} units; met if < 15 %"}
+    if backend == "s3":
+        per_unit = max(row["noncompute_s_per_unit"] for row in table.values())
+        out["unit_noncompute_s3_s"] = {"value": per_unit, "budget": BUDGETS["unit_noncompute_s3_s"],
+                                       "met": per_unit <= BUDGETS["unit_noncompute_s3_s"],
+                                       "note": "(build + resume seconds) / units written, worst size"}
+    claim = b.get("claim_100pct")
+    if claim:
+        per_builder = max(claim["create_claim"]["seconds"], claim["resume_claim"]["seconds"])
+        key = "claim_resume_100pct_s3_s"
+        out[key if backend == "s3" else "claim_resume_100pct_local_s"] = {
+            "value": per_builder, "budget": BUDGETS[key], "met": per_builder < BUDGETS[key],
+            "note": f"empty 100-epoch store ({claim['units']} units): max(create+claim, resume+claim) per builder"}
+    return out
+
+
+def markdown(report: dict) -> str:
+    """The drill's table: per backend and size the main costs, growth, extrapolations and budgets."""
+    a = report["analysis"]
+    show = ["build_half_s", "resume_s", "noncompute_s_per_unit", "completion_check_s", "four_shards_s_per_unit",
+            "open_static_s", "open_streamed_s", "open_replay_s", "supply_static_ram_ms", "supply_streamed_ms",
+            "supply_replay_ms", "inspect_s", "verify_s", "verify_mb_per_s", "plain_loop_mb_per_s",
+            "peak_rss_build_mb", "peak_rss_open_static_mb", "peak_rss_open_replay_mb", "peak_rss_supply_mb",
+            "peak_rss_inspect_mb"]
+    lines = []
+    aug = report.get("augment", {}).get("s_per_sample")
+    if aug:
+        lines.append(f"ultralytics augmentation at 640: {aug * 1e3:.1f} ms per sample\n")
+    for backend, res in a.items():
+        sizes = report["backends"][backend]["sizes"]
+        cols = list(res["table"]) + [f"{k} (extrapolated)" for k in res["extrapolated"]]
+        shapes = ", ".join(f"{k}: {v['units']} units, {v['store_bytes'] / 1e9:.2f} GB" for k, v in sizes.items())
+        lines.append(f"**{backend}** ({shapes})\n")
+        lines.append("| metric | " + " | ".join(cols) + " | growth | per GB |")
+        lines.append("|---" * (len(cols) + 3) + "|")
+        for m in show:
+            vals = [res["table"][k][m] for k in res["table"]] + [res["extrapolated"][k].get(m) for k in res["extrapolated"]]
+            g = res["growth"].get(m)
+            grow = ("flat" if g["flat"] else f"{_num(g['per_1000_' + g['grows_with']])} per 1000 {g['grows_with']}") if g else "-"
+            lines.append(f"| {m} | " + " | ".join(_num(v) for v in vals)
+                         + (f" | {grow} | {_num(g['per_gb'])} |" if g else " | - | - |"))
+        claim = report["backends"][backend].get("claim_100pct")
+        if claim:
+            lines.append(f"\nempty 100 % store ({claim['units']} units): create+claim {claim['create_claim']['seconds']:.2f} s, "
+                         f"resume+claim {claim['resume_claim']['seconds']:.2f} s")
+        lines.append("\n| budget | value | budget | met | note |\n|---|---|---|---|---|")
+        for k, v in res["budgets"].items():
+            value = v["value"] if not isinstance(v["value"], dict) else ", ".join(f"{m}: {_num(x)}" for m, x in v["value"].items())
+            lines.append(f"| {k} | {_num(value) if not isinstance(value, str) else value} | {v['budget']} | "
+                         f"{'met' if v['met'] else 'NOT met'} | {v['note']} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _num(v) -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "-"
+    return f"{v:.3g}" if abs(v) < 1000 else f"{v:,.0f}"
+
+
+# ------------------------------------------------------------------------------------------------ main
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", default="0.1,1,10", help="percent of a 100-epoch VOC replay, comma-separated")
+    ap.add_argument("--tiny", action="store_true", help="one tiny store (96 rows, 2 epochs): seconds")
+    ap.add_argument("--s3", action="store_true", help="also on a moto S3 server on 127.0.0.1")
+    ap.add_argument("--s3-sizes", default="0.1,1", help="sizes on S3 (moto keeps objects in RAM and is slow)")
+    ap.add_argument("--no-local", action="store_true", help="S3 only")
+    ap.add_argument("--claim-full", action="store_true", help="also create/claim/resume an empty 100 %% store")
+    ap.add_argument("--supply-views", type=int, default=3000)
+    ap.add_argument("--work", default="", help="scratch folder (default: a temporary one)")
+    ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument("--analyse-only", action="store_true", help="rebuild the analysis and table from --out")
+    ap.add_argument("--merge", nargs="+", default=[], help="reports whose backends are merged into --out (then analysed)")
+    ap.add_argument("--step", help=argparse.SUPPRESS)
+    ap.add_argument("--step-args", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.step:
+        from atcache.yolo import prepare
+
+        prepare()
+        print(json.dumps(STEPS[args.step](json.loads(args.step_args))))
+        return {}
+    out = Path(args.out)
+    if args.merge:
+        parts = [json.loads(Path(p).read_text()) for p in args.merge]
+        report = {**parts[0], "backends": {k: v for p in parts for k, v in p["backends"].items()}}
+    elif args.analyse_only:
+        report = json.loads(out.read_text())
+    else:
+        report = run(args)
+    report["analysis"] = analyse(report)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1))
+    print(markdown(report))
+    return report
+
+
+def run(args) -> dict:
+    from tqdm import tqdm
+
+    work = Path(args.work or tempfile.mkdtemp(prefix="scale-drill-"))
+    work.mkdir(parents=True, exist_ok=True)
+    report = {"environment": environment(), "budgets": BUDGETS, "backends": {},
+              "method": __doc__.split("\n\n", 2)[2] if __doc__.count("\n\n") >= 2 else __doc__,
+              "layers": list(LAYERS), "imgsz": IMGSZ, "chunk_rows": CHUNK_ROWS}
+    plan = []
+    if not args.no_local:
+        plan.append(("local", [TINY] if args.tiny else [size_shape(float(s) / 100) for s in args.sizes.split(",")]))
+    if args.s3:
+        plan.append(("s3", [TINY] if args.tiny else [size_shape(float(s) / 100) for s in args.s3_sizes.split(",")]))
+    bar = tqdm(total=sum(len(p[1]) for p in plan) + 1, desc="scale drill", unit="size", dynamic_ncols=True)
+    note = tqdm.write
+    env = dict(os.environ)
+    note("ultralytics augmentation at 640")
+    report["augment"] = step("augment", {"dir": str(work / "augment"), "samples": 8 if args.tiny else 60}, env)
+    bar.update()
+    supply = 200 if args.tiny else args.supply_views
+    try:
+        for backend, shapes in plan:
+            s3 = MotoS3().__enter__() if backend == "s3" else None
+            try:
+                benv = {**env, **(s3.env if s3 else {})}
+                b = report["backends"][backend] = {"sizes": {}}
+                for shape in shapes:
+                    b["sizes"][shape["label"]] = drill_size(shape, backend, work, benv, supply, note)
+                    bar.update()
+                if args.claim_full:
+                    b["claim_100pct"] = claim_full(backend, work, benv, size_shape(1.0), note)
+            finally:
+                if s3:
+                    s3.__exit__()
+    finally:
+        bar.close()
+        if not args.work:
+            shutil.rmtree(work, ignore_errors=True)
+    return report
+
+
+if __name__ == "__main__":
+    main()
