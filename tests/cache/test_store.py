@@ -111,3 +111,30 @@ def test_shards_are_disjoint_and_cover(n_chunks, n):
     assert sorted(seen) == list(range(n_chunks)) and len(seen) == len(set(seen))
     with pytest.raises(AtcacheError):
         chunks_for_shard(n_chunks, n, n)
+
+
+def test_replay_done_is_the_units_written_whole(tmp_path):
+    """replay_done lists the done chunks: exactly the units written (whole), equal to decoding replay/done."""
+    import dataclasses
+
+    from atcache.cache.format import ReplaySpec
+
+    replay = ReplaySpec(epochs=2, aug_seed=0, samples=10, chunk_rows=4, files_sha256="x", augment={})
+    store = CacheStore.create(tmp_path / "r.zarr", dataclasses.replace(make_spec(), replay=replay), FILES)
+    rng = np.random.default_rng(0)
+
+    def write(u):
+        e, a, b = store.replay_unit(u)
+        layers = store.spec.layers
+        store.write_replay(u, {s.index: rng.random((b - a, s.height, s.width)).astype(np.float16) for s in layers},
+                           {s.index: np.ones(b - a, np.float32) for s in layers}, np.arange(a, b), np.arange(a, b))
+
+    assert store.n_units == 3 + 6 and not store.replay_done().any()
+    for u in (3, 5, 7):  # epoch 0 positions 0-3 and 8-9, epoch 1 positions 4-7
+        write(u)
+    (tmp_path / "r.zarr" / "replay" / "done" / "c" / "1" / "2.1234.partial").write_bytes(b"in flight")
+    expected = np.zeros((2, 10), bool)
+    expected[0, 0:4] = expected[0, 8:10] = expected[1, 4:8] = True
+    np.testing.assert_array_equal(store.replay_done(), expected)
+    np.testing.assert_array_equal(zarr.open_group(str(tmp_path / "r.zarr"))["replay/done"][:], expected)
+    assert store.complete_units().tolist() == [False] * 3 + [True, False, True, False, True, False]
