@@ -7,7 +7,7 @@ import errno
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -36,21 +36,22 @@ class _ChunkBatches(torch.utils.data.Sampler):
         return sum(-(-size // self.batch) for size in sizes)
 
 
-class _ChunkWriter:
-    """Writes finished row-chunks on one background thread (at most `depth` waiting) so compression and I/O overlap
-    the teacher; after a failed write nothing more is written and the failure is one AtcacheError."""
+class UnitWriter:
+    """Writes finished units (`write(unit, ...)`: a row-chunk by default, or a replay unit) on one background thread
+    (at most `depth` waiting) so compression and I/O overlap the teacher; after a failed write nothing more is written
+    and the failure is one AtcacheError."""
 
-    def __init__(self, store: CacheStore, depth: int = 2):
-        self.store, self.depth = store, depth
+    def __init__(self, store: CacheStore, write: Callable[..., None] | None = None, depth: int = 2):
+        self.store, self.depth, self.write = store, depth, write or store.write_chunk
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="atcache-writer")
         self.pending: deque[Future] = deque()
         self.written, self.failed = 0, False
 
-    def _write(self, k: int, data: ChunkData) -> None:
+    def _write(self, k: int, *args, **kwargs) -> None:
         if self.failed:
             return
         try:
-            self.store.write_chunk(k, data)
+            self.write(k, *args, **kwargs)
         except BaseException:
             self.failed = True
             raise
@@ -63,9 +64,9 @@ class _ChunkWriter:
             except BaseException as e:
                 raise AtcacheError(_write_error_message(self.store, e, self.written)) from e
 
-    def put(self, k: int, data: ChunkData) -> None:
+    def put(self, k: int, *args, **kwargs) -> None:
         self._settle(self.depth - 1)
-        self.pending.append(self.pool.submit(self._write, k, data))
+        self.pending.append(self.pool.submit(self._write, k, *args, **kwargs))
 
     def close(self) -> None:
         try:
@@ -77,7 +78,7 @@ class _ChunkWriter:
 def _write_error_message(store: CacheStore, error: BaseException, written: int) -> str:
     """One line for a failed chunk write: disk full, permission, or the storage layer's own message."""
     code = getattr(error, "errno", None)
-    kept = f"the {written} row-chunk(s) written before are kept" if written else "finished row-chunks are kept"
+    kept = f"the {written} unit(s) written before are kept" if written else "finished units are kept"
     if code in (errno.ENOSPC, errno.EDQUOT):
         what = "no space left on the device"
         fix = "free space (or choose another --out), then rerun with --resume"
@@ -140,7 +141,7 @@ def compute_chunks(cfg: BuildConfig, model: torch.nn.Module, split: SplitFiles, 
         from atcache.build.gradients import batch_labels, gradient_teacher, teacher_gradients
 
         grad_model = gradient_teacher(cfg.teacher, len(split.names), store.spec, device)
-    writer = _ChunkWriter(store)
+    writer = UnitWriter(store)
     skipped: list[tuple[str, str]] = []
     chunk_iter = iter(todo)
     assembler = _ChunkAssembler(store, next(chunk_iter))

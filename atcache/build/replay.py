@@ -12,6 +12,7 @@ import torch
 from atcache.attention.gradient import loss_labels
 from atcache.attention.recipe import layer_maps
 from atcache.cache.format import AUGMENT_KEYS, ReplaySpec
+from atcache.build.compute import UnitWriter
 from atcache.cache.store import CacheStore
 from atcache.config import BuildConfig
 from atcache.train.replay import augment_settings, check_training_set, files_sha256, fingerprint, training_dataset
@@ -69,6 +70,7 @@ def compute_replay(cfg: BuildConfig, model: torch.nn.Module, store: CacheStore, 
 
         grad_model = gradient_teacher(cfg.teacher, len(data["names"]), store.spec, device)
     batches = iter(loader)
+    writer = UnitWriter(store, store.write_replay)  # unit u is compressed and written while u + 1 is computed
     try:
         for u, (e, a, b) in zip(units, spans):
             parts = []
@@ -83,12 +85,13 @@ def compute_replay(cfg: BuildConfig, model: torch.nn.Module, store: CacheStore, 
                 parts.append((records, [m.to(torch.float16).cpu().numpy() for m in maps],
                               [n.cpu().numpy() for n in norms], grad))
                 bar.update(len(records))
-            store.write_replay(
+            writer.put(
                 u, maps={i: np.concatenate([p[1][j] for p in parts]) for j, i in enumerate(cfg.layers)},
                 norms={i: np.concatenate([p[2][j] for p in parts]) for j, i in enumerate(cfg.layers)},
                 samples=orders[e][a:b], records=np.concatenate([p[0] for p in parts]),
                 grad=None if grad_model is None else tuple(np.concatenate([p[3][j] for p in parts]) for j in (0, 1)))
     finally:
         bar.close()
+        writer.close()
 
 
