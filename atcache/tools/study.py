@@ -100,6 +100,8 @@ def run_study(config: StudyConfig, out: Path, ledger: Path | None = None) -> Ite
     teacher_key = {k: getattr(config, k) for k in ("images", "imgsz", "teacher", "teacher_epochs", "batch")}
     marker = out / "teacher.json"
     fresh = not (marker.is_file() and json.loads(marker.read_text())["key"] == teacher_key)
+    if fresh and _ledger_teacher(ledger, teacher_key, out, marker):
+        fresh = False
     if not fresh:
         teacher = json.loads(marker.read_text())
         yield f"teacher: reused {teacher['checkpoint']}"
@@ -110,6 +112,9 @@ def run_study(config: StudyConfig, out: Path, ledger: Path | None = None) -> Ite
         teacher = {"key": teacher_key, "checkpoint": str(best), "metrics": metrics, "seconds": time.perf_counter() - t0}
         marker.write_text(json.dumps(teacher, indent=2))
         yield f"teacher: {config.teacher} {config.teacher_epochs} epochs in {teacher['seconds']:.0f}s -> {best}"
+    teacher_sha = _sha256(Path(teacher["checkpoint"]))
+    if ledger is not None and (_ledger(ledger)["teacher"] or {}).get("sha256") != teacher_sha:
+        _keep_teacher(ledger, teacher)
 
     def build(path: Path, **kw):
         """The teacher's cache; one this study built before for the same teacher is reused (resumed)."""
@@ -146,7 +151,7 @@ def run_study(config: StudyConfig, out: Path, ledger: Path | None = None) -> Ite
             student = student_plan(mode, weight, seed, sources)
             run_name = f"{name}_seed{seed}{_tag(config, True)}"
             folder = out / "students" / run_name  # ultralytics' run folder (project, name, exist_ok)
-            entry = _finished_run(folder, ledger, student.settings, {**overrides, "seed": seed})
+            entry = _finished_run(folder, ledger, student.settings, {**overrides, "seed": seed}, teacher_sha)
             if entry is None and student.replay_build and not replay_built:  # the teacher on this seed's views
                 report = build(Path(sources.replay_cache), replay_epochs=config.student_epochs, aug_seed=seed,
                                gradient=gradients)
@@ -159,7 +164,7 @@ def run_study(config: StudyConfig, out: Path, ledger: Path | None = None) -> Ite
                 entry = {"seed": seed, **{key: m.get(col, 0.0) for key, col in SCORES.items()},
                          "img_per_s": r["img_per_s"], "wall_s": time.perf_counter() - t0,
                          "cache_build_s": replay_s if student.replay_build else None, "save_dir": r["save_dir"]}
-                _record_run(folder, ledger, student.settings, {**overrides, "seed": seed}, entry)
+                _record_run(folder, ledger, student.settings, {**overrides, "seed": seed}, entry, teacher_sha)
             runs[name]["per_seed"].append(entry)
             yield f"seed {seed} {name}: mAP50 {entry['mAP50']:.3f} mAP50-95 {entry['mAP50-95']:.3f} in {entry['wall_s']:.0f}s"
         results = _summary(config, setup, runs, time.perf_counter() - t_start)  # written after every seed
@@ -173,31 +178,83 @@ def run_study(config: StudyConfig, out: Path, ledger: Path | None = None) -> Ite
 RUN_RECORD = "atcache_study_run.json"  # in a finished student's run folder: its settings and figures
 
 
-def _finished_run(folder: Path, ledger: Path | None, settings, overrides: dict) -> dict | None:
-    """The figures of a student this study already trained with the same settings (its run folder's record, else the
-    ledger's; a rerun after an interruption continues where it stopped), else None."""
-    record = folder / RUN_RECORD
-    saved = json.loads(record.read_text()) if record.is_file() else _ledger(ledger).get(folder.name)
-    if saved is None:
+def _finished_run(folder: Path, ledger: Path | None, settings, overrides: dict, teacher_sha: str) -> dict | None:
+    """The figures of a student this study already trained with the same settings and teacher (its run folder's
+    record, else the ledger's; a rerun after an interruption continues where it stopped), else None."""
+    record, kept = folder / RUN_RECORD, _ledger(ledger)["students"]
+    saved = json.loads(record.read_text()) if record.is_file() else kept.get(folder.name)
+    if saved is None or saved.get("teacher_sha256") != teacher_sha:
         return None
-    same = saved["settings"] == settings.to_json() and saved["overrides"] == json.loads(json.dumps(overrides))
-    return {**saved["entry"], "reused": True} if same else None
+    if saved["settings"] != settings.to_json() or saved["overrides"] != json.loads(json.dumps(overrides)):
+        return None
+    if ledger is not None and kept.get(folder.name) != saved:  # trained before the ledger was given
+        _record_run(folder, ledger, settings, overrides, saved["entry"], teacher_sha)
+    return {**saved["entry"], "reused": True}
 
 
 def _ledger(path: Path | None) -> dict:
-    return json.loads(path.read_text()) if path is not None and path.is_file() else {}
+    """{"teacher": its record, "students": {run name: record}} of a study's ledger file (empty if none)."""
+    saved = json.loads(path.read_text()) if path is not None and path.is_file() else {}
+    return {"teacher": saved.get("teacher"), "students": saved.get("students", {})}
 
 
-def _record_run(folder: Path, ledger: Path | None, settings, overrides: dict, entry: dict) -> None:
-    record = {"settings": settings.to_json(), "overrides": overrides, "entry": entry}
+def _write_ledger(path: Path, ledger: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps({"teacher": ledger["teacher"], "students": dict(sorted(ledger["students"].items()))},
+                              indent=1) + "\n")
+    tmp.replace(path)
+
+
+def _record_run(folder: Path, ledger: Path | None, settings, overrides: dict, entry: dict, teacher_sha: str) -> None:
+    record = {"settings": settings.to_json(), "overrides": overrides, "teacher_sha256": teacher_sha, "entry": entry}
     folder.mkdir(parents=True, exist_ok=True)
     (folder / RUN_RECORD).write_text(json.dumps(record, indent=2))
     if ledger is not None:
-        runs = {**_ledger(ledger), folder.name: record}
-        ledger.parent.mkdir(parents=True, exist_ok=True)
-        tmp = ledger.with_name(ledger.name + ".tmp")
-        tmp.write_text(json.dumps(dict(sorted(runs.items())), indent=1) + "\n")
-        tmp.replace(ledger)
+        kept = _ledger(ledger)
+        kept["students"][folder.name] = record
+        _write_ledger(ledger, kept)
+
+
+def _teacher_file(ledger: Path) -> Path:
+    return ledger.with_name(ledger.stem + "_teacher.pt")
+
+
+def _keep_teacher(ledger: Path | None, teacher: dict) -> None:
+    """The ledger keeps a copy of the trained teacher (its students are only comparable with that teacher)."""
+    if ledger is None:
+        return
+    import shutil
+
+    kept = _ledger(ledger)
+    ledger.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(teacher["checkpoint"], _teacher_file(ledger))
+    kept["teacher"] = {k: teacher[k] for k in ("key", "metrics", "seconds")} | {
+        "sha256": _sha256(_teacher_file(ledger)), "file": _teacher_file(ledger).name}
+    _write_ledger(ledger, kept)
+
+
+def _ledger_teacher(ledger: Path | None, key: dict, out: Path, marker: Path) -> bool:
+    """Put the ledger's teacher (trained with the same settings) into OUT as this study's teacher; False if none."""
+    saved = _ledger(ledger)["teacher"] if ledger is not None else None
+    if not saved or saved["key"] != json.loads(json.dumps(key)) or not _teacher_file(ledger).is_file():
+        return False
+    import shutil
+
+    best = out / "teacher" / "weights" / "best.pt"
+    best.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(_teacher_file(ledger), best)
+    if _sha256(best) != saved["sha256"]:
+        return False
+    marker.write_text(json.dumps({"key": key, "checkpoint": str(best), "metrics": saved["metrics"],
+                                  "seconds": saved.get("seconds")}, indent=2))
+    return True
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def paired_difference(values: list[float], plain: list[float]) -> dict:

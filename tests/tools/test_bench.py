@@ -200,6 +200,7 @@ def test_study_trains_the_planned_students(plan_spy, monkeypatch, tmp_path):
 
     planned, trained, real = plan_spy
     monkeypatch.setattr(pipeline, "build_cache", lambda cfg: FakeBuild())
+    (tmp_path / "best.pt").write_bytes(b"weights")
     monkeypatch.setattr(demo, "train_teacher", lambda *a, **k: (tmp_path / "best.pt", {}))
     config = study.StudyConfig(images=40, imgsz=64, student_images=8, student_epochs=1, seeds=(0, 1),
                                at_weights=(0.5,), layers=(6, 16))
@@ -234,9 +235,15 @@ def test_study_pairs_each_mode_with_plain_by_seed_and_reuses_finished_students(p
     from atcache.tools import demo, study
 
     planned, trained, _ = plan_spy
-    builds = []
+    builds, teachers = [], []
+
+    def train_teacher(*args, **kwargs):  # a teacher file whose bytes say which training made it
+        teachers.append(tmp_path / f"teacher{len(teachers)}.pt")
+        teachers[-1].write_bytes(b"weights %d" % (len(teachers) // 3))
+        return teachers[-1], {"metrics/mAP50(B)": 0.8}
+
     monkeypatch.setattr(pipeline, "build_cache", lambda cfg: builds.append(cfg.replay_epochs) or FakeBuild())
-    monkeypatch.setattr(demo, "train_teacher", lambda *a, **k: (tmp_path / "best.pt", {}))
+    monkeypatch.setattr(demo, "train_teacher", train_teacher)
     config = study.StudyConfig(images=40, imgsz=64, student_images=8, student_epochs=1, seeds=(0, 1, 2),
                                modes=("plain", "grad", "flip", "online"), mode_seeds=(("online", 1),))
     ledger = tmp_path / "kept" / "runs.json"
@@ -258,9 +265,20 @@ def test_study_pairs_each_mode_with_plain_by_seed_and_reuses_finished_students(p
     shutil.rmtree(tmp_path / "students")  # OUT lost its students: the ledger still knows them
     list(study.run_study(config, tmp_path, ledger=ledger))
     assert trained == [] and json.loads((tmp_path / "accuracy.json").read_text())["modes"] == report["modes"]
+    fresh = tmp_path / "fresh"  # a fresh checkout: OUT is gone, the ledger's teacher and students are reused
+    list(study.run_study(config, fresh, ledger=ledger))
+    shutil.rmtree(fresh)
+    trained.clear()
+    list(study.run_study(config, fresh, ledger=ledger))
+    assert trained == [] and len(teachers) == 1 and (fresh / "teacher" / "weights" / "best.pt").read_bytes() == b"weights 0"
     other = dataclasses.replace(config, student_epochs=2)  # other settings: nothing reused
     list(study.run_study(dataclasses.replace(other, seeds=(0,), modes=("plain",)), tmp_path, ledger=ledger))
-    assert [name for name, _ in trained] == ["plain_seed0_n8_e2"] and len(json.loads(ledger.read_text())) == 11
+    assert [name for name, _ in trained] == ["plain_seed0_n8_e2"] and len(json.loads(ledger.read_text())["students"]) == 11
+    trained.clear()
+    (tmp_path / "kept" / "runs_teacher.pt").unlink()  # the teacher is gone: retrained, and it differs
+    teachers.extend([None, None])
+    list(study.run_study(dataclasses.replace(config, seeds=(0,), modes=("plain",)), tmp_path / "other", ledger=ledger))
+    assert [name for name, _ in trained] == ["plain_seed0_n8_e1"]  # students of another teacher are not reused
 
 
 def test_paired_difference_has_the_t_interval():
