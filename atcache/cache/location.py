@@ -53,13 +53,19 @@ class Location:
     def __str__(self) -> str:
         return self.url
 
+    @property
+    def storage_options(self) -> dict:
+        """fsspec options for this URL (zarr gets the same): on S3, plain GETs, since s3fs's concurrent ranged reads
+        first ask for an object's size (a HEAD, and a LIST when the chunk is absent) before every GET of a chunk."""
+        return {"max_concurrency": 1} if self.url.startswith(("s3://", "s3a://")) else {}
+
     @functools.cached_property
     def _fs_root(self):
         """(fsspec filesystem, root path inside it); local folders get parent directories made on write."""
         from fsspec.core import url_to_fs
 
         try:
-            return url_to_fs(self.url, **({} if self.remote else {"auto_mkdir": True}))
+            return url_to_fs(self.url, **(self.storage_options if self.remote else {"auto_mkdir": True}))
         except (ImportError, ValueError) as e:
             scheme = self.url.split("://", 1)[0]
             raise AtcacheError(f"cannot open {self.url}: {e}; install the fsspec backend for {scheme}:// "

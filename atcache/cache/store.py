@@ -44,7 +44,7 @@ class CacheStore:
         if not loc.exists("zarr.json"):
             raise AtcacheError(f"cache {loc} does not exist (no zarr.json); build it with `atcache build-cache`")
         try:
-            group = zarr.open_group(loc.url, mode="r+" if writable else "r")
+            group = zarr.open_group(loc.url, mode="r+" if writable else "r", storage_options=loc.storage_options or None)
         except Exception as e:
             raise AtcacheError(f"cache {loc} is not a readable Zarr v3 group: {first_line(e)}") from e
         raw = group.attrs.get(SPEC_ATTR)
@@ -67,7 +67,7 @@ class CacheStore:
             loc.local_path.mkdir(parents=True, exist_ok=True)
         if len(files) != spec.n_rows:
             raise ValueError(f"{len(files)} files for a spec of {spec.n_rows} rows")
-        group = zarr.open_group(loc.url, mode="a", zarr_format=3)
+        group = zarr.open_group(loc.url, mode="a", zarr_format=3, storage_options=loc.storage_options or None)
         create_arrays(group, spec, files)
         # written last: a store with a spec is complete; the creator's record (claims.claim_creation) goes in the same
         # write of the root metadata, so the attributes of a finished store are the spec alone

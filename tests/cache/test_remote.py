@@ -123,3 +123,33 @@ def test_claims_on_s3_one_record_racing_overlaps_and_creation(s3):
         assert len(got) == 1, trial
         got[0].release()
     assert not store.location.list(LOCK_PREFIX)
+
+
+def test_a_chunk_read_is_one_get_on_s3(s3, monkeypatch):
+    """Reading chunks costs one GET each (no HEAD for the size first, no LIST for an absent chunk), and the replay
+    completion check is one listing."""
+    import collections
+    import dataclasses
+
+    import aiobotocore.client
+
+    from atcache.cache.format import ReplaySpec
+    from atcache.cache.store import CacheStore
+    from atcache.testing import fake_spec, seed_layers
+
+    replay = ReplaySpec(epochs=3, aug_seed=0, samples=8, chunk_rows=1, files_sha256="x", augment={})
+    spec = dataclasses.replace(fake_spec(seed_layers(64)[:1], n_rows=8, chunk_rows=1, imgsz=64), replay=replay)
+    store = CacheStore.create(f"{s3}/requests.zarr", spec, [f"{i}.jpg" for i in range(8)])
+    calls, real = collections.Counter(), aiobotocore.client.AioBaseClient._make_api_call
+
+    async def counted(self, operation, params):
+        calls[operation] += 1
+        return await real(self, operation, params)
+
+    store.read("files"), store.complete_units()  # (array metadata read once per store handle)
+    monkeypatch.setattr(aiobotocore.client.AioBaseClient, "_make_api_call", counted)
+    store.read("files")  # 8 chunks, all present
+    assert dict(calls) == {"GetObject": 8}
+    calls.clear()
+    assert not store.complete_units().any()  # 8 absent done chunks, 24 replay units listed at once
+    assert set(calls) == {"GetObject", "ListObjectsV2"} and calls["GetObject"] == 8 and calls["ListObjectsV2"] <= 2
