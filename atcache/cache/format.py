@@ -37,7 +37,9 @@ chunks under `done/c/`).
 
 Row-chunk k (rows k*R .. (k+1)*R) is the unit of writing, resuming and sharding: every array is chunked by R rows
 along axis 0, so one builder writing chunk k touches exactly one chunk file of each array and two builders with
-disjoint chunk ranges never read-modify-write the same file. Each chunk carries a crc32c checksum.
+disjoint chunk ranges never read-modify-write the same file. Each chunk carries a crc32c checksum. A replay unit
+(epoch e, positions k*R' .. (k+1)*R') is written whole, its `replay/done` chunk (all True) last; zarr stores no chunk
+that is all fill value, so the `replay/done/c/<e>/<k>` keys present are the done units (read by a listing).
 """
 from __future__ import annotations
 
