@@ -148,8 +148,10 @@ class Location:
     def list(self, prefix: str) -> list[str]:
         """Names (relative to the root) of the files under `prefix`/."""
         fs, root = self._fs_root
-        start = len(root.rstrip("/")) + 1
-        return sorted(p[start:] for p in fs.find(self._path(prefix)))
+        start, path = len(root.rstrip("/")) + 1, self._path(prefix)
+        names = sorted(p[start:] for p in fs.find(path))
+        _forget_listings(fs, path)
+        return names
 
     def remove_all(self) -> None:
         """Delete the store root and everything under it."""
@@ -164,5 +166,17 @@ class Location:
             try:
                 return int(fs.du(root, total=True)) if fs.exists(root) else 0
             except FileNotFoundError:  # listed, then renamed or removed by a concurrent writer: list again
+                _forget_listings(fs, root)
                 continue
         return int(fs.du(root, total=True))
+
+
+def _forget_listings(fs, path: str) -> None:
+    """Drop the filesystem's cached listings of `path` and below: s3fs caches every folder a `find` saw, and chunks
+    written since (through zarr's own filesystem instance) would be missing from them, so a later `du` or `info`
+    would report them as not found."""
+    cache = getattr(fs, "dircache", None)
+    if cache:
+        path = path.rstrip("/")
+        for key in [k for k in list(cache) if k == path or k.startswith(path + "/")]:
+            cache.pop(key, None)
