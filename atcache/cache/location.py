@@ -149,6 +149,7 @@ class Location:
         """Names (relative to the root) of the files under `prefix`/."""
         fs, root = self._fs_root
         start, path = len(root.rstrip("/")) + 1, self._path(prefix)
+        _forget_listings(fs, path)  # what the bucket holds now, not what an earlier listing saw
         names = sorted(p[start:] for p in fs.find(path))
         _forget_listings(fs, path)
         return names

@@ -3,6 +3,7 @@ inspect reads and train-from-cache trains from. Nothing here leaves this machine
 
 import logging
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
@@ -153,3 +154,25 @@ def test_a_chunk_read_is_one_get_on_s3(s3, monkeypatch):
     calls.clear()
     assert not store.complete_units().any()  # 8 absent done chunks, 24 replay units listed at once
     assert calls["GetObject"] == 8 and calls["ListObjectsV2"] + calls["HeadObject"] <= 3, dict(calls)
+
+
+def test_listings_see_units_written_after_them_on_s3(s3):
+    """A completion check lists replay/done; units written after it are seen by the next one, and the store's size
+    counts them (s3fs caches listings: they are dropped)."""
+    import dataclasses
+
+    from atcache.cache.format import ReplaySpec
+    from atcache.cache.store import CacheStore
+    from atcache.testing import fake_spec, seed_layers
+
+    layers = seed_layers(64)[:1]
+    replay = ReplaySpec(epochs=1, aug_seed=0, samples=4, chunk_rows=1, files_sha256="x", augment={})
+    spec = dataclasses.replace(fake_spec(layers, n_rows=4, chunk_rows=4, imgsz=64), replay=replay)
+    store = CacheStore.create(f"{s3}/listings.zarr", spec, [f"{i}.jpg" for i in range(4)])
+    for u in range(1, 5):
+        assert store.complete_units().tolist() == [False] + [True] * (u - 1) + [False] * (5 - u)
+        size = store.nbytes_stored()
+        store.write_replay(u, {layers[0].index: np.ones((1, 4, 4), np.float16)}, {layers[0].index: np.ones(1, np.float32)},
+                           np.array([u - 1]), np.array([u]))
+        assert store.nbytes_stored() > size
+    assert store.replay_done().all()
