@@ -12,7 +12,7 @@ import torch
 from atcache.attention.gradient import loss_labels
 from atcache.attention.recipe import layer_maps
 from atcache.cache.format import AUGMENT_KEYS, ReplaySpec
-from atcache.build.compute import UnitWriter
+from atcache.build.writer import UnitWriter
 from atcache.cache.store import CacheStore
 from atcache.config import BuildConfig
 from atcache.train.replay import augment_settings, check_training_set, files_sha256, fingerprint, training_dataset
