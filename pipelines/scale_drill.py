@@ -621,29 +621,30 @@ def budgets(backend: str, b: dict, table: dict, extrapolated: dict, report: dict
     opens = [v for row in table.values() for k, v in row.items() if k.startswith("open_") and k.endswith("_s")]
     voc = [v for k, v in extrapolated.get("100% VOC", {}).items() if k.startswith("open_") and k.endswith("_s")]
     coco = [v for k, v in extrapolated.get("COCO", {}).items() if k.startswith("open_") and k.endswith("_s")]
-    worst = max(opens + voc)
-    out["open_first_batch_s"] = {"value": worst, "budget": BUDGETS["open_first_batch_s"],
-                                 "met": worst < BUDGETS["open_first_batch_s"],
-                                 "note": "slowest mode, measured sizes" + (" and 100 % VOC (extrapolated)" if voc else "")
-                                         + (f"; COCO (extrapolated): {max(coco):.3g} s" if coco else "")}
-    if aug:
-        worst = max(row["supply_replay_ms"] / 1e3 for row in table.values())
-        out["replay_supply_fraction"] = {"value": worst / aug, "budget": BUDGETS["replay_supply_fraction"],
-                                         "met": worst / aug <= BUDGETS["replay_supply_fraction"],
-                                         "note": f"replay read+decode+fingerprint {worst * 1e3:.2f} ms vs augmentation "
-                                                 f"{aug * 1e3:.1f} ms per sample"}
-    largest = max(b["sizes"], key=lambda k: b["sizes"][k]["units"])
-    ratio = table[largest]["verify_mb_per_s"] / table[largest]["plain_loop_mb_per_s"]
-    out["verify_vs_plain_decompress"] = {"value": ratio, "budget": 1.0, "met": ratio >= 1.0,
-                                         "note": "inspect --verify MB/s (local:2) / one-process decompress-all MB/s; "
-                                                 ">= 1: limited by disk/decompression"}
-    rss = {m: [row[m] for row in table.values()] for m in ("peak_rss_open_streamed_mb", "peak_rss_open_replay_mb")}
-    units = [r["units"] for r in b["sizes"].values()]
-    growth = {m: (v[-1] - v[0]) / np.mean(v) for m, v in rss.items()}
-    out["training_rss_flat"] = {"value": growth, "budget": "independent of epochs and rows",
-                                "met": all(g < 0.15 for g in growth.values()),
-                                "note": f"peak RSS (opening + first batch) change, largest vs smallest size, relative to its mean, "
-                                        f"{min(units)}..{max(units)} units; met if < 15 %"}
+    if table:  # sizes measured (not only the empty 100 % store or the per-unit overhead)
+        worst = max(opens + voc)
+        out["open_first_batch_s"] = {"value": worst, "budget": BUDGETS["open_first_batch_s"],
+                                     "met": worst < BUDGETS["open_first_batch_s"],
+                                     "note": "slowest mode, measured sizes" + (" and 100 % VOC (extrapolated)" if voc else "")
+                                             + (f"; COCO (extrapolated): {max(coco):.3g} s" if coco else "")}
+        if aug:
+            worst = max(row["supply_replay_ms"] / 1e3 for row in table.values())
+            out["replay_supply_fraction"] = {"value": worst / aug, "budget": BUDGETS["replay_supply_fraction"],
+                                             "met": worst / aug <= BUDGETS["replay_supply_fraction"],
+                                             "note": f"replay read+decode+fingerprint {worst * 1e3:.2f} ms vs augmentation "
+                                                     f"{aug * 1e3:.1f} ms per sample"}
+        largest = max(b["sizes"], key=lambda k: b["sizes"][k]["units"])
+        ratio = table[largest]["verify_mb_per_s"] / table[largest]["plain_loop_mb_per_s"]
+        out["verify_vs_plain_decompress"] = {"value": ratio, "budget": 1.0, "met": ratio >= 1.0,
+                                             "note": "inspect --verify MB/s (local:2) / one-process decompress-all MB/s; "
+                                                     ">= 1: limited by disk/decompression"}
+        rss = {m: [row[m] for row in table.values()] for m in ("peak_rss_open_streamed_mb", "peak_rss_open_replay_mb")}
+        units = [r["units"] for r in b["sizes"].values()]
+        growth = {m: (v[-1] - v[0]) / np.mean(v) for m, v in rss.items()}
+        out["training_rss_flat"] = {"value": growth, "budget": "independent of epochs and rows",
+                                    "met": all(g < 0.15 for g in growth.values()),
+                                    "note": f"peak RSS (opening + first batch) change, largest vs smallest size, relative to its mean, "
+                                            f"{min(units)}..{max(units)} units; met if < 15 %"}
     over = b.get("unit_overhead")
     if over:
         a_, b_ = over["builds"].values()
@@ -652,7 +653,7 @@ def budgets(backend: str, b: dict, table: dict, extrapolated: dict, report: dict
         key = "unit_noncompute_s3_s" if backend == "s3" else "unit_noncompute_local_s"
         out[key] = {"value": over["s_per_unit"], "budget": BUDGETS["unit_noncompute_s3_s"],
                     "met": over["s_per_unit"] <= BUDGETS["unit_noncompute_s3_s"], "note": note}
-    elif backend == "s3":  # reports from before the per-unit overhead was measured
+    elif backend == "s3" and table:  # reports from before the per-unit overhead was measured
         per_unit = max(row["noncompute_s_per_unit"] for row in table.values())
         out["unit_noncompute_s3_s"] = {"value": per_unit, "budget": BUDGETS["unit_noncompute_s3_s"],
                                        "met": per_unit <= BUDGETS["unit_noncompute_s3_s"],
@@ -770,9 +771,9 @@ def run(args) -> dict:
               "layers": list(LAYERS), "imgsz": IMGSZ, "chunk_rows": CHUNK_ROWS}
     plan = []
     if not args.no_local:
-        plan.append(("local", [TINY] if args.tiny else [size_shape(float(s) / 100) for s in args.sizes.split(",")]))
+        plan.append(("local", [TINY] if args.tiny else [size_shape(float(s) / 100) for s in args.sizes.split(",") if s]))
     if args.s3:
-        plan.append(("s3", [TINY] if args.tiny else [size_shape(float(s) / 100) for s in args.s3_sizes.split(",")]))
+        plan.append(("s3", [TINY] if args.tiny else [size_shape(float(s) / 100) for s in args.s3_sizes.split(",") if s]))
     bar = tqdm(total=sum(len(p[1]) for p in plan) + 1, desc="scale drill", unit="size", dynamic_ncols=True)
     note = tqdm.write
     env = dict(os.environ)
