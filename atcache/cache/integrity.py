@@ -18,11 +18,16 @@ def chunk_problem(store: CacheStore, name: str, k: int, done: np.ndarray) -> str
     replay = store.replay_unit(k) if name.startswith("replay/") else None
     e, a, b = replay if replay else (None, *store.chunk_range(k))
     try:
-        block = store.array(name)[a:b] if replay is None else store.array(name)[e, a:b]
+        block = _rows(store, name, e, a, b)
     except Exception as error:
         return decode_failure(error)
     bad = _nonfinite(store, name, block, done)
     return f"{len(bad)} done rows are not finite (first row {a + bad[0]})" if len(bad) else None
+
+
+def _rows(store: CacheStore, name: str, e: int | None, a: int, b: int) -> np.ndarray:
+    """Rows a:b of array `name`, or positions a:b of replay epoch e."""
+    return store.array(name)[a:b] if e is None else store.array(name)[e, a:b]
 
 
 def _nonfinite(store: CacheStore, name: str, block: np.ndarray, done: np.ndarray) -> np.ndarray:
@@ -41,14 +46,13 @@ def unit_problems(store: CacheStore, start: int, stop: int) -> list[tuple[str, i
     for e, units in _unit_runs(store, start, stop):
         spans = [store.replay_unit(u)[1:] if e is not None else store.chunk_range(u) for u in units]
         a, b = spans[0][0], spans[-1][1]
-        done_name = "done" if e is None else "replay/done"
         try:
-            done = np.asarray(store.array(done_name)[a:b] if e is None else store.array(done_name)[e, a:b], bool)
+            done = np.asarray(_rows(store, "done" if e is None else "replay/done", e, a, b), bool)
         except Exception:  # reported below as the done array's own problem; its rows count as not done
             done = np.zeros(b - a, dtype=bool)
         for name in (store.array_names() if e is None else store.replay_array_names()):
             try:
-                block = store.array(name)[a:b] if e is None else store.array(name)[e, a:b]
+                block = _rows(store, name, e, a, b)
             except Exception:
                 out += [(name, u, why) for u, (lo, hi) in zip(units, spans)
                         if (why := chunk_problem(store, name, u, done[lo - a:hi - a])) is not None]
@@ -75,10 +79,8 @@ def _unit_runs(store: CacheStore, start: int, stop: int) -> list[tuple[int | Non
 
 def damaged_chunks(store: CacheStore, chunks: Iterable[int]) -> dict[int, list[str]]:
     """Row-chunks (of `chunks`) with an array whose chunk cannot be trusted (see chunk_problem): {k: [arrays]}."""
-    done, damaged = store.done_mask(), {}
+    damaged: dict[int, list[str]] = {}
     for k in chunks:
-        a, b = store.chunk_range(k)
-        names = [name for name in store.array_names() if chunk_problem(store, name, k, done[a:b]) is not None]
-        if names:
-            damaged[k] = names
+        for name, _, _ in unit_problems(store, k, k + 1):
+            damaged.setdefault(k, []).append(name)
     return damaged

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from atcache.errors import AtcacheError
 
+TMP_SUFFIX = ".tmp"  # of the temporary files `write` and `create` rename or link into place
 BACKENDS = {"s3": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs"}  # pip package per scheme
 
 
@@ -85,7 +86,7 @@ class Location:
         fs, root = self._fs_root
         names = fs.ls(root, detail=False) if fs.exists(root) else []
         if but_pending:
-            names = [n for n in names if not n.endswith(".tmp")]
+            names = [n for n in names if not n.endswith(TMP_SUFFIX)]
         return not names
 
     def read(self, name: str) -> bytes | None:
@@ -100,7 +101,7 @@ class Location:
         temporary file renamed over it locally)."""
         fs, path = self._fs_root[0], self._path(name)
         if not self.remote:
-            tmp = f"{path}.{os.getpid()}.tmp"
+            tmp = f"{path}.{os.getpid()}{TMP_SUFFIX}"
             fs.pipe_file(tmp, data)
             os.replace(tmp, path)
             return
@@ -114,7 +115,7 @@ class Location:
             if self.remote:
                 fs.pipe_file(path, data, mode="create")
             else:
-                tmp = f"{path}.{uuid.uuid4().hex}.tmp"
+                tmp = f"{path}.{uuid.uuid4().hex}{TMP_SUFFIX}"
                 fs.pipe_file(tmp, data)
                 try:
                     os.link(tmp, path)  # readers never see the record half-written

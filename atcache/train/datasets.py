@@ -7,7 +7,8 @@ alone, whatever the loader workers, prefetching, batch size or DDP world size. T
 with encode_epoch) yields `epoch * N + index` (persistent loader workers run ahead of the trainer, so the epoch travels
 with the index); the dataset decodes it, picks the epoch's pipeline (close_mosaic included) and runs ultralytics' own
 transforms with python's `random` and numpy's module-level draws answered, in that thread, by generators seeded from
-SeedSequence([S, epoch, index]) (`samplers.seeded_rng`: other threads' draws cannot change a view). Mosaic partners are drawn from the whole dataset, not from a worker's buffer of recent loads.
+SeedSequence([S, epoch, index]) (`samplers.seeded_rng`: other threads' draws cannot change a view). Mosaic partners
+are drawn from the whole dataset, not from a worker's buffer of recent loads.
 
 Every dataset with targets or a seed is made by `build_dataset` (the trainer's, the replay build's, the tools'), so
 they all see the same images, targets and orders. ultralytics names come through atcache.yolo.
