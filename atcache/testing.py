@@ -157,7 +157,12 @@ def random_chunk(spec, a: int, b: int, rng: np.random.Generator, smooth: bool = 
             maps[layer.index] = rng.random((b - a, layer.height, layer.width)).astype(np.float16)
             norms[layer.index] = rng.random(b - a).astype(np.float32)
     letterbox = rng.random((b - a, len(spec.letterbox.columns))).astype(np.float32)
-    return ChunkData(maps, norms, letterbox, np.ones(b - a, bool))
+    grad = {}
+    if spec.gradient_stride:  # a store with gradients: random directions and norms too
+        g = spec.gradient_size
+        grad = dict(grad_direction=rng.random((b - a, 3, g, g)).astype(np.float16),
+                    grad_norm=rng.random(b - a).astype(np.float32))
+    return ChunkData(maps, norms, letterbox, np.ones(b - a, bool), **grad)
 
 
 def fake_store(path, spec, chunk=None, files=None):

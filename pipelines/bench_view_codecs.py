@@ -7,7 +7,9 @@ Views: seeded augmented training views as `build-cache --replay-epochs` makes th
 atcache.train.replay with ultralytics' default augmentation, positions 0.. of a mosaic epoch and of a close_mosaic
 epoch in EpochSampler order), and letterboxed training images (the rows of the main arrays) for comparison.
 Only codecs of the Zarr v3 specification (bytes, transpose, blosc, zstd, gzip, crc32c), which every Zarr v3 reader
-decodes. One layout change is measured too and not adopted: the six maps of a view concatenated into one array.
+decodes. The layers of a view kept together (one array of the six maps concatenated) are measured in the codec table;
+`--store-layout` measures only the store's own replay arrays, written by atcache.cache.layout as a build writes them
+(format 3: maps of all layers in one array, per-view statistics in one), array by array.
 
     python pipelines/bench_view_codecs.py --teacher runs/accuracy/teacher/weights/best.pt \
         --data runs/accuracy/data/VOC/VOC.yaml --imgsz 640 --json pipelines/results/view_codecs_cpu.json
@@ -27,7 +29,7 @@ import torch
 import zarr
 from zarr.codecs import BloscCodec, BloscShuffle, Crc32cCodec, GzipCodec, TransposeCodec, ZstdCodec
 
-from atcache.cache.format import decode_maps, encode_maps, map_compressors, small_compressors
+from atcache.cache.format import READABLE_VERSIONS, decode_maps, encode_maps, map_compressors, small_compressors
 
 SMALL = ("scales", "norms", "sample", "record", "done")  # the per-view arrays besides the maps
 CNAMES = ("blosclz", "lz4", "lz4hc", "zlib", "zstd")
@@ -187,6 +189,43 @@ def small_chain(compressor) -> dict[str, tuple]:
             "record": ([*compressor(8)], []), "done": ([*compressor(1)], [])}
 
 
+def store_layout_bytes(views: list[dict], layers, imgsz: int, chunk_rows: int, version: int) -> dict:
+    """Bytes per view of the store's replay arrays in format `version`, created and packed by atcache.cache.layout as
+    a build writes them (units of `chunk_rows` views; views: the float32 maps, norms, sample and record of each set),
+    by array."""
+    import dataclasses
+
+    from atcache.cache.format import LayerSpec, ReplaySpec
+    from atcache.cache.layout import create_replay_arrays, pack_replay
+    from atcache.testing import fake_spec
+
+    total, n_views = {}, 0
+    for v in views:
+        n = len(v["sample"])
+        specs = tuple(LayerSpec(i, imgsz // v["maps"][i].shape[-1], 0, *v["maps"][i].shape[1:]) for i in layers)
+        spec = dataclasses.replace(fake_spec(specs, n, chunk_rows, imgsz), map_dtype="uint8",
+                                   replay=ReplaySpec(1, 0, n, chunk_rows, "bench", {}), format_version=version)
+        store = zarr.storage.MemoryStore()
+        group = zarr.open_group(store, mode="w")
+        create_replay_arrays(group, spec)
+        for a in range(0, n, chunk_rows):
+            b = min(n, a + chunk_rows)
+            values = pack_replay(spec, {i: v["maps"][i][a:b].astype(np.float16) for i in layers},
+                                 {i: v["norms"][i][a:b] for i in layers}, None)
+            values.update({"replay/sample": v["sample"][a:b], "replay/record": v["record"][a:b],
+                           "replay/done": np.ones(b - a, dtype=bool)})
+            for name, x in values.items():
+                group[name][0, a:b] = x
+        for key, buf in store._store_dict.items():
+            if not key.endswith("zarr.json"):
+                name = key.rsplit("/c/", 1)[0]
+                total[name] = total.get(name, 0) + len(buf)
+        n_views += n
+    by_array = {k: t / n_views for k, t in total.items()}
+    return {"bytes_per_view": sum(by_array.values()), "by_array": by_array, "views": n_views,
+            "chunk_rows": chunk_rows, "arrays_per_unit": len(by_array)}
+
+
 # ---------------------------------------------------------------------------------------------- the table
 def map_variants() -> list[tuple[str, tuple[list, list]]]:
     """(group, chain) of every map codec chain compared at the store's chunk rows."""
@@ -231,6 +270,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--maps", help="an .npz of the views' float32 maps: read if it exists, else written after computing")
+    ap.add_argument("--store-layout", action="store_true",
+                    help="only the store's own replay arrays (atcache.cache.layout), at --chunk-rows' first value")
     ap.add_argument("--json", required=True)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -256,6 +297,25 @@ def main() -> None:
         if args.maps:
             np.savez(args.maps, views=np.array(raw, dtype=object), samples=samples)
     compute_s = time.perf_counter() - t0
+    if args.store_layout:
+        report = {"teacher": args.teacher, "data": args.data, "imgsz": args.imgsz, "layers": list(layers),
+                  "settings": {"epochs": args.epochs, "aug_seed": args.aug_seed, "dataset_samples": samples,
+                               "views": {k: len(v["sample"]) for k, v in raw.items()}},
+                  "device": _device(), "versions": {"zarr": zarr.__version__, "numcodecs": numcodecs.__version__,
+                                                    "torch": torch.__version__, "ultralytics": _ultralytics()},
+                  "compute_s": compute_s,
+                  "formats": {str(version): {
+                      "replay": store_layout_bytes([v for k, v in raw.items() if k != "letterboxed"], layers,
+                                                   args.imgsz, rows[0], version),
+                      "letterboxed": store_layout_bytes([raw["letterboxed"]], layers, args.imgsz, rows[0], version)}
+                      for version in READABLE_VERSIONS}}
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+        for version, kinds in report["formats"].items():
+            for kind, r in kinds.items():
+                print(f"format {version} {kind}: {r['bytes_per_view']:.1f} B/view in {r['arrays_per_unit']} arrays (" +
+                      ", ".join(f"{k} {b:.1f}" for k, b in r["by_array"].items()) + ")")
+        return
     stored = {name: encode(v) for name, v in raw.items()}
     replay_sets = [stored[k] for k in stored if k != "letterboxed"]
     letterboxed = [stored["letterboxed"]]

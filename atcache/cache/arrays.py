@@ -7,6 +7,7 @@ import dask.array as da
 import numpy as np
 
 from atcache.cache.format import decode_maps
+from atcache.cache.layout import replay_pixels, replay_stat_columns
 from atcache.cache.store import CacheStore
 
 
@@ -33,12 +34,24 @@ def grad(store: CacheStore) -> da.Array | None:
 
 def replay_maps(store: CacheStore, index: int) -> da.Array:
     """Replay maps (E, M, H, W) of layer `index`, positions in training order, decoded like `layer`'s."""
-    maps = da.from_zarr(store.group[f"replay/maps/{index}"])
-    if store.spec.map_dtype == "uint8":
-        scales = da.from_zarr(store.group[f"replay/scales/{index}"])
+    spec = store.spec
+    if spec.format_version >= 3:
+        offset, h, w = next((o, h, w) for i, o, h, w in replay_pixels(spec) if i == index)
+        maps = da.from_zarr(store.group["replay/maps"])[:, :, offset:offset + h * w].reshape(
+            spec.replay.epochs, spec.replay.samples, h, w)
+        scales = _stat(store, f"scale_{index}") if spec.map_dtype == "uint8" else None
+    else:
+        maps = da.from_zarr(store.group[f"replay/maps/{index}"])
+        scales = da.from_zarr(store.group[f"replay/scales/{index}"]) if spec.map_dtype == "uint8" else None
+    if scales is not None:
         maps = da.map_blocks(lambda q, s: decode_maps(q.reshape(-1, *q.shape[2:]), s.reshape(-1)).reshape(q.shape),
                              maps, scales[:, :, None, None], dtype=np.float16)
     return maps
+
+
+def _stat(store: CacheStore, column: str) -> da.Array:
+    """Column `column` (E, M) of `replay/stats` (format 3)."""
+    return da.from_zarr(store.group["replay/stats"])[:, :, replay_stat_columns(store.spec).index(column)]
 
 
 def replay_grad(store: CacheStore) -> da.Array | None:
@@ -46,4 +59,5 @@ def replay_grad(store: CacheStore) -> da.Array | None:
     or gradients."""
     if not (store.spec.gradient_stride and store.spec.replay is not None):
         return None
-    return _joined(da.from_zarr(store.group["replay/grad/direction"]), da.from_zarr(store.group["replay/grad/norm"]))
+    norm = (_stat(store, "grad_norm") if store.spec.format_version >= 3 else da.from_zarr(store.group["replay/grad/norm"]))
+    return _joined(da.from_zarr(store.group["replay/grad/direction"]), norm)

@@ -1,5 +1,5 @@
 """The cache's on-disk format: the frozen spec (written into the store's root attributes, checked on every open),
-the codecs, the encoding of maps, and the arrays of a new store. The store schema (format version 2):
+the codecs and the encoding of maps (the arrays themselves: atcache.cache.layout). The store schema (format version 3):
 
 Layout (N rows = images of one split, in ultralytics' order; R = chunk_rows; per layer i of spec.layers, H x W its
 map size; dimension names in brackets, stored as each array's zarr `dimension_names`):
@@ -11,14 +11,20 @@ map size; dimension names in brackets, stored as each array's zarr `dimension_na
     files          (N,)      string    image path relative to the dataset root  [row]
     done           (N,)      bool      row written (set only after its data)    [row]
     attrs["atcache"]                   the CacheSpec (format_version, layers, ...)
-With --replay-epochs (E epochs of M samples, R' = replay chunk_rows), in group `replay`:
-    replay/maps/<i>, replay/scales/<i>, replay/norms/<i>   (E, M[, H, W])  [epoch, position(, y_<i>, x_<i>)]
+With --replay-epochs (E epochs of M samples, R' = replay chunk_rows; P = sum over layers of H x W), in group `replay`,
+one chunk per array per replay unit (five objects, six with gradients, whatever the number of layers):
+    replay/maps    (E, M, P) float16 or uint8, each view's layers flattened and concatenated in spec.layers order
+                   (attrs["layers"]: [index, offset, H, W] per layer; encoded as maps/<i>)  [epoch, position, pixel]
+    replay/stats   (E, M, K) float32   columns attrs["columns"] (replay_stat_columns): norm_<i> per layer, scale_<i>
+                   per layer (uint8), grad_norm (--gradient)  [epoch, position, stat]
     replay/sample (int32), replay/record (uint64), replay/done (bool)  (E, M)  [epoch, position]   chunks (1, R'...)
     (record: the fingerprint of the augmented image (3, H, W) uint8, spec.replay.fingerprint: "crc32c+crc32" =
     crc32c(bytes) | crc32(bytes) << 32, the C-order bytes; stores made before it: "blake2b", 8-byte blake2b, little-endian)
+    Format version 2 kept one array per layer and kind instead (replay/maps/<i> (E, M, H, W), replay/scales/<i>,
+    replay/norms/<i>, replay/grad/norm (E, M)); such stores are still read and resumed in that layout.
 With --gradient (S = spec.gradient_stride >= 1, G = imgsz / S), in group `grad` (and, with --replay-epochs, the same
 per replayed view in `replay/grad/direction` (E, M, 3, G, G) [epoch, position, channel, y_grad, x_grad] chunks
-(1, R', 3, G, G), and `replay/grad/norm` (E, M), x being the augmented view and L on that view's labels):
+(1, R', 3, G, G), and the grad_norm column of `replay/stats`, x being the augmented view and L on that view's labels):
     grad/direction (N, 3, G, G) float16   unit-L2 direction of the teacher's input gradient J_T = dL/dx, avg-pooled
                                           by S  [row, channel, y_grad, x_grad]   chunks (R, 3, G, G), fill NaN
     grad/norm      (N,)         float32   ||pooled J_T||_2 (J_T = norm * direction)  [row]   chunks (R,), fill NaN
@@ -46,15 +52,15 @@ from __future__ import annotations
 import dataclasses
 import datetime as _dt
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
-import zarr
 from zarr.codecs import BloscCodec, BloscShuffle, Crc32cCodec
 
 from atcache.errors import AtcacheError
 
-FORMAT_VERSION = 2  # 2: per-layer dimension names y_<i>, x_<i>; ownership records out of the zarr hierarchy
+FORMAT_VERSION = 3  # 3: a replay unit is one chunk of maps, stats, sample, record, done (2: one per layer and kind)
+READABLE_VERSIONS = (2, 3)  # 2: per-layer dimension names y_<i>, x_<i>; ownership records out of the zarr hierarchy
 # The letterbox array's columns, the one definition (the store writes them as the array's `columns` attribute).
 LETTERBOX_COLUMNS = ("h0", "w0", "h", "w", "pad_top", "pad_left", "ratio")
 
@@ -221,7 +227,8 @@ class CacheSpec:
         """Human-readable 'field: ours vs theirs' for every field that determines the data and differs."""
         out = []
         a, b = self.to_dict(), other.to_dict()
-        for spec in (a, b):  # a resumed build keeps the store's own fingerprint
+        for spec in (a, b):  # a resumed build keeps the store's own fingerprint and layout (format version)
+            spec.pop("format_version", None)
             if spec.get("replay"):
                 spec["replay"] = {k: v for k, v in spec["replay"].items() if k != "fingerprint"}
         for key in list(a) + [k for k in b if k not in a]:
@@ -236,11 +243,11 @@ def check_format_version(d: dict[str, Any], where: str = "") -> None:
     """The one check of a stored spec's format version: another version is refused in one line naming it and the
     rebuild command (an older store's layout is not what this atcache reads)."""
     found = d.get("format_version") if isinstance(d, dict) else None
-    if found != FORMAT_VERSION:
+    if found not in READABLE_VERSIONS:
         cache = f"cache {where}" if where else "this cache"
         raise AtcacheError(
-            f"{cache} has format version {found if found is not None else 'unknown'}, this atcache reads version "
-            f"{FORMAT_VERSION}; rebuild it with `atcache build-cache ... --out {where or '<cache>'} --overwrite`")
+            f"{cache} has format version {found if found is not None else 'unknown'}, this atcache reads versions "
+            f"{' and '.join(map(str, READABLE_VERSIONS))}; rebuild it with `atcache build-cache ... --out {where or '<cache>'} --overwrite`")
 
 
 def _short(v: Any) -> str:
@@ -304,71 +311,5 @@ def grid_dims(layer: LayerSpec) -> tuple[str, str]:
     return f"y_{layer.index}", f"x_{layer.index}"
 
 
-def _map_fill(spec: CacheSpec):
+def map_fill(spec: CacheSpec):
     return np.nan if spec.map_dtype == "float16" else 0
-
-
-def _create_replay_arrays(group: zarr.Group, spec: CacheSpec) -> None:
-    """The replay arrays (E epochs x M positions), chunked by one epoch x chunk_rows positions: one replay unit."""
-    e, m, r = spec.replay.epochs, spec.replay.samples, spec.replay.chunk_rows
-    for layer in spec.layers:
-        group.create_array(
-            f"replay/maps/{layer.index}", shape=(e, m, layer.height, layer.width), chunks=(1, r, layer.height, layer.width),
-            dtype=spec.map_dtype, fill_value=_map_fill(spec), compressors=map_compressors(spec.map_dtype),
-            dimension_names=("epoch", "position", *grid_dims(layer)), overwrite=True,
-        )
-        if spec.map_dtype == "uint8":
-            group.create_array(f"replay/scales/{layer.index}", shape=(e, m), chunks=(1, r), dtype="float32",
-                               fill_value=np.nan, compressors=small_compressors(4),
-                               dimension_names=("epoch", "position"), overwrite=True)
-        group.create_array(f"replay/norms/{layer.index}", shape=(e, m), chunks=(1, r), dtype="float32",
-                           fill_value=np.nan, compressors=small_compressors(4), dimension_names=("epoch", "position"),
-                           overwrite=True)
-    if spec.gradient_stride:
-        g = spec.gradient_size
-        group.create_array("replay/grad/direction", shape=(e, m, 3, g, g), chunks=(1, r, 3, g, g), dtype="float16",
-                           fill_value=np.nan, compressors=map_compressors("float16"),
-                           dimension_names=("epoch", "position", "channel", "y_grad", "x_grad"), overwrite=True)
-        group.create_array("replay/grad/norm", shape=(e, m), chunks=(1, r), dtype="float32", fill_value=np.nan,
-                           compressors=small_compressors(4), dimension_names=("epoch", "position"), overwrite=True)
-    for name, dtype, fill, size in (("sample", "int32", -1, 4), ("record", "uint64", 0, 8), ("done", "bool", False, 1)):
-        group.create_array(f"replay/{name}", shape=(e, m), chunks=(1, r), dtype=dtype, fill_value=fill,
-                           compressors=small_compressors(size), dimension_names=("epoch", "position"), overwrite=True)
-
-
-def create_arrays(group: zarr.Group, spec: CacheSpec, files: Sequence[str]) -> None:
-    """Every array of a new store, as the layout above says (the spec attribute is written after, by the store)."""
-    n, r = spec.n_rows, spec.chunk_rows
-    for layer in spec.layers:
-        group.create_array(
-            f"maps/{layer.index}", shape=(n, layer.height, layer.width), chunks=(r, layer.height, layer.width),
-            dtype=spec.map_dtype, fill_value=_map_fill(spec), compressors=map_compressors(spec.map_dtype),
-            dimension_names=("row", *grid_dims(layer)), overwrite=True,
-        )
-        if spec.map_dtype == "uint8":
-            group.create_array(f"scales/{layer.index}", shape=(n,), chunks=(r,), dtype="float32", fill_value=np.nan,
-                               compressors=small_compressors(4), dimension_names=("row",), overwrite=True)
-        group.create_array(
-            f"norms/{layer.index}", shape=(n,), chunks=(r,), dtype="float32", fill_value=np.nan,
-            compressors=small_compressors(4), dimension_names=("row",), overwrite=True,
-        )
-    group.create_array(
-        "letterbox", shape=(n, width := len(spec.letterbox.columns)), chunks=(r, width), dtype="float32",
-        fill_value=np.nan,
-        compressors=small_compressors(4), dimension_names=("row", "field"),
-        attributes={"columns": list(spec.letterbox.columns)}, overwrite=True,
-    )
-    group.create_array("done", shape=(n,), chunks=(r,), dtype="bool", fill_value=False,
-                       compressors=small_compressors(1), dimension_names=("row",), overwrite=True)
-    files_arr = group.create_array("files", shape=(n,), chunks=(r,), dtype=str, fill_value="",
-                                   dimension_names=("row",), overwrite=True)
-    files_arr[:] = np.asarray(files, dtype=object)
-    if spec.gradient_stride:
-        g = spec.gradient_size
-        group.create_array("grad/direction", shape=(n, 3, g, g), chunks=(r, 3, g, g), dtype="float16",
-                           fill_value=np.nan, compressors=map_compressors("float16"),
-                           dimension_names=("row", "channel", "y_grad", "x_grad"), overwrite=True)
-        group.create_array("grad/norm", shape=(n,), chunks=(r,), dtype="float32", fill_value=np.nan,
-                           compressors=small_compressors(4), dimension_names=("row",), overwrite=True)
-    if spec.replay is not None:
-        _create_replay_arrays(group, spec)

@@ -32,8 +32,8 @@ def _rows(store: CacheStore, name: str, e: int | None, a: int, b: int) -> np.nda
 
 def _nonfinite(store: CacheStore, name: str, block: np.ndarray, done: np.ndarray) -> np.ndarray:
     """Offsets of done rows of a block of array `name` that hold NaN or Inf (only float arrays can)."""
-    if ("norms/" in name or "scales/" in name or "grad/" in name
-            or ("maps/" in name and store.spec.map_dtype == "float16")):
+    if (any(kind in name for kind in ("norms/", "scales/", "grad/", "replay/stats"))
+            or ("maps" in name and store.spec.map_dtype == "float16")):
         return nonfinite_finished(np.asarray(block), done)
     return np.zeros(0, dtype=np.int64)
 

@@ -16,7 +16,8 @@ from atcache.errors import AtcacheError, first_line
 from atcache.cache.location import Location
 from atcache.cache.writes import write_together
 from atcache.cache.claims import CREATOR_ATTR, claim_creation, clear_for_build, creation_state, exists_error, owner_alive, remove_store
-from atcache.cache.format import CacheSpec, ChunkData, LetterboxTable, create_arrays, decode_maps, encode_maps
+from atcache.cache.format import CacheSpec, ChunkData, LetterboxTable, decode_maps, encode_maps
+from atcache.cache.layout import create_arrays, pack_replay, replay_array_names, replay_reads, unpack_replay
 
 SPEC_ATTR = "atcache"
 CREATE_WAIT_S = 120.0
@@ -228,20 +229,13 @@ class CacheStore:
         (spec.gradient_stride) `grad` = (direction (r, 3, G, G), norm (r,)) of each view's J_T."""
         e, a, b = self.replay_unit(u)
         at = (e, slice(a, b))
-        writes = []
-        for layer in self.spec.layers:
-            stored, scales = encode_maps(maps[layer.index], self.spec.map_dtype)
-            writes.append((f"replay/maps/{layer.index}", at, stored))
-            if scales is not None:
-                writes.append((f"replay/scales/{layer.index}", at, scales))
-            writes.append((f"replay/norms/{layer.index}", at, norms[layer.index].astype(np.float32, copy=False)))
         if self.spec.gradient_stride:
             g = self.spec.gradient_size
             if grad is None or grad[0].shape != (b - a, 3, g, g):
                 raise ValueError(f"replay unit {u}: this store keeps gradients (3 x {g} x {g} per view), got "
                                  f"{None if grad is None else grad[0].shape}")
-            writes.append(("replay/grad/direction", at, grad[0].astype(np.float16, copy=False)))
-            writes.append(("replay/grad/norm", at, grad[1].astype(np.float32, copy=False)))
+        values = pack_replay(self.spec, maps, norms, grad if self.spec.gradient_stride else None)
+        writes = [(name, at, v) for name, v in values.items()]
         writes.append(("replay/sample", at, samples.astype(np.int32, copy=False)))
         writes.append(("replay/record", at, records.astype(np.uint64, copy=False)))
         write_together(self._array, writes)
@@ -253,11 +247,9 @@ class CacheStore:
         (direction (r, 3, G, G) float16, norm (r,) float32) of their J_T; a chunk that fails to decode is one
         AtcacheError naming the array, epoch and positions."""
         out = {}
-        scales = [f"replay/scales/{i}" for i in layers] if self.spec.map_dtype == "uint8" else []
-        grads = ["replay/grad/direction", "replay/grad/norm"] if grad else []
         if grad and not self.spec.gradient_stride:
             raise AtcacheError(f"cache {self.path} holds no input gradients; build it with build-cache --gradient")
-        for name in [f"replay/maps/{i}" for i in layers] + scales + grads + ["replay/record", "replay/done"]:
+        for name in replay_reads(self.spec, layers, grad) + ["replay/record", "replay/done"]:
             try:
                 out[name] = np.asarray(self._array(name)[e, a:b])
             except Exception as error:
@@ -266,9 +258,9 @@ class CacheStore:
         if not out["replay/done"].all():
             raise AtcacheError(f"cache {self.path}: replay epoch {e} positions {a}-{b - 1} are not built yet; finish "
                                "the cache with `atcache build-cache ... --resume`")
-        maps = {i: decode_maps(out[f"replay/maps/{i}"], out.get(f"replay/scales/{i}")) for i in layers}
+        maps, _, grads = unpack_replay(self.spec, layers, out, grad)
         if grad:
-            return maps, out["replay/record"], (out["replay/grad/direction"], out["replay/grad/norm"])
+            return maps, out["replay/record"], grads
         return maps, out["replay/record"]
 
     def array_names(self) -> list[str]:
@@ -335,12 +327,7 @@ class CacheStore:
 
     def replay_array_names(self) -> list[str]:
         """The replay arrays (none without --replay-epochs); each is chunked by one epoch x chunk_rows positions."""
-        if self.spec.replay is None:
-            return []
-        kinds = ("maps", "norms") + (("scales",) if self.spec.map_dtype == "uint8" else ())
-        per_layer = [f"replay/{kind}/{layer}" for kind in kinds for layer in self.spec.layer_indices]
-        grad = ["replay/grad/direction", "replay/grad/norm"] if self.spec.gradient_stride else []
-        return per_layer + grad + ["replay/sample", "replay/record", "replay/done"]
+        return replay_array_names(self.spec)
 
     def rewrite_files(self, files: Sequence[str]) -> None:
         """Rewrite the image list (for --repair of a damaged `files` chunk; the list is known from the split)."""

@@ -11,6 +11,7 @@ import zarr
 
 from atcache.attention.gradient import input_gradient, pool_gradient
 from atcache.build.pipeline import build_cache
+from atcache.cache.format import FORMAT_VERSION
 from atcache.cache.inspect import format_inspection, inspect_cache, open_cache, verify_cache
 from atcache.errors import AtcacheError
 from atcache.testing import TEST_IMGSZ, TEST_LAYERS, build_config
@@ -46,7 +47,7 @@ def test_grad_arrays_equal_the_gradient_computed_directly(grad_cache, voc_yaml, 
 
     g = zarr.open_group(str(grad_cache), mode="r")
     spec = g.attrs["atcache"]
-    assert spec["gradient_stride"] == STRIDE and spec["format_version"] == 2
+    assert spec["gradient_stride"] == STRIDE and spec["format_version"] == FORMAT_VERSION
     assert spec["gradient_gains"] == {"box": 7.5, "cls": 0.5, "dfl": 1.5}
     g_size, n = TEST_IMGSZ // STRIDE, spec["n_rows"]
     assert g["grad/direction"].shape == (n, 3, g_size, g_size) and g["grad/direction"].dtype == np.float16

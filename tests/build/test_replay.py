@@ -36,11 +36,7 @@ def replay_cache(voc_yaml, teacher_pt, tmp_path_factory) -> Path:
 
 def replay_arrays(path) -> dict:
     g = zarr.open_group(str(path), mode="r")
-    out = {name: g[f"replay/{name}"][:] for name in ("sample", "record", "done", "grad/direction", "grad/norm")}
-    for layer in TEST_LAYERS:
-        out[f"maps/{layer}"] = g[f"replay/maps/{layer}"][:]
-        out[f"norms/{layer}"] = g[f"replay/norms/{layer}"][:]
-    return out
+    return {name: g[f"replay/{name}"][:] for name in ("maps", "stats", "sample", "record", "done", "grad/direction")}
 
 
 def assert_same_replay(a, b):
@@ -51,6 +47,7 @@ def assert_same_replay(a, b):
 
 def test_replay_arrays_hold_every_epoch_in_training_order(replay_cache):
     from atcache.train.samplers import EpochSampler
+    from atcache.cache import arrays as store_arrays
     from atcache.cache.store import CacheStore
 
     store = CacheStore.open(replay_cache)
@@ -58,11 +55,13 @@ def test_replay_arrays_hold_every_epoch_in_training_order(replay_cache):
     assert (replay.epochs, replay.samples, replay.aug_seed) == (2, 31, 11)
     assert replay.augment["close_mosaic"] == 1 and replay.augment["mixup"] == 0.5 and replay.augment["epochs"] == 2
     arrays = replay_arrays(replay_cache)
-    assert arrays["done"].all() and arrays["maps/16"].shape == (2, 31, TEST_IMGSZ // 8, TEST_IMGSZ // 8)
+    pixels = sum((TEST_IMGSZ // layer.stride) ** 2 for layer in store.spec.layers)
+    assert arrays["done"].all() and arrays["maps"].shape == (2, 31, pixels)  # every layer of a view in one row
+    assert store_arrays.replay_maps(store, 16).shape == (2, 31, TEST_IMGSZ // 8, TEST_IMGSZ // 8)
     for e in range(2):  # position p of epoch e holds the sample epoch e's sampler visits p-th
         np.testing.assert_array_equal(arrays["sample"][e], EpochSampler(31, 11).order(e))
     assert len(np.unique(arrays["record"])) == 62  # every augmented view is another image
-    norms = np.linalg.norm(arrays["maps/6"].astype(np.float32).reshape(62, -1), axis=1)
+    norms = np.linalg.norm(store_arrays.replay_maps(store, 6).compute().astype(np.float32).reshape(62, -1), axis=1)
     np.testing.assert_allclose(norms, 1.0, atol=5e-3)
 
 
@@ -125,7 +124,7 @@ def test_kill_during_the_replay_then_resume_is_identical(replay_cache, voc_yaml,
                            timeout=300)
     assert count.returncode == 0, count.stderr
     writes = int(count.stderr.rsplit("writes=", 1)[1].split()[0])
-    per_unit = 2 * len(TEST_LAYERS) + 5  # maps and norms per layer, grad direction and norm, sample, record, done
+    per_unit = 6  # maps (every layer), stats, grad direction, sample, record, done
     for n in (writes - 3 * per_unit - 2, writes - 3):  # both in the replay (the static arrays come first)
         out = tmp_path / f"killed-{n}.zarr"
         args = cli_command(voc_yaml, teacher_pt, out) + REPLAY_ARGS
@@ -136,7 +135,7 @@ def test_kill_during_the_replay_then_resume_is_identical(replay_cache, voc_yaml,
         assert 0 < done.sum() < done.size
         ref = replay_arrays(replay_cache)
         got = replay_arrays(out)
-        for key in ("maps/16", "grad/direction", "record", "sample"):  # a position is never done without its data
+        for key in ("maps", "stats", "grad/direction", "record", "sample"):  # never done without its data
             np.testing.assert_array_equal(got[key][done], ref[key][done])
         build_cache(build_config(voc_yaml, out, teacher=str(teacher_pt), resume=True, **REPLAY))
         assert_same_replay(replay_cache, out)
@@ -341,20 +340,20 @@ def test_inspect_and_verify_understand_replay_arrays(replay_cache, tmp_path):
     assert verify_cache(replay_cache) == []
     damaged = tmp_path / "damaged.zarr"
     shutil.copytree(replay_cache, damaged)
-    chunk = damaged / "replay" / "maps" / "16" / "c" / "1" / "2" / "0" / "0"  # epoch 1, positions 16-23
+    chunk = damaged / "replay" / "maps" / "c" / "1" / "2" / "0"  # epoch 1, positions 16-23
     raw = bytearray(chunk.read_bytes())
     raw[len(raw) // 2] ^= 0xFF
     chunk.write_bytes(bytes(raw))
     [bad] = verify_cache(damaged)
-    assert (bad["array"], bad["epoch"], bad["rows"]) == ("replay/maps/16", 1, [16, 24])
+    assert (bad["array"], bad["epoch"], bad["rows"]) == ("replay/maps", 1, [16, 24])
     result = runner.invoke(app, ["inspect", str(damaged), "--verify"])
-    assert result.exit_code == 1 and "corrupted: replay/maps/16" in result.output
+    assert result.exit_code == 1 and "corrupted: replay/maps" in result.output
     chunk = damaged / "replay" / "grad" / "direction" / "c" / "0" / "1" / "0" / "0" / "0"  # epoch 0, positions 8-15
     raw = bytearray(chunk.read_bytes())
     raw[len(raw) // 2] ^= 0xFF
     chunk.write_bytes(bytes(raw))
     assert {(b["array"], b["epoch"], tuple(b["rows"])) for b in verify_cache(damaged)} == {
-        ("replay/maps/16", 1, (16, 24)), ("replay/grad/direction", 0, (8, 16))}
+        ("replay/maps", 1, (16, 24)), ("replay/grad/direction", 0, (8, 16))}
 
 
 @pytest.mark.slow

@@ -108,7 +108,7 @@ def test_replay_arrays_in_uint8(voc_yaml, teacher_pt, tmp_path):
 
     out = tmp_path / "replay8.zarr"
     build_cache(build_config(voc_yaml, out, teacher=str(teacher_pt), dtype="uint8", replay_epochs=1))
-    assert zarr.open_group(str(out))["replay/maps/6"].dtype == np.uint8
+    assert zarr.open_group(str(out))["replay/maps"].dtype == np.uint8
     report = measure_fidelity(FidelityConfig(cache=str(out), teacher=str(teacher_pt), data=str(voc_yaml), batches=2,
                                              batch=8, targets="replay", device="cpu"))
     for layer in map(str, TEST_LAYERS):
@@ -176,14 +176,18 @@ def test_a_uint8_store_reads_back_equal_with_plain_zarr(tmp_path):
             np.testing.assert_array_equal(g[f"norms/{layer.index}"][a:b], data.norms[layer.index])
         np.testing.assert_array_equal(g["letterbox"][a:b], data.letterbox)
     assert g["done"][:].all() and list(g["files"][:]) == files
+    offsets = {i: (o, h, w) for i, o, h, w in g["replay/maps"].attrs["layers"]}  # the schema, as plain zarr reads it
+    columns = list(g["replay/stats"].attrs["columns"])
     for e, a, b, data, samples, records in views.values():
+        flat, stats = g["replay/maps"][e, a:b], g["replay/stats"][e, a:b]
         for layer in layers:
             q, scales = encode_maps(data.maps[layer.index], "uint8")
-            np.testing.assert_array_equal(g[f"replay/maps/{layer.index}"][e, a:b], q)
-            np.testing.assert_array_equal(g[f"replay/scales/{layer.index}"][e, a:b], scales)
-            np.testing.assert_array_equal(g[f"replay/norms/{layer.index}"][e, a:b], data.norms[layer.index])
-            np.testing.assert_array_equal(decode_maps(g[f"replay/maps/{layer.index}"][e, a:b],
-                                                      g[f"replay/scales/{layer.index}"][e, a:b]),
+            o, h, w = offsets[layer.index]
+            stored = flat[:, o:o + h * w].reshape(-1, h, w)
+            np.testing.assert_array_equal(stored, q)
+            np.testing.assert_array_equal(stats[:, columns.index(f"scale_{layer.index}")], scales)
+            np.testing.assert_array_equal(stats[:, columns.index(f"norm_{layer.index}")], data.norms[layer.index])
+            np.testing.assert_array_equal(decode_maps(stored, stats[:, columns.index(f"scale_{layer.index}")]),
                                           store.read_replay([layer.index], e, a, b)[0][layer.index])
         np.testing.assert_array_equal(g["replay/sample"][e, a:b], samples)
         np.testing.assert_array_equal(g["replay/record"][e, a:b], records)
@@ -194,14 +198,13 @@ def test_a_uint8_store_reads_back_equal_with_plain_zarr(tmp_path):
 
     chosen = [{"name": "blosc", "configuration": {"typesize": 1, "cname": "zstd", "clevel": 9, "shuffle": "noshuffle",
                                                   "blocksize": 0}}, {"name": "crc32c"}]
-    assert g["replay/maps/6"].compressors == tuple(map_compressors("uint8"))
-    for name in ("maps/6", "maps/8", "replay/maps/6", "replay/maps/8"):
+    assert g["replay/maps"].compressors == tuple(map_compressors("uint8"))
+    for name in ("maps/6", "maps/8", "replay/maps"):
         assert codecs(name)[1:] == chosen, name
         assert codecs(name)[0]["name"] == "bytes"
-    arrays = [name for name, a in g.arrays()] + [f"{p}/{name}" for p in ("maps", "scales", "norms", "replay/maps",
-                                                                         "replay/scales", "replay/norms")
+    arrays = [name for name, a in g.arrays()] + [f"{p}/{name}" for p in ("maps", "scales", "norms")
                                                  for name, _ in g[p].arrays()]
-    arrays += [f"replay/{n}" for n in ("sample", "record", "done")]
+    arrays += [f"replay/{n}" for n in ("maps", "stats", "sample", "record", "done")]
     for name in arrays:
         if name != "files":  # strings: the vlen-utf8 codec of the main image list, not a per-view array
             assert {c["name"] for c in codecs(name)} <= SPEC_CODECS, (name, codecs(name))

@@ -13,7 +13,7 @@ import zarr
 from atcache.cache import arrays
 from atcache.cache.claims import LOCK_PREFIX, ChunkClaim, claim_creation
 from atcache.cache.format import FORMAT_VERSION, ReplaySpec, decode_maps
-from atcache.cache.inspect import open_cache
+from atcache.cache.inspect import open_cache, verify_cache
 from atcache.cache.location import Location
 from atcache.cache.store import CacheStore
 from atcache.errors import AtcacheError
@@ -24,20 +24,28 @@ LAYERS = seed_layers(64)[:3]  # layers 6, 8, 13: grids 4x4, 2x2, 4x4
 FILES = [f"images/{i:03d}.jpg" for i in range(N_ROWS)]
 
 
-def make_store(path, dtype: str, replay: bool) -> CacheStore:
-    """A filled store of `dtype` maps; with `replay`, 2 epochs x 10 samples of replay arrays, all written."""
-    spec = dataclasses.replace(fake_spec(LAYERS, N_ROWS, CHUNK_ROWS, imgsz=64), map_dtype=dtype)
+def make_store(path, dtype: str, replay: bool, version: int = FORMAT_VERSION, gradient: bool = False) -> CacheStore:
+    """A filled store of `dtype` maps in format `version`; with `replay`, 2 epochs x 10 samples of replay arrays, all
+    written (with `gradient`, input gradients at stride 16 too)."""
+    spec = dataclasses.replace(fake_spec(LAYERS, N_ROWS, CHUNK_ROWS, imgsz=64), map_dtype=dtype, format_version=version,
+                               gradient_stride=16 if gradient else 0)
     if replay:
         spec = dataclasses.replace(spec, replay=ReplaySpec(epochs=2, aug_seed=0, samples=10, chunk_rows=4,
                                                            files_sha256="synthetic", augment={}))
     store = fake_store(path, spec, files=FILES)
     rng = np.random.default_rng(1)
     for u in range(store.n_chunks, store.n_units):
-        _, a, b = store.replay_unit(u)
+        e, a, b = store.replay_unit(u)
         maps = {layer.index: rng.random((b - a, layer.height, layer.width)).astype(np.float32) for layer in LAYERS}
-        norms = {layer.index: rng.random(b - a).astype(np.float32) for layer in LAYERS}
-        store.write_replay(u, maps, norms, np.arange(a, b), np.arange(a, b).astype(np.uint64))
+        norms = {layer.index: replay_norms(e, np.arange(a, b), layer.index) for layer in LAYERS}
+        grad = (rng.random((b - a, 3, 4, 4)).astype(np.float16), replay_norms(e, np.arange(a, b), 99)) if gradient else None
+        store.write_replay(u, maps, norms, np.arange(a, b), np.arange(a, b).astype(np.uint64), grad)
     return store
+
+
+def replay_norms(epoch, positions, layer: int) -> np.ndarray:
+    """The norms make_store writes for the replayed views: distinct per epoch, position and layer."""
+    return (100 * epoch + positions + layer / 100).astype(np.float32)
 
 
 def list_quietly(path) -> list[str]:
@@ -74,27 +82,27 @@ def test_xarray_reads_what_atcache_reads(tmp_path, dtype, replay):
         if uint8:
             np.testing.assert_array_equal(scale, scales)
         np.testing.assert_array_equal(decode_maps(maps.values, scale), view.maps[i].compute())  # decoded
-        if replay:
-            rmaps = tree[f"replay/maps/{i}"]
-            assert rmaps.dims == ("epoch", "position", f"y_{i}", f"x_{i}")
-            np.testing.assert_array_equal(rmaps.values, store.group[f"replay/maps/{i}"][:])
-            rscale = tree[f"replay/scales/{i}"].values if uint8 else None
-            decoded = rmaps.values if rscale is None else decode_maps(
-                rmaps.values.reshape(-1, layer.height, layer.width), rscale.reshape(-1)).reshape(rmaps.shape)
-            np.testing.assert_array_equal(decoded, arrays.replay_maps(store, i).compute())
-            np.testing.assert_array_equal(tree[f"replay/norms/{i}"].values, store.group[f"replay/norms/{i}"][:])
-    if replay:
-        for name in ("sample", "record", "done"):
-            np.testing.assert_array_equal(tree[f"replay/{name}"].values, store.group[f"replay/{name}"][:])
-        assert tree["replay/done"].values.all()
-
+        if replay:  # one flat array of every layer's maps per view, and one of per-view statistics (attrs say where)
+            o, h, w = next((o, h, w) for j, o, h, w in tree["replay/maps"].attrs["layers"] if j == i)
+            rmaps = tree["replay/maps"].isel(pixel=slice(o, o + h * w))
+            assert tree["replay/maps"].dims == ("epoch", "position", "pixel") and rmaps.dtype == np.dtype(dtype)
+            columns = list(tree["replay/stats"].attrs["columns"])
+            stats = tree["replay/stats"].values
+            rscale = stats[..., columns.index(f"scale_{i}")] if uint8 else None
+            stored = rmaps.values.reshape(-1, h, w)
+            decoded = stored if rscale is None else decode_maps(stored, rscale.reshape(-1))
+            np.testing.assert_array_equal(decoded.reshape(2, 10, h, w), arrays.replay_maps(store, i).compute())
+            np.testing.assert_array_equal(decoded[:4], store.read_replay([i], 0, 0, 4)[0][i])
+            np.testing.assert_array_equal(stats[..., columns.index(f"norm_{i}")],
+                                          [replay_norms(e, np.arange(10), i) for e in range(2)])
     maps = xr.open_zarr(str(path), group="maps", consolidated=False)
     assert set(maps.data_vars) == {str(layer.index) for layer in LAYERS}
     for layer in LAYERS:
         assert maps[str(layer.index)].shape == (N_ROWS, layer.height, layer.width)
         np.testing.assert_array_equal(maps[str(layer.index)].values, store.read(f"maps/{layer.index}"))
     if replay:
-        assert xr.open_zarr(str(path), group="replay/maps", consolidated=False)[str(LAYERS[0].index)].ndim == 4
+        group = xr.open_zarr(str(path), group="replay", consolidated=False)
+        assert set(group.data_vars) == {"maps", "stats", "sample", "record", "done"}
 
 
 def test_every_group_has_one_size_per_dimension(tmp_path):
@@ -157,8 +165,37 @@ def test_older_format_is_refused_in_one_line(tmp_path, old):
             opening()
         message = str(error.value)
         assert "\n" not in message
-        assert f"has format version {old if old is not None else 'unknown'}, this atcache reads version 2" in message
+        assert f"has format version {old if old is not None else 'unknown'}, this atcache reads versions 2 and 3" in message
         assert str(path) in message and "build-cache" in message and "--overwrite" in message
     # --overwrite rebuilds it
     CacheStore.open_or_create(path, store.spec, FILES, resume=False, overwrite=True, join=False)
     assert CacheStore.open(path).spec.format_version == FORMAT_VERSION
+
+
+@pytest.mark.parametrize("dtype", ["float16", "uint8"])
+def test_a_format_2_replay_store_is_read_verified_and_resumed_in_its_own_layout(tmp_path, dtype):
+    """Format 2 kept one replay array per layer and kind; such a store reads as the same values as a format 3 store
+    written alike, verifies clean, and a resumed build keeps (and writes) its layout."""
+    old = make_store(tmp_path / "v2.zarr", dtype, replay=True, version=2, gradient=True)
+    new = make_store(tmp_path / "v3.zarr", dtype, replay=True, gradient=True)
+    names = set(list_quietly(tmp_path / "v2.zarr"))
+    assert {"replay/maps/6", "replay/norms/13", "replay/grad/norm"} <= names and "replay/stats" not in names
+    assert old.replay_array_names() != new.replay_array_names()
+    assert len(new.replay_array_names()) == 6  # maps, stats, grad/direction, sample, record, done: per replay unit
+    for layer in LAYERS:
+        np.testing.assert_array_equal(arrays.replay_maps(old, layer.index).compute(),
+                                      arrays.replay_maps(new, layer.index).compute())
+    np.testing.assert_array_equal(arrays.replay_grad(old).compute(), arrays.replay_grad(new).compute())
+    for u in range(old.n_chunks, old.n_units):
+        e, a, b = old.replay_unit(u)
+        (maps_2, records_2, grad_2), (maps_3, records_3, grad_3) = (
+            s.read_replay(old.spec.layer_indices, e, a, b, grad=True) for s in (old, new))
+        for i in old.spec.layer_indices:
+            np.testing.assert_array_equal(maps_2[i], maps_3[i])
+        np.testing.assert_array_equal(records_2, records_3)
+        np.testing.assert_array_equal(grad_2[1], replay_norms(e, np.arange(a, b), 99))
+        np.testing.assert_array_equal(grad_2[0], grad_3[0])
+        np.testing.assert_array_equal(grad_2[1], grad_3[1])
+    assert verify_cache(tmp_path / "v2.zarr") == []
+    resumed = CacheStore.open_or_create(tmp_path / "v2.zarr", new.spec, FILES, resume=True, overwrite=False, join=False)
+    assert resumed.spec.format_version == 2 and resumed.complete_units().all()
