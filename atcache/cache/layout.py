@@ -70,18 +70,16 @@ def replay_reads(spec: CacheSpec, layers: Sequence[int], grad: bool) -> list[str
     if spec.format_version >= 3:
         return ["replay/maps", "replay/stats"] + (["replay/grad/direction"] if grad else [])
     scales = [f"replay/scales/{i}" for i in layers] if spec.map_dtype == "uint8" else []
-    return ([f"replay/maps/{i}" for i in layers] + scales + [f"replay/norms/{i}" for i in layers]
-            + (["replay/grad/direction", "replay/grad/norm"] if grad else []))
+    return [f"replay/maps/{i}" for i in layers] + scales + (["replay/grad/direction", "replay/grad/norm"] if grad else [])
 
 
 def unpack_replay(spec: CacheSpec, layers: Sequence[int], values: dict[str, np.ndarray], grad: bool
-                  ) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray], tuple | None]:
-    """({layer: maps (r, H, W) float16}, {layer: norms (r,)}, (direction (r, 3, G, G), norm (r,)) or None) from the
-    arrays `replay_reads` names, read for r positions: the inverse of pack_replay."""
+                  ) -> tuple[dict[int, np.ndarray], tuple | None]:
+    """({layer: maps (r, H, W) float16}, (direction (r, 3, G, G), norm (r,)) or None) from the arrays `replay_reads`
+    names, read for r positions: the inverse of pack_replay."""
     if spec.format_version < 3:
         maps = {i: decode_maps(values[f"replay/maps/{i}"], values.get(f"replay/scales/{i}")) for i in layers}
-        norms = {i: values[f"replay/norms/{i}"] for i in layers}
-        return maps, norms, (values["replay/grad/direction"], values["replay/grad/norm"]) if grad else None
+        return maps, (values["replay/grad/direction"], values["replay/grad/norm"]) if grad else None
     stats, flat = values["replay/stats"], values["replay/maps"]
     column = {name: stats[:, c] for c, name in enumerate(replay_stat_columns(spec))}
     where = {i: (offset, h, w) for i, offset, h, w in replay_pixels(spec)}
@@ -89,8 +87,7 @@ def unpack_replay(spec: CacheSpec, layers: Sequence[int], values: dict[str, np.n
     for i in layers:
         offset, h, w = where[i]
         maps[i] = decode_maps(flat[:, offset:offset + h * w].reshape(-1, h, w), column.get(f"scale_{i}"))
-    norms = {i: column[f"norm_{i}"] for i in layers}
-    return maps, norms, (values["replay/grad/direction"], column["grad_norm"]) if grad else None
+    return maps, (values["replay/grad/direction"], column["grad_norm"]) if grad else None
 
 
 def create_replay_arrays(group: zarr.Group, spec: CacheSpec) -> None:

@@ -258,7 +258,7 @@ class CacheStore:
         if not out["replay/done"].all():
             raise AtcacheError(f"cache {self.path}: replay epoch {e} positions {a}-{b - 1} are not built yet; finish "
                                "the cache with `atcache build-cache ... --resume`")
-        maps, _, grads = unpack_replay(self.spec, layers, out, grad)
+        maps, grads = unpack_replay(self.spec, layers, out, grad)
         if grad:
             return maps, out["replay/record"], grads
         return maps, out["replay/record"]
