@@ -39,6 +39,10 @@ def check_backend(report: dict, backend: str) -> None:
         assert {"value", "budget", "met", "note"} <= set(budgets[key]), key
     if backend == "s3":
         assert "unit_noncompute_s3_s" in budgets
+    over = report["backends"][backend]["unit_overhead"]  # 24 images, 2 replay epochs (--tiny)
+    assert {k: (b["units"], b["replay_units"]) for k, b in over["builds"].items()} == {
+        "24": (3, 2), "1": (72, 48), "24/1": (49, 48)}
+    assert math.isfinite(over["s_per_unit"]) and math.isfinite(over["s_per_replay_unit"])
 
 
 def test_tiny_drill_local_and_analyse_only(tmp_path):
