@@ -21,6 +21,9 @@ def parse_scheduler(text: str) -> tuple[str, int]:
         return "local", int(n)
     if not text:
         raise AtcacheError("--scheduler is empty; pass local:N or a scheduler address like tcp://host:8786")
+    if "://" not in text and not text.rpartition(":")[2].isdigit():  # not an address (e.g. dask's 'sync', 'threads')
+        raise AtcacheError(f"--scheduler {text!r} is neither local:N nor a scheduler address with its port; pass "
+                           "local:N, or tcp://host:8786, or leave it out for this process's threads")
     return text, 0
 
 

@@ -67,9 +67,11 @@ def test_killed_worker_is_retried_and_the_store_is_whole(voc_yaml, teacher_pt, t
 
 
 def test_scheduler_flags_are_checked(voc_yaml, teacher_pt, tmp_path):
-    for bad in ("local:0", "local:x", ""):
+    for bad in ("local:0", "local:x", "", "sync", "threads"):
         with pytest.raises(AtcacheError, match="--scheduler"):
             parse_scheduler(bad)
+    assert parse_scheduler("tcp://10.0.0.5:8786") == ("tcp://10.0.0.5:8786", 0)
+    assert parse_scheduler("10.0.0.5:8786") == ("10.0.0.5:8786", 0)
     with pytest.raises(AtcacheError, match="leave out --shard"):
         build_cache(build_config(voc_yaml, tmp_path / "c.zarr", teacher=str(teacher_pt), scheduler="local:1",
                                  shard=(0, 2)))
