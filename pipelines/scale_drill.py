@@ -486,6 +486,8 @@ def claim_full(backend: str, work: Path, env: dict, shape: dict, progress) -> di
     url = f"s3://atcache-drill/claim-{shape['label']}.zarr" if backend == "s3" else str(work / backend / f"claim-{shape['label']}.zarr")
     common = {"data": data, "rows": shape["rows"], "epochs": shape["epochs"], "chunk_rows": shape["chunk_rows"],
               "url": url, "write": False}
+    if backend != "s3":  # a store left by an earlier run in the same --work
+        shutil.rmtree(url, ignore_errors=True)
     progress(f"{backend} {shape['label']}: create + claim an empty store, then resume it")
     return {"create_claim": step("build", common, env), "resume_claim": step("build", {**common, "resume": True}, env),
             "units": -(-shape["rows"] // shape["chunk_rows"]) * (1 + shape["epochs"])}
@@ -504,6 +506,8 @@ def unit_overhead(backend: str, work: Path, env: dict, progress, epochs: int | N
         for k in range(o["repeats"]):
             name = f"overhead-{chunk_rows}-{replay_rows}-{k}.zarr"
             url = f"s3://atcache-drill/{name}" if backend == "s3" else str(work / backend / name)
+            if backend != "s3":
+                shutil.rmtree(url, ignore_errors=True)
             progress(f"{backend} per-unit overhead: {chunk_rows} row(s) a chunk, {replay_rows} a replay unit, "
                      f"build {k + 1}/{o['repeats']}")
             runs.append(step("build", {"data": data, "rows": o["rows"], "epochs": o["epochs"], "chunk_rows": chunk_rows,
