@@ -649,11 +649,18 @@ def budgets(backend: str, b: dict, table: dict, extrapolated: dict, report: dict
                                              "met": worst / aug <= BUDGETS["replay_supply_fraction"],
                                              "note": f"replay read+decode+fingerprint {worst * 1e3:.2f} ms vs augmentation "
                                                      f"{aug * 1e3:.1f} ms per sample"}
-        largest = max(b["sizes"], key=lambda k: b["sizes"][k]["units"])
+        by_units = sorted(b["sizes"], key=lambda k: b["sizes"][k]["units"])
+        largest = by_units[-1]
         ratio = table[largest]["verify_mb_per_s"] / table[largest]["plain_loop_mb_per_s"]
-        out["verify_vs_plain_decompress"] = {"value": ratio, "budget": 1.0, "met": ratio >= 1.0,
-                                             "note": "inspect --verify MB/s (local:2) / one-process decompress-all MB/s; "
-                                                     ">= 1: limited by disk/decompression"}
+        note = (f"inspect --verify MB/s (local:2) / one-process decompress-all MB/s at {largest}: {ratio:.2f}; "
+                ">= 1: limited by disk/decompression")
+        if len(by_units) > 1:  # the cost of more data apart from the cluster's start: verify's MB/s between sizes
+            lo, hi = (b["sizes"][k]["inspect"] for k in (by_units[0], largest))
+            marginal = (hi["store_bytes"] - lo["store_bytes"]) / 1e6 / max(1e-9, hi["verify_s"] - lo["verify_s"])
+            note = (f"verify's MB/s between {by_units[0]} and {largest} ({marginal:.0f} MB/s, the local:2 cluster's "
+                    f"start apart) / decompress-all MB/s at {largest}; whole runs: {ratio:.2f} at {largest}")
+            ratio = marginal / table[largest]["plain_loop_mb_per_s"]
+        out["verify_vs_plain_decompress"] = {"value": ratio, "budget": 1.0, "met": ratio >= 1.0, "note": note}
         rss = {m: [row[m] for row in table.values()] for m in ("peak_rss_open_streamed_mb", "peak_rss_open_replay_mb")}
         units = [r["units"] for r in b["sizes"].values()]
         growth = {m: (v[-1] - v[0]) / np.mean(v) for m, v in rss.items()}
@@ -775,8 +782,9 @@ def main(argv=None) -> dict:
     out = Path(args.out)
     if args.merge:
         parts = [json.loads(Path(p).read_text()) for p in args.merge]
-        report = {**parts[0], "backends": {}}
+        report = {"backends": {}}
         for part in parts:  # a later report's non-empty entries replace the earlier one's, backend by backend
+            report.update({k: v for k, v in part.items() if k not in ("backends", "analysis")})
             for backend, entries in part["backends"].items():
                 report["backends"][backend] = {**report["backends"].get(backend, {}), **{k: v for k, v in entries.items() if v}}
     elif args.analyse_only:
