@@ -86,5 +86,7 @@ def test_accuracy_study_pipeline_at_toy_scale(tmp_path):
         assert all(x > 0 for x in mode["img_per_s"])
     assert report["data"]["val_images"] >= 5 and report["teacher"]["checkpoint"].endswith("best.pt")
     sweep = json.loads((tmp_path / "pipelines" / "results" / "accuracy_sweep_toy.json").read_text())
-    assert set(sweep["modes"]) == {"replay"} and sweep["config"]["at_weights"] == [3.0]
+    assert set(sweep["modes"]) == {"plain", "replay"} and sweep["config"]["at_weights"] == [3.0]
+    assert sweep["modes"]["plain"]["mAP50"] == report["modes"]["plain"]["mAP50"]  # the study's plain students, reused
+    assert sweep["modes"]["replay"]["vs_plain"]["mAP50"]["n"] == 2
     assert "| plain |" in (tmp_path / "pipelines" / "results" / "accuracy_toy.md").read_text()
