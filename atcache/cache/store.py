@@ -14,7 +14,7 @@ import zarr
 
 from atcache.errors import AtcacheError, first_line
 from atcache.cache.location import Location
-from atcache.cache.writes import write_together
+from atcache.cache.writes import read_together, write_together
 from atcache.cache.claims import CREATOR_ATTR, claim_creation, clear_for_build, creation_state, exists_error, owner_alive, remove_store
 from atcache.cache.format import CacheSpec, ChunkData, LetterboxTable, decode_maps, encode_maps
 from atcache.cache.layout import create_arrays, pack_replay, replay_array_names, replay_reads, unpack_replay
@@ -298,19 +298,33 @@ class CacheStore:
                           ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """read_layer without decoding: (maps as stored (float16, or uint8), norms, per-map scales (uint8) or None);
         what keeps a uint8 cache uint8 in RAM (`decode_maps` decodes rows on use)."""
+        return self.read_stored_layers([layer], a, b, done)[layer]
+
+    def read_stored_layers(self, layers: Sequence[int], a: int = 0, b: int | None = None, done: np.ndarray | None = None
+                           ) -> dict[int, tuple[np.ndarray, np.ndarray, np.ndarray | None]]:
+        """read_stored_layer of several layers, every array read concurrently (on a bucket a GET per chunk: they
+        overlap); with `done`, non-finite finished rows are refused as in `refuse_nonfinite`."""
         uint8 = self.spec.map_dtype == "uint8"
-        stored = self.read(f"maps/{layer}", a, b)
-        scales = self.read(f"scales/{layer}", a, b).astype(np.float32, copy=False) if uint8 else None
-        norms = self.read(f"norms/{layer}", a, b).astype(np.float32, copy=False)
+        kinds = ("maps", "norms") + (("scales",) if uint8 else ())
+        read = read_together(lambda name: self.read(name, a, b), [f"{k}/{i}" for i in layers for k in kinds])
+        out = {i: (read[f"maps/{i}"], read[f"norms/{i}"].astype(np.float32, copy=False),
+                   read[f"scales/{i}"].astype(np.float32, copy=False) if uint8 else None) for i in layers}
         if done is not None:
-            finite = ((f"scales/{layer}", scales),) if uint8 else ((f"maps/{layer}", stored),)
-            for name, values in finite + ((f"norms/{layer}", norms),):
-                bad = nonfinite_finished(values, done[a:a + len(values)])
-                if len(bad):
-                    first = a + int(bad[0])
-                    raise self.chunk_error(name, *self.chunk_range(first // self.spec.chunk_rows),
-                                           f"hold non-finite values in {len(bad)} finished rows (first row {first})")
-        return stored, norms, scales
+            for i in layers:
+                self.refuse_nonfinite(i, *out[i], done=done, a=a)
+        return out
+
+    def refuse_nonfinite(self, layer: int, stored: np.ndarray, norms: np.ndarray, scales: np.ndarray | None,
+                         done: np.ndarray, a: int = 0) -> None:
+        """One line naming the array and chunk if a finished row (per `done`, the store's mask) of rows a.. of `layer`
+        holds NaN or Inf."""
+        finite = ((f"scales/{layer}", scales),) if scales is not None else ((f"maps/{layer}", stored),)
+        for name, values in finite + ((f"norms/{layer}", norms),):
+            bad = nonfinite_finished(values, done[a:a + len(values)])
+            if len(bad):
+                first = a + int(bad[0])
+                raise self.chunk_error(name, *self.chunk_range(first // self.spec.chunk_rows),
+                                       f"hold non-finite values in {len(bad)} finished rows (first row {first})")
 
     def letterbox(self) -> LetterboxTable:
         """Every row's letterbox, read by the column names stored with the array."""

@@ -77,6 +77,9 @@ def fingerprint(image: torch.Tensor, kind: str = FINGERPRINTS[0]) -> int:
     data = image.numpy().tobytes()
     if kind == "blake2b":
         return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little")
+    if kind == "crc32c-halves":
+        half = len(data) // 2
+        return google_crc32c.value(data[:half]) | google_crc32c.value(data[half:]) << 32
     if kind != "crc32c+crc32":
         raise AtcacheError(f"replay records fingerprinted with {kind!r}, which this atcache does not know; upgrade "
                            "atcache or rebuild the cache with build-cache --overwrite")

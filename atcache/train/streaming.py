@@ -52,9 +52,8 @@ def _decode_chunk(store: CacheStore, k: int, layers: Sequence[int], done: np.nda
     """Read row-chunk k of all `layers` together, maps kept as stored; a chunk that fails its checksum, or a finished
     row that is not finite, stops training with one line naming the array and rows."""
     a, b = store.chunk_range(k)
-    maps, norms, scales = {}, {}, {}
-    for i in layers:
-        maps[i], norms[i], scales[i] = store.read_stored_layer(i, a, b, done)
+    read = store.read_stored_layers(layers, a, b, done)
+    maps, norms, scales = ({i: read[i][j] for i in layers} for j in range(3))
     return DecodedChunk(a, maps, norms, scales if store.spec.map_dtype == "uint8" else None)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 from abc import ABC, abstractmethod
 from collections import Counter, OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Hashable, Sequence
@@ -205,14 +206,16 @@ class CacheTargets(TargetRendering):
         """Read the maps of `layers` into RAM as stored, every chunk checked (`train.check_cache` makes the other
         refusals)."""
         store = cache if isinstance(cache, CacheStore) else CacheStore.open(cache)
-        done = store.done_mask()
-        maps, norms, scales = {}, {}, {}
+        with ThreadPoolExecutor(3) as side:  # the row tables are read while the layers are (a bucket's GETs overlap)
+            done, letterbox, files = (side.submit(f) for f in (store.done_mask, store.letterbox, store.files))
+            read = store.read_stored_layers(layers)
+            done, letterbox, files = done.result(), letterbox.result(), files.result()
         for i in layers:
-            maps[i], norms[i], scales[i] = store.read_stored_layer(i, done=done)
-            maps[i] = np.ascontiguousarray(maps[i])
-        letterbox = store.letterbox()
+            store.refuse_nonfinite(i, *read[i], done=done)
+        maps = {i: np.ascontiguousarray(read[i][0]) for i in layers}
+        norms, scales = {i: read[i][1] for i in layers}, {i: read[i][2] for i in layers}
         targets = cls(spec=store.spec, layers=tuple(layers), maps=maps, norms=norms, letterbox=letterbox,
-                      files=store.files(), done=done, scales=scales if store.spec.map_dtype == "uint8" else None)
+                      files=files, done=done, scales=scales if store.spec.map_dtype == "uint8" else None)
         targets.grey = {i: padding_energy(targets.energy_of(i), letterbox, done, store.spec.layer(i).stride)
                         for i in layers}
         return targets

@@ -299,17 +299,21 @@ def test_fingerprint_sees_one_pixel_and_knows_its_kinds():
 
     image = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (3, 64, 48), dtype=np.uint8))
     data = image.numpy().tobytes()
-    assert fingerprint(image) == google_crc32c.value(data) | zlib.crc32(data) << 32
+    half = len(data) // 2
+    assert fingerprint(image) == google_crc32c.value(data[:half]) | google_crc32c.value(data[half:]) << 32
+    assert fingerprint(image, "crc32c+crc32") == google_crc32c.value(data) | zlib.crc32(data) << 32
     assert fingerprint(image, "blake2b") == int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little")
-    changed = image.clone()
-    changed[1, 30, 20] += 1
-    assert fingerprint(changed) != fingerprint(image) and fingerprint(changed, "blake2b") != fingerprint(image, "blake2b")
+    for at in ((0, 2, 3), (1, 30, 20), (2, 63, 47)):  # a byte changed in either half changes every kind
+        changed = image.clone()
+        changed[at] += 1
+        assert all(fingerprint(changed, k) != fingerprint(image, k) for k in ("crc32c-halves", "crc32c+crc32", "blake2b"))
     assert fingerprint(image) < 2 ** 64
 
 
-def test_a_store_with_blake2b_records_still_trains(replay_cache, voc_yaml, tmp_path):
-    """A replay store made before the CRC fingerprint (no `fingerprint` in its spec, blake2b records) is read with
-    its own fingerprint; an unknown fingerprint is refused in one line."""
+@pytest.mark.parametrize("kind", ["blake2b", "crc32c+crc32"])
+def test_a_store_with_older_records_still_trains(replay_cache, voc_yaml, tmp_path, kind):
+    """A replay store made with an older fingerprint (blake2b: no `fingerprint` in its spec; crc32c+crc32) is read
+    with its own fingerprint; an unknown fingerprint is refused in one line."""
     import json
 
     from atcache.train.replay import augment_settings, fingerprint, training_dataset
@@ -319,9 +323,11 @@ def test_a_store_with_blake2b_records_still_trains(replay_cache, voc_yaml, tmp_p
     group = zarr.open_group(str(old), mode="r+")
     spec = dict(group.attrs["atcache"])
     replay = {k: v for k, v in spec["replay"].items() if k != "fingerprint"}
+    if kind != "blake2b":
+        replay["fingerprint"] = kind
     dataset, _ = training_dataset(str(voc_yaml), augment_settings(replay["augment"], 2, TEST_IMGSZ), 11)
     sample = group["replay/sample"][:]
-    group["replay/record"][:] = np.array([[fingerprint(dataset[e * 31 + int(i)]["img"], "blake2b") for i in sample[e]]
+    group["replay/record"][:] = np.array([[fingerprint(dataset[e * 31 + int(i)]["img"], kind) for i in sample[e]]
                                           for e in range(2)], dtype=np.uint64)
     group.attrs["atcache"] = {**spec, "replay": replay}
     result = runner.invoke(app, common(voc_yaml, old, tmp_path, "--name", "old", "plots=False", "workers=0"))
@@ -329,7 +335,7 @@ def test_a_store_with_blake2b_records_still_trains(replay_cache, voc_yaml, tmp_p
     group.attrs["atcache"] = {**spec, "replay": {**replay, "fingerprint": "md4"}}
     assert_one_line_error(runner.invoke(app, common(voc_yaml, old, tmp_path, "--name", "x", "workers=0")),
                           "fingerprinted with 'md4'", "--overwrite")
-    assert json.loads(json.dumps(spec["replay"]))["fingerprint"] == "crc32c+crc32"  # what a build writes now
+    assert json.loads(json.dumps(spec["replay"]))["fingerprint"] == "crc32c-halves"  # what a build writes now
 
 
 def test_inspect_and_verify_understand_replay_arrays(replay_cache, tmp_path):
