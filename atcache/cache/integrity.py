@@ -40,8 +40,9 @@ def _nonfinite(store: CacheStore, name: str, block: np.ndarray, done: np.ndarray
 
 def unit_problems(store: CacheStore, start: int, stop: int) -> list[tuple[str, int, str]]:
     """(array, unit, why) for each unit in [start, stop) of each array that cannot be trusted (see chunk_problem).
-    Each array is read once per epoch's run of units (zarr fetches and decodes those chunks concurrently), unit by
-    unit only where that read fails: verifying costs decompression, not a call per chunk."""
+    Each array is read once per run of up to RUN_UNITS units of one kind (zarr fetches and decodes those chunks
+    concurrently), unit by unit only where that read fails: verifying costs decompression, not a call per chunk, and
+    holds one run in memory."""
     out = []
     for e, units in _unit_runs(store, start, stop):
         spans = [store.replay_unit(u)[1:] if e is not None else store.chunk_range(u) for u in units]
@@ -65,12 +66,17 @@ def unit_problems(store: CacheStore, start: int, stop: int) -> list[tuple[str, i
     return out
 
 
+RUN_UNITS = 16  # units read together by unit_problems: zarr overlaps their chunks; memory stays one run's (~50 MB of
+# replay maps at 640, whatever the rows of an epoch)
+
+
 def _unit_runs(store: CacheStore, start: int, stop: int) -> list[tuple[int | None, list[int]]]:
-    """Units [start, stop) grouped into runs of one kind: (None, row-chunks) and (epoch, that epoch's replay units)."""
+    """Units [start, stop) grouped into runs of one kind and at most RUN_UNITS units: (None, row-chunks) and
+    (epoch, replay units of that epoch)."""
     runs: list[tuple[int | None, list[int]]] = []
     for u in range(start, stop):
         e = None if u < store.n_chunks else store.replay_unit(u)[0]
-        if runs and runs[-1][0] == e:
+        if runs and runs[-1][0] == e and len(runs[-1][1]) < RUN_UNITS:
             runs[-1][1].append(u)
         else:
             runs.append((e, [u]))

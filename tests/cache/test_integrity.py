@@ -5,7 +5,7 @@ import pickle
 
 import numpy as np
 
-from atcache.cache import inspect
+from atcache.cache import inspect, integrity
 from atcache.cache.integrity import damaged_chunks, unit_problems
 from atcache.testing import fake_spec, fake_store, seed_layers
 
@@ -29,6 +29,15 @@ def test_block_reads_find_each_problem_in_its_unit(tmp_path):
     assert sorted(unit_problems(store, 0, 4) + unit_problems(store, 4, 10)) == sorted(problems)  # any split
     assert unit_problems(store, 6, 10) == []
     assert damaged_chunks(store, range(10)) == {3: ["norms/8"], 5: ["maps/6"]}
+
+
+def test_runs_hold_at_most_run_units_and_find_the_same(tmp_path, monkeypatch):
+    """A task's memory is one run of units, not an epoch's rows: runs are capped, and the findings do not change."""
+    store = damaged(tmp_path)
+    whole = unit_problems(store, 0, 10)
+    monkeypatch.setattr(integrity, "RUN_UNITS", 3)
+    assert [units for _, units in integrity._unit_runs(store, 0, 10)] == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9]]
+    assert unit_problems(store, 0, 10) == whole
 
 
 def test_verify_tasks_carry_a_path_and_a_unit_range(tmp_path, monkeypatch):
