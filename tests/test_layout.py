@@ -276,3 +276,19 @@ def test_commands_touching_ultralytics_write_only_their_outputs_and_download_not
 def test_no_module_is_over_450_lines():
     sizes = {str(p.relative_to(PACKAGE.parent)): len(p.read_text().splitlines()) for p in PACKAGE.rglob("*.py")}
     assert {p: n for p, n in sizes.items() if n > 450} == {}
+
+
+LARGE_FILES_ALLOWED = {"pipelines/results/visualize_demo.png"}  # the README's picture
+
+
+def test_no_tracked_file_is_over_1_mb_and_none_is_a_wheel_or_checkpoint():
+    """The repository holds code, docs and measurements: no wheels, checkpoints or other large binaries."""
+    root = PACKAGE.parent
+    listed = subprocess.run(["git", "ls-files", "-z"], cwd=root, capture_output=True)
+    if listed.returncode != 0:
+        pytest.skip("not a git checkout")
+    files = [f for f in listed.stdout.decode().split("\0") if f and (root / f).is_file()]
+    large = [f"{f} ({(root / f).stat().st_size / 1e6:.1f} MB)" for f in files
+             if (root / f).stat().st_size > 1_000_000 and f not in LARGE_FILES_ALLOWED]
+    binaries = [f for f in files if f.endswith((".whl", ".pt", ".pth", ".onnx", ".tar.gz", ".zip"))]
+    assert not large and not binaries, large + binaries

@@ -290,6 +290,15 @@ def test_paired_difference_has_the_t_interval():
     assert d["ci95"] == pytest.approx([0.175 - half, 0.175 + half])
 
 
+@pytest.mark.parametrize("df, expected", [(1, 12.706205), (2, 4.302653), (3, 3.182446), (4, 2.776445), (9, 2.262157),
+                                          (10, 2.228139), (29, 2.045230), (120, 1.979930)])
+def test_t_quantile_matches_the_tables(df, expected):  # reference values: scipy.stats.t.ppf(0.975, df)
+    from atcache.tools.study import t_quantile
+
+    assert t_quantile(0.975, df) == pytest.approx(expected, abs=2e-6)
+    assert t_quantile(0.025, df) == pytest.approx(-expected, abs=2e-6)
+
+
 def test_bench_gradient_adds_the_gradient_trainers():
     from atcache.tools import bench
 
