@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass
 
@@ -23,6 +24,8 @@ DEFAULT_AT_WEIGHT = 1.0
 # measurement (pipelines/README.md, "gradient stride"): 3 x 80 x 80 float16 = 38 KB per image at 640, and the
 # student's weight gradient keeps the same cosine to the full-resolution one as at strides 4 and 16.
 DEFAULT_GRADIENT_STRIDE = 8
+ATTENTION_KINDS = ("sum_p", "sum", "max_p")  # a = sum_c |F_c|^p, sum_c |F_c|, max_c |F_c|^p
+MAP_DTYPES = ("float16", "uint8")  # how a cache stores its maps
 DEFAULT_WORKERS = min(4, os.cpu_count() or 1)  # DataLoader workers decoding images for the teacher
 AUTO_DEVICE = ""  # --device default: CUDA device 0 when there is one, else the CPU (atcache.devices)
 # The two fields of DistillSettings: which trainer (`mode`) and, for the cache trainer, which targets (`targets`).
@@ -50,7 +53,40 @@ def _tuples(x):
     return tuple(_tuples(v) for v in x) if isinstance(x, list) else x
 
 
-class JsonConfig:
+def option_name(field: dataclasses.Field) -> str:
+    """The command-line option of a config field (--at-weight for at_weight, or the one `opt` names)."""
+    return field.metadata.get("option") or "--" + field.name.replace("_", "-")
+
+
+def _check_value(field: dataclasses.Field, value) -> None:
+    """One field's value against what its `opt` declares: one of `choices`, a finite number >= `low` (or > 0 where
+    `positive`); AtcacheError naming the option and what it takes."""
+    meta, name = field.metadata, option_name(field)
+    if value is None or not meta:
+        return
+    if meta.get("choices") and value not in meta["choices"]:
+        raise AtcacheError(f"{name} {value!r} is unknown; choose one of {', '.join(meta['choices'])}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return
+    if isinstance(value, float) and not math.isfinite(value):
+        wanted = f" >= {meta['low']}" if meta.get("low") is not None else " > 0" if meta.get("positive") else ""
+        raise AtcacheError(f"{name} {value} is not a finite number; give a number{wanted}")
+    if meta.get("low") is not None and value < meta["low"]:
+        raise AtcacheError(f"{name} {value} must be at least {meta['low']}")
+    if meta.get("positive") and value <= 0:
+        raise AtcacheError(f"{name} {value} is not above 0; give a number > 0")
+
+
+class Checked:
+    """A frozen config whose fields are checked against their `opt` declarations when it is made, so a bad value is
+    refused in one line before any work starts (in the CLI, a child process and a library call alike)."""
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            _check_value(f, getattr(self, f.name))
+
+
+class JsonConfig(Checked):
     """The one serialized form of a frozen config: `to_json` in the parent, `from_json` in the child."""
 
     def to_json(self) -> str:
@@ -61,11 +97,14 @@ class JsonConfig:
         return cls(**{k: _tuples(v) for k, v in json.loads(text).items()})
 
 
-def opt(default=dataclasses.MISSING, help: str = "", *, cli=None, option: str | None = None):
+def opt(default=dataclasses.MISSING, help: str = "", *, cli=None, option: str | None = None, choices=(),
+        low: float | None = None, positive: bool = False):
     """A config field that is also a command-line option: its --help text, and where the option's text differs from
     the field's value a (parse, format) pair `cli` (layers "6,8,13" <-> (6, 8, 13), shard "i/n" <-> (i, n)), and the
-    option's name where it is not the field's (--ram-budget). atcache.cli.options turns these into typer options."""
-    return dataclasses.field(default=default, metadata={"help": help, "cli": cli, "option": option})
+    option's name where it is not the field's (--ram-budget). atcache.cli.options turns these into typer options.
+    `choices`, `low` (a finite number >= low) and `positive` (> 0) are checked when the config is made (`Checked`)."""
+    return dataclasses.field(default=default, metadata={"help": help, "cli": cli, "option": option, "choices": choices,
+                                                        "low": low, "positive": positive})
 
 
 def comma_text(values) -> str:
@@ -143,17 +182,17 @@ class BuildConfig(JsonConfig):
     out: str = opt(help="Cache store to write: a Zarr v3 folder (voc_m.zarr) or an fsspec URL (s3://bucket/voc_m.zarr).")
     split: str = opt("train", "Split of the data YAML to cache.")
     layers: tuple[int, ...] = opt(DEFAULT_LAYERS, "Teacher layer indices (model.model[i]) to cache.", cli=LAYERS_CLI)
-    imgsz: int = opt(DEFAULT_IMGSZ, "Training image size (multiple of the max stride).")
-    batch: int = opt(64, "Images per teacher forward pass.")
+    imgsz: int = opt(DEFAULT_IMGSZ, "Training image size (multiple of the max stride).", low=32)
+    batch: int = opt(64, "Images per teacher forward pass.", low=1)
     device: str = opt(AUTO_DEVICE, "cpu, a CUDA index, or several (0,1,2,3): one shard process per device "
                                    f"({AUTO_HELP}).")
-    p: float = opt(DEFAULT_P, P_HELP)
-    kind: str = opt(DEFAULT_KIND, KIND_HELP)
-    workers: int = opt(DEFAULT_WORKERS, "DataLoader workers decoding images (default: min(4, CPU cores)).")
+    p: float = opt(DEFAULT_P, P_HELP, positive=True)
+    kind: str = opt(DEFAULT_KIND, KIND_HELP, choices=ATTENTION_KINDS)
+    workers: int = opt(DEFAULT_WORKERS, "DataLoader workers decoding images (default: min(4, CPU cores)).", low=0)
     resume: bool = opt(False, "Finish an interrupted build of the same settings.")
     overwrite: bool = opt(False, "Delete an existing store at --out and rebuild it.")
     shard: tuple[int, int] = opt((0, 1), "i/n: this process fills the i-th of n disjoint chunk ranges.", cli=SHARD_CLI)
-    chunk_rows: int = opt(DEFAULT_CHUNK_ROWS, "Rows per Zarr chunk: the unit of writing, resuming and sharding.")
+    chunk_rows: int = opt(DEFAULT_CHUNK_ROWS, "Rows per Zarr chunk: the unit of writing, resuming and sharding.", low=1)
     skip_bad: bool = opt(False, "Leave rows of unreadable images empty instead of stopping.")
     progress: bool = opt(True, "Show a progress bar.")
     repair: bool = opt(False, "With --resume: recompute the row-chunks whose stored data fails to decode (corrupted "
@@ -163,16 +202,16 @@ class BuildConfig(JsonConfig):
                              "tcp://host:8786.")
     retries: int = 2  # dask retries of a failed build task (a lost worker)
     replay_epochs: int = opt(0, "Also store the teacher's maps on every augmented view of this many epochs of seeded "
-                                "training (train-from-cache --targets replay).")
+                                "training (train-from-cache --targets replay).", low=0)
     aug_seed: int = opt(0, "The replay's augmentation seed (train with the same --aug-seed, or let training take it "
                            "from the cache).")
     augment: tuple[tuple[str, object], ...] = ()  # ultralytics augmentation settings (key, value) for the replay
     dtype: str = opt("float16", "Stored maps: float16, or uint8 (square-root domain with a scale per map: about half "
-                                "the bytes, cosine >= 0.9999).")
+                                "the bytes, cosine >= 0.9999).", choices=MAP_DTYPES)
     gradient: bool = opt(False, "Also store the teacher's input gradient dL/dx of every row (gradient-based AT: "
                                 "direction float16 + norm), pooled by --gradient-stride.")
     gradient_stride: int = opt(DEFAULT_GRADIENT_STRIDE, "With --gradient: average-pool the gradient by this stride "
-                                                        "before storing it (1 keeps full resolution).")
+                                                        "before storing it (1 keeps full resolution).", low=1)
     gradient_gains: tuple[float, ...] = opt((), "With --gradient: the loss gains box,cls,dfl (default: "
                                                 "ultralytics' defaults).", cli=GAINS_CLI)
 
@@ -181,34 +220,35 @@ class BuildConfig(JsonConfig):
 class DistillSettings(JsonConfig):
     """What atcache adds to an ultralytics run; `layers` pairs (student layer, cache/teacher layer)."""
 
-    mode: str = "plain"  # plain, cache or online: which trainer
+    mode: str = opt("plain", choices=TRAIN_MODES)  # which trainer (no option: each command sets it)
     cache: str = opt("", CACHE_HELP)
     teacher: str = opt("", "Teacher checkpoint .pt, run forward on every augmented batch.")
     targets: str = opt("warp", "warp: align maps with mosaic/affine/flip/mixup; static: no geometric aug, exact maps; "
-                               "replay: the teacher's maps on every augmented view (build-cache --replay-epochs).")
-    at_weight: float = opt(DEFAULT_AT_WEIGHT, "Weight of the AT loss added to the detection loss.")
+                               "replay: the teacher's maps on every augmented view (build-cache --replay-epochs).",
+                        choices=TARGET_MODES)
+    at_weight: float = opt(DEFAULT_AT_WEIGHT, "Weight of the AT loss added to the detection loss.", low=0)
     layers: tuple[tuple[int, int], ...] = opt((), "Layers to distil: 6,8,13 (same index in student and teacher or "
                                                   "cache) or student:teacher pairs 4:6,6:8. Default from a cache: all "
                                                   "cached layers.", cli=PAIRS_CLI)
-    p: float = opt(DEFAULT_P, P_HELP)  # online mode; a cache brings its own p, kind and eps
-    kind: str = opt(DEFAULT_KIND, KIND_HELP)
+    p: float = opt(DEFAULT_P, P_HELP, positive=True)  # online mode; a cache brings its own p, kind and eps
+    kind: str = opt(DEFAULT_KIND, KIND_HELP, choices=ATTENTION_KINDS)
     ram_budget_gb: float | None = opt(None, "GiB of RAM the cache may take (default: half of this machine's memory); "
-                                            "a larger cache is streamed from disk.", option="--ram-budget")
+                                            "a larger cache is streamed from disk.", option="--ram-budget", low=0)
     stream: bool | None = opt(None, "Read the maps from disk chunk by chunk (block-shuffled order) instead of RAM. "
                                     "Default: only when the cache exceeds --ram-budget.")
     shuffle_window: int = opt(DEFAULT_WINDOW, "Streaming: chunks whose samples are shuffled together (more: closer to "
-                                              "a full shuffle, more RAM per loader worker).")
+                                              "a full shuffle, more RAM per loader worker).", low=1)
     aug_seed: int | None = opt(None, "Seeded augmentation: each sample's augmentation and each epoch's order a "
                                      "function of (seed, epoch, index) alone, so runs see identical batches.")
     gradient_weight: float = opt(0.0, "Gradient-based AT (Zagoruyko & Komodakis): adds weight/2 x ||J_S - J_T||_2 / N, "
                                       "J = d(detection loss)/d(input image), the teacher's J_T computed every step "
                                       "(train-from-cache --targets static or replay: read from a build-cache --gradient "
-                                      "cache).")
+                                      "cache).", low=0)
     gradient_stride: int | None = opt(None, "With --gradient-weight: compare J_S and J_T average-pooled by this stride "
                                             "(1: full resolution). Default: the cache's; train-online "
-                                            f"{DEFAULT_GRADIENT_STRIDE}, as build-cache --gradient.")
+                                            f"{DEFAULT_GRADIENT_STRIDE}, as build-cache --gradient.", low=1)
     flip_weight: float = opt(0.0, "Flip-symmetry of input gradients: adds weight/2 x ||J(x) - flip(J(flip x))||_2 / N "
-                                  "(two more student forwards and a double backward per step).")
+                                  "(two more student forwards and a double backward per step).", low=0)
 
     @property
     def student_layers(self) -> tuple[int, ...]:
@@ -220,14 +260,14 @@ class DistillSettings(JsonConfig):
 
 
 @dataclass(frozen=True)
-class RunSettings:
+class RunSettings(Checked):
     """The ultralytics side of a training run `atcache train*` starts (its model=, data=, epochs=, ... arguments)."""
 
     student: str = opt(help="Student: a model YAML (yolo11s.yaml, from scratch) or a checkpoint .pt.")
     data: str = opt(help="Ultralytics detection data YAML (the one the cache was built on).")
-    epochs: int = opt(100, "Training epochs (train-from-cache --targets replay: the cache's unless given).")
-    imgsz: int = opt(DEFAULT_IMGSZ, "Training image size (must equal the cache's).")
-    batch: int = opt(64, "Batch size over all devices.")
+    epochs: int = opt(100, "Training epochs (train-from-cache --targets replay: the cache's unless given).", low=1)
+    imgsz: int = opt(DEFAULT_IMGSZ, "Training image size (must equal the cache's).", low=32)
+    batch: int = opt(64, "Batch size over all devices (-1: ultralytics' AutoBatch on a GPU).", low=-1)
     device: str = opt(AUTO_DEVICE, f"cpu, a CUDA index, or several (0,1) for DDP ({AUTO_HELP}).")
     project: str = opt("runs/detect", "Parent of the run folder (ultralytics' project).")
     name: str = opt("", "Run name (default: the command's name; ultralytics adds a number if it exists).")

@@ -41,6 +41,28 @@ def ranks_on_this_node(device: str | None = None) -> int:
     return max(1, len(cuda_indices(device)))
 
 
+def check_devices(text: str) -> None:
+    """Every device `text` lists exists here (cpu, mps, or a CUDA index below the count torch sees); else one line
+    naming the devices that do."""
+    import torch
+
+    from atcache.errors import AtcacheError
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    for d in parse_devices(text):
+        if d in ("cpu", "mps"):
+            continue
+        if not d.isdigit():
+            raise AtcacheError(f"--device {text!r} is not understood; use cpu, a CUDA index (0) or several (0,1)")
+        if int(d) >= count:
+            if not count:
+                raise AtcacheError(f"--device {text}: there is no CUDA device {d} (torch sees no CUDA device on this "
+                                   "machine); use --device cpu, or check CUDA_VISIBLE_DEVICES and the driver")
+            there = ", ".join(f"{i} ({torch.cuda.get_device_name(i)})" for i in range(count))
+            raise AtcacheError(f"--device {text}: there is no CUDA device {d} (CUDA devices here: {there}); pick "
+                               "among them or use --device cpu")
+
+
 def cuda_fallback(device: str) -> str:
     """The default device '' (auto) becomes CUDA device '0' when there is one, else 'cpu'; an explicit '0' becomes
     'cpu' on a machine without CUDA too (the caller says so); any other device is kept."""

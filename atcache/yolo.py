@@ -29,11 +29,13 @@ FONT_NAMES = ("Arial.ttf", "Arial.Unicode.ttf")
 _NAMES = {
     "DEFAULT_CFG": "ultralytics.utils", "DEFAULT_CFG_DICT": "ultralytics.utils", "LOGGER": "ultralytics.utils",
     "USER_CONFIG_DIR": "ultralytics.utils", "get_cfg": "ultralytics.cfg", "smart_value": "ultralytics.cfg",
+    "check_cfg": "ultralytics.cfg",
     "YOLO": "ultralytics", "DetectionTrainer": "ultralytics.models.yolo.detect",
     "DetectionModel": "ultralytics.nn.tasks", "yaml_model_load": "ultralytics.nn.tasks",
     "load_checkpoint": "ultralytics.nn.tasks", "unwrap_model": "ultralytics.utils.torch_utils",
     "YOLODataset": "ultralytics.data.dataset", "build_yolo_dataset": "ultralytics.data.build",
     "check_det_dataset": "ultralytics.data.utils", "IMG_FORMATS": "ultralytics.data.utils",
+    "exif_size": "ultralytics.data.utils",
     "img2label_paths": "ultralytics.data.utils", "imread": "ultralytics.utils.patches",
     "get_split_fraction": "ultralytics.data.utils", "colorstr": "ultralytics.utils",
     **{n: "ultralytics.data.augment" for n in ("Albumentations", "Compose", "CopyPaste", "CutMix", "Format", "LetterBox",

@@ -278,3 +278,84 @@ def test_voc_unterminated_jpeg_is_converted_as_ultralytics_resaves_it(small_devk
     cut.write_bytes(cut.read_bytes()[:200])
     result = run("prepare-voc", "--devkit", small_devkit, "--out", tmp_path / "VOC")
     assert_one_line_error(result, cut.name, "truncated or corrupt JPEG", "ImageSets")
+
+
+# ------------------------------------------------------------------------------- one line for every bad input
+def _bad_inputs(data, teacher, cache):
+    """(command line, words the one error line names) for every command: each refused before any work starts."""
+    train = ["--student", "yolo11n.yaml", "--data", data, "--epochs", "1", "--imgsz", "64", "--batch", "4",
+             "--device", "cpu", "--project", "runs"]
+    build = ["build-cache", "--teacher", teacher, "--data", data, "--out", "new.zarr", "--imgsz", "64", "--device", "cpu"]
+    fid = ["fidelity", "--cache", cache, "--teacher", teacher, "--data", data, "--device", "cpu"]
+    return [
+        (["make-demo-data", "--out", "demo", "--images", "2"], ["--images"]),
+        (["make-demo-data", "--out", "demo", "--size", "big"], ["--size", "--help"]),
+        (["prepare-voc", "--devkit", "nowhere", "--out", "voc"], ["nowhere"]),
+        (["prepare-voc", "--out", "voc"], ["--devkit"]),
+        ([*build, "--kind", "bogus"], ["--kind", "sum_p"]),
+        ([*build, "--dtype", "float8"], ["--dtype", "uint8"]),
+        ([*build, "--batch", "0"], ["--batch", "at least 1"]),
+        ([*build, "--batch", "abc"], ["--batch"]),
+        ([*build, "--p", "nan"], ["--p", "finite"]),
+        ([*build, "--chunk-rows", "0"], ["--chunk-rows"]),
+        ([*build, "--layers", "six"], ["--layers"]),
+        ([*build, "--shard", "3/2"], ["--shard"]),
+        ([*build, "--scheduler", "sync"], ["--scheduler"]),
+        ([*build, "--device", "99"], ["--device", "no CUDA device 99"]),
+        ([*build, "--replay-epochs", "2", "mosaic=2"], ["mosaic"]),
+        (["train", *train, "mosaic=2"], ["mosaic"]),
+        (["train", *train, "lr0=abc"], ["lr0"]),
+        (["train", *train, "bogus=1"], ["bogus"]),
+        (["train", *train, "--epochs", "0"], ["--epochs"]),
+        (["train", *train, "--device", "99"], ["--device", "99"]),
+        (["train", *train, "--flip-weight", "-1"], ["--flip-weight"]),
+        (["train-from-cache", "--cache", cache, *train, "--at-weight", "-1"], ["--at-weight", "at least 0"]),
+        (["train-from-cache", "--cache", cache, *train, "--at-weight", "nan"], ["--at-weight", "finite"]),
+        (["train-from-cache", "--cache", cache, *train, "--gradient-weight", "inf"], ["--gradient-weight", "finite"]),
+        (["train-from-cache", "--cache", cache, *train, "--targets", "bogus"], ["--targets", "replay"]),
+        (["train-from-cache", "--cache", cache, *train, "--shuffle-window", "0"], ["--shuffle-window"]),
+        (["train-from-cache", "--cache", cache, *train, "hsv_h=-1"], ["hsv_h"]),
+        (["train-online", "--teacher", teacher, *train, "--kind", "bogus"], ["--kind"]),
+        (["train-online", "--teacher", teacher, *train, "--p", "0"], ["--p"]),
+        (["train-online", "--teacher", teacher, *train, "--at-weight", "-0.5"], ["--at-weight"]),
+        (["demo", "--out", "demo", "--device", "99"], ["--device"]),
+        (["demo", "--out", "demo", "--imgsz", "0"], ["--imgsz"]),
+        (["study", "--out", "study", "--modes", "plain,bogus"], ["--modes", "bogus"]),
+        (["study", "--out", "study", "--at-weights", "1,-1"], ["--at-weights"]),
+        (["study", "--out", "study", "--device", "99"], ["--device"]),
+        (["bench", "--out", "bench", "--device", "99"], ["--device"]),
+        (["bench", "--out", "bench", "--steps", "0"], ["--steps"]),
+        (["inspect"], ["no cache given"]),
+        (["inspect", cache, "--workers", "0"], ["--workers"]),
+        (["inspect", "missing.zarr"], ["missing.zarr"]),
+        (["visualize", cache, "--data", data, "--out", "vis", "--images", "0"], ["--images"]),
+        ([*fid, "--targets", "bogus"], ["--targets"]),
+        ([*fid, "--batches", "0"], ["--batches"]),
+        ([*fid, "mosaic=2"], ["mosaic"]),
+        (["fidelity", "--cache", cache, "--teacher", teacher, "--data", data, "--device", "99"], ["--device"]),
+        (["bogus-command"], ["bogus-command"]),
+    ]
+
+
+def _tree_of(*roots) -> dict[str, tuple[int, float]]:
+    return {str(p): (p.stat().st_size, p.stat().st_mtime) for root in roots for p in Path(root).rglob("*")}
+
+
+def test_every_bad_input_is_one_line_exit_2_and_nothing_written(voc_yaml, teacher_pt, built_cache, tmp_path,
+                                                                 monkeypatch):
+    """Every command refuses each bad input of the table in one `atcache: error:` line (exit 2, no traceback) before
+    it writes anything: no file appears or changes in the working folder, the dataset or the cache."""
+    monkeypatch.chdir(tmp_path)
+    dataset = Path(voc_yaml).parent
+    before = _tree_of(tmp_path, dataset, built_cache)
+    failures = []
+    for args, needles in _bad_inputs(str(voc_yaml), str(teacher_pt), str(built_cache)):
+        result = run(*args)
+        try:
+            assert_one_line_error(result, *needles)
+        except AssertionError as e:
+            failures.append(f"atcache {' '.join(args[:1] + args[-2:])}: {e}")
+        if _tree_of(tmp_path, dataset, built_cache) != before:
+            failures.append(f"atcache {' '.join(args)} wrote {set(_tree_of(tmp_path, dataset, built_cache)) ^ set(before)}")
+            before = _tree_of(tmp_path, dataset, built_cache)
+    assert not failures, "\n".join(failures)

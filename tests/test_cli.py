@@ -225,4 +225,6 @@ def test_the_cli_modules_are_short():
 
     sizes = {p.name: len(p.read_text().splitlines()) for p in Path(atcache.cli.__file__).parent.glob("*.py")}
     assert {"__init__.py", "options.py", "cache.py", "train.py", "tools.py"} <= set(sizes)
-    assert sum(sizes.values()) < 400, sizes  # the options are the config dataclasses' fields, not written here
+    # the options are the config dataclasses' fields, not written here; what the CLI itself holds: parsing errors and
+    # signals as one line, key=value words checked by ultralytics, devices checked before any work
+    assert sum(sizes.values()) < 450, sizes

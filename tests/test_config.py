@@ -1,6 +1,8 @@
 """The one serialized form of the configs: every field survives the trip to a child process."""
 
 import dataclasses
+import json
+import re
 from types import SimpleNamespace
 
 import pytest
@@ -21,8 +23,8 @@ def _all_changed(cls, **required):
             values[f.name] = not default
         elif isinstance(default, (int, float)) and not isinstance(default, bool):
             values[f.name] = default + 3
-        elif f.name == "dtype":
-            values[f.name] = "uint8"
+        elif f.metadata.get("choices"):  # another valid choice (a changed string would be refused)
+            values[f.name] = next(c for c in f.metadata["choices"] if c != default)
         elif isinstance(default, str):
             values[f.name] = default + "x"
         elif f.name == "layers":
@@ -87,3 +89,24 @@ def test_each_check_is_one_function():
         check_replay("c.zarr", replay, {"mosaic": 0.5})
     with pytest.raises(AtcacheError, match=r"cache c.zarr has no replay arrays; .*--replay-epochs E.*drop --epoch"):
         check_replay("c.zarr", None, {}, instead="drop --epoch")
+
+
+@pytest.mark.parametrize("field, value, needle", [
+    ("kind", "bogus", "--kind 'bogus' is unknown; choose one of sum_p, sum, max_p"),
+    ("targets", "warped", "--targets 'warped' is unknown"),
+    ("mode", "teacher", "--mode 'teacher' is unknown"),
+    ("at_weight", -1.0, "--at-weight -1.0 must be at least 0"),
+    ("at_weight", float("nan"), "--at-weight nan is not a finite number"),
+    ("gradient_weight", float("inf"), "--gradient-weight inf is not a finite number"),
+    ("flip_weight", -0.1, "--flip-weight"),
+    ("p", 0.0, "--p 0.0 is not above 0"),
+    ("ram_budget_gb", -1.0, "--ram-budget"),
+])
+def test_settings_refuse_values_outside_what_their_options_take(field, value, needle):
+    """A config checks its fields when it is made: the CLI, a child process (from_json) and a library call alike."""
+    with pytest.raises(AtcacheError, match=re.escape(needle)):
+        DistillSettings(**{field: value})
+    good = DistillSettings(at_weight=0.0, flip_weight=2.5, p=1.0)
+    with pytest.raises(AtcacheError, match=re.escape(needle)):
+        DistillSettings.from_json(good.to_json().replace(f'"{field}": {json.dumps(getattr(good, field))}',
+                                                         f'"{field}": {json.dumps(value)}'))

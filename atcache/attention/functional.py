@@ -12,8 +12,10 @@ from typing import Sequence
 
 import torch
 
+from atcache.config import ATTENTION_KINDS
+
 EPS = 1e-8
-KINDS = ("sum_p", "sum", "max_p")
+KINDS = ATTENTION_KINDS
 
 
 def raw_attention(fm: torch.Tensor, p: float = 2.0, kind: str = "sum_p") -> torch.Tensor:

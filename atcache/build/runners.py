@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -16,7 +17,7 @@ from typing import Sequence
 from atcache.build.compute import compute_units
 from atcache.config import BuildConfig
 from atcache.data.splits import SplitFiles, split_files
-from atcache.errors import AtcacheError
+from atcache.errors import AtcacheError, as_interruption, stop_on_signals
 from atcache.cache.store import CacheStore
 
 
@@ -41,7 +42,11 @@ def run_on_devices(cfg: BuildConfig, store: CacheStore, todo: Sequence[int], dev
     procs = [subprocess.Popen([sys.executable, "-m", "atcache.build.runners",
                                dataclasses.replace(cfg, progress=cfg.progress and n == 0).to_json(), json.dumps(b), d],
                               stdout=subprocess.PIPE, text=True) for n, (d, b) in enumerate(jobs)]
-    outputs = [p.communicate()[0] for p in procs]
+    try:
+        outputs = [p.communicate()[0] for p in procs]
+    except BaseException as e:  # Ctrl-C or SIGTERM: the children stop too, keeping their finished chunks
+        _stop_children(procs, stop.signum if (stop := as_interruption(e)) else signal.SIGTERM)
+        raise
     failed = [f"device {d} (exit {p.returncode})" for (d, _), p in zip(jobs, procs) if p.returncode != 0]
     if failed:
         raise AtcacheError(f"shard process(es) failed on {', '.join(failed)}; see their messages above, fix, and rerun with --resume")
@@ -52,6 +57,21 @@ def run_on_devices(cfg: BuildConfig, store: CacheStore, todo: Sequence[int], dev
         result.skipped += skipped
         result.parts.append((d, rows, took, skipped))
     return result
+
+
+def _stop_children(procs: Sequence[subprocess.Popen], signum: int, wait_s: float = 60) -> None:
+    """Pass the signal that stopped this process on to the device processes still running (a terminal's Ctrl-C
+    reaches them itself, `timeout` and `kill` do not) and wait until they are gone; one that hangs is killed."""
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signum)
+    deadline = time.monotonic() + wait_s
+    for p in procs:
+        try:
+            p.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
 
 
 def run_on_cluster(cfg: BuildConfig, store: CacheStore, todo: Sequence[int]) -> RunResult:
@@ -68,6 +88,7 @@ def run_on_cluster(cfg: BuildConfig, store: CacheStore, todo: Sequence[int]) -> 
         task_cfg = dataclasses.replace(cfg, scheduler="", resume=True, overwrite=False, repair=False, progress=False)
         threads = 0
         if cfg.scheduler.startswith("local"):  # N workers share this machine's cores with their decoders
+            client.run(_leave_stopping_to_parent)
             threads = cpu_threads_per_worker(n_workers)
             task_cfg = dataclasses.replace(task_cfg, workers=min(cfg.workers, max(0, threads - 1)))
         futures = client.map(cluster_task, [task_cfg.to_json()] * len(blocks), blocks, [threads] * len(blocks),
@@ -85,6 +106,14 @@ def run_on_cluster(cfg: BuildConfig, store: CacheStore, todo: Sequence[int]) -> 
         finally:
             bar.close()
     return result
+
+
+def _leave_stopping_to_parent() -> None:
+    """Run in each local dask worker (its event loop runs in its main thread): a terminal's Ctrl-C and SLURM's SIGTERM
+    reach the workers too, but this process stops them (futures cancelled, cluster closed), without their tracebacks
+    or leaked semaphores; a worker whose parent is gone exits by itself (distributed watches the parent)."""
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, signal.SIG_IGN)
 
 
 def _task_blocks(chunks: Sequence[int], n_workers: int, per_worker: int = 4, max_chunks: int = 16) -> list[list[int]]:
@@ -162,10 +191,13 @@ def _device_process(cfg_json: str, chunks_json: str, device: str) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        _device_process(*sys.argv[1:4])
-    except AtcacheError as e:
-        sys.stderr.write(f"atcache: error: {e}\n")
-        sys.exit(2)
-    except KeyboardInterrupt:
-        sys.exit(130)
+    with stop_on_signals():  # SIGTERM, like Ctrl-C, unwinds (the writer finishes its chunk); the parent says the rest
+        try:
+            _device_process(*sys.argv[1:4])
+        except BaseException as e:
+            if (stop := as_interruption(e)) is not None:
+                sys.exit(stop.exit_code)
+            if not isinstance(e, AtcacheError):
+                raise
+            sys.stderr.write(f"atcache: error: {e}\n")
+            sys.exit(2)

@@ -58,6 +58,7 @@ from typing import Any
 import numpy as np
 from zarr.codecs import BloscCodec, BloscShuffle, Crc32cCodec
 
+from atcache.config import MAP_DTYPES  # noqa: F401  (the dtypes a store holds; build-cache checks them)
 from atcache.errors import AtcacheError
 
 FORMAT_VERSION = 3  # 3: a replay unit is one chunk of maps, stats, sample, record, done (2: one per layer and kind)
@@ -278,7 +279,6 @@ def map_compressors(dtype: str = "float16") -> list:
     return [BloscCodec(cname="lz4", clevel=5, shuffle=BloscShuffle.bitshuffle, typesize=2), Crc32cCodec()]
 
 
-MAP_DTYPES = ("float16", "uint8")
 
 
 def encode_maps(maps: np.ndarray, dtype: str) -> tuple[np.ndarray, np.ndarray | None]:

@@ -6,12 +6,33 @@ from __future__ import annotations
 from typing import Annotated, Optional
 
 import typer
+from typer.core import TyperGroup
 
 from atcache.cli import cache, tools, train  # noqa: F401  (their @command functions)
 from atcache.cli.options import COMMANDS
 from atcache.version import __version__
 
-app = typer.Typer(name="atcache", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+
+class _OneLineErrors(TyperGroup):
+    """A command line that does not parse (an unknown option, `--batch abc`, a missing --data) is one line on stderr,
+    `atcache: error: ...`, and exit code 2, like every other error."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except Exception as e:
+            # click's UsageError, which typer may carry as its own copy of click: matched by name, not by import
+            names = {c.__name__ for c in type(e).__mro__}
+            if "UsageError" not in names or "NoArgsIsHelpError" in names:
+                raise
+            where = e.ctx.command_path if getattr(e, "ctx", None) is not None else "atcache"
+            message = " ".join(e.format_message().split()).rstrip(".")
+            typer.echo(f"atcache: error: {message}; see `{where} --help`", err=True)
+            raise typer.Exit(2) from None
+
+
+app = typer.Typer(name="atcache", cls=_OneLineErrors, no_args_is_help=True, add_completion=False,
+                  pretty_exceptions_enable=False)
 
 
 def _print_version(value: bool) -> None:

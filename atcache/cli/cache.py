@@ -10,7 +10,7 @@ import typer
 from atcache.cli.options import (CacheAliasOpt, CacheArg, JsonOpt, command, pick_device, the_cache,
                                  ultralytics_overrides, write_json)
 from atcache.config import BuildConfig
-from atcache.errors import AtcacheError
+from atcache.errors import AtcacheError, explain_interruption
 from atcache.tools.settings import FidelityConfig, InspectConfig, VisualizeConfig
 from atcache.yolo import prepare
 
@@ -25,8 +25,10 @@ def build_cache_cmd(cfg: BuildConfig, ctx: typer.Context):
 
     remote = cfg.scheduler and not cfg.scheduler.strip().startswith("local")  # devices resolved by the remote workers
     augment = ultralytics_overrides(ctx.args, ("model", "data", "imgsz", "batch", "device"))
-    report = build_cache(dataclasses.replace(cfg, device=(cfg.device or "0") if remote else pick_device(cfg.device, "building"),
-                                             augment=tuple(sorted(augment.items()))))
+    rerun = " with --resume in place of --overwrite" if cfg.overwrite else "" if cfg.resume else " with --resume"
+    with explain_interruption(lambda: f"the finished chunks of {cfg.out} are kept: rerun the same command{rerun} to continue"):
+        report = build_cache(dataclasses.replace(cfg, device=(cfg.device or "0") if remote else pick_device(cfg.device, "building"),
+                                                 augment=tuple(sorted(augment.items()))))
     notes, summary = report.lines(cfg.repair)
     for line in notes:
         typer.echo(line, err=True)

@@ -15,7 +15,7 @@ from typing import Annotated, Optional
 import typer
 
 from atcache.config import AUTO_DEVICE, CACHE_HELP
-from atcache.errors import AtcacheError
+from atcache.errors import AtcacheError, first_line
 
 EXTRA_ARGS = {"allow_extra_args": True, "ignore_unknown_options": True}
 COMMANDS: dict = {}  # command name -> (function, context settings); atcache.cli registers them on the app
@@ -56,7 +56,8 @@ def command(name: str, *configs, extra_args: bool = False):
     """Make `fn` the command `name`. Its first parameters receive the configs (a dataclass: every field with a help
     text, or config_params(...): some fields), built from their options; its other parameters are options of their own
     (ctx, CACHE, --json, ...). With `extra_args`, words after the options (key=value) reach it in ctx.args. An
-    AtcacheError or OSError (or Ctrl-C) becomes one line on stderr and exit code 2 (130), no traceback."""
+    AtcacheError or OSError becomes one line on stderr and exit code 2; Ctrl-C or SIGTERM one line saying what was kept
+    and how to continue, exit code 130 or 143; no traceback."""
     specs = [c if isinstance(c, Params) else config_params(c) for c in configs]
 
     def make(fn):
@@ -64,19 +65,16 @@ def command(name: str, *configs, extra_args: bool = False):
 
         @functools.wraps(fn)
         def run(**values):
-            try:
-                return fn(*[spec.build(values) for spec in specs], **values)
-            except AtcacheError as e:
-                typer.echo(f"atcache: error: {e}", err=True)
-                raise typer.Exit(2)
-            except KeyboardInterrupt:
-                typer.echo("atcache: interrupted; finished chunks are kept, rerun with --resume to continue", err=True)
-                raise typer.Exit(130)
-            except OSError as e:  # disk full, permission denied, ... outside the paths that explain themselves
-                where = f" ({e.filename})" if getattr(e, "filename", None) else ""
-                typer.echo(f"atcache: error: {e.strerror or e}{where}; fix the file system problem and rerun "
-                           "(a build keeps its finished chunks: add --resume)", err=True)
-                raise typer.Exit(2)
+            from atcache.errors import one_line, stop_on_signals
+
+            with stop_on_signals():  # SIGTERM (SLURM, Kubernetes, `timeout`) stops a command as Ctrl-C does
+                try:
+                    return fn(*[spec.build(values) for spec in specs], **values)
+                except BaseException as e:
+                    if (said := one_line(e)) is None:  # not an error atcache explains: a bug, its traceback shows
+                        raise
+                    typer.echo(said[0], err=True)
+                    raise typer.Exit(said[1])
 
         params = own + [p for spec in specs for p in spec]
         run.__signature__ = inspect.Signature(params)  # what typer reads (inspect.signature and get_type_hints)
@@ -104,11 +102,12 @@ def the_cache(positional: Optional[str], option: Optional[str]) -> str:
 def pick_device(device: str, doing: str) -> str:
     """--device '' (the default) -> CUDA device 0 if there is one, else the CPU; an explicit 0 on a machine without
     CUDA becomes the CPU too, and says so."""
-    from atcache.devices import cuda_fallback
+    from atcache.devices import check_devices, cuda_fallback
 
     chosen = cuda_fallback(device or "0")
     if device != AUTO_DEVICE and chosen != device:
         typer.echo(f"atcache: no CUDA device found, {doing} on the CPU", err=True)
+    check_devices(chosen)
     return chosen
 
 
@@ -116,7 +115,7 @@ def ultralytics_overrides(extra: list[str], reserved=("model", "data", "epochs",
                                                      "name")) -> dict:
     """`key=value` words after the options -> ultralytics train arguments (checked against its defaults); `reserved`
     keys are atcache options of the command."""
-    from atcache.yolo import DEFAULT_CFG_DICT, smart_value
+    from atcache.yolo import DEFAULT_CFG_DICT, check_cfg, smart_value
 
     out = {}
     for word in extra:
@@ -129,6 +128,10 @@ def ultralytics_overrides(extra: list[str], reserved=("model", "data", "epochs",
         if key not in DEFAULT_CFG_DICT:
             raise AtcacheError(f"{key!r} is not an ultralytics train argument; see `yolo cfg` for the valid ones")
         out[key] = smart_value(value)
+    try:
+        check_cfg(out)  # ultralytics' own type and range checks (it converts some values in place)
+    except (TypeError, ValueError, SyntaxError) as e:
+        raise AtcacheError(f"{first_line(e).rstrip('.')}; fix that key=value word") from None
     return out
 
 

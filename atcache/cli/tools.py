@@ -23,21 +23,26 @@ def make_demo_data_cmd(cfg: DemoDataConfig):
 
 @command("prepare-voc", VocConfig)
 def prepare_voc_cmd(cfg: VocConfig):
-    """Convert a local VOCdevkit into ultralytics' VOC layout (offline, idempotent) and write its data YAML."""
+    """Convert a local VOCdevkit, or images + Pascal VOC XML as an annotation tool exports them, into ultralytics'
+    layout (offline, idempotent); print where every object went, and the data YAML."""
     prepare()
-    from atcache.data.voc import prepare_voc
+    from atcache.data.voc import convert_voc
 
-    typer.echo(f"dataset ready: {prepare_voc(cfg.devkit, cfg.out)}")
+    result = convert_voc(**dataclasses.asdict(cfg))
+    for line in result.summary():
+        typer.echo(line)
+    typer.echo(f"dataset ready: {result.data_yaml}")
 
 
 @command("demo", DemoConfig)
 def demo_cmd(cfg: DemoConfig):
     """End-to-end on the embedded synthetic data: generate VOC data, convert it, train a teacher briefly, cache it,
     then train the student plain, from the cache and online AT for the same epochs, and print one table."""
+    device = pick_device(cfg.device, "training")  # before anything is written
     prepare(Path(cfg.out) / "ultralytics")  # settings and fonts stay inside the run folder
     from atcache.tools.demo import run_demo
 
-    for line in run_demo(dataclasses.replace(cfg, device=pick_device(cfg.device, "training"))):
+    for line in run_demo(dataclasses.replace(cfg, device=device)):
         typer.echo(line)
 
 
@@ -45,10 +50,11 @@ def demo_cmd(cfg: DemoConfig):
 def study_cmd(where: StudyOutput, cfg: StudyConfig):
     """Seeded accuracy study: students trained plain, online AT and from the cache (static, warp, replay targets) with
     the same data, budget and --aug-seed per seed; mean and std of mAP over seeds on the whole validation split."""
+    device = pick_device(cfg.device, "training")  # before anything is written
     prepare(Path(where.out) / "ultralytics")
     from atcache.tools.study import run_study
 
-    for line in run_study(dataclasses.replace(cfg, device=pick_device(cfg.device, "training")), Path(where.out),
+    for line in run_study(dataclasses.replace(cfg, device=device), Path(where.out),
                           ledger=Path(where.ledger) if where.ledger else None):
         typer.echo(line)
 

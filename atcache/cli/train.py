@@ -9,7 +9,7 @@ import typer
 
 from atcache.cli.options import command, config_params, pick_device, ultralytics_overrides
 from atcache.config import DEFAULT_LAYERS, DistillSettings, RunSettings
-from atcache.errors import AtcacheError
+from atcache.errors import AtcacheError, explain_interruption
 from atcache.yolo import prepare
 
 
@@ -26,7 +26,8 @@ def _train(ctx: typer.Context, settings: DistillSettings, run: RunSettings) -> N
                  "imgsz": run.imgsz, "batch": run.batch, "device": pick_device(run.device, "training"),
                  "project": str(Path(run.project).resolve()), "name": run.name or ctx.info_name,
                  **ultralytics_overrides(ctx.args)}
-    trainer = train_student(settings, overrides)
+    with explain_interruption(lambda: "training had not begun, nothing new is kept: rerun the same command"):
+        trainer = train_student(settings, overrides)  # once it trains, the trainer says which epochs are kept
     typer.echo(f"results: {trainer.csv}")
     typer.echo(f"weights: {trainer.best} (loads with plain ultralytics: YOLO('{trainer.best}'))")
 

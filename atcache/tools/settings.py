@@ -4,10 +4,11 @@ command line reads them without importing those; each tool module imports its co
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from atcache.config import (AUTO_DEVICE, CACHE_HELP, DEFAULT_AT_WEIGHT, DEFAULT_LAYERS, LAYERS_CLI, ONE_DEVICE_HELP,
-                            STUDENT_MODES, comma_text, opt)
+                            STUDENT_MODES, TARGET_MODES, Checked, comma_text, opt)
 from atcache.errors import AtcacheError
 
 
@@ -19,9 +20,12 @@ def _numbers(kind):
 
     def parse(text: str) -> tuple:
         try:
-            return tuple(kind(x) for x in text.split(","))
+            values = tuple(kind(x) for x in text.split(","))
         except ValueError as e:
             raise AtcacheError(f"--seeds and --at-weights take comma-separated numbers ({e})") from None
+        if kind is float and not all(math.isfinite(v) and v >= 0 for v in values):
+            raise AtcacheError(f"--at-weights {text!r}: every weight must be a finite number >= 0")
+        return values
 
     return parse, comma_text
 
@@ -66,29 +70,43 @@ class DemoDataConfig:
 
 @dataclass(frozen=True)
 class VocConfig:
-    """What `atcache prepare-voc` converts (the arguments of atcache.data.voc.prepare_voc)."""
+    """What `atcache prepare-voc` converts (the arguments of atcache.data.voc.convert_voc)."""
 
-    devkit: str = opt(help="Your VOCdevkit folder (with VOC2007/ and/or VOC2012/).")
-    out: str = opt(help="Output dataset root: images/, labels/ and VOC.yaml are written here.")
+    devkit: str = opt(help="The input folder: a VOCdevkit (with VOC2007/ and/or VOC2012/), or a folder an annotation "
+                           "tool exported in Pascal VOC format (images/ or JPEGImages/ + Annotations/, or images and "
+                           "XML in one folder; ImageSets/Main/{train,val,test}.txt optional), or split folders train/, "
+                           "valid/ (or val/) and optional test/ of such folders, as Roboflow exports them.")
+    out: str = opt(help="Output dataset root: images/, labels/ and the data YAML (VOC.yaml for a VOCdevkit, data.yaml "
+                        "for an export) are written here.")
+    classes: tuple[str, ...] = opt((), "Comma-separated class names in id order (default: every class in the XML, "
+                                       "sorted; the 20 VOC names for a VOCdevkit of VOC classes). An object of another "
+                                       "class stops the conversion.", cli=(_files, comma_text))
+    skip_classes: tuple[str, ...] = opt((), "Comma-separated classes whose objects are dropped (the summary counts "
+                                            "them).", cli=(_files, comma_text))
+    keep_difficult: bool = opt(False, "Keep the objects marked <difficult>1 (by default they are dropped, as "
+                                      "ultralytics' VOC conversion does).")
+    val_fraction: float = opt(0.2, "Share of an export's images that validate, in [0, 1), where no split "
+                                   "folders or ImageSets/Main/{train,val,test}.txt define the split.")
+    seed: int = opt(0, "Seed of that split: the same images and seed give the same split.")
 
 
 @dataclass(frozen=True)
-class InspectConfig:
+class InspectConfig(Checked):
     """How `atcache inspect` looks at a cache (the cache itself: the positional CACHE or --cache)."""
 
     verify: bool = opt(False, "Decode every chunk and check its crc32c; exit 1 if any is corrupted.")
     compare: str | None = opt(None, "Another cache: per-layer cosine and AT distance over common images.")
-    workers: int | None = opt(None, "dask threads (default: one per core).")
+    workers: int | None = opt(None, "dask threads (default: one per core).", low=1)
     scheduler: str | None = opt(None, "A dask.distributed scheduler address (tcp://host:8786) to compute on.")
 
 
 @dataclass(frozen=True)
-class VisualizeConfig:
+class VisualizeConfig(Checked):
     """What `atcache visualize` draws (the keyword arguments of atcache.tools.visualize.visualize_cache)."""
 
     data: str = opt(help="Ultralytics detection data YAML (the one the cache was built on).")
     out: str = opt(help="Folder for the PNGs.")
-    images: int = opt(4, "How many images (spread over the cache).")
+    images: int = opt(4, "How many images (spread over the cache).", low=1)
     files: tuple[str, ...] = opt((), "Comma-separated images instead (paths relative to the dataset root).",
                                  cli=(_files, comma_text))
     student: str | None = opt(None, "A student .pt (or YAML): adds its maps and |S-T| with the AT distance.")
@@ -97,15 +115,16 @@ class VisualizeConfig:
 
 
 @dataclass(frozen=True)
-class FidelityConfig:
+class FidelityConfig(Checked):
     """What `atcache fidelity` compares, on which data and pipeline."""
 
     cache: str = opt(help=CACHE_HELP)
     teacher: str = opt(help="The teacher the cache was built with (.pt or the same YAML).")
     data: str = opt(help="Ultralytics detection data YAML (the one the cache was built on).")
-    batches: int = opt(8, "Training batches to compare.")
-    batch: int = opt(16, "Images per batch.")
-    targets: str = opt("warp", "warp (default augmentations), static or replay, as in train-from-cache.")
+    batches: int = opt(8, "Training batches to compare.", low=1)
+    batch: int = opt(16, "Images per batch.", low=1)
+    targets: str = opt("warp", "warp (default augmentations), static or replay, as in train-from-cache.",
+                       choices=TARGET_MODES)
     device: str = opt(AUTO_DEVICE, ONE_DEVICE_HELP)
     seed: int = opt(0, "Seed of the sample order and the augmentations.")
     gradient: bool = opt(False, "Also compare the cached input gradients J_T (build-cache --gradient; --targets replay "
@@ -114,18 +133,19 @@ class FidelityConfig:
 
 
 @dataclass(frozen=True)
-class DemoConfig:
+class DemoConfig(Checked):
     """What `atcache demo` runs (the keyword arguments of atcache.tools.demo.run_demo)."""
 
     out: str = opt("runs/demo", "Run folder for data, cache and ultralytics settings.")
-    images: int = opt(200, "Synthetic images to generate.")
-    imgsz: int = opt(128, "Image size.")
+    images: int = opt(200, "Synthetic images to generate.", low=5)
+    imgsz: int = opt(128, "Image size.", low=32)
     teacher: str = opt("yolo11s.yaml", "Teacher: a model YAML (trained here first) or a ready .pt.")
-    teacher_epochs: int = opt(20, "Epochs to train a YAML teacher before caching it (0: random init).")
+    teacher_epochs: int = opt(20, "Epochs to train a YAML teacher before caching it (0: random init).", low=0)
     student: str = opt("yolo11n.yaml", "Student trained from the cache: a model YAML or a .pt.")
-    student_epochs: int = opt(15, "Epochs of every student (plain, cache, replay, online; 0: stop after the cache).")
+    student_epochs: int = opt(15, "Epochs of every student (plain, cache, replay, online; 0: stop after the cache).",
+                              low=0)
     batch: int = 16
-    jobs: int | None = opt(None, "Runs at a time (default: 2 on a CPU with >= 2 cores, 1 on a GPU).")
+    jobs: int | None = opt(None, "Runs at a time (default: 2 on a CPU with >= 2 cores, 1 on a GPU).", low=1)
     device: str = opt(AUTO_DEVICE, ONE_DEVICE_HELP)
     quick: bool = opt(False, "Tiny sizes, for tests.")
 
@@ -140,7 +160,7 @@ class StudyOutput:
 
 
 @dataclass(frozen=True)
-class StudyConfig:
+class StudyConfig(Checked):
     """Everything a study run depends on (written into its JSON)."""
 
     images: int = opt(1600, "Synthetic images to generate (~22% become the validation split).")
@@ -164,12 +184,12 @@ class StudyConfig:
                                                               "mode but plain runs once per value.", cli=_numbers(float))
     layers: tuple[int, ...] = opt(DEFAULT_LAYERS, "Comma-separated layers cached and distilled (student layer = "
                                                   "teacher layer).", cli=LAYERS_CLI)
-    batch: int = opt(16, "Batch size.")
+    batch: int = opt(16, "Batch size.", low=1)
     device: str = opt(AUTO_DEVICE, ONE_DEVICE_HELP)
 
 
 @dataclass(frozen=True)
-class BenchConfig:
+class BenchConfig(Checked):
     """What `atcache bench` measures, and on what."""
 
     out: str = opt("runs/bench", "Run folder (data links, cache, training runs, bench.json).")
@@ -179,9 +199,10 @@ class BenchConfig:
     layers: tuple[int, ...] = opt(DEFAULT_LAYERS, "Comma-separated teacher layers (student layers of the same index).",
                                   cli=LAYERS_CLI)
     imgsz: int = opt(640, "Image size.")
-    batch: int = opt(64, "Batch size (build, inference and training).")
-    steps: int = opt(30, "Measured training steps per trainer and round, inside its first epoch (after the warm-up).")
-    warmup: int = opt(5, "Training steps run before measuring.")
+    batch: int = opt(64, "Batch size (build, inference and training).", low=1)
+    steps: int = opt(30, "Measured training steps per trainer and round, inside its first epoch (after the warm-up).",
+                     low=1)
+    warmup: int = opt(5, "Training steps run before measuring.", low=0)
     images: int = opt(0, "Training images used (0: warmup + steps + 2 batches, so one epoch holds the measured steps).")
     workers: int = opt(8, "DataLoader workers (ultralytics uses none on a CPU).")
     device: str = opt(AUTO_DEVICE, ONE_DEVICE_HELP)

@@ -36,6 +36,7 @@ from atcache.errors import AtcacheError
 from atcache.attention.hooks import FeatureHooks, probe_layers
 from atcache.attention.recipe import layer_maps
 from atcache.cache.store import CacheStore
+from atcache.train.checkpoints import ResumableTraining
 from atcache.train.checks import cache_streams, check_cache, check_settings, ram_need_gb, replay_overrides
 from atcache.train.datasets import build_dataset
 from atcache.train.gradients import (CachedGradients, OnlineGradients, ReplayGradients, TeacherGradients,
@@ -141,8 +142,9 @@ class AttentionTransferLoss:
         return self.base.__reduce_ex__(protocol)
 
 
-class AtcacheTrainer(DetectionTrainer):
-    """DetectionTrainer + attention transfer (mode cache or online) or nothing (plain); everything else is ultralytics'."""
+class AtcacheTrainer(ResumableTraining, DetectionTrainer):
+    """DetectionTrainer + attention transfer (mode cache or online) or nothing (plain), its checkpoints safe to stop at
+    (ResumableTraining); everything else is ultralytics'."""
 
     gradients: TeacherGradients | None = None  # --gradient-weight: where J_T comes from (_setup_train)
 

@@ -103,7 +103,7 @@ def test_uses_a_linked_subset_and_leaves_the_dataset_alone(bench):
 
 
 @pytest.mark.parametrize("args, needle", [
-    (["--device", "0,1"], "one device"),
+    (["--device", "cpu,cpu"], "one device"),
     (["--teacher", "nowhere/teacher.pt"], "nowhere/teacher.pt does not exist"),
     (["--steps", "0"], "--steps"),
     (["--images", "8", "--batch", "4", "--steps", "3", "--warmup", "1"], "step intervals per epoch"),
