@@ -22,7 +22,7 @@ from atcache.data.voc import VOC_NAMES
 _EXPORTS = {
     "open_cache": "cache.inspect", "inspect_cache": "cache.inspect", "verify_cache": "cache.inspect",
     "compare_caches": "cache.inspect", "CacheSpec": "cache.format", "LayerSpec": "cache.format", "CacheStore": "cache.store",
-    "BuildConfig": "config", "DistillSettings": "config", "build_cache": "build.pipeline", "AtcacheTrainer": "train.trainer",
+    "BuildConfig": "config", "DistillSettings": "config", "build_cache": "teacher.pipeline", "AtcacheTrainer": "train.trainer",
     "train_student": "train.trainer", "layer_maps": "attention.recipe", "attention_map": "attention.functional", "at_loss": "attention.functional",
     "measure_fidelity": "tools.fidelity", "FidelityConfig": "tools.fidelity", "AtcacheError": "errors",
 }

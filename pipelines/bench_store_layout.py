@@ -37,7 +37,7 @@ import atcache.cache.format as format_mod
 from atcache.cache.format import LETTERBOX_COLUMNS, CacheSpec
 from atcache.cache.format import small_compressors
 from atcache.cache.store import CacheStore, ChunkData
-from atcache.testing import fake_spec, fill_store, seed_layers
+from atcache.cache.synthetic import fake_spec, fill_store, seed_layers
 
 LAYERS = seed_layers(640)  # VOC at imgsz 640: the cached teacher layers
 LETTERBOX_WIDTH = len(LETTERBOX_COLUMNS)

@@ -144,7 +144,7 @@ def accuracy(data_yaml: Path, cache_path: Path, imgsz: int, epochs: int, windows
 
 
 def build(data_yaml: Path, teacher: str, out: Path, imgsz: int, chunk_rows: int) -> Path:
-    from atcache.build.pipeline import BuildConfig, build_cache
+    from atcache.teacher.pipeline import BuildConfig, build_cache
 
     if not (out / "zarr.json").is_file():
         build_cache(BuildConfig(teacher=teacher, data=str(data_yaml), out=str(out), split="train", imgsz=imgsz,
@@ -155,7 +155,7 @@ def build(data_yaml: Path, teacher: str, out: Path, imgsz: int, chunk_rows: int)
 def synthetic_store(path: Path, rows: int, chunk_rows: int) -> Path:
     """A finished store with the reference setup's six layers at imgsz 640 (40x40, 20x20, 40x40, 80x80, 40x40, 20x20 maps) and
     smooth random maps (they compress like real ones), written chunk by chunk through CacheStore."""
-    from atcache.testing import fake_spec, fake_store, seed_layers
+    from atcache.cache.synthetic import fake_spec, fake_store, seed_layers
 
     if not (path / "zarr.json").is_file():
         fake_store(path, fake_spec(seed_layers(640), rows, chunk_rows))

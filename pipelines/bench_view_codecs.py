@@ -197,7 +197,7 @@ def store_layout_bytes(views: list[dict], layers, imgsz: int, chunk_rows: int, v
 
     from atcache.cache.format import LayerSpec, ReplaySpec
     from atcache.cache.layout import create_replay_arrays, pack_replay
-    from atcache.testing import fake_spec
+    from atcache.cache.synthetic import fake_spec
 
     total, n_views = {}, 0
     for v in views:

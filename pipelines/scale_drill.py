@@ -108,7 +108,7 @@ def synthetic_spec(split, rows: int, epochs: int, chunk_rows: int, imgsz: int = 
     import dataclasses
 
     from atcache.cache.format import AUGMENT_KEYS, ReplaySpec
-    from atcache.testing import fake_spec, seed_layers
+    from atcache.cache.synthetic import fake_spec, seed_layers
     from atcache.train.replay import files_sha256
 
     spec = fake_spec(seed_layers(imgsz), rows, chunk_rows, imgsz=imgsz)
@@ -122,7 +122,7 @@ def synthetic_maps(r: int, seed: int = 0, noise: float = 0.015, imgsz: int = IMG
     """Per layer r maps (r, H, W) float32: bicubic-upsampled 6x6 blobs plus uniform noise (~10 KB a view as uint8)."""
     import cv2
 
-    from atcache.testing import seed_layers
+    from atcache.cache.synthetic import seed_layers
 
     rng, out = np.random.default_rng(seed), {}
     for layer in seed_layers(imgsz):
@@ -157,9 +157,9 @@ def step_build(a: dict) -> dict:
     """build_cache over a synthetic split with the compute replaced by writes of pre-made maps (see the docstring)."""
     import dataclasses
 
-    from atcache.build import pipeline
-    from atcache.build.compute import UnitWriter
-    from atcache.build.runners import RunResult
+    from atcache.teacher import pipeline
+    from atcache.teacher.compute import UnitWriter
+    from atcache.teacher.runners import RunResult
     from atcache.cache.claims import ChunkClaim
     from atcache.cache.store import CacheStore, ChunkData
     from atcache.config import BuildConfig
@@ -318,14 +318,15 @@ def step_augment(a: dict) -> dict:
     flip) on VOC-sized synthetic JPEGs."""
     from atcache.data.synthetic import make_demo_data
     from atcache.data.voc import prepare_voc
-    from atcache.testing import yolo_dataset
+    from atcache.yolo import YOLODataset, check_det_dataset, get_cfg
 
     root = Path(a["dir"])
     yaml = root / "VOC" / "VOC.yaml"
     if not yaml.exists():
         devkit = make_demo_data(root / "demo", images=64, size=500, seed=0, progress=False)
         yaml = prepare_voc(devkit, root / "VOC", progress=False)
-    ds = yolo_dataset(yaml, imgsz=IMGSZ)
+    data = check_det_dataset(str(yaml))  # the dataset ultralytics' trainer builds: augment=True, default hyp
+    ds = YOLODataset(img_path=data["train"], imgsz=IMGSZ, augment=True, hyp=get_cfg(), data=data, prefix="")
     for i in range(4):
         ds[i]
     n = a["samples"]

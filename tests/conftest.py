@@ -1,6 +1,6 @@
 """Shared fixtures: an offline ultralytics, a small synthetic VOC dataset, a teacher, one cache built from both, and
 assert_same_store. Constants and pure helpers (TEST_IMGSZ, TEST_LAYERS, COMMON, build_config, build_args, invoke,
-assert_one_line_error, target_dataset, ...) live in atcache.testing; tests import them from there, never from here."""
+assert_one_line_error, target_dataset, ...) live in tests/helpers.py; tests import them from there, never from here."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import numpy as np  # noqa: E402
 import zarr  # noqa: E402
 import pytest  # noqa: E402
 
-from atcache.testing import TEST_IMGSZ, TEST_LAYERS, build_config, save_teacher_checkpoint  # noqa: E402
+from helpers import TEST_IMGSZ, TEST_LAYERS, build_config, save_teacher_checkpoint  # noqa: E402
 from atcache.yolo import prepare  # noqa: E402
 
 prepare()
@@ -45,7 +45,7 @@ def teacher_pt(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def built_cache(voc_yaml, teacher_pt, tmp_path_factory) -> Path:
-    from atcache.build.pipeline import build_cache
+    from atcache.teacher.pipeline import build_cache
 
     out = tmp_path_factory.mktemp("cache") / "teacher.zarr"
     build_cache(build_config(voc_yaml, out, teacher=str(teacher_pt), workers=2))
@@ -75,7 +75,7 @@ def _assert_same_store(a, b) -> None:
 @pytest.fixture(scope="session")
 def assert_same_store():
     """assert_same_store(a, b): two stores (paths or URLs) hold the same files, done flags, letterbox rows, maps and
-    norms, read with plain zarr (a fixture, not in atcache.testing: only atcache.cache may import zarr)."""
+    norms, read with plain zarr (a fixture: only atcache.cache may import zarr)."""
     return _assert_same_store
 
 

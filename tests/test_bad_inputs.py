@@ -16,8 +16,8 @@ from PIL import Image
 from atcache import VOC_NAMES
 from atcache.data.splits import letterbox_image, read_image, split_files
 from atcache.errors import AtcacheError
-from atcache.testing import TEST_IMGSZ, assert_one_line_error, build_args, yolo_dataset
-from atcache.testing import invoke as run
+from helpers import TEST_IMGSZ, assert_one_line_error, build_args, yolo_dataset
+from helpers import invoke as run
 
 LAYERS = "16,22"
 LABEL = "0 0.5 0.5 0.4 0.4\n"

@@ -14,8 +14,8 @@ import zarr
 
 from atcache.cli import app
 from atcache.config import AUTO_DEVICE, BuildConfig, DistillSettings, RunSettings
-from atcache.testing import assert_one_line_error, build_args
-from atcache.testing import invoke as run
+from helpers import assert_one_line_error, build_args
+from helpers import invoke as run
 from atcache.version import __version__
 
 COMMANDS = ["make-demo-data", "prepare-voc", "build-cache", "train", "train-from-cache", "train-online", "demo", "study",
@@ -134,7 +134,7 @@ def option_sources() -> dict:
     from atcache.data.synthetic import make_demo_data
     from atcache.tools.bench import BenchConfig
     from atcache.tools.fidelity import FidelityConfig
-    from atcache.tools.settings import DemoConfig, DemoDataConfig, InspectConfig, StudyOutput, VisualizeConfig, VocConfig
+    from atcache.settings import DemoConfig, DemoDataConfig, InspectConfig, StudyOutput, VisualizeConfig, VocConfig
     from atcache.tools.study import StudyConfig
     from atcache.tools.visualize import visualize_cache
 

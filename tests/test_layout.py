@@ -1,9 +1,7 @@
-"""The shape of the code: no import cycles among atcache's modules and subpackages (module-level and function-level
-imports alike), zarr only in atcache.cache, ultralytics only through atcache.yolo; the inspection path stays free of
-torch and ultralytics; and every command that touches ultralytics writes nothing outside its folders and downloads
-nothing."""
+"""The shape of the code: the import contracts in pyproject hold (layers, no cycles, zarr only in atcache.cache,
+ultralytics only through atcache.yolo); the inspection path stays free of torch and ultralytics; every command that
+touches ultralytics writes nothing outside its folders and downloads nothing; no module or tracked file grows too big."""
 
-import ast
 import json
 import os
 import subprocess
@@ -12,155 +10,21 @@ from pathlib import Path
 
 import pytest
 
-from atcache.testing import TEST_IMGSZ
+from helpers import TEST_IMGSZ
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "atcache"
 
 
-# ---------------------------------------------------------------------------------------------- the import graph
-def module_names(package: Path) -> dict[str, Path]:
-    """Dotted module name -> file, for every module of `package` (a package is its __init__.py)."""
-    out = {}
-    for path in sorted(package.rglob("*.py")):
-        parts = path.relative_to(package.parent).with_suffix("").parts
-        out[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
-    return out
-
-
-def _type_checking_only(tree: ast.AST) -> set[int]:
-    """ids of the import nodes under `if TYPE_CHECKING:` (never executed, so no part of any cycle)."""
-    skip = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
-            skip |= {id(n) for stmt in node.body for n in ast.walk(stmt)}
-    return skip
-
-
-def imports(module: str, path: Path, type_checking: bool = False) -> list[tuple[str, list[str]]]:
-    """(base, names) for every import in `module`'s source (module level, functions, classes), relative ones resolved:
-    `import a.b` -> ("a.b", []); `from a import b, c` -> ("a", ["b", "c"]); importlib.import_module("x") with a
-    constant -> ("x", []). Imports under `if TYPE_CHECKING:` only with type_checking=True."""
-    tree = ast.parse(path.read_text(), str(path))
-    skip = set() if type_checking else _type_checking_only(tree)
-    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
-    out = []
-    for node in ast.walk(tree):
-        if id(node) in skip:
-            continue
-        if isinstance(node, ast.Import):
-            out += [(a.name, []) for a in node.names]
-        elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:
-                parts = package.split(".")
-                base = ".".join(parts[: len(parts) - node.level + 1] + ([base] if base else []))
-            out.append((base, [a.name for a in node.names if a.name != "*"]))
-        elif (isinstance(node, ast.Call) and ast.unparse(node.func) in ("importlib.import_module", "import_module",
-                                                                           "__import__")
-              and node.args and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)):
-            out.append((node.args[0].value, []))
-    return out
-
-
-def import_graph(package: Path = PACKAGE) -> dict[str, set[str]]:
-    """module -> the modules of `package` it imports anywhere in its source. `from p import x` is an edge to module
-    p.x when there is one, else to p (whose __init__ defines x); `import p.q` to p.q."""
-    modules = module_names(package)
-    graph = {}
-    for module, path in modules.items():
-        edges = set()
-        for base, names in imports(module, path):
-            if not names:
-                while base and base not in modules:  # `import a.b.name`-like forms: the module that holds it
-                    base = base.rpartition(".")[0]
-                edges |= {base} if base else set()
-            for name in names:
-                if f"{base}.{name}" in modules:
-                    edges.add(f"{base}.{name}")
-                elif base in modules:
-                    edges.add(base)
-        graph[module] = edges - {module}
-    return graph
-
-
-def find_cycle(graph: dict[str, set[str]]) -> list[str]:
-    """One import cycle as [a, b, ..., a], or [] when the graph has none."""
-    state: dict[str, int] = {}  # 1 on the stack, 2 finished
-    stack: list[str] = []
-
-    def visit(node: str) -> list[str]:
-        state[node] = 1
-        stack.append(node)
-        for nxt in sorted(graph.get(node, ())):
-            if state.get(nxt) == 1:
-                return stack[stack.index(nxt):] + [nxt]
-            if nxt not in state and (cycle := visit(nxt)):
-                return cycle
-        stack.pop()
-        state[node] = 2
-        return []
-
-    for node in sorted(graph):
-        if node not in state and (cycle := visit(node)):
-            return cycle
-    return []
-
-
-def importers_of(top: str, allowed) -> list[str]:
-    """'module: name' for every import of `top` (or top.*) anywhere in a module for which allowed(module) is false."""
-    bad = []
-    for module, path in module_names(PACKAGE).items():
-        if allowed(module):
-            continue
-        for base, _ in imports(module, path, type_checking=True):
-            if base == top or base.startswith(top + "."):
-                bad.append(f"{module}: {base}")
-    return sorted(set(bad))
-
-
-def test_the_import_graph_covers_the_subpackages():
-    graph = import_graph()
-    assert {"atcache", "atcache.cli", "atcache.yolo", "atcache.cache.store", "atcache.build.pipeline",
-            "atcache.train.trainer", "atcache.tools.fidelity"} <= graph.keys()
-    assert "atcache.cache.format" in graph["atcache.cache.store"]
-
-
-def test_the_import_graph_has_no_cycles():
-    graph = import_graph()
-    assert find_cycle(graph) == [], " -> ".join(find_cycle(graph))
-
-
-def test_zarr_is_imported_only_in_atcache_cache():
-    bad = importers_of("zarr", lambda m: m == "atcache.cache" or m.startswith("atcache.cache."))
-    assert bad == [], "zarr imported outside atcache/cache/: " + "; ".join(bad)
-
-
-def test_ultralytics_is_imported_only_by_atcache_yolo():
-    """Every ultralytics name comes through atcache.yolo, which sets YOLO_OFFLINE, YOLO_CONFIG_DIR and fonts first."""
-    bad = importers_of("ultralytics", lambda m: m == "atcache.yolo")
-    assert bad == [], "import ultralytics names from atcache.yolo instead: " + "; ".join(bad)
-
-
-def test_the_checks_find_what_they_look_for(tmp_path):
-    """The graph, the cycle finder and the import finder on a made-up package: relative imports, `from p import
-    module`, function-level and importlib imports count; TYPE_CHECKING ones are no edges."""
-    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
-    assert find_cycle({"a": {"b"}, "b": set(), "c": {"a", "b"}}) == []
-    assert find_cycle({"a": {"a"}}) == ["a", "a"]
-    pkg = tmp_path / "pkg"
-    (pkg / "sub").mkdir(parents=True)
-    (pkg / "__init__.py").write_text("from pkg.sub import mod\n")
-    (pkg / "sub" / "__init__.py").write_text("")
-    (pkg / "sub" / "mod.py").write_text("def f():\n    from ..other import g\n")
-    (pkg / "other.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from pkg import top\n"
-                                  "def g():\n    import importlib\n    return importlib.import_module('pkg.sub.mod')\n")
-    graph = import_graph(pkg)
-    assert graph == {"pkg": {"pkg.sub.mod"}, "pkg.sub": set(), "pkg.sub.mod": {"pkg.other"},
-                     "pkg.other": {"pkg.sub.mod"}}
-    assert find_cycle(graph) == ["pkg.sub.mod", "pkg.other", "pkg.sub.mod"]
-    assert imports("pkg.other", pkg / "other.py", type_checking=True)[:2] == [("typing", ["TYPE_CHECKING"]),
-                                                                              ("pkg", ["top"])]
+# ------------------------------------------------------------------------------------------ the import contracts
+def test_the_import_contracts_hold():
+    """pyproject's import-linter contracts (CI runs them too): the layers from the command line down to settings and
+    errors, no cycles among a package's modules, zarr only in atcache.cache, ultralytics only in atcache.yolo."""
+    lint = Path(sys.executable).with_name("lint-imports")
+    done = subprocess.run([str(lint) if lint.exists() else "lint-imports", "--no-cache"], cwd=REPO, capture_output=True,
+                          text=True)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+    assert "4 kept, 0 broken" in done.stdout, done.stdout[-2000:]
 
 
 # ------------------------------------------------------------------------------------------ imports at run time

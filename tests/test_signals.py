@@ -16,7 +16,7 @@ import torch
 
 from atcache.cache.store import CacheStore
 from atcache.errors import AtcacheError, Interrupted, explain_interruption, signals_held, stop_on_signals
-from atcache.testing import COMMON, assert_clean, cli_command, invoke
+from helpers import COMMON, assert_clean, cli_command, invoke
 from atcache.train.checkpoints import ResumableTraining
 
 HOOKS = Path(__file__).with_name("signal_hooks")  # its sitecustomize.py slows builds and gives trainers loader workers

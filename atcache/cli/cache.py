@@ -11,7 +11,7 @@ from atcache.cli.options import (CacheAliasOpt, CacheArg, JsonOpt, command, pick
                                  ultralytics_overrides, write_json)
 from atcache.config import BuildConfig
 from atcache.errors import AtcacheError, explain_interruption
-from atcache.tools.settings import FidelityConfig, InspectConfig, VisualizeConfig
+from atcache.settings import FidelityConfig, InspectConfig, VisualizeConfig
 from atcache.yolo import prepare
 
 
@@ -21,7 +21,7 @@ def build_cache_cmd(cfg: BuildConfig, ctx: typer.Context):
     --replay-epochs, extra key=value (mosaic=, mixup=, scale=, fliplr=, hsv_h=, close_mosaic=, epochs=, ...) set the
     ultralytics augmentation the replay arrays are made with."""
     prepare()
-    from atcache.build.pipeline import build_cache
+    from atcache.teacher.pipeline import build_cache
 
     remote = cfg.scheduler and not cfg.scheduler.strip().startswith("local")  # devices resolved by the remote workers
     augment = ultralytics_overrides(ctx.args, ("model", "data", "imgsz", "batch", "device"))

@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 
 from atcache.cli.options import JsonOpt, command, pick_device, write_json
-from atcache.tools.settings import BenchConfig, DemoConfig, DemoDataConfig, StudyConfig, StudyOutput, VocConfig
+from atcache.settings import BenchConfig, DemoConfig, DemoDataConfig, StudyConfig, StudyOutput, VocConfig
 from atcache.yolo import prepare
 
 

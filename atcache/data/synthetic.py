@@ -15,7 +15,7 @@ import cv2
 import numpy as np
 
 from atcache.data.voc import VOC_NAMES
-from atcache.tools.settings import DemoDataConfig
+from atcache.settings import DemoDataConfig
 
 # (year, image_set, share of all images): the proportions of VOC 2007+2012.
 SPLITS = (("2012", "train", 0.27), ("2012", "val", 0.27), ("2007", "train", 0.12), ("2007", "val", 0.12), ("2007", "test", 0.22))

@@ -16,7 +16,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from atcache.build.pipeline import build_cache
+from atcache.teacher.pipeline import build_cache
 from atcache.config import BuildConfig, DistillSettings
 from atcache.data.splits import LetterboxedImages, SplitFiles, split_files
 from atcache.devices import parse_devices, resolve_device
@@ -26,7 +26,7 @@ from atcache.tools.bench_report import (  # noqa: F401  (format_report: the CLI 
     GRADIENT_MODES, GRADIENT_RATIOS, TRAINER_MODES, TRAINERS, over_rounds, format_report, goals, loader_figures,
     round_ratios)
 from atcache.tools.measure import device_name
-from atcache.tools.settings import BenchConfig
+from atcache.settings import BenchConfig
 
 MIN_STEPS = 16  # measured steps per trainer and round below which the bench warns
 

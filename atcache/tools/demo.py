@@ -11,11 +11,11 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Iterator
 
-from atcache.build.pipeline import build_cache
+from atcache.teacher.pipeline import build_cache
 from atcache.config import BuildConfig, DistillSettings
 from atcache.tools import plans
 from atcache.tools.schedule import Slots, estimate_demo, parallel_slots
-from atcache.tools.settings import DemoConfig
+from atcache.settings import DemoConfig
 
 # Small data, few epochs: ultralytics' 'auto' optimizer picks AdamW lr 4e-4 for 20 classes and steps every 64 images,
 # which leaves YOLO11s at mAP 0 here for many epochs. AdamW lr 4e-3, an optimizer step per batch (nbs 16), a 1-epoch

@@ -15,7 +15,7 @@ import torch
 from atcache.attention.agreement import map_agreement
 from atcache.config import check_replay
 from atcache.errors import AtcacheError
-from atcache.tools.settings import FidelityConfig
+from atcache.settings import FidelityConfig
 from atcache.train.views import Blend, Canvas, Source, View
 
 AUGMENTATIONS = ("none", "flip", "mosaic", "affine", "mixup")  # what view_kinds tells apart
@@ -165,7 +165,7 @@ def _check_gradient_targets(cfg: FidelityConfig, store) -> None:
 
 def _gradient_check(cfg: FidelityConfig, store, nc: int, device, dataset) -> _GradientCheck:
     """The unfused teacher for live J_T, and the cached J_T as training reads them."""
-    from atcache.build.gradients import gradient_teacher
+    from atcache.teacher.gradients import gradient_teacher
     from atcache.train.gradients import CachedGradients, ReplayGradients
 
     source = (ReplayGradients(store.spec.gradient_stride, store.spec.imgsz) if cfg.targets == "replay"

@@ -21,7 +21,7 @@ import yaml
 
 from atcache.config import BuildConfig
 from atcache.tools import plans
-from atcache.tools.settings import STUDY_MODES, StudyConfig  # noqa: F401  (STUDY_MODES: the default --modes)
+from atcache.settings import STUDY_MODES, StudyConfig  # noqa: F401  (STUDY_MODES: the default --modes)
 SCORES = {"mAP50": "metrics/mAP50(B)", "mAP50-95": "metrics/mAP50-95(B)"}
 
 
@@ -83,7 +83,7 @@ def run_study(config: StudyConfig, out: Path, ledger: Path | None = None) -> Ite
     """Data, teacher (reused when OUT already holds one trained with the same settings), caches, then every mode for
     every seed; writes OUT/accuracy.json and OUT/accuracy.md and yields progress lines. Students recorded in their run
     folder or in `ledger` with the same settings are reused; `ledger` gets every finished student's record."""
-    from atcache.build.pipeline import build_cache
+    from atcache.teacher.pipeline import build_cache
     from atcache.tools.demo import DEMO_HYP, train_teacher
     from atcache.devices import resolve_device
     from atcache.tools.measure import device_name, measure_training

@@ -12,7 +12,7 @@ import numpy as np
 
 from atcache.config import check_replay
 from atcache.errors import AtcacheError
-from atcache.tools.settings import VisualizeConfig
+from atcache.settings import VisualizeConfig
 
 
 def map_on_image(a: np.ndarray, letterbox: dict[str, float], imgsz: int) -> np.ndarray:
@@ -75,7 +75,7 @@ def _cached_panels(opened, split, images: int, files: Sequence[str]):
     maps = [[opened.maps[i][r].compute().astype(np.float32) for i in opened.layers] for r in rows]
     grads = None
     if opened.grad is not None:
-        from atcache.build.gradients import batch_labels
+        from atcache.teacher.gradients import batch_labels
         from atcache.cache.format import LETTERBOX_COLUMNS
 
         table = np.array([[opened.letterbox.row(r)[c] for c in LETTERBOX_COLUMNS] for r in rows], dtype=np.float32)

@@ -8,7 +8,7 @@ import torch
 
 from atcache.attention.gradient import (criterion, flip_batch, flip_loss, gradient_at_loss, gradient_attention,
                                         image_labels, input_gradient, join, per_image_loss, pool_gradient, split)
-from atcache.testing import lively_model
+from helpers import lively_model
 from atcache.yolo import load_model
 
 FP16_SMALLEST_SUBNORMAL = 2.0**-24

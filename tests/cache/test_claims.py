@@ -8,7 +8,7 @@ import pytest
 from atcache.cache.claims import LOCK_PREFIX, ChunkClaim, unit_ranges
 from atcache.cache.store import CacheStore
 from atcache.errors import AtcacheError
-from atcache.testing import fake_spec, race_claims, race_creation, seed_layers
+from helpers import fake_spec, race_claims, race_creation, seed_layers
 
 
 @pytest.fixture

@@ -6,10 +6,10 @@ import pytest
 import zarr
 from typer.testing import CliRunner
 
-from atcache.build.pipeline import build_cache
+from atcache.teacher.pipeline import build_cache
 from atcache.cli import app
 from atcache.cache.format import decode_maps, encode_maps
-from atcache.testing import COMMON, TEST_LAYERS, build_config, results
+from helpers import COMMON, TEST_LAYERS, build_config, results
 
 runner = CliRunner()
 
@@ -145,7 +145,7 @@ def test_a_uint8_store_reads_back_equal_with_plain_zarr(tmp_path):
 
     from atcache.cache.format import LayerSpec, ReplaySpec, map_compressors
     from atcache.cache.store import CacheStore
-    from atcache.testing import fake_spec, random_chunk
+    from helpers import fake_spec, random_chunk
 
     layers = (LayerSpec(6, 16, 8, 5, 5), LayerSpec(8, 32, 16, 3, 3))
     replay = ReplaySpec(epochs=2, aug_seed=0, samples=7, chunk_rows=4, files_sha256="synthetic", augment={})

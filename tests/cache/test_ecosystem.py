@@ -17,7 +17,7 @@ from atcache.cache.inspect import open_cache, verify_cache
 from atcache.cache.location import Location
 from atcache.cache.store import CacheStore
 from atcache.errors import AtcacheError
-from atcache.testing import fake_spec, fake_store, seed_layers
+from helpers import fake_spec, fake_store, seed_layers
 
 N_ROWS, CHUNK_ROWS = 12, 4
 LAYERS = seed_layers(64)[:3]  # layers 6, 8, 13: grids 4x4, 2x2, 4x4

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from atcache.cli import app
 from atcache.cache.inspect import compare_caches, inspect_cache, open_cache, verify_cache
-from atcache.testing import TEST_LAYERS
+from helpers import TEST_LAYERS
 
 runner = CliRunner()
 

@@ -7,7 +7,7 @@ import numpy as np
 
 from atcache.cache import inspect, integrity
 from atcache.cache.integrity import damaged_chunks, unit_problems
-from atcache.testing import fake_spec, fake_store, seed_layers
+from helpers import fake_spec, fake_store, seed_layers
 
 
 def damaged(tmp_path):

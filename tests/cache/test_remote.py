@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 from atcache.cli import app
 from atcache.cache.claims import LOCK_PREFIX
 from atcache.cache.location import Location
-from atcache.testing import COMMON, build_args, results
+from helpers import COMMON, build_args, results
 
 pytest.importorskip("s3fs")
 moto_server = pytest.importorskip("moto.server")
@@ -73,8 +73,8 @@ def test_build_inspect_and_train_from_an_s3_store(s3, built_cache, voc_yaml, tea
 @pytest.mark.slow
 def test_cluster_workers_fill_one_bucket_store(s3, built_cache, voc_yaml, teacher_pt, assert_same_store):
     pytest.importorskip("distributed")
-    from atcache.build.pipeline import build_cache
-    from atcache.testing import build_config
+    from atcache.teacher.pipeline import build_cache
+    from helpers import build_config
 
     url = f"{s3}/cluster.zarr"
     report = build_cache(build_config(voc_yaml, url, teacher=str(teacher_pt), scheduler="local:2"))
@@ -109,7 +109,7 @@ def test_replay_gradients_in_a_bucket(s3, voc_yaml, teacher_pt, tmp_path):
 def test_claims_on_s3_one_record_racing_overlaps_and_creation(s3):
     from atcache.cache.claims import ChunkClaim
     from atcache.cache.store import CacheStore
-    from atcache.testing import fake_spec, race_claims, race_creation, seed_layers
+    from helpers import fake_spec, race_claims, race_creation, seed_layers
 
     small = fake_spec(seed_layers(64)[:1], n_rows=40, chunk_rows=4, imgsz=64)
     for trial in range(3):  # four shards started together on a new bucket store all join it
@@ -136,7 +136,7 @@ def test_a_chunk_read_is_one_get_on_s3(s3, monkeypatch):
 
     from atcache.cache.format import ReplaySpec
     from atcache.cache.store import CacheStore
-    from atcache.testing import fake_spec, seed_layers
+    from helpers import fake_spec, seed_layers
 
     replay = ReplaySpec(epochs=3, aug_seed=0, samples=8, chunk_rows=1, files_sha256="x", augment={})
     spec = dataclasses.replace(fake_spec(seed_layers(64)[:1], n_rows=8, chunk_rows=1, imgsz=64), replay=replay)
@@ -163,7 +163,7 @@ def test_listings_see_units_written_after_them_on_s3(s3):
 
     from atcache.cache.format import ReplaySpec
     from atcache.cache.store import CacheStore
-    from atcache.testing import fake_spec, seed_layers
+    from helpers import fake_spec, seed_layers
 
     layers = seed_layers(64)[:1]
     replay = ReplaySpec(epochs=1, aug_seed=0, samples=4, chunk_rows=1, files_sha256="x", augment={})

@@ -6,7 +6,7 @@ from atcache.errors import AtcacheError
 from atcache.cache.format import CacheSpec, LayerSpec
 from atcache.cache.claims import chunks_for_shard
 from atcache.cache.store import CacheStore
-from atcache.testing import fake_spec, random_chunk
+from helpers import fake_spec, random_chunk
 
 
 def make_spec(n_rows=10, chunk_rows=4, imgsz=64, teacher="abc"):

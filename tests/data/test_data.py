@@ -4,7 +4,7 @@ import pytest
 
 from atcache.data.splits import LetterboxedImages, letterbox_image, read_image, split_files
 from atcache.errors import AtcacheError
-from atcache.testing import yolo_dataset
+from helpers import yolo_dataset
 
 
 def test_split_files_match_ultralytics_order(voc_yaml):

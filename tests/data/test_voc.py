@@ -7,7 +7,7 @@ import yaml
 from atcache import VOC_NAMES
 from atcache.errors import AtcacheError
 from atcache.data.voc import prepare_voc, voc_box_to_yolo
-from atcache.testing import assert_one_line_error, invoke
+from helpers import assert_one_line_error, invoke
 
 
 def test_layout_matches_ultralytics_voc_yaml(voc_yaml):

@@ -11,7 +11,7 @@ if os.environ.get("ATCACHE_TEST_BATCH_DELAY"):
     import functools
     import time
 
-    import atcache.build.compute as compute
+    import atcache.teacher.compute as compute
 
     def _slowed(layer_maps, delay: float):
         @functools.wraps(layer_maps)

@@ -11,8 +11,8 @@ from typer.testing import CliRunner
 
 from atcache.cli import app
 from atcache.config import DEFAULT_LAYERS
-from atcache.testing import TEST_IMGSZ
-from atcache.tools.settings import DemoConfig
+from helpers import TEST_IMGSZ
+from atcache.settings import DemoConfig
 
 runner = CliRunner()
 STEPS, WARMUP, BATCH, IMAGES, ROUNDS = 3, 1, 4, 24, 2
@@ -194,7 +194,7 @@ def test_bench_trains_the_planned_trainers(plan_spy, tmp_path):
 
 
 def test_study_trains_the_planned_students(plan_spy, monkeypatch, tmp_path):
-    from atcache.build import pipeline
+    from atcache.teacher import pipeline
     from atcache.config import STUDENT_MODES
     from atcache.tools import demo, plans, study
 
@@ -231,7 +231,7 @@ def test_plan_covers_every_student_mode():
 
 
 def test_study_pairs_each_mode_with_plain_by_seed_and_reuses_finished_students(plan_spy, monkeypatch, tmp_path):
-    from atcache.build import pipeline
+    from atcache.teacher import pipeline
     from atcache.tools import demo, study
 
     planned, trained, _ = plan_spy

@@ -7,7 +7,7 @@ from typer.testing import CliRunner
 
 from atcache.cli import app
 from atcache.train.views import Blend, Canvas, Placed, Source, flip_matrix, translation, warp
-from atcache.testing import TEST_LAYERS
+from helpers import TEST_LAYERS
 
 runner = CliRunner()
 NO_AUG = ["hsv_h=0", "hsv_s=0", "hsv_v=0", "mosaic=0", "mixup=0", "fliplr=0", "scale=0", "translate=0",

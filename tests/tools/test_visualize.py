@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 from atcache.cli import app
 from atcache.cache.format import LETTERBOX_COLUMNS
 from atcache.tools.visualize import map_on_image
-from atcache.testing import TEST_LAYERS
+from helpers import TEST_LAYERS
 
 runner = CliRunner()
 PX = int(2.6 * 80)  # one panel: 2.6 inches at 80 dpi

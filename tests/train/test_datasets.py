@@ -42,7 +42,7 @@ def test_the_check_finds_both_forms(tmp_path):
 
 
 def test_the_tracked_pipeline_is_a_copy_that_keeps_ultralytics_sharing(voc_yaml):
-    from atcache.testing import train_dataset
+    from helpers import train_dataset
     from atcache.train.transforms import TRACKED, tracked_pipeline
     from atcache.yolo import Compose, MixUp
 

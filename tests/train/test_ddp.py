@@ -45,7 +45,7 @@ def _free_port() -> int:
 
 
 def _settings(cache: Path):
-    from atcache.testing import TEST_LAYERS
+    from helpers import TEST_LAYERS
 
     from atcache.train.trainer import DistillSettings
 
@@ -58,7 +58,7 @@ def test_ultralytics_ddp_file_rebuilds_atcache_trainer_and_settings(voc_yaml, bu
     pickled state names atcache.train.trainer.AtcacheTrainer by reference, the script keeps this process' sys.path, and a
     process that only inherits the environment `train()` launches it with rebuilds the trainer with the same
     DistillSettings."""
-    from atcache.testing import TEST_IMGSZ
+    from helpers import TEST_IMGSZ
     from ultralytics.models.yolo.detect import DetectionTrainer
     from ultralytics.utils.dist import generate_ddp_file
 
@@ -199,7 +199,7 @@ def _torchrun(nodes: int, per_node: int, out: Path, settings, overrides: dict, c
 @pytest.mark.slow
 @pytest.mark.parametrize("nodes,per_node", [(1, 2), (2, 1)], ids=["1node-2ranks", "2nodes-1rank"])
 def test_gloo_ddp_run_from_the_cache(voc_yaml, built_cache, tmp_path, nodes, per_node):
-    from atcache.testing import TEST_IMGSZ
+    from helpers import TEST_IMGSZ
 
     settings = _settings(built_cache)
     project = tmp_path / "runs"
@@ -269,7 +269,7 @@ print(json.dumps({"world_size": t.world_size, "spawns": t.ddp, "device": str(t.d
 
 
 def _probe(device: str, voc_yaml, built_cache, tmp_path, save_dir: str = "", **torchrun_env) -> dict:
-    from atcache.testing import TEST_IMGSZ
+    from helpers import TEST_IMGSZ
 
     from atcache.train.trainer import SETTINGS_ENV
 

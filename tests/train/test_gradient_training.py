@@ -12,13 +12,13 @@ from torch import nn
 
 from atcache.attention.gradient import flip_loss, gradient_at_loss, input_gradient
 from atcache.config import DistillSettings
-from atcache.testing import COMMON, assert_one_line_error, build_config, invoke, lively_model, results
+from helpers import COMMON, assert_one_line_error, build_config, invoke, lively_model, results
 from atcache.train.gradients import OnlineGradients
 from atcache.train.trainer import FLIP_LOSS, GRAD_LOSS, AtcacheTrainer, AttentionTransferLoss
 
 
 def lively(seed: int):
-    """atcache.testing.lively_model with ultralytics' default args (what the trainer's criterion reads)."""
+    """helpers.lively_model with ultralytics' default args (what the trainer's criterion reads)."""
     from atcache.yolo import get_cfg
 
     model = lively_model(seed)
@@ -116,7 +116,7 @@ GRAD_STRIDE = 8
 
 @pytest.fixture(scope="module")
 def grad_cache(voc_yaml, teacher_pt, tmp_path_factory):
-    from atcache.build.pipeline import build_cache
+    from atcache.teacher.pipeline import build_cache
 
     out = tmp_path_factory.mktemp("gradcache") / "grad.zarr"
     build_cache(build_config(voc_yaml, out, teacher=str(teacher_pt), gradient=True, gradient_stride=GRAD_STRIDE))
@@ -136,7 +136,7 @@ def test_cached_teacher_gradient_is_direction_times_norm_of_the_batch_rows(voc_y
     import numpy as np
 
     from atcache.cache.store import CacheStore
-    from atcache.testing import target_dataset
+    from helpers import target_dataset
     from atcache.train.gradients import CachedGradients
 
     store = CacheStore.open(grad_cache)

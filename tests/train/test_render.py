@@ -7,10 +7,10 @@ import torch
 from atcache.train.views import Blend, Canvas, Placed, Source, flip_matrix, translation, warp
 from atcache.train.render import BatchRenderer, collate_pieces, flatten
 from atcache.cache.format import LETTERBOX_COLUMNS, LetterboxTable
-from atcache.testing import fake_spec, random_chunk, seed_layers
+from helpers import fake_spec, random_chunk, seed_layers
 from atcache.train.targets import CacheTargets
 
-from atcache.testing import TEST_LAYERS, target_dataset, traced_views
+from helpers import TEST_LAYERS, target_dataset, traced_views
 
 IMGSZ = 128
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from atcache.train.samplers import EpochSampler, rank_share
-from atcache.testing import TEST_IMGSZ, TEST_LAYERS
+from helpers import TEST_IMGSZ, TEST_LAYERS
 
 
 def seeded(voc_yaml, cache=None, seed=3, epochs=3, **hyp):

@@ -15,10 +15,10 @@ from typer.testing import CliRunner
 
 from atcache.cli import app
 from atcache.errors import AtcacheError
-from atcache.testing import TEST_IMGSZ, TEST_LAYERS, assert_one_line_error, target_dataset, traced_views
+from helpers import TEST_IMGSZ, TEST_LAYERS, assert_one_line_error, target_dataset, traced_views
 
 runner = CliRunner()
-CHUNK_ROWS = 8  # atcache.testing.build_config's
+CHUNK_ROWS = 8  # helpers.build_config's
 
 
 def chunk_switches(chunks) -> int:

@@ -11,7 +11,7 @@ import zarr
 from atcache.data.splits import letterbox_image, read_image, resize_long_side, split_files
 from atcache.errors import AtcacheError
 from atcache.train.views import Canvas, Placed, Source, bilinear, evaluate, flip_matrix, translation, warp
-from atcache.testing import TEST_IMGSZ, TEST_LAYERS, build_config, target_dataset, traced_views
+from helpers import TEST_IMGSZ, TEST_LAYERS, build_config, target_dataset, traced_views
 
 
 def test_recorded_views_reproduce_the_augmented_images(voc_yaml, built_cache):
@@ -125,7 +125,7 @@ def test_missing_layer_is_refused(voc_yaml, built_cache):
 
 
 def test_other_split_is_refused(voc_yaml, teacher_pt, tmp_path):
-    from atcache.build.pipeline import build_cache
+    from atcache.teacher.pipeline import build_cache
 
     out = tmp_path / "val.zarr"
     build_cache(build_config(voc_yaml, out, teacher=str(teacher_pt), split="val", layers=(6,)))

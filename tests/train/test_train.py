@@ -12,7 +12,7 @@ import torch
 from typer.testing import CliRunner
 
 from atcache.cli import app
-from atcache.testing import (COMMON, TEST_IMGSZ, TEST_LAYERS, assert_one_line_error, build_config, results,
+from helpers import (COMMON, TEST_IMGSZ, TEST_LAYERS, assert_one_line_error, build_config, results,
                              target_dataset)
 
 runner = CliRunner()
@@ -21,8 +21,8 @@ runner = CliRunner()
 @pytest.fixture(scope="module")
 def orphan_cache(voc_yaml, tmp_path_factory):
     """A cache whose teacher file has been deleted after the build."""
-    from atcache.build.pipeline import build_cache
-    from atcache.testing import save_teacher_checkpoint
+    from atcache.teacher.pipeline import build_cache
+    from helpers import save_teacher_checkpoint
 
     tmp = tmp_path_factory.mktemp("orphan")
     teacher = save_teacher_checkpoint(tmp / "teacher.pt", seed=1)

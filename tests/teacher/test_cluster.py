@@ -10,12 +10,12 @@ import time
 import psutil
 import pytest
 
-from atcache.build.pipeline import build_cache
-from atcache.build.runners import _task_blocks as task_blocks
-from atcache.build.runners import _worker_device as worker_device
+from atcache.teacher.pipeline import build_cache
+from atcache.teacher.runners import _task_blocks as task_blocks
+from atcache.teacher.runners import _worker_device as worker_device
 from atcache.scheduler import parse_scheduler
 from atcache.errors import AtcacheError
-from atcache.testing import assert_clean, build_config, cli_command
+from helpers import assert_clean, build_config, cli_command
 
 pytest.importorskip("distributed")
 
@@ -92,7 +92,7 @@ def test_task_blocks_and_worker_devices(monkeypatch):
 
 def test_what_a_lost_attempt_left_mid_write_is_swept_once_the_store_is_complete(built_cache, voc_yaml, teacher_pt,
                                                                                 tmp_path, assert_same_store):
-    from atcache.build.runners import compute_block
+    from atcache.teacher.runners import compute_block
     from atcache.cache.store import CacheStore
 
     out = tmp_path / "c.zarr"

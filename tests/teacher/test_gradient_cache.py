@@ -10,11 +10,11 @@ import torch
 import zarr
 
 from atcache.attention.gradient import input_gradient, pool_gradient
-from atcache.build.pipeline import build_cache
+from atcache.teacher.pipeline import build_cache
 from atcache.cache.format import FORMAT_VERSION
 from atcache.cache.inspect import format_inspection, inspect_cache, open_cache, verify_cache
 from atcache.errors import AtcacheError
-from atcache.testing import TEST_IMGSZ, TEST_LAYERS, build_config
+from helpers import TEST_IMGSZ, TEST_LAYERS, build_config
 
 STRIDE = 8
 
@@ -144,7 +144,7 @@ def test_visualize_adds_the_gradient_attention_column(grad_cache, voc_yaml, teac
     """One more column, drawn: the teacher's gradient attention (and the student's, and |S-T|, with --student)."""
     from PIL import Image
 
-    from atcache.testing import invoke
+    from helpers import invoke
 
     extra = ["--student", teacher_pt] if with_student else []
     result = invoke("visualize", grad_cache, "--data", voc_yaml, "--out", tmp_path, "--images", "2", *extra)

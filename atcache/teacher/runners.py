@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from atcache.build.compute import compute_units
+from atcache.teacher.compute import compute_units
 from atcache.config import BuildConfig
 from atcache.data.splits import SplitFiles, split_files
 from atcache.errors import AtcacheError, as_interruption, stop_on_signals
@@ -39,7 +39,7 @@ def run_on_devices(cfg: BuildConfig, store: CacheStore, todo: Sequence[int], dev
     """One child process per device, each computing a contiguous block of the chunks (the first shows progress)."""
     blocks = [list(todo[len(todo) * i // len(devices):len(todo) * (i + 1) // len(devices)]) for i in range(len(devices))]
     jobs = [(d, b) for d, b in zip(devices, blocks) if b]
-    procs = [subprocess.Popen([sys.executable, "-m", "atcache.build.runners",
+    procs = [subprocess.Popen([sys.executable, "-m", "atcache.teacher.runners",
                                dataclasses.replace(cfg, progress=cfg.progress and n == 0).to_json(), json.dumps(b), d],
                               stdout=subprocess.PIPE, text=True) for n, (d, b) in enumerate(jobs)]
     try:
@@ -181,7 +181,7 @@ def cluster_task(cfg_json: str, chunks: Sequence[int], threads: int = 0) -> tupl
 
 
 def _device_process(cfg_json: str, chunks_json: str, device: str) -> None:
-    """`python -m atcache.build.runners CFG CHUNKS DEVICE`: one device's block; prints [rows, skipped, seconds] as JSON."""
+    """`python -m atcache.teacher.runners CFG CHUNKS DEVICE`: one device's block; prints [rows, skipped, seconds] as JSON."""
     from atcache.yolo import prepare
 
     prepare()

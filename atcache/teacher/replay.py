@@ -12,7 +12,7 @@ import torch
 from atcache.attention.gradient import loss_labels
 from atcache.attention.recipe import layer_maps
 from atcache.cache.format import AUGMENT_KEYS, ReplaySpec
-from atcache.build.writer import UnitWriter
+from atcache.teacher.writer import UnitWriter
 from atcache.cache.store import CacheStore
 from atcache.config import BuildConfig
 from atcache.train.replay import augment_settings, check_training_set, files_sha256, fingerprint, training_dataset
@@ -66,7 +66,7 @@ def compute_replay(cfg: BuildConfig, model: torch.nn.Module, store: CacheStore, 
                disable=not cfg.progress, dynamic_ncols=True)
     grad_model = None
     if store.spec.gradient_stride:
-        from atcache.build.gradients import gradient_teacher, teacher_gradients
+        from atcache.teacher.gradients import gradient_teacher, teacher_gradients
 
         grad_model = gradient_teacher(cfg.teacher, len(data["names"]), store.spec, device)
     batches = iter(loader)

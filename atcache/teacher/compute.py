@@ -13,7 +13,7 @@ from atcache.config import BuildConfig
 from atcache.data.splits import LetterboxedImages, SplitFiles
 from atcache.errors import AtcacheError
 from atcache.attention.recipe import layer_maps
-from atcache.build.writer import UnitWriter
+from atcache.teacher.writer import UnitWriter
 from atcache.cache.store import CacheStore, ChunkData, iter_rows
 
 
@@ -80,8 +80,8 @@ def compute_chunks(cfg: BuildConfig, model: torch.nn.Module, split: SplitFiles, 
         prefetch_factor=4 if cfg.workers > 0 else None,
     )
     grad_model = None
-    if store.spec.gradient_stride:  # --gradient: an unfused copy of the teacher (atcache.build.gradients)
-        from atcache.build.gradients import batch_labels, gradient_teacher, teacher_gradients
+    if store.spec.gradient_stride:  # --gradient: an unfused copy of the teacher (atcache.teacher.gradients)
+        from atcache.teacher.gradients import batch_labels, gradient_teacher, teacher_gradients
 
         grad_model = gradient_teacher(cfg.teacher, len(split.names), store.spec, device)
     writer = UnitWriter(store)
@@ -130,7 +130,7 @@ def compute_units(cfg: BuildConfig, model: torch.nn.Module, split: SplitFiles, s
         from atcache.yolo import prepare
 
         prepare()
-        from atcache.build.replay import compute_replay
+        from atcache.teacher.replay import compute_replay
 
         compute_replay(cfg, model, store, replayed, device)
     return skipped

@@ -13,9 +13,9 @@ import pytest
 import zarr
 from typer.testing import CliRunner
 
-from atcache.build.pipeline import build_cache
+from atcache.teacher.pipeline import build_cache
 from atcache.cli import app
-from atcache.testing import TEST_IMGSZ, TEST_LAYERS, assert_clean, assert_one_line_error, build_config, cli_command
+from helpers import TEST_IMGSZ, TEST_LAYERS, assert_clean, assert_one_line_error, build_config, cli_command
 
 # with --gradient, so every guarantee below (resume, shards, devices, dask, verify) covers replay/grad/* as well
 REPLAY = dict(replay_epochs=2, aug_seed=11, augment=(("close_mosaic", 1), ("mixup", 0.5)), gradient=True,

@@ -22,7 +22,7 @@ from atcache.data.splits import SplitFiles, split_files
 from atcache.devices import parse_devices, resolve_device
 from atcache.errors import AtcacheError
 from atcache.attention.hooks import probe_layers
-from atcache.build.runners import RunResult, run_here, run_on_cluster, run_on_devices
+from atcache.teacher.runners import RunResult, run_here, run_on_cluster, run_on_devices
 from atcache.cache.format import CacheSpec, LayerSpec, Letterbox
 from atcache.cache.claims import ChunkClaim, chunks_for_shard
 from atcache.cache.integrity import damaged_chunks
@@ -126,13 +126,13 @@ def _make_spec(cfg: BuildConfig, teacher: LoadedModel, split: SplitFiles, device
 
 
 def _gradient_gains(cfg: BuildConfig) -> dict:
-    from atcache.build.gradients import loss_gains
+    from atcache.teacher.gradients import loss_gains
 
     return loss_gains(cfg.gradient_gains)
 
 
 def _replay_spec(cfg: BuildConfig):
-    from atcache.build.replay import replay_spec
+    from atcache.teacher.replay import replay_spec
 
     return replay_spec(cfg, cfg.imgsz)
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 import zarr
 
-from atcache.build.pipeline import build_cache
+from atcache.teacher.pipeline import build_cache
 from atcache.errors import AtcacheError
-from atcache.testing import TEST_IMGSZ, TEST_LAYERS, build_config, cli_command, yolo_dataset
+from helpers import TEST_IMGSZ, TEST_LAYERS, build_config, cli_command, yolo_dataset
 
 
 def test_rows_equal_an_independent_recomputation(built_cache, voc_yaml, teacher_pt):
@@ -150,7 +150,7 @@ def test_vanishing_activations_are_flagged(voc_yaml, tmp_path, built_cache):
     """The stock random init of yolo11n shrinks activations to ~1e-16 by layer 22: the build must say so."""
     report = build_cache(build_config(voc_yaml, tmp_path / "random.zarr", teacher="yolo11n.yaml", layers=(16, 22)))
     assert any(w.startswith("layer 22: median ||a||") for w in report.warnings)
-    from atcache.build.pipeline import vanishing_layers
+    from atcache.teacher.pipeline import vanishing_layers
     from atcache.cache.store import CacheStore
 
     assert vanishing_layers(CacheStore.open(built_cache)) == []

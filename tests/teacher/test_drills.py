@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 import zarr
 
-from atcache.build.pipeline import build_cache
+from atcache.teacher.pipeline import build_cache
 from atcache.errors import AtcacheError
 from atcache.cache.claims import LOCK_PREFIX, ChunkClaim
 from atcache.cache.store import CacheStore
-from atcache.testing import TEST_LAYERS, assert_clean, build_config, cli_command
+from helpers import TEST_LAYERS, assert_clean, build_config, cli_command
 
 DRILL = Path(__file__).with_name("drill_build.py")
 N_KILLS = 10
