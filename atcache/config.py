@@ -31,6 +31,10 @@ AUTO_DEVICE = ""  # --device default: CUDA device 0 when there is one, else the 
 # The two fields of DistillSettings: which trainer (`mode`) and, for the cache trainer, which targets (`targets`).
 TRAIN_MODES = ("plain", "cache", "online")
 TARGET_MODES = ("warp", "static", "replay")
+# How the AT term normalises each layer's ||A_S - A_T||_2 (atcache.attention.functional.layer_at_loss): "batch" one
+# norm over the whole batch / N (the reference setup's; its pull falls as 1/sqrt(batch)), "per-image" the mean of
+# each image's norm (independent of batch size).
+AT_NORMS = ("batch", "per-image")
 # The one enumeration of student modes the tools (demo, bench, study) run and report; each is one (mode, targets)
 # pair of DistillSettings and the one term it weights (atcache.tools.plans.plan builds the settings): activation AT,
 # or for grad gradient-based AT alone (replay targets; grad_online: the teacher's J_T live), for flip the
@@ -227,6 +231,9 @@ class DistillSettings(JsonConfig):
                                "replay: the teacher's maps on every augmented view (build-cache --replay-epochs).",
                         choices=TARGET_MODES)
     at_weight: float = opt(DEFAULT_AT_WEIGHT, "Weight of the AT loss added to the detection loss.", low=0)
+    at_norm: str = opt("batch", "AT loss per layer: batch = ||A_S - A_T||_2 / N over the whole batch (the reference "
+                                "setup's; its pull falls as 1/sqrt(batch)), per-image = mean of each image's norm "
+                                "(independent of batch size).", choices=AT_NORMS)
     layers: tuple[tuple[int, int], ...] = opt((), "Layers to distil: 6,8,13 (same index in student and teacher or "
                                                   "cache) or student:teacher pairs 4:6,6:8. Default from a cache: all "
                                                   "cached layers.", cli=PAIRS_CLI)

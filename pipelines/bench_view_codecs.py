@@ -9,7 +9,7 @@ epoch in EpochSampler order), and letterboxed training images (the rows of the m
 Only codecs of the Zarr v3 specification (bytes, transpose, blosc, zstd, gzip, crc32c), which every Zarr v3 reader
 decodes. The layers of a view kept together (one array of the six maps concatenated) are measured in the codec table;
 `--store-layout` measures only the store's own replay arrays, written by atcache.cache.layout as a build writes them
-(format 3: maps of all layers in one array, per-view statistics in one), array by array.
+(store format 3, the only one: maps of all layers in one array, per-view statistics in one), array by array.
 
     python pipelines/bench_view_codecs.py --teacher runs/accuracy/teacher/weights/best.pt \
         --data runs/accuracy/data/VOC/VOC.yaml --imgsz 640 --json pipelines/results/view_codecs_cpu.json
@@ -29,7 +29,7 @@ import torch
 import zarr
 from zarr.codecs import BloscCodec, BloscShuffle, Crc32cCodec, GzipCodec, TransposeCodec, ZstdCodec
 
-from atcache.cache.format import READABLE_VERSIONS, decode_maps, encode_maps, map_compressors, small_compressors
+from atcache.cache.format import FORMAT_VERSION, decode_maps, encode_maps, map_compressors, small_compressors
 
 SMALL = ("scales", "norms", "sample", "record", "done")  # the per-view arrays besides the maps
 CNAMES = ("blosclz", "lz4", "lz4hc", "zlib", "zstd")
@@ -189,10 +189,9 @@ def small_chain(compressor) -> dict[str, tuple]:
             "record": ([*compressor(8)], []), "done": ([*compressor(1)], [])}
 
 
-def store_layout_bytes(views: list[dict], layers, imgsz: int, chunk_rows: int, version: int) -> dict:
-    """Bytes per view of the store's replay arrays in format `version`, created and packed by atcache.cache.layout as
-    a build writes them (units of `chunk_rows` views; views: the float32 maps, norms, sample and record of each set),
-    by array."""
+def store_layout_bytes(views: list[dict], layers, imgsz: int, chunk_rows: int) -> dict:
+    """Bytes per view of the store's replay arrays, created and packed by atcache.cache.layout as a build writes them
+    (units of `chunk_rows` views; views: the float32 maps, norms, sample and record of each set), by array."""
     import dataclasses
 
     from atcache.cache.format import LayerSpec, ReplaySpec
@@ -204,7 +203,7 @@ def store_layout_bytes(views: list[dict], layers, imgsz: int, chunk_rows: int, v
         n = len(v["sample"])
         specs = tuple(LayerSpec(i, imgsz // v["maps"][i].shape[-1], 0, *v["maps"][i].shape[1:]) for i in layers)
         spec = dataclasses.replace(fake_spec(specs, n, chunk_rows, imgsz), map_dtype="uint8",
-                                   replay=ReplaySpec(1, 0, n, chunk_rows, "bench", {}), format_version=version)
+                                   replay=ReplaySpec(1, 0, n, chunk_rows, "bench", {}))
         store = zarr.storage.MemoryStore()
         group = zarr.open_group(store, mode="w")
         create_replay_arrays(group, spec)
@@ -304,11 +303,10 @@ def main() -> None:
                   "device": _device(), "versions": {"zarr": zarr.__version__, "numcodecs": numcodecs.__version__,
                                                     "torch": torch.__version__, "ultralytics": _ultralytics()},
                   "compute_s": compute_s,
-                  "formats": {str(version): {
+                  "formats": {str(FORMAT_VERSION): {
                       "replay": store_layout_bytes([v for k, v in raw.items() if k != "letterboxed"], layers,
-                                                   args.imgsz, rows[0], version),
-                      "letterboxed": store_layout_bytes([raw["letterboxed"]], layers, args.imgsz, rows[0], version)}
-                      for version in READABLE_VERSIONS}}
+                                                   args.imgsz, rows[0]),
+                      "letterboxed": store_layout_bytes([raw["letterboxed"]], layers, args.imgsz, rows[0])}}}
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
         for version, kinds in report["formats"].items():

@@ -55,6 +55,8 @@ def test_every_field_survives_json(cls, required):
     assert all(getattr(cfg, f.name) != f.default for f in dataclasses.fields(cls) if f.name not in required)
     again = cls.from_json(cfg.to_json())
     assert again == cfg and type(again.layers) is tuple
+    if cls is DistillSettings:
+        assert again.at_norm == "per-image" and DistillSettings().at_norm == "batch"
 
 
 def test_layer_and_shard_parsing():
@@ -95,6 +97,7 @@ def test_each_check_is_one_function():
     ("kind", "bogus", "--kind 'bogus' is unknown; choose one of sum_p, sum, max_p"),
     ("targets", "warped", "--targets 'warped' is unknown"),
     ("mode", "teacher", "--mode 'teacher' is unknown"),
+    ("at_norm", "x", "--at-norm 'x' is unknown; choose one of batch, per-image"),
     ("at_weight", -1.0, "--at-weight -1.0 must be at least 0"),
     ("at_weight", float("nan"), "--at-weight nan is not a finite number"),
     ("gradient_weight", float("inf"), "--gradient-weight inf is not a finite number"),

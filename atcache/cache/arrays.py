@@ -35,22 +35,18 @@ def grad(store: CacheStore) -> da.Array | None:
 def replay_maps(store: CacheStore, index: int) -> da.Array:
     """Replay maps (E, M, H, W) of layer `index`, positions in training order, decoded like `layer`'s."""
     spec = store.spec
-    if spec.format_version >= 3:
-        offset, h, w = next((o, h, w) for i, o, h, w in replay_pixels(spec) if i == index)
-        maps = da.from_zarr(store.group["replay/maps"])[:, :, offset:offset + h * w].reshape(
-            spec.replay.epochs, spec.replay.samples, h, w)
-        scales = _stat(store, f"scale_{index}") if spec.map_dtype == "uint8" else None
-    else:
-        maps = da.from_zarr(store.group[f"replay/maps/{index}"])
-        scales = da.from_zarr(store.group[f"replay/scales/{index}"]) if spec.map_dtype == "uint8" else None
-    if scales is not None:
+    offset, h, w = next((o, h, w) for i, o, h, w in replay_pixels(spec) if i == index)
+    maps = da.from_zarr(store.group["replay/maps"])[:, :, offset:offset + h * w].reshape(
+        spec.replay.epochs, spec.replay.samples, h, w)
+    if spec.map_dtype == "uint8":
+        scales = _stat(store, f"scale_{index}")
         maps = da.map_blocks(lambda q, s: decode_maps(q.reshape(-1, *q.shape[2:]), s.reshape(-1)).reshape(q.shape),
                              maps, scales[:, :, None, None], dtype=np.float16)
     return maps
 
 
 def _stat(store: CacheStore, column: str) -> da.Array:
-    """Column `column` (E, M) of `replay/stats` (format 3)."""
+    """Column `column` (E, M) of `replay/stats`."""
     return da.from_zarr(store.group["replay/stats"])[:, :, replay_stat_columns(store.spec).index(column)]
 
 
@@ -59,5 +55,4 @@ def replay_grad(store: CacheStore) -> da.Array | None:
     or gradients."""
     if not (store.spec.gradient_stride and store.spec.replay is not None):
         return None
-    norm = (_stat(store, "grad_norm") if store.spec.format_version >= 3 else da.from_zarr(store.group["replay/grad/norm"]))
-    return _joined(da.from_zarr(store.group["replay/grad/direction"]), norm)
+    return _joined(da.from_zarr(store.group["replay/grad/direction"]), _stat(store, "grad_norm"))

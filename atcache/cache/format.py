@@ -1,5 +1,6 @@
 """The cache's on-disk format: the frozen spec (written into the store's root attributes, checked on every open),
-the codecs and the encoding of maps (the arrays themselves: atcache.cache.layout). The store schema (format version 3):
+the codecs and the encoding of maps (the arrays themselves: atcache.cache.layout). The store schema, format version 3,
+the one this atcache writes and reads (a store of any other version is refused on open: `check_format_version`):
 
 Layout (N rows = images of one split, in ultralytics' order; R = chunk_rows; per layer i of spec.layers, H x W its
 map size; dimension names in brackets, stored as each array's zarr `dimension_names`):
@@ -18,11 +19,9 @@ one chunk per array per replay unit (five objects, six with gradients, whatever 
     replay/stats   (E, M, K) float32   columns attrs["columns"] (replay_stat_columns): norm_<i> per layer, scale_<i>
                    per layer (uint8), grad_norm (--gradient)  [epoch, position, stat]
     replay/sample (int32), replay/record (uint64), replay/done (bool)  (E, M)  [epoch, position]   chunks (1, R'...)
-    (record: the fingerprint of the augmented image (3, H, W) uint8 by spec.replay.fingerprint, over its C-order bytes
-    b of length n: "crc32c-halves" = crc32c(b[:n//2]) | crc32c(b[n//2:]) << 32; stores made before it: "crc32c+crc32" =
-    crc32c(b) | crc32(b) << 32, and before that "blake2b", 8-byte blake2b, little-endian)
-    Format version 2 kept one array per layer and kind instead (replay/maps/<i> (E, M, H, W), replay/scales/<i>,
-    replay/norms/<i>, replay/grad/norm (E, M)); such stores are still read and resumed in that layout.
+    (record: the fingerprint of the augmented image (3, H, W) uint8 over its C-order bytes b of length n,
+    FINGERPRINT "crc32c-halves" = crc32c(b[:n//2]) | crc32c(b[n//2:]) << 32, recorded as spec.replay.fingerprint; a
+    store whose records were fingerprinted otherwise is refused on open: `check_fingerprint`)
 With --gradient (S = spec.gradient_stride >= 1, G = imgsz / S), in group `grad` (and, with --replay-epochs, the same
 per replayed view in `replay/grad/direction` (E, M, 3, G, G) [epoch, position, channel, y_grad, x_grad] chunks
 (1, R', 3, G, G), and the grad_norm column of `replay/stats`, x being the augmented view and L on that view's labels):
@@ -61,14 +60,14 @@ from zarr.codecs import BloscCodec, BloscShuffle, Crc32cCodec
 from atcache.config import MAP_DTYPES  # noqa: F401  (the dtypes a store holds; build-cache checks them)
 from atcache.errors import AtcacheError
 
-FORMAT_VERSION = 3  # 3: a replay unit is one chunk of maps, stats, sample, record, done (2: one per layer and kind)
-READABLE_VERSIONS = (2, 3)  # 2: per-layer dimension names y_<i>, x_<i>; ownership records out of the zarr hierarchy
+FORMAT_VERSION = 3  # the one store format written and read: a replay unit is one chunk of maps, stats, sample, record,
+# done; per-layer dimension names y_<i>, x_<i>; ownership records out of the zarr hierarchy
 # The letterbox array's columns, the one definition (the store writes them as the array's `columns` attribute).
 LETTERBOX_COLUMNS = ("h0", "w0", "h", "w", "pad_top", "pad_left", "ratio")
 
-# How replay/record fingerprints an augmented image: the default (64 bits from hardware CRC32C over each half, 0.15 ms at
-# 640 where crc32c+crc32 takes 0.30 and blake2b 1.2: a training loader checks every sample) and what older stores hold.
-FINGERPRINTS = ("crc32c-halves", "crc32c+crc32", "blake2b")
+# How replay/record fingerprints an augmented image (atcache.train.replay.fingerprint): 64 bits from hardware CRC32C over
+# each half, 0.15 ms at 640 (a training loader checks every sample). Recorded in ReplaySpec, checked on open.
+FINGERPRINT = "crc32c-halves"
 
 # Fields that may differ between two specs of the same cache (informational only).
 INFORMATIONAL = ("created", "atcache_version", "ultralytics_version", "torch_version", "teacher_path", "data_yaml")
@@ -142,7 +141,7 @@ class ReplaySpec:
     chunk_rows: int
     files_sha256: str
     augment: dict  # AUGMENT_KEYS -> the value the build used
-    fingerprint: str = FINGERPRINTS[0]  # of each augmented image (replay/record), one of FINGERPRINTS
+    fingerprint: str = FINGERPRINT  # of each augmented image (replay/record): always FINGERPRINT (checked on open)
 
     @property
     def chunks_per_epoch(self) -> int:
@@ -208,19 +207,18 @@ class CacheSpec:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], where: str = "") -> "CacheSpec":
-        """The spec stored in a cache (`where`, for messages); one of another format version is refused."""
+        """The spec stored in a cache (`where`, for messages); one of another format version, or whose replay records
+        are fingerprinted otherwise than FINGERPRINT, is refused in one line."""
         d = dict(d)
         check_format_version(d, where)
+        check_fingerprint(d, where)
         d["layers"] = tuple(LayerSpec(**layer) for layer in d["layers"])
         lb = dict(d.get("letterbox", {}))
         if "columns" in lb:
             lb["columns"] = tuple(lb["columns"])
         d["letterbox"] = Letterbox(**lb)
         if d.get("replay") is not None:
-            d["replay"] = ReplaySpec(**{"fingerprint": "blake2b", **d["replay"]})  # an older store: blake2b records
-            if d["replay"].fingerprint not in FINGERPRINTS:
-                raise ValueError(f"its replay records are fingerprinted with {d['replay'].fingerprint!r}, which this "
-                                 "atcache does not know")
+            d["replay"] = ReplaySpec(**d["replay"])
         d["gradient_stride"] = int(d.get("gradient_stride") or 0)  # an older store: no gradients
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
@@ -229,10 +227,6 @@ class CacheSpec:
         """Human-readable 'field: ours vs theirs' for every field that determines the data and differs."""
         out = []
         a, b = self.to_dict(), other.to_dict()
-        for spec in (a, b):  # a resumed build keeps the store's own fingerprint and layout (format version)
-            spec.pop("format_version", None)
-            if spec.get("replay"):
-                spec["replay"] = {k: v for k, v in spec["replay"].items() if k != "fingerprint"}
         for key in list(a) + [k for k in b if k not in a]:
             if key in INFORMATIONAL:
                 continue
@@ -242,14 +236,31 @@ class CacheSpec:
 
 
 def check_format_version(d: dict[str, Any], where: str = "") -> None:
-    """The one check of a stored spec's format version: another version is refused in one line naming it and the
-    rebuild command (an older store's layout is not what this atcache reads)."""
+    """The one check of a stored spec's format version: any other than FORMAT_VERSION (older or newer) is refused in
+    one line naming the store, its version, the one this atcache reads and the rebuild command."""
     found = d.get("format_version") if isinstance(d, dict) else None
-    if found not in READABLE_VERSIONS:
-        cache = f"cache {where}" if where else "this cache"
-        raise AtcacheError(
-            f"{cache} has format version {found if found is not None else 'unknown'}, this atcache reads versions "
-            f"{' and '.join(map(str, READABLE_VERSIONS))}; rebuild it with `atcache build-cache ... --out {where or '<cache>'} --overwrite`")
+    if found != FORMAT_VERSION:
+        written = f"store format {found}" if found is not None else "an unknown store format (no format_version)"
+        raise AtcacheError(f"{_cache(where)} was written in {written}; this atcache reads format {FORMAT_VERSION}: "
+                           f"{_rebuild(where)}")
+
+
+def check_fingerprint(d: dict[str, Any], where: str = "") -> None:
+    """A stored spec's replay records must be fingerprinted as this atcache computes them (FINGERPRINT); another kind
+    is refused in one line with the rebuild command (a spec without the field predates it: blake2b records)."""
+    replay = d.get("replay") if isinstance(d, dict) else None
+    found = replay.get("fingerprint", "blake2b") if isinstance(replay, dict) else FINGERPRINT
+    if found != FINGERPRINT:
+        raise AtcacheError(f"{_cache(where)} holds replay records fingerprinted with {found!r}; this atcache computes "
+                           f"{FINGERPRINT!r}: {_rebuild(where)}")
+
+
+def _cache(where: str) -> str:
+    return f"cache {where}" if where else "this cache"
+
+
+def _rebuild(where: str) -> str:
+    return f"rebuild it with `atcache build-cache ... --out {where or '<cache>'} --overwrite` (same settings)"
 
 
 def _short(v: Any) -> str:

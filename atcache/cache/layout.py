@@ -1,6 +1,6 @@
-"""The arrays of a store as the schema in atcache.cache.format lays them out: creating them, and a replay unit's
-values packed into (and unpacked from) the replay arrays of the store's format version (3: maps and stats of all
-layers in one array each; 2: one array per layer and kind, still read and resumed)."""
+"""The arrays of a store as the schema in atcache.cache.format lays them out (format version 3, the only one): creating
+them, and a replay unit's values packed into (and unpacked from) the replay arrays (maps and stats of all layers in one
+array each)."""
 from __future__ import annotations
 
 from typing import Sequence
@@ -13,13 +13,13 @@ from atcache.cache.format import (CacheSpec, decode_maps, encode_maps, grid_dims
 
 
 def replay_stat_columns(spec: CacheSpec) -> tuple[str, ...]:
-    """The columns of `replay/stats` (format 3): norm_<i> per layer, scale_<i> per layer (uint8), grad_norm."""
+    """The columns of `replay/stats`: norm_<i> per layer, scale_<i> per layer (uint8), grad_norm."""
     scales = tuple(f"scale_{i}" for i in spec.layer_indices) if spec.map_dtype == "uint8" else ()
     return tuple(f"norm_{i}" for i in spec.layer_indices) + scales + (("grad_norm",) if spec.gradient_stride else ())
 
 
 def replay_pixels(spec: CacheSpec) -> list[tuple[int, int, int, int]]:
-    """(layer index, offset, H, W) of each layer's map within a view's row of `replay/maps` (format 3)."""
+    """(layer index, offset, H, W) of each layer's map within a view's row of `replay/maps`."""
     out, offset = [], 0
     for layer in spec.layers:
         out.append((layer.index, offset, layer.height, layer.width))
@@ -28,36 +28,23 @@ def replay_pixels(spec: CacheSpec) -> list[tuple[int, int, int, int]]:
 
 
 def replay_array_names(spec: CacheSpec) -> list[str]:
-    """The replay arrays of a store of this spec's format version (none without --replay-epochs), each chunked by
-    one epoch x chunk_rows positions (one chunk each per replay unit)."""
+    """The replay arrays of a store of this spec (none without --replay-epochs), each chunked by one epoch x
+    chunk_rows positions (one chunk each per replay unit)."""
     if spec.replay is None:
         return []
     grad = ["replay/grad/direction"] if spec.gradient_stride else []
-    if spec.format_version >= 3:
-        return ["replay/maps", "replay/stats"] + grad + ["replay/sample", "replay/record", "replay/done"]
-    kinds = ("maps", "norms") + (("scales",) if spec.map_dtype == "uint8" else ())
-    per_layer = [f"replay/{kind}/{i}" for kind in kinds for i in spec.layer_indices]
-    return per_layer + grad + (["replay/grad/norm"] if spec.gradient_stride else []) + [
-        "replay/sample", "replay/record", "replay/done"]
+    return ["replay/maps", "replay/stats"] + grad + ["replay/sample", "replay/record", "replay/done"]
 
 
 def pack_replay(spec: CacheSpec, maps: dict[int, np.ndarray], norms: dict[int, np.ndarray],
                 grad: tuple[np.ndarray, np.ndarray] | None) -> dict[str, np.ndarray]:
     """One replay unit's maps {layer: (r, H, W)}, norms {layer: (r,)} and gradients ((r, 3, G, G), (r,)) as the
-    values of the store's arrays {name: (r, ...)}, in the layout of the spec's format version."""
+    values of the store's arrays {name: (r, ...)}."""
     encoded = {i: encode_maps(maps[i], spec.map_dtype) for i in spec.layer_indices}
     norms = {i: np.asarray(norms[i], dtype=np.float32) for i in spec.layer_indices}
     out: dict[str, np.ndarray] = {}
     if grad is not None:
         out["replay/grad/direction"] = grad[0].astype(np.float16, copy=False)
-    if spec.format_version < 3:
-        for i, (stored, scales) in encoded.items():
-            out[f"replay/maps/{i}"], out[f"replay/norms/{i}"] = stored, norms[i]
-            if scales is not None:
-                out[f"replay/scales/{i}"] = scales
-        if grad is not None:
-            out["replay/grad/norm"] = grad[1].astype(np.float32, copy=False)
-        return out
     r = len(next(iter(norms.values())))
     out["replay/maps"] = np.concatenate([stored.reshape(r, -1) for stored, _ in encoded.values()], axis=1)
     stats = [norms[i] for i in spec.layer_indices] + [s for _, s in encoded.values() if s is not None]
@@ -67,19 +54,13 @@ def pack_replay(spec: CacheSpec, maps: dict[int, np.ndarray], norms: dict[int, n
 
 def replay_reads(spec: CacheSpec, layers: Sequence[int], grad: bool) -> list[str]:
     """The arrays `unpack_replay` needs for `layers` (and gradients), besides record and done."""
-    if spec.format_version >= 3:
-        return ["replay/maps", "replay/stats"] + (["replay/grad/direction"] if grad else [])
-    scales = [f"replay/scales/{i}" for i in layers] if spec.map_dtype == "uint8" else []
-    return [f"replay/maps/{i}" for i in layers] + scales + (["replay/grad/direction", "replay/grad/norm"] if grad else [])
+    return ["replay/maps", "replay/stats"] + (["replay/grad/direction"] if grad else [])
 
 
 def unpack_replay(spec: CacheSpec, layers: Sequence[int], values: dict[str, np.ndarray], grad: bool
                   ) -> tuple[dict[int, np.ndarray], tuple | None]:
     """({layer: maps (r, H, W) float16}, (direction (r, 3, G, G), norm (r,)) or None) from the arrays `replay_reads`
     names, read for r positions: the inverse of pack_replay."""
-    if spec.format_version < 3:
-        maps = {i: decode_maps(values[f"replay/maps/{i}"], values.get(f"replay/scales/{i}")) for i in layers}
-        return maps, (values["replay/grad/direction"], values["replay/grad/norm"]) if grad else None
     stats, flat = values["replay/stats"], values["replay/maps"]
     column = {name: stats[:, c] for c, name in enumerate(replay_stat_columns(spec))}
     where = {i: (offset, h, w) for i, offset, h, w in replay_pixels(spec)}
@@ -91,33 +72,19 @@ def unpack_replay(spec: CacheSpec, layers: Sequence[int], values: dict[str, np.n
 
 
 def create_replay_arrays(group: zarr.Group, spec: CacheSpec) -> None:
-    """The replay arrays (E epochs x M positions) of the spec's format version, chunked by one epoch x chunk_rows
-    positions: one replay unit."""
+    """The replay arrays (E epochs x M positions), chunked by one epoch x chunk_rows positions: one replay unit."""
     e, m, r = spec.replay.epochs, spec.replay.samples, spec.replay.chunk_rows
-    small = dict(chunks=(1, r), dtype="float32", fill_value=np.nan, compressors=small_compressors(4),
-                 dimension_names=("epoch", "position"), overwrite=True)
-    if spec.format_version >= 3:
-        pixels = replay_pixels(spec)
-        p = sum(h * w for _, _, h, w in pixels)
-        group.create_array("replay/maps", shape=(e, m, p), chunks=(1, r, p), dtype=spec.map_dtype,
-                           fill_value=map_fill(spec), compressors=map_compressors(spec.map_dtype),
-                           dimension_names=("epoch", "position", "pixel"),
-                           attributes={"layers": [list(x) for x in pixels]}, overwrite=True)
-        columns = replay_stat_columns(spec)
-        group.create_array("replay/stats", **{**small, "shape": (e, m, len(columns)), "chunks": (1, r, len(columns)),
-                                              "dimension_names": ("epoch", "position", "stat")},
-                           attributes={"columns": list(columns)})
-    else:  # format 2 (tests of older stores): one array per layer and kind
-        for layer in spec.layers:
-            group.create_array(f"replay/maps/{layer.index}", shape=(e, m, layer.height, layer.width),
-                               chunks=(1, r, layer.height, layer.width), dtype=spec.map_dtype,
-                               fill_value=map_fill(spec), compressors=map_compressors(spec.map_dtype),
-                               dimension_names=("epoch", "position", *grid_dims(layer)), overwrite=True)
-            kinds = ("norms", "scales") if spec.map_dtype == "uint8" else ("norms",)
-            for kind in kinds:
-                group.create_array(f"replay/{kind}/{layer.index}", shape=(e, m), **small)
-        if spec.gradient_stride:
-            group.create_array("replay/grad/norm", shape=(e, m), **small)
+    pixels = replay_pixels(spec)
+    p = sum(h * w for _, _, h, w in pixels)
+    group.create_array("replay/maps", shape=(e, m, p), chunks=(1, r, p), dtype=spec.map_dtype,
+                       fill_value=map_fill(spec), compressors=map_compressors(spec.map_dtype),
+                       dimension_names=("epoch", "position", "pixel"),
+                       attributes={"layers": [list(x) for x in pixels]}, overwrite=True)
+    columns = replay_stat_columns(spec)
+    group.create_array("replay/stats", shape=(e, m, len(columns)), chunks=(1, r, len(columns)), dtype="float32",
+                       fill_value=np.nan, compressors=small_compressors(4),
+                       dimension_names=("epoch", "position", "stat"), attributes={"columns": list(columns)},
+                       overwrite=True)
     if spec.gradient_stride:
         g = spec.gradient_size
         group.create_array("replay/grad/direction", shape=(e, m, 3, g, g), chunks=(1, r, 3, g, g), dtype="float16",

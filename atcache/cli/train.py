@@ -38,7 +38,7 @@ def train_cmd(run: RunSettings, settings: DistillSettings, ctx: typer.Context):
     _train(ctx, settings, run)
 
 
-CACHE_FIELDS = "cache at_weight targets layers ram_budget_gb stream shuffle_window aug_seed gradient_weight gradient_stride flip_weight"
+CACHE_FIELDS = "cache at_weight at_norm targets layers ram_budget_gb stream shuffle_window aug_seed gradient_weight gradient_stride flip_weight"
 
 
 @command("train-from-cache", config_params(DistillSettings, CACHE_FIELDS, required=("cache",)), RunSettings, extra_args=True)
@@ -53,7 +53,7 @@ def train_from_cache_cmd(settings: DistillSettings, run: RunSettings, ctx: typer
     _train(ctx, dataclasses.replace(settings, mode="cache"), run)
 
 
-@command("train-online", config_params(DistillSettings, "teacher at_weight gradient_weight gradient_stride flip_weight layers p kind aug_seed", required=("teacher",),
+@command("train-online", config_params(DistillSettings, "teacher at_weight at_norm gradient_weight gradient_stride flip_weight layers p kind aug_seed", required=("teacher",),
                                        layers=tuple(zip(DEFAULT_LAYERS, DEFAULT_LAYERS))), RunSettings, extra_args=True)
 def train_online_cmd(settings: DistillSettings, run: RunSettings, ctx: typer.Context):
     """Baseline: online AT as in the reference setup (teacher forward every step), same trainer, loss and weight.

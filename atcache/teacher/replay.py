@@ -77,7 +77,7 @@ def compute_replay(cfg: BuildConfig, model: torch.nn.Module, store: CacheStore, 
             while sum(len(p[0]) for p in parts) < b - a:
                 batch = next(batches)
                 maps, norms = layer_maps(model, batch["img"], cfg.layers, store.spec.p, store.spec.kind, store.spec.eps)
-                records = np.array([fingerprint(im, replay.fingerprint) for im in batch["img"]], dtype=np.uint64)
+                records = np.array([fingerprint(im) for im in batch["img"]], dtype=np.uint64)
                 grad = None
                 if grad_model is not None:
                     grad = teacher_gradients(grad_model, batch["img"], loss_labels(batch), store.spec.gradient_stride,

@@ -10,7 +10,6 @@ and refuses a mismatch. ultralytics names come through atcache.yolo.
 from __future__ import annotations
 
 import hashlib
-import zlib
 from pathlib import Path
 from typing import ClassVar, Sequence
 
@@ -22,7 +21,7 @@ from atcache.errors import AtcacheError
 from atcache.train.samplers import EpochSampler
 from atcache.train.targets import ChunkReader, TargetSource
 from atcache.train.views import View
-from atcache.cache.format import AUGMENT_KEYS, FINGERPRINTS, CacheSpec, ReplaySpec
+from atcache.cache.format import AUGMENT_KEYS, CacheSpec, ReplaySpec
 from atcache.cache.store import CacheStore
 
 
@@ -72,18 +71,12 @@ def check_training_set(replay: ReplaySpec, im_files: Sequence[str], root: str | 
                            "build-cache --overwrite --replay-epochs E")
 
 
-def fingerprint(image: torch.Tensor, kind: str = FINGERPRINTS[0]) -> int:
-    """64-bit fingerprint of an augmented image (3, H, W) uint8, as the dataset returns it (`kind`: ReplaySpec's)."""
+def fingerprint(image: torch.Tensor) -> int:
+    """64-bit fingerprint of an augmented image (3, H, W) uint8, as the dataset returns it: format.FINGERPRINT
+    ("crc32c-halves", crc32c of each half of its C-order bytes; a store of another kind is refused on open)."""
     data = image.numpy().tobytes()
-    if kind == "blake2b":
-        return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little")
-    if kind == "crc32c-halves":
-        half = len(data) // 2
-        return google_crc32c.value(data[:half]) | google_crc32c.value(data[half:]) << 32
-    if kind != "crc32c+crc32":
-        raise AtcacheError(f"replay records fingerprinted with {kind!r}, which this atcache does not know; upgrade "
-                           "atcache or rebuild the cache with build-cache --overwrite")
-    return google_crc32c.value(data) | zlib.crc32(data) << 32
+    half = len(data) // 2
+    return google_crc32c.value(data[:half]) | google_crc32c.value(data[half:]) << 32
 
 
 class ReplayTargets(ChunkReader, TargetSource):
@@ -135,7 +128,7 @@ class ReplayTargets(ChunkReader, TargetSource):
                                "epochs); train at most that many epochs or rebuild with a larger --replay-epochs")
         p = self.position(epoch, index)
         a, maps, records = self.chunk((epoch, p // self.replay.chunk_rows))[:3]
-        if int(records[p - a]) != fingerprint(image, self.replay.fingerprint):
+        if int(records[p - a]) != fingerprint(image):
             raise AtcacheError(
                 f"the augmented image of sample {index} in epoch {epoch} differs from the one cache {self.path} "
                 "replayed (fingerprint mismatch): another ultralytics or OpenCV version, or other data or "

@@ -135,16 +135,3 @@ def lru_chunks(window: int, rows_per_chunk: float, buffer_rows: int) -> int:
     """Decoded chunks a loader process keeps: the window being read, plus every window a Mosaic partner can come from
     (the last `buffer_rows` samples of the stream; with n workers a worker's buffer spans n times its own length)."""
     return 2 * window + math.ceil(buffer_rows / max(rows_per_chunk, 1.0)) + 1
-
-
-def with_sampler(loader, sampler):
-    """The same ultralytics InfiniteDataLoader (dataset, batch size, workers, collate, seeding: what ultralytics chose),
-    drawing its indices from `sampler`; call before the first iteration (no workers have started)."""
-    if getattr(loader, "iterator", None) is not None:
-        raise RuntimeError("the loader has started; set its sampler before the first batch")
-    extra = {"prefetch_factor": loader.prefetch_factor} if loader.num_workers > 0 else {}
-    return type(loader)(
-        dataset=loader.dataset, batch_size=loader.batch_size, sampler=sampler, num_workers=loader.num_workers,
-        pin_memory=loader.pin_memory, collate_fn=loader.collate_fn, worker_init_fn=loader.worker_init_fn,
-        generator=loader.generator, drop_last=loader.drop_last, **extra,
-    )

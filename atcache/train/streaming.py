@@ -22,7 +22,8 @@ from atcache.errors import AtcacheError
 from atcache.cache.format import CacheSpec, LetterboxTable, decode_maps
 from atcache.cache.store import CacheStore
 from atcache.train.render import BatchRenderer, Pieces, flatten
-from atcache.train.samplers import BlockShuffleSampler, epoch_order, lru_chunks, with_sampler
+from atcache.train.samplers import BlockShuffleSampler, epoch_order, lru_chunks
+from atcache.yolo import with_sampler
 from atcache.train.targets import ChunkReader, TargetRendering, padding_energy
 from atcache.train.views import View
 

@@ -42,7 +42,8 @@ from atcache.train.datasets import build_dataset
 from atcache.train.gradients import (CachedGradients, OnlineGradients, ReplayGradients, TeacherGradients,
                                      check_gradient_mode)
 from atcache.train.render import PIECES_KEY
-from atcache.train.samplers import BlockShuffleSampler, EpochSampler, lru_chunks, with_sampler
+from atcache.train.samplers import BlockShuffleSampler, EpochSampler, lru_chunks
+from atcache.yolo import with_sampler
 from atcache.train.streaming import StreamingCacheTargets
 from atcache.train.targets import TARGETS_KEY, CacheTargets, TargetSource
 
@@ -120,7 +121,7 @@ class AttentionTransferLoss:
         with torch.autocast(device_type=batch["img"].device.type, enabled=False):  # the terms' math in float32
             if t.at_on:
                 maps = [attention_map(f, t.p, t.kind, t.eps) for f in student]
-                terms[AT_LOSS] = s.at_weight * at_loss(maps, teacher)
+                terms[AT_LOSS] = s.at_weight * at_loss(maps, teacher, s.at_norm)
             if t.grad_on:
                 terms[GRAD_LOSS] = s.gradient_weight / 2 * gradient_at_loss(t.student_gradient(preds, batch),
                                                                             t.teacher_gradient(batch))

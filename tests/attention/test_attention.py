@@ -78,3 +78,46 @@ def test_at_loss_zero_for_identical_and_errors():
         at_loss([m], [m, m])
     with pytest.raises(ValueError, match="shape"):
         layer_at_loss(m, torch.rand(3, 4, 4))
+
+
+def _pair(n=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.rand(n, 4, 4, generator=g), torch.rand(n, 2, 2, generator=g)], \
+           [torch.rand(n, 4, 4, generator=g), torch.rand(n, 2, 2, generator=g)]
+
+
+@pytest.mark.parametrize("k", [2, 4, 9])
+def test_at_norm_scaling_laws_measured(k):
+    """k copies of the same (student, teacher) batch of N: batch norm gives loss(kN) = loss(N) / sqrt(k), per-image
+    gives loss(kN) = loss(N) exactly."""
+    s, t = _pair()
+    sk, tk = [x.repeat(k, 1, 1) for x in s], [x.repeat(k, 1, 1) for x in t]
+    torch.testing.assert_close(at_loss(sk, tk, "batch"), at_loss(s, t, "batch") / math.sqrt(k))
+    torch.testing.assert_close(at_loss(sk, tk, "per-image"), at_loss(s, t, "per-image"))
+    assert at_loss(s, t) == at_loss(s, t, "batch")  # the reference form is the default
+
+
+def test_per_image_is_the_mean_of_single_image_losses_and_equals_batch_at_n1():
+    s, t = _pair(n=5, seed=1)
+    singles = [at_loss([x[i:i + 1] for x in s], [y[i:i + 1] for y in t], "per-image") for i in range(5)]
+    torch.testing.assert_close(at_loss(s, t, "per-image"), torch.stack(singles).mean())
+    for i in range(5):
+        one_s, one_t = [x[i:i + 1] for x in s], [y[i:i + 1] for y in t]
+        torch.testing.assert_close(at_loss(one_s, one_t, "per-image"), at_loss(one_s, one_t, "batch"))
+    expected = sum(torch.linalg.vector_norm(a - b, dim=(1, 2)).mean() for a, b in zip(s, t))
+    torch.testing.assert_close(at_loss(s, t, "per-image"), expected)
+
+
+@pytest.mark.parametrize("norm", ["batch", "per-image"])
+def test_at_norm_gradients_flow(norm):
+    s = [torch.randn(3, 4, 4, requires_grad=True), torch.randn(3, 2, 2, requires_grad=True)]
+    t = [torch.randn(3, 4, 4, requires_grad=True), torch.randn(3, 2, 2)]
+    at_loss(s, t, norm).backward()
+    assert all(x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0 for x in s)
+    assert t[0].grad is None  # the teacher's maps are targets
+
+
+def test_at_norm_unknown_is_refused():
+    m = torch.rand(2, 3, 3)
+    with pytest.raises(ValueError, match="unknown AT norm 'image'; choose one of batch, per-image"):
+        at_loss([m], [m], "image")

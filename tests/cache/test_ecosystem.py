@@ -1,6 +1,7 @@
 """The store is a plain citizen of the zarr ecosystem: xarray opens it whole (open_datatree) and per group (open_zarr)
 with the values atcache reads, zarr lists it without a warning (the builders' ownership records are out of the
-hierarchy, also while a build holds them), and a store of another format version is refused in one line."""
+hierarchy, also while a build holds them), and a store of another format version (the retired format 2, a newer one)
+is refused in one line."""
 
 import dataclasses
 import warnings
@@ -11,23 +12,24 @@ import xarray as xr
 import zarr
 
 from atcache.cache import arrays
+from atcache.cache.layout import replay_array_names
 from atcache.cache.claims import LOCK_PREFIX, ChunkClaim, claim_creation
 from atcache.cache.format import FORMAT_VERSION, ReplaySpec, decode_maps
 from atcache.cache.inspect import open_cache, verify_cache
 from atcache.cache.location import Location
 from atcache.cache.store import CacheStore
 from atcache.errors import AtcacheError
-from helpers import fake_spec, fake_store, seed_layers
+from helpers import assert_one_line_error, fake_spec, fake_store, invoke, seed_layers
 
 N_ROWS, CHUNK_ROWS = 12, 4
 LAYERS = seed_layers(64)[:3]  # layers 6, 8, 13: grids 4x4, 2x2, 4x4
 FILES = [f"images/{i:03d}.jpg" for i in range(N_ROWS)]
 
 
-def make_store(path, dtype: str, replay: bool, version: int = FORMAT_VERSION, gradient: bool = False) -> CacheStore:
-    """A filled store of `dtype` maps in format `version`; with `replay`, 2 epochs x 10 samples of replay arrays, all
-    written (with `gradient`, input gradients at stride 16 too)."""
-    spec = dataclasses.replace(fake_spec(LAYERS, N_ROWS, CHUNK_ROWS, imgsz=64), map_dtype=dtype, format_version=version,
+def make_store(path, dtype: str, replay: bool, gradient: bool = False) -> CacheStore:
+    """A filled store of `dtype` maps; with `replay`, 2 epochs x 10 samples of replay arrays, all written (with
+    `gradient`, input gradients at stride 16 too)."""
+    spec = dataclasses.replace(fake_spec(LAYERS, N_ROWS, CHUNK_ROWS, imgsz=64), map_dtype=dtype,
                                gradient_stride=16 if gradient else 0)
     if replay:
         spec = dataclasses.replace(spec, replay=ReplaySpec(epochs=2, aug_seed=0, samples=10, chunk_rows=4,
@@ -149,53 +151,58 @@ def test_zarr_lists_no_foreign_key_while_built(tmp_path):
     assert not loc.list(LOCK_PREFIX)
 
 
-@pytest.mark.parametrize("old", [1, None])
-def test_older_format_is_refused_in_one_line(tmp_path, old):
-    path = tmp_path / "c.zarr"
-    store = make_store(path, "float16", replay=False)
-    spec = store.spec.to_dict()
-    if old is None:
+def refusal(path, found) -> str:
+    """The one line that refuses a store written in format `found` (None: no format_version at all)."""
+    written = f"store format {found}" if found is not None else "an unknown store format (no format_version)"
+    return (f"cache {path} was written in {written}; this atcache reads format {FORMAT_VERSION}: rebuild it with "
+            f"`atcache build-cache ... --out {path} --overwrite` (same settings)")
+
+
+def with_format_version(path, found, replay: bool = False) -> CacheStore:
+    """A fresh filled store whose spec attribute then says format `found` (the spec as every store writes it,
+    CacheSpec.to_dict, put with plain zarr); None: without format_version."""
+    store = make_store(path, "float16", replay=replay, gradient=replay)
+    spec = dataclasses.replace(store.spec, format_version=found).to_dict()
+    if found is None:
         del spec["format_version"]
-    else:
-        spec["format_version"] = old
-    store.group.attrs["atcache"] = spec
-    for opening in (lambda: CacheStore.open(path), lambda: open_cache(path),
+    zarr.open_group(str(path), mode="r+").attrs.put({"atcache": spec})
+    return store
+
+
+@pytest.mark.parametrize("found", [2, 4, 1, None], ids=["retired-2", "newer-4", "older-1", "missing"])
+def test_another_format_is_refused_in_one_line(tmp_path, found):
+    """Only format 3 is read: an older store (the retired format 2, ...), a newer one or one without a version is
+    refused in one line naming the store, its version, the one read and the rebuild command, by every way in: the
+    python API, resume, and the CLI (exit 2, one `atcache: error:` line); --overwrite rebuilds it."""
+    path = tmp_path / "c.zarr"
+    store = with_format_version(path, found)
+    expected = refusal(Location.of(path), found)
+    for opening in (lambda: CacheStore.open(path), lambda: open_cache(path), lambda: verify_cache(path),
                     lambda: CacheStore.open_or_create(path, store.spec, FILES, resume=True, overwrite=False, join=False)):
         with pytest.raises(AtcacheError) as error:
             opening()
-        message = str(error.value)
-        assert "\n" not in message
-        assert f"has format version {old if old is not None else 'unknown'}, this atcache reads versions 2 and 3" in message
-        assert str(path) in message and "build-cache" in message and "--overwrite" in message
-    # --overwrite rebuilds it
+        assert str(error.value) == expected
+    assert_one_line_error(invoke("inspect", path), expected)
+    assert_one_line_error(invoke("inspect", path, "--verify"), expected)
     CacheStore.open_or_create(path, store.spec, FILES, resume=False, overwrite=True, join=False)
     assert CacheStore.open(path).spec.format_version == FORMAT_VERSION
 
 
-@pytest.mark.parametrize("dtype", ["float16", "uint8"])
-def test_a_format_2_replay_store_is_read_verified_and_resumed_in_its_own_layout(tmp_path, dtype):
-    """Format 2 kept one replay array per layer and kind; such a store reads as the same values as a format 3 store
-    written alike, verifies clean, and a resumed build keeps (and writes) its layout."""
-    old = make_store(tmp_path / "v2.zarr", dtype, replay=True, version=2, gradient=True)
-    new = make_store(tmp_path / "v3.zarr", dtype, replay=True, gradient=True)
-    names = set(list_quietly(tmp_path / "v2.zarr"))
-    assert {"replay/maps/6", "replay/norms/13", "replay/grad/norm"} <= names and "replay/stats" not in names
-    assert old.replay_array_names() != new.replay_array_names()
-    assert len(new.replay_array_names()) == 6  # maps, stats, grad/direction, sample, record, done: per replay unit
-    for layer in LAYERS:
-        np.testing.assert_array_equal(arrays.replay_maps(old, layer.index).compute(),
-                                      arrays.replay_maps(new, layer.index).compute())
-    np.testing.assert_array_equal(arrays.replay_grad(old).compute(), arrays.replay_grad(new).compute())
-    for u in range(old.n_chunks, old.n_units):
-        e, a, b = old.replay_unit(u)
-        (maps_2, records_2, grad_2), (maps_3, records_3, grad_3) = (
-            s.read_replay(old.spec.layer_indices, e, a, b, grad=True) for s in (old, new))
-        for i in old.spec.layer_indices:
-            np.testing.assert_array_equal(maps_2[i], maps_3[i])
-        np.testing.assert_array_equal(records_2, records_3)
-        np.testing.assert_array_equal(grad_2[1], replay_norms(e, np.arange(a, b), 99))
-        np.testing.assert_array_equal(grad_2[0], grad_3[0])
-        np.testing.assert_array_equal(grad_2[1], grad_3[1])
-    assert verify_cache(tmp_path / "v2.zarr") == []
-    resumed = CacheStore.open_or_create(tmp_path / "v2.zarr", new.spec, FILES, resume=True, overwrite=False, join=False)
-    assert resumed.spec.format_version == 2 and resumed.complete_units().all()
+def test_a_format_2_replay_store_is_refused_in_one_line(tmp_path):
+    """A replay store (with gradients) whose spec says format 2 is refused before any replay array is read, by the
+    python API, inspect, verify and resume alike; replay arrays exist in format 3's layout alone (five per unit, six
+    with gradients; none per layer)."""
+    path = tmp_path / "v2.zarr"
+    store = with_format_version(path, 2, replay=True)
+    assert replay_array_names(store.spec) == ["replay/maps", "replay/stats", "replay/grad/direction", "replay/sample",
+                                              "replay/record", "replay/done"]
+    assert not any(name.startswith(("replay/norms", "replay/scales", "replay/maps/", "replay/grad/norm"))
+                   for name in list_quietly(path))
+    expected = refusal(Location.of(path), 2)
+    assert "was written in store format 2; this atcache reads format 3: rebuild it with `atcache build-cache" in expected
+    for opening in (lambda: open_cache(path), lambda: verify_cache(path),
+                    lambda: CacheStore.open_or_create(path, store.spec, FILES, resume=True, overwrite=False, join=False)):
+        with pytest.raises(AtcacheError) as error:
+            opening()
+        assert str(error.value) == expected
+    assert_one_line_error(invoke("inspect", path), expected)

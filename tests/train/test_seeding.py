@@ -9,6 +9,8 @@ import pytest
 from atcache.train.samplers import EpochSampler, rank_share
 from helpers import TEST_IMGSZ, TEST_LAYERS
 
+pytestmark = pytest.mark.release_range  # also run on the oldest ultralytics of the range (CI)
+
 
 def seeded(voc_yaml, cache=None, seed=3, epochs=3, **hyp):
     """The training dataset as the trainer builds it (with cached targets when `cache` is given), seeded."""
@@ -96,7 +98,7 @@ def loader_stream(ds, workers: int, batch: int, epochs: int) -> list[str]:
     """Fingerprints of every sample ultralytics' loader yields over `epochs` passes, in order."""
     from ultralytics.data.build import build_dataloader
 
-    from atcache.train.samplers import with_sampler
+    from atcache.yolo import with_sampler
 
     loader = with_sampler(build_dataloader(ds, batch=batch, workers=workers, shuffle=True, rank=-1),
                           EpochSampler(len(ds), seed=3, encode_epoch=True))

@@ -13,6 +13,8 @@ from atcache.errors import AtcacheError
 from atcache.train.views import Canvas, Placed, Source, bilinear, evaluate, flip_matrix, translation, warp
 from helpers import TEST_IMGSZ, TEST_LAYERS, build_config, target_dataset, traced_views
 
+pytestmark = pytest.mark.release_range  # also run on the oldest ultralytics of the range (CI)
+
 
 def test_recorded_views_reproduce_the_augmented_images(voc_yaml, built_cache):
     """Resampling the source images through the recorded view gives the image ultralytics produced: mosaic, affine

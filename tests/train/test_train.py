@@ -13,6 +13,8 @@ from typer.testing import CliRunner
 
 from atcache.cli import app
 from helpers import (COMMON, TEST_IMGSZ, TEST_LAYERS, assert_one_line_error, build_config, results,
+
+pytestmark = pytest.mark.release_range  # also run on the oldest ultralytics of the range (CI)
                              target_dataset)
 
 runner = CliRunner()

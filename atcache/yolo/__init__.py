@@ -41,7 +41,7 @@ _NAMES = {
     **{n: "ultralytics.data.augment" for n in ("Albumentations", "Compose", "CopyPaste", "CutMix", "Format", "LetterBox",
                                                "MixUp", "Mosaic", "RandomFlip", "RandomHSV", "RandomPerspective")},
 }
-__all__ = ["prepare", "ultralytics_attr", "ultralytics_version", "load_model", "LoadedModel", *_NAMES]
+__all__ = ["prepare", "ultralytics_attr", "ultralytics_version", "load_model", "LoadedModel", "with_sampler", *_NAMES]
 _ready = False
 
 
@@ -73,6 +73,28 @@ def ultralytics_attr(module: str, name: str):
 
 def ultralytics_version() -> str:
     return ultralytics_attr("ultralytics", "__version__")
+
+
+def _version_tuple(text: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in text.split(".")[:3] if x.isdigit())
+
+
+def with_sampler(loader, sampler):
+    """The same ultralytics InfiniteDataLoader (dataset, batch size, workers, collate, seeding: what ultralytics chose),
+    drawing its indices from `sampler`; call before the first batch. ultralytics < 8.4.158 starts the loader's
+    iterator (and its workers) in the constructor: that unused iterator is shut down first."""
+    started = getattr(loader, "iterator", None)
+    if started is not None:
+        if _version_tuple(ultralytics_version()) >= (8, 4, 158):
+            raise RuntimeError("the loader has started; set its sampler before the first batch")
+        if hasattr(started, "_shutdown_workers"):  # torch's multi-process iterator; the in-process one holds nothing
+            started._shutdown_workers()
+    extra = {"prefetch_factor": loader.prefetch_factor} if loader.num_workers > 0 else {}
+    return type(loader)(
+        dataset=loader.dataset, batch_size=loader.batch_size, sampler=sampler, num_workers=loader.num_workers,
+        pin_memory=loader.pin_memory, collate_fn=loader.collate_fn, worker_init_fn=loader.worker_init_fn,
+        generator=loader.generator, drop_last=loader.drop_last, **extra,
+    )
 
 
 def __getattr__(name: str):
