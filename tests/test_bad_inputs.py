@@ -14,7 +14,7 @@ import zarr
 from PIL import Image
 
 from atcache import VOC_NAMES
-from atcache.data.splits import letterbox_image, read_image, split_files
+from atcache.data.splits import read_image, split_files, teacher_input
 from atcache.errors import AtcacheError
 from helpers import TEST_IMGSZ, assert_one_line_error, build_args, yolo_dataset
 from helpers import invoke as run
@@ -91,11 +91,11 @@ def test_teacher_input_equals_ultralytics_for_every_image_kind(odd_data):
     for i, f in enumerate(ds.im_files):
         ref, (h0, w0), (h, w) = ds.load_image(i)
         ref = LetterBox(new_shape=(TEST_IMGSZ, TEST_IMGSZ), scaleup=False, center=True)(image=ref)
-        ours, lb = letterbox_image(read_image(f), TEST_IMGSZ)
+        ours, lb = teacher_input(f, TEST_IMGSZ)  # as build-cache feeds the teacher
         np.testing.assert_array_equal(ours, ref, err_msg=f)
         assert tuple(lb[:4]) == (h0, w0, h, w), f
     assert read_image(Path(ds.im_files[0]).parent / "exif.jpg").shape == (36, 20, 3)  # upright, as ultralytics
-    tiny, lb = letterbox_image(read_image(odd_data.parent / "images" / "train" / "tiny.jpg"), TEST_IMGSZ)
+    tiny, lb = teacher_input(odd_data.parent / "images" / "train" / "tiny.jpg", TEST_IMGSZ)
     assert tiny.shape == (TEST_IMGSZ, TEST_IMGSZ, 3) and tuple(lb[:4]) == (1, 1, TEST_IMGSZ, TEST_IMGSZ)
 
 
@@ -174,7 +174,7 @@ def test_truncated_and_unterminated_jpegs_end_to_end(broken_jpegs, teacher_pt, t
     rebuilt = build(broken_jpegs, teacher_pt, out, "--overwrite")
     assert rebuilt.exit_code == 0 and "3 images" in rebuilt.output, rebuilt.output
     check_cache(out, (16, 22), TEST_IMGSZ, split_files(broken_jpegs, "train"))  # training now accepts the cache
-    ours, _ = letterbox_image(read_image(tail), TEST_IMGSZ)
+    ours, _ = teacher_input(tail, TEST_IMGSZ)
     from ultralytics.data.augment import LetterBox
 
     ds = yolo_dataset(broken_jpegs)

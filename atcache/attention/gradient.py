@@ -22,13 +22,13 @@ Definitions (the ones a cache of teacher gradients and the trainer must share):
 
 from __future__ import annotations
 
-from types import SimpleNamespace
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from atcache.attention.functional import attention_map
+from atcache.yolo.loss import detection_loss, model_criterion, raw_predictions
 
 EPS = 1e-8
 LOSS_KEYS = ("batch_idx", "cls", "bboxes")
@@ -36,31 +36,10 @@ LOSS_KEYS = ("batch_idx", "cls", "bboxes")
 
 # ------------------------------------------------------------------------------------------------- the loss
 def criterion(model: torch.nn.Module):
-    """The model's ultralytics criterion (model.criterion, else model.init_criterion(), kept on the model as
-    model.loss does); a wrapper with `.base` (the trainer's AttentionTransferLoss) gives its plain criterion.
-    model.args as a dict (a loaded checkpoint) or missing (a YAML model) is read over ultralytics' defaults."""
-    crit = getattr(model, "criterion", None)
-    if crit is None:
-        args, had = getattr(model, "args", None), hasattr(model, "args")
-        if args is None or isinstance(args, dict):
-            from atcache.yolo import DEFAULT_CFG_DICT
-
-            model.args = SimpleNamespace(**{**DEFAULT_CFG_DICT, **(args or {})})
-        try:
-            crit = model.init_criterion()
-        finally:
-            if not had:
-                del model.args
-            else:
-                model.args = args
-        model.criterion = crit
+    """The model's ultralytics criterion (atcache.yolo.loss.model_criterion: kept on the model as model.loss does);
+    a wrapper with `.base` (the trainer's AttentionTransferLoss) gives its plain criterion."""
+    crit = model_criterion(model)
     return getattr(crit, "base", crit)
-
-
-def raw_predictions(preds: Any) -> Any:
-    """The head outputs the loss needs: an eval-mode forward returns (decoded, raw) and the loss takes raw, as
-    v8DetectionLoss.parse_output does; a train-mode forward returns raw."""
-    return preds[1] if isinstance(preds, tuple) else preds
 
 
 def _take(obj: Any, i: int) -> Any:
@@ -98,10 +77,10 @@ def per_image_loss(model: torch.nn.Module, preds: Any, batch: dict) -> torch.Ten
     """(N,) L_i = criterion(image i's predictions, image i's labels) summed over box/cls/dfl: a batch of one.
 
     preds: the model's forward on the batch (eval tuple or train dict); batch: ultralytics' labels (batch_idx, cls,
-    normalised xywh bboxes). The criterion's loss buffer is torch.zeros(3) (the default dtype): float64 L needs
-    torch.set_default_dtype(torch.float64)."""
+    normalised xywh bboxes). float64 L needs torch.set_default_dtype(torch.float64) (see detection_loss)."""
     crit, raw = criterion(model), raw_predictions(preds)
-    return torch.stack([crit(_take(raw, i), image_labels(batch, i))[0].sum() for i in range(_batch_size(raw))])
+    return torch.stack([detection_loss(crit, _take(raw, i), image_labels(batch, i)).sum()
+                        for i in range(_batch_size(raw))])
 
 
 # --------------------------------------------------------------------------------------------- the gradient

@@ -1,11 +1,10 @@
 """Datasets as ultralytics sees them: data YAML -> split image files, the dataset fingerprint, and the exact
-un-augmented teacher input (ultralytics' load_image, then a centred 114-grey letterbox)."""
+un-augmented teacher input (ultralytics' load_image, then a centred 114-grey letterbox), all made by ultralytics' own
+code through atcache.yolo.images."""
 
 from __future__ import annotations
 
-import glob
 import hashlib
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,10 +14,9 @@ import numpy as np
 import torch
 
 from atcache.errors import AtcacheError, first_line
-from atcache.cache.format import LETTERBOX_COLUMNS
+from atcache.cache.format import LETTERBOX_COLUMNS, Letterbox
 
-PAD_VALUE = 114
-ULTRALYTICS_IMREAD_FLAGS = cv2.IMREAD_COLOR  # BaseDataset.cv2_flag for channels=3: imread gives 8-bit BGR
+PAD_VALUE = Letterbox().pad_value  # the cache records it; ultralytics' LetterBox pads with it
 
 
 @dataclass(frozen=True)
@@ -60,32 +58,25 @@ def load_data_yaml(data_yaml: str | Path) -> dict:
 
 
 def split_files(data_yaml: str | Path, split: str) -> SplitFiles:
-    """The image files of `split` ('train', 'val', 'test') exactly as ultralytics' BaseDataset.get_img_files lists them
-    (label files without an image are ignored, as ultralytics ignores them); AtcacheError if it has none."""
-    from atcache.yolo import IMG_FORMATS
+    """The image files of `split` ('train', 'val', 'test') listed by ultralytics' own BaseDataset.get_img_files, in its
+    order (label files without an image are ignored, as ultralytics ignores them); AtcacheError if it has none."""
+    from atcache.yolo.images import list_images
 
     data = load_data_yaml(data_yaml)
     if not data.get(split):
         known = [k for k in ("train", "val", "test", "minival") if data.get(k)]
         raise AtcacheError(f"split {split!r} is not in {data_yaml}; choose one of {', '.join(known)}")
     entries = data[split] if isinstance(data[split], list) else [data[split]]
-    found: list[str] = []
     for entry in entries:
-        p = Path(entry)
-        if p.is_dir():
-            found += glob.glob(str(Path(glob.escape(str(p))) / "**" / "*.*"), recursive=True)
-        elif p.is_file():
-            lines = p.read_text(encoding="utf-8-sig").strip().splitlines()
-            parent = str(p.parent) + os.sep
-            found += [x.replace("./", parent, 1) if x.startswith("./") else x for x in lines]
-        else:
-            raise AtcacheError(f"split {split!r} of {data_yaml} points to {p}, which does not exist")
-    images = sorted(x.replace("/", os.sep) for x in found if x.rpartition(".")[-1].lower() in IMG_FORMATS)
-    if not images:
+        if not Path(entry).exists():
+            raise AtcacheError(f"split {split!r} of {data_yaml} points to {entry}, which does not exist")
+    try:
+        images = list_images(data[split])
+    except FileNotFoundError:  # ultralytics: no images there
         raise AtcacheError(
             f"split {split!r} of {data_yaml} has no images under {', '.join(map(str, entries))} (label files alone "
             f"do not count); put the images there or point {split!r} at the folder or list that holds them"
-        )
+        ) from None
     if data.get("channels", 3) != 3:
         raise AtcacheError(
             f"{data_yaml} sets channels: {data['channels']}, but atcache caches 3-channel (BGR) teachers only; "
@@ -110,14 +101,11 @@ def relative_to_root(path: str | Path, root: Path) -> str:
     return Path(os.path.relpath(Path(path).resolve(), root)).as_posix()
 
 
-def read_image(path: str | Path) -> np.ndarray:
-    """BGR uint8 (H, W, 3) exactly as ultralytics' training loader decodes it (grey, CMYK, 16-bit, alpha included);
-    AtcacheError naming the file and the fix if it is missing, undecodable, or a JPEG ultralytics would re-save."""
-    from atcache.yolo import imread
-
+def _refuse_unusable(path: str | Path) -> None:
+    """AtcacheError naming the file and the fix if it is missing or a JPEG that ultralytics' scan would re-save or drop
+    (its check_image, run on a copy): the checks made before decoding."""
     if not Path(path).is_file():
         raise AtcacheError(f"image {path} does not exist; restore it or rebuild the data with prepare-voc (or pass --skip-bad)")
-    im = imread(str(path), flags=ULTRALYTICS_IMREAD_FLAGS)
     state = jpeg_end_state(path)
     if state == "truncated":
         raise AtcacheError(
@@ -131,94 +119,127 @@ def read_image(path: str | Path) -> np.ndarray:
             f"ultralytics does: python -c \"from ultralytics.data.utils import check_image; check_image({str(path)!r})\" "
             "(or pass --skip-bad)"
         )
+
+
+def _undecodable(path: str | Path) -> AtcacheError:
+    return AtcacheError(f"image {path} cannot be decoded (corrupt or not an image); replace it or pass --skip-bad")
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """BGR uint8 (H, W, 3) exactly as ultralytics' training loader decodes it (grey, CMYK, 16-bit, alpha included),
+    at its original size; AtcacheError naming the file and the fix if it is missing, undecodable, or a JPEG ultralytics
+    would re-save. (The teacher's input is `teacher_input` / `LetterboxedImages`: decoded and resized by ultralytics.)"""
+    from atcache.yolo.images import decode
+
+    _refuse_unusable(path)
+    im = decode(path)
     if im is None or im.size == 0:
-        raise AtcacheError(f"image {path} cannot be decoded (corrupt or not an image); replace it or pass --skip-bad")
+        raise _undecodable(path)
     if im.ndim != 3 or im.shape[2] != 3:
         raise AtcacheError(f"image {path} decodes to shape {im.shape}, not 3 colour channels; re-save it as RGB or pass --skip-bad")
     return im
 
 
 def jpeg_end_state(path: str | Path) -> str:
-    """What ultralytics' label scan (data.utils.check_image) does to this file: '' nothing, 'resave' (a JPEG without
-    the FFD9 end marker that it re-saves in place) or 'truncated' (the re-save fails and it drops the image)."""
-    with open(path, "rb") as f:
-        head = f.read(3)
-        f.seek(0, os.SEEK_END)
-        if f.tell() < 4 or head != b"\xff\xd8\xff":  # what PIL's JPEG plugin accepts
-            return ""
-        f.seek(-2, os.SEEK_END)
-        if f.read() == b"\xff\xd9":
-            return ""
-    from PIL import Image, ImageOps
+    """What ultralytics' label scan (data.utils.check_image, run on a copy) does to this file: '' nothing, 'resave' (a
+    JPEG without the FFD9 end marker that it re-saves in place) or 'truncated' (the re-save fails and it drops the
+    image)."""
+    from atcache.yolo.images import check_image_outcome
 
-    try:
-        with Image.open(path) as im:
-            if im.format != "JPEG":  # check_image looks at format JPEG only (not MPO)
-                return ""
-            ImageOps.exif_transpose(im).load()
-    except Exception:  # check_image's re-save fails the same way, and ultralytics drops the image
-        return "truncated"
-    return "resave"
+    return check_image_outcome(path)
 
 
 def restore_jpeg(src: str | Path, dst: str | Path) -> None:
-    """Write to `dst` exactly what ultralytics' check_image re-saves for the JPEG `src` (upright, quality 100, 4:4:4)."""
-    from PIL import Image, ImageOps
+    """Write to `dst` exactly what ultralytics' check_image re-saves for the JPEG `src` (its own code, on a copy)."""
+    from atcache.yolo.images import restore_like_check_image
 
-    with Image.open(src) as im:
-        ImageOps.exif_transpose(im).save(str(dst), "JPEG", subsampling=0, quality=100)
+    restore_like_check_image(src, dst)
 
 
 def resize_long_side(im: np.ndarray, imgsz: int) -> np.ndarray:
-    """ultralytics BaseDataset.load_image (rect_mode, training): long side -> imgsz with ceil, INTER_LINEAR."""
-    h0, w0 = im.shape[:2]
-    r = imgsz / max(h0, w0)
-    if r != 1:
-        w, h = min(math.ceil(w0 * r), imgsz), min(math.ceil(h0 * r), imgsz)
-        im = cv2.resize(im, (w, h), interpolation=cv2.INTER_LINEAR)
-    return im
+    """ultralytics BaseDataset.load_image (rect_mode, training) for an image already decoded: long side -> imgsz."""
+    from atcache.yolo.images import resize_long_side as resize
 
-
-def _letterbox_pads(h: int, w: int, imgsz: int) -> tuple[int, int, int, int]:
-    """(top, bottom, left, right) of ultralytics LetterBox(center=True) for an already-resized (h, w) image."""
-    dh, dw = (imgsz - h) / 2, (imgsz - w) / 2
-    return round(dh - 0.1), round(dh + 0.1), round(dw - 0.1), round(dw + 0.1)
+    return resize(im, imgsz)
 
 
 def letterbox_image(im: np.ndarray, imgsz: int) -> tuple[np.ndarray, np.ndarray]:
-    """(padded BGR (imgsz, imgsz, 3), letterbox row (len(LETTERBOX_COLUMNS),) float32 in that column order)."""
-    h0, w0 = im.shape[:2]
-    resized = resize_long_side(im, imgsz)
-    h, w = resized.shape[:2]
-    top, bottom, left, right = _letterbox_pads(h, w, imgsz)
-    out = cv2.copyMakeBorder(resized, top, bottom, left, right, cv2.BORDER_CONSTANT, value=(PAD_VALUE,) * 3)
+    """For an image already decoded (BGR): (padded BGR (imgsz, imgsz, 3), letterbox row (len(LETTERBOX_COLUMNS),)
+    float32) as `teacher_input` gives for its file: load_image's resize, then ultralytics' centred LetterBox."""
+    from atcache.yolo.images import centred_letterbox, letterbox_pad, resize_long_side as resize
+
+    resized = resize(im, imgsz)
+    sample = centred_letterbox(imgsz, PAD_VALUE)({"img": resized, "ratio_pad": (1.0, 1.0)})
+    return sample["img"], _letterbox_row(im.shape[:2], resized.shape[:2], letterbox_pad(sample))
+
+
+def _letterbox_row(hw0, hw, pad) -> np.ndarray:
+    """A row of the letterbox table (LETTERBOX_COLUMNS, float32) from the original and resized (h, w) and (top, left)."""
+    (h0, w0), (h, w), (top, left) = hw0, hw, pad
     values = {"h0": h0, "w0": w0, "h": h, "w": w, "pad_top": top, "pad_left": left, "ratio": h / h0}
-    row = np.array([values[c] for c in LETTERBOX_COLUMNS], dtype=np.float32)
-    return out, row
+    return np.array([values[c] for c in LETTERBOX_COLUMNS], dtype=np.float32)
 
 
-def to_tensor(im_bgr: np.ndarray) -> torch.Tensor:
-    """BGR (H, W, 3) uint8 -> RGB (3, H, W) uint8 tensor, as ultralytics' Format transform produces."""
-    return torch.from_numpy(np.ascontiguousarray(im_bgr.transpose(2, 0, 1)[::-1]))
+def teacher_input(path: str | Path, imgsz: int) -> tuple[np.ndarray, np.ndarray]:
+    """(padded BGR (imgsz, imgsz, 3) uint8, letterbox row) of one image file, as build-cache feeds it to the teacher
+    (a `LetterboxedImages` item, back in OpenCV's layout); AtcacheError for an image it could not use."""
+    split = SplitFiles(root=Path(path).parent, split="", files=(Path(path).name,), data_yaml="", names=())
+    _, image, letterbox, error = LetterboxedImages(split, [0], imgsz)[0]
+    if error:
+        raise AtcacheError(error)
+    return np.ascontiguousarray(image.numpy()[::-1].transpose(1, 2, 0)), letterbox.numpy()
 
 
 class LetterboxedImages(torch.utils.data.Dataset):
-    """Rows of a split as teacher inputs, for a DataLoader with workers (decoding overlaps the GPU).
+    """Rows of a split as teacher inputs, for a DataLoader with workers (decoding overlaps the GPU): ultralytics'
+    un-augmented training input of each row's file, by its own code (`atcache.yolo.images.TeacherInputs`: load_image,
+    a centred grey LetterBox, Format).
 
-    Each item is (row, image (3, imgsz, imgsz) uint8 RGB, letterbox row (len(LETTERBOX_COLUMNS),), error message or ''). A bad image is
-    returned as a grey image with its error instead of raising, so the parent decides (fail or --skip-bad)."""
+    Each item is (row, image (3, imgsz, imgsz) uint8 RGB, letterbox row (len(LETTERBOX_COLUMNS),), error message or
+    ''), and with `labels` also the row's labels ({'cls' (k, 1), 'bboxes' (k, 4)} normalised xywh of the letterboxed
+    image, as ultralytics' scan reads them): batch those with `collate`. A bad image is returned as a grey image, no
+    boxes and its error instead of raising, so the parent decides (fail or --skip-bad)."""
 
-    def __init__(self, split: SplitFiles, rows: list[int] | np.ndarray, imgsz: int):
-        self.split, self.rows, self.imgsz = split, list(rows), imgsz
+    def __init__(self, split: SplitFiles, rows: list[int] | np.ndarray, imgsz: int, labels: bool = False):
+        from atcache.yolo.images import TeacherInputs
+
+        self.split, self.rows, self.imgsz, self.labels = split, [int(r) for r in rows], imgsz, labels
+        self.inputs = TeacherInputs([split.absolute(r) for r in self.rows], imgsz, names=split.names, labels=labels,
+                                    pad_value=PAD_VALUE)
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def __getitem__(self, k: int):
-        row = self.rows[k]
+        from atcache.yolo.images import LOADED_SHAPE_KEY, letterbox_pad
+
+        row, path = self.rows[k], self.split.absolute(self.rows[k])
         try:
-            im, lb = letterbox_image(read_image(self.split.absolute(row)), self.imgsz)
-            return row, to_tensor(im), torch.from_numpy(lb), ""
+            _refuse_unusable(path)
+            try:
+                sample = self.inputs[k]
+            except (FileNotFoundError, cv2.error):  # ultralytics' load_image: "Image Not Found" when imread fails
+                raise _undecodable(path) from None
+            if tuple(sample["img"].shape) != (3, self.imgsz, self.imgsz):
+                raise AtcacheError(f"image {path} decodes to {tuple(sample['img'].shape)}, not 3 colour channels; "
+                                   "re-save it as RGB or pass --skip-bad")
+            item = (row, sample["img"], torch.from_numpy(_letterbox_row(sample["ori_shape"], sample[LOADED_SHAPE_KEY],
+                                                                        letterbox_pad(sample))), "")
+            labels = {"cls": sample["cls"].float().reshape(-1, 1), "bboxes": sample["bboxes"].float().reshape(-1, 4)}
         except AtcacheError as e:
             blank = torch.full((3, self.imgsz, self.imgsz), PAD_VALUE, dtype=torch.uint8)
-            return row, blank, torch.full((len(LETTERBOX_COLUMNS),), float("nan")), str(e)
+            item = (row, blank, torch.full((len(LETTERBOX_COLUMNS),), float("nan")), str(e))
+            labels = {"cls": torch.zeros((0, 1)), "bboxes": torch.zeros((0, 4))}
+        return (*item, labels) if self.labels else item
+
+    @staticmethod
+    def collate(items: list[tuple]):
+        """(rows, images, letterbox, errors, labels): labels {'batch_idx', 'cls', 'bboxes'} of the whole batch as
+        ultralytics' collate_fn makes them (None for items without labels)."""
+        from atcache.yolo import YOLODataset
+
+        rows, images, letterbox, errors = torch.utils.data.default_collate([item[:4] for item in items])
+        if len(items[0]) == 4:
+            return rows, images, letterbox, errors, None
+        labels = YOLODataset.collate_fn([{**item[4], "batch_idx": torch.zeros(len(item[4]["cls"]))} for item in items])
+        return rows, images, letterbox, errors, labels

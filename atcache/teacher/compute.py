@@ -74,14 +74,17 @@ def compute_chunks(cfg: BuildConfig, model: torch.nn.Module, split: SplitFiles, 
     cuda = device.type == "cuda"
     if cuda:
         torch.backends.cudnn.benchmark = True
+    gradients = bool(store.spec.gradient_stride)  # --gradient: the images come with their labels
     loader = torch.utils.data.DataLoader(
-        LetterboxedImages(split, rows, cfg.imgsz), batch_sampler=_ChunkBatches(store, todo, cfg.batch, position),
+        LetterboxedImages(split, rows, cfg.imgsz, labels=gradients),
+        batch_sampler=_ChunkBatches(store, todo, cfg.batch, position), collate_fn=LetterboxedImages.collate,
         num_workers=cfg.workers, pin_memory=cuda, persistent_workers=False,
         prefetch_factor=4 if cfg.workers > 0 else None,
     )
     grad_model = None
-    if store.spec.gradient_stride:  # --gradient: an unfused copy of the teacher (atcache.teacher.gradients)
-        from atcache.teacher.gradients import batch_labels, gradient_teacher, teacher_gradients
+    if gradients:  # an unfused copy of the teacher (atcache.teacher.gradients)
+        from atcache.attention.gradient import loss_labels
+        from atcache.teacher.gradients import gradient_teacher, teacher_gradients
 
         grad_model = gradient_teacher(cfg.teacher, len(split.names), store.spec, device)
     writer = UnitWriter(store)
@@ -91,7 +94,7 @@ def compute_chunks(cfg: BuildConfig, model: torch.nn.Module, split: SplitFiles, 
     bar = tqdm(total=len(rows), desc=f"build-cache {Path(cfg.out).name}", unit="img", disable=not cfg.progress,
                dynamic_ncols=True)
     try:
-        for batch_rows, images, letterbox, errors in loader:
+        for batch_rows, images, letterbox, errors, labels in loader:
             ok = np.array([not e for e in errors], dtype=bool)
             for r, e in zip(batch_rows.tolist(), errors):
                 if e:
@@ -104,9 +107,8 @@ def compute_chunks(cfg: BuildConfig, model: torch.nn.Module, split: SplitFiles, 
                 a[bad] = float("nan")
                 n[bad] = float("nan")
             grad = None
-            if grad_model is not None:
-                labels = batch_labels(split, batch_rows.tolist(), letterbox.numpy(), ok, store.spec.imgsz)
-                grad = teacher_gradients(grad_model, images, labels, store.spec.gradient_stride, ok)
+            if grad_model is not None:  # the label batch as the replay build's: ultralytics' collate_fn
+                grad = teacher_gradients(grad_model, images, loss_labels(labels), store.spec.gradient_stride, ok)
             if assembler.add(batch_rows.numpy(), {i: a.to(torch.float16).cpu().numpy() for i, a in zip(cfg.layers, maps)},
                              {i: n.cpu().numpy() for i, n in zip(cfg.layers, norms)}, letterbox.numpy(), ok, grad):
                 writer.put(assembler.k, assembler.data())

@@ -1,20 +1,19 @@
 """build-cache --gradient: the teacher's input gradient J_T = dL/dx of every static row (atcache.attention.gradient
 has the math), beside the maps. x is the row's letterboxed image exactly as the maps' teacher sees it (RGB in [0, 1]);
-L is ultralytics' detection loss of that image alone on its YOLO labels, letterboxed the same way. The maps' teacher
+L is ultralytics' detection loss of that image alone on its YOLO labels, read and letterboxed by ultralytics' own
+code with the image (`data.splits.LetterboxedImages` with labels: its label check, LetterBox and Format). The maps' teacher
 is fused (Conv+BN folded, and an end-to-end head's training branch removed, which its loss needs), so the gradients
 come from a second, unfused copy of the same weights, in eval mode and with autograd on."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
 
 from atcache.attention.gradient import criterion, input_gradient, pool_gradient, split as split_gradient
-from atcache.cache.format import LETTERBOX_COLUMNS, CacheSpec
-from atcache.data.splits import SplitFiles
+from atcache.cache.format import CacheSpec
 from atcache.errors import AtcacheError
 
 GAIN_KEYS = ("box", "cls", "dfl")
@@ -42,60 +41,6 @@ def gradient_teacher(teacher: str, nc: int, spec: CacheSpec, device: torch.devic
     crit = criterion(model)
     crit.hyp = type(crit.hyp)(**{**vars(crit.hyp), **spec.gradient_gains})
     return model
-
-
-def read_labels(image: str | Path) -> np.ndarray:
-    """(k, 5) float32 [cls, x, y, w, h] (normalised to the original image) of an image's YOLO label file, read as
-    ultralytics' verify_image_label reads it: polygons (more than 6 columns) become their boxes, duplicate rows are
-    dropped; no label file: no boxes."""
-    from atcache.yolo import img2label_paths
-
-    path = Path(img2label_paths([str(image)])[0])
-    if not path.is_file():
-        return np.zeros((0, 5), np.float32)
-    rows = [line.split() for line in path.read_text().strip().splitlines() if len(line)]
-    if any(len(r) > 6 for r in rows):
-        boxes = []
-        for r in rows:
-            xy = np.array(r[1:], dtype=np.float32).reshape(-1, 2)
-            (x0, y0), (x1, y1) = xy.min(0), xy.max(0)
-            boxes.append([float(r[0]), (x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0])
-        labels = np.array(boxes, dtype=np.float32)
-    else:
-        labels = np.array(rows, dtype=np.float32).reshape(-1, 5)
-    if len(labels):
-        _, keep = np.unique(labels, axis=0, return_index=True)
-        if len(keep) < len(labels):
-            labels = labels[keep]
-    return labels
-
-
-def letterbox_labels(labels: np.ndarray, letterbox: np.ndarray, imgsz: int) -> np.ndarray:
-    """(k, 5) [cls, x, y, w, h] normalised to the original image -> normalised to the imgsz x imgsz letterboxed image,
-    with the row's letterbox (LETTERBOX_COLUMNS): the resized image (h, w) placed at (pad_top, pad_left), as
-    ultralytics' LetterBox moves the boxes."""
-    lb = dict(zip(LETTERBOX_COLUMNS, np.asarray(letterbox, dtype=np.float64).tolist()))
-    out = np.asarray(labels, dtype=np.float64).copy()
-    out[:, 1] = (out[:, 1] * lb["w"] + lb["pad_left"]) / imgsz
-    out[:, 2] = (out[:, 2] * lb["h"] + lb["pad_top"]) / imgsz
-    out[:, 3] *= lb["w"] / imgsz
-    out[:, 4] *= lb["h"] / imgsz
-    return out.astype(np.float32)
-
-
-def batch_labels(split: SplitFiles, rows: Sequence[int], letterbox: np.ndarray, ok: np.ndarray, imgsz: int) -> dict:
-    """ultralytics' label batch (batch_idx, cls (n, 1), bboxes (n, 4) normalised xywh of the letterboxed images) of
-    `rows`; rows whose image was not read (not `ok`) get no boxes."""
-    idx, boxes = [], []
-    for i, (r, good) in enumerate(zip(rows, ok)):
-        if good:
-            lab = letterbox_labels(read_labels(split.absolute(r)), letterbox[i], imgsz)
-            idx.append(np.full(len(lab), i, np.float32))
-            boxes.append(lab)
-    lab = np.concatenate(boxes) if boxes else np.zeros((0, 5), np.float32)
-    idx = np.concatenate(idx) if idx else np.zeros(0, np.float32)
-    return {"batch_idx": torch.from_numpy(idx), "cls": torch.from_numpy(lab[:, :1].copy()),
-            "bboxes": torch.from_numpy(lab[:, 1:].copy())}
 
 
 def teacher_gradients(model: torch.nn.Module, images: torch.Tensor, labels: dict, stride: int,

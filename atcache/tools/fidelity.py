@@ -1,7 +1,9 @@
 """`atcache fidelity`: how close the targets train-from-cache builds are to what the teacher says on the augmented
 image. Runs the training data pipeline (augmentations, targets) for a few batches, runs the live teacher on the same
-images, and compares per layer and per augmentation kind. Besides build-cache, the only command that loads the teacher.
-ultralytics names come through atcache.yolo."""
+images, and compares per layer and per augmentation kind. Warp targets are rendered as training renders them: each
+sample's view flattened in the loader, the batch rendered on the device by the cache's `render.BatchRenderer` (the
+one renderer). Besides build-cache, the only command that loads the teacher. ultralytics names come through
+atcache.yolo."""
 
 from __future__ import annotations
 
@@ -53,7 +55,8 @@ def _centring(canvas: Canvas) -> bool:
 
 
 def training_dataset(cfg: FidelityConfig, store, layers: tuple[int, ...]):
-    """The train split as train-from-cache builds it: ultralytics' YOLODataset with its augmentations, targets attached."""
+    """The train split as train-from-cache builds it: ultralytics' YOLODataset with its augmentations, targets attached
+    (warp targets: as the flattened views the trainer renders per batch)."""
     from atcache.yolo import get_cfg
     from atcache.yolo import DEFAULT_CFG
 
@@ -72,7 +75,7 @@ def training_dataset(cfg: FidelityConfig, store, layers: tuple[int, ...]):
     data = load_data_yaml(cfg.data)
     if replay is None:
         return build_dataset(hyp, data["train"], data, "train", cfg.batch, 32, targets=CacheTargets.load(store, layers),
-                             target_mode=cfg.targets)
+                             target_mode=cfg.targets, pieces=True)
     from atcache.train.replay import ReplayTargets
 
     return build_dataset(hyp, data["train"], data, "train", cfg.batch, 32,
@@ -90,6 +93,7 @@ def measure_fidelity(cfg: FidelityConfig) -> dict:
     from atcache.devices import resolve_device
     from atcache.attention.recipe import layer_maps
     from atcache.cache.store import CacheStore
+    from atcache.train.render import PIECES_KEY
     from atcache.train.targets import TARGETS_KEY
     from atcache.yolo import load_model
     from atcache.train.checks import check_cache
@@ -111,6 +115,7 @@ def measure_fidelity(cfg: FidelityConfig) -> dict:
     if cfg.gradient:
         _check_gradient_targets(cfg, store)
     dataset = training_dataset(cfg, store, layers)
+    renderer = dataset.at_cache.batch_renderer(device) if dataset.at_pieces else None  # the trainer's, on its device
     gradients = _gradient_check(cfg, store, len(split.names), device, dataset) if cfg.gradient else None
     random.seed(cfg.seed)  # ultralytics' augmentations draw from python's and numpy's generators
     np.random.seed(cfg.seed)
@@ -119,14 +124,14 @@ def measure_fidelity(cfg: FidelityConfig) -> dict:
     for _ in tqdm(range(cfg.batches), desc="fidelity", unit="batch"):
         keys = rng.integers(0, len(dataset) * (spec.replay.epochs if cfg.targets == "replay" else 1), cfg.batch)
         samples = [dataset.sample_with_view(int(k)) for k in keys]  # replay: key = epoch * N + index
-        images = torch.stack([labels["img"] for labels, _ in samples])
-        live, _ = layer_maps(teacher.model, images, layers, spec.p, spec.kind, spec.eps)
+        batch = dataset.collate_fn([dict(labels) for labels, _ in samples])  # as the trainer's loader batches them
+        live, _ = layer_maps(teacher.model, batch["img"], layers, spec.p, spec.kind, spec.eps)
+        cached = renderer.render(batch[PIECES_KEY]) if renderer is not None else batch[TARGETS_KEY]
         agreement = {}  # layer -> (cosine (B,), distance (B,))
-        for j, (layer, maps) in enumerate(zip(layers, live)):
-            cached = np.stack([labels[TARGETS_KEY][j].numpy() for labels, _ in samples])
-            agreement[layer] = map_agreement(maps.cpu().numpy(), cached)
+        for layer, maps, target in zip(layers, live, cached):
+            agreement[layer] = map_agreement(maps.cpu().numpy(), target.cpu().numpy())
         if gradients is not None:
-            agreement["gradient"] = gradients.agreement(dataset, samples)
+            agreement["gradient"] = gradients.agreement(batch)
         for k, (_, view) in enumerate(samples):
             figures = {layer: (float(c[k]), float(d[k])) for layer, (c, d) in agreement.items()}
             records.append((view_kinds(view), figures))
@@ -141,11 +146,11 @@ class _GradientCheck:
     def __init__(self, model: torch.nn.Module, source):
         self.model, self.source = model, source
 
-    def agreement(self, dataset, samples) -> tuple[np.ndarray, np.ndarray]:
+    def agreement(self, batch: dict) -> tuple[np.ndarray, np.ndarray]:
+        """Cosine and norm ratio (B,) of the compared samples, collated as the trainer's loader batches them."""
         from atcache.attention.gradient import input_gradient, loss_labels
 
         device = next(self.model.parameters()).device
-        batch = dataset.collate_fn([dict(labels) for labels, _ in samples])
         labels = {k: v.to(device) for k, v in loss_labels(batch).items()}
         live = self.source.pool(input_gradient(self.model, batch["img"].to(device).float() / 255, labels)).cpu()
         a, b = self.source.teacher(batch).flatten(1).double(), live.flatten(1).double()

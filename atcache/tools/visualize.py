@@ -44,17 +44,15 @@ def _choose_rows(files: np.ndarray, done: np.ndarray, images: int, wanted: Seque
     return sorted({int(candidates[int(i)]) for i in np.linspace(0, len(candidates) - 1, min(images, len(candidates)))})
 
 
-def _student_maps(student: str, images: list[np.ndarray], layers: Sequence[int], spec, nc: int) -> list[list[np.ndarray]]:
-    """The student's attention maps (per image, per layer) on the same letterboxed inputs the teacher saw."""
-    import torch
-
-    from atcache.data.splits import to_tensor
+def _student_maps(student: str, images, layers: Sequence[int], spec, nc: int) -> list[list[np.ndarray]]:
+    """The student's attention maps (per image, per layer) on the same inputs the teacher saw: images (n, 3, S, S)
+    uint8 RGB."""
     from atcache.attention.recipe import layer_maps
     from atcache.yolo import load_model
 
     model = load_model(student, nc=nc, device="cpu").model
-    maps, _ = layer_maps(model, torch.stack([to_tensor(im) for im in images]), layers, spec.p, spec.kind, spec.eps)
-    out = [[None] * len(layers) for _ in images]
+    maps, _ = layer_maps(model, images, layers, spec.p, spec.kind, spec.eps)
+    out = [[None] * len(layers) for _ in range(len(images))]
     for k, (layer, m) in enumerate(zip(layers, maps)):
         want = (spec.layer(layer).height, spec.layer(layer).width)
         if tuple(m.shape[-2:]) != want:
@@ -66,27 +64,31 @@ def _student_maps(student: str, images: list[np.ndarray], layers: Sequence[int],
 
 
 def _cached_panels(opened, split, images: int, files: Sequence[str]):
-    """(names, BGR pictures, letterboxes, per picture the cached maps per layer, gradients) of images of the cache's
-    split; gradients: None, or (J_T (n, 3, G, G), their label batch) of a cache with input gradients."""
-    from atcache.data.splits import read_image
+    """(names, BGR pictures, letterboxes, per picture the cached maps per layer, the teacher's inputs (n, 3, S, S)
+    uint8 RGB, gradients) of images of the cache's split; the inputs are made as build-cache makes them
+    (`LetterboxedImages`); gradients: None, or (J_T (n, 3, G, G), their label batch) of a cache with input gradients."""
+    from atcache.attention.gradient import loss_labels
+    from atcache.data.splits import LetterboxedImages, read_image
 
     rows = _choose_rows(opened.files, opened.done, images, files, split.root)
     pictures = [read_image(split.root / opened.files[r]) for r in rows]
+    loaded = LetterboxedImages(split, rows, opened.spec.imgsz, labels=opened.grad is not None)
+    _, inputs, _, errors, labels = LetterboxedImages.collate([loaded[k] for k in range(len(rows))])
+    if any(errors):
+        raise AtcacheError(next(e for e in errors if e))
     maps = [[opened.maps[i][r].compute().astype(np.float32) for i in opened.layers] for r in rows]
     grads = None
     if opened.grad is not None:
-        from atcache.teacher.gradients import batch_labels
-        from atcache.cache.format import LETTERBOX_COLUMNS
-
-        table = np.array([[opened.letterbox.row(r)[c] for c in LETTERBOX_COLUMNS] for r in rows], dtype=np.float32)
-        labels = batch_labels(split, rows, table, np.ones(len(rows), dtype=bool), opened.spec.imgsz)
-        grads = (np.stack([opened.grad[r].compute() for r in rows]), labels)
-    return [Path(opened.files[r]).name for r in rows], pictures, [opened.letterbox.row(r) for r in rows], maps, grads
+        grads = (np.stack([opened.grad[r].compute() for r in rows]), loss_labels(labels))
+    names = [Path(opened.files[r]).name for r in rows]
+    return names, pictures, [opened.letterbox.row(r) for r in rows], maps, inputs, grads
 
 
 def _replay_panels(cache, data, spec, epoch: int, images: int):
     """The same for `images` positions spread over replay epoch `epoch`: the augmented images (rebuilt as training
     sees them, fingerprints checked) with the teacher's maps on them."""
+    import torch
+
     from atcache.yolo import prepare
 
     prepare()
@@ -117,12 +119,13 @@ def _replay_panels(cache, data, spec, epoch: int, images: int):
             direction, norm = targets.gradient(epoch, index)
             grads.append(direction.astype(np.float32) * norm)
     full = {"h0": spec.imgsz, "w0": spec.imgsz, "h": spec.imgsz, "w": spec.imgsz, "pad_top": 0, "pad_left": 0}
+    inputs = torch.stack([sample["img"] for sample in samples])  # already the imgsz x imgsz training input
     if with_grad:
         from atcache.attention.gradient import loss_labels
 
         batch = dataset.collate_fn(samples)
         grads = (np.stack(grads), loss_labels(batch))
-    return names, pictures, [full] * len(names), maps, grads if with_grad else None
+    return names, pictures, [full] * len(names), maps, inputs, grads if with_grad else None
 
 
 def _gradient_pictures(J: np.ndarray) -> list[np.ndarray]:
@@ -134,17 +137,14 @@ def _gradient_pictures(J: np.ndarray) -> list[np.ndarray]:
     return list(gradient_attention(torch.from_numpy(J).double()).float().numpy())
 
 
-def _student_gradients(student: str, images: list[np.ndarray], labels: dict, stride: int, nc: int) -> np.ndarray:
-    """The student's J_S (n, 3, G, G) on the same inputs and labels as the cached J_T: eval mode, per image, pooled."""
-    import torch
-
+def _student_gradients(student: str, images, labels: dict, stride: int, nc: int) -> np.ndarray:
+    """The student's J_S (n, 3, G, G) on the same inputs (n, 3, S, S) uint8 RGB and labels as the cached J_T: eval
+    mode, per image, pooled."""
     from atcache.attention.gradient import input_gradient, pool_gradient
-    from atcache.data.splits import to_tensor
     from atcache.yolo import load_model
 
     model = load_model(student, nc=nc, device="cpu", fuse=False).model
-    x = torch.stack([to_tensor(im) for im in images]).float() / 255
-    return pool_gradient(input_gradient(model, x, labels), stride).numpy()
+    return pool_gradient(input_gradient(model, images.float() / 255, labels), stride).numpy()
 
 
 def visualize_cache(cache: str | Path, data: str | Path, out: str | Path, images: int = VisualizeConfig.images,
@@ -159,7 +159,7 @@ def visualize_cache(cache: str | Path, data: str | Path, out: str | Path, images
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from atcache.data.splits import letterbox_image, split_files
+    from atcache.data.splits import split_files
     from atcache.cache.inspect import open_cache
 
     opened = open_cache(cache)
@@ -169,11 +169,9 @@ def visualize_cache(cache: str | Path, data: str | Path, out: str | Path, images
         raise AtcacheError(f"the {spec.split} split of {data} is not the dataset cache {cache} was built on; "
                            "pass the data YAML the cache was built with")
     if epoch is None:
-        names, pictures, letterboxes, teacher, grads = _cached_panels(opened, split, images, files)
-        inputs = [letterbox_image(p, spec.imgsz)[0] for p in pictures]
+        names, pictures, letterboxes, teacher, inputs, grads = _cached_panels(opened, split, images, files)
     else:
-        names, pictures, letterboxes, teacher, grads = _replay_panels(cache, data, spec, epoch, images)
-        inputs = pictures  # already the imgsz x imgsz training input
+        names, pictures, letterboxes, teacher, inputs, grads = _replay_panels(cache, data, spec, epoch, images)
     layers = opened.layers
     students = _student_maps(student, inputs, layers, spec, len(split.names)) if student else None
     if grads is not None:  # one more column: the gradient attention, as one more "layer" of maps

@@ -1,7 +1,8 @@
 """Stopping a training and continuing it: ultralytics writes weights/last.pt at every epoch's end and continues from it
 with `resume=<run>/weights/last.pt`. `ResumableTraining` (a base of AtcacheTrainer, before ultralytics' trainer) makes
 those checkpoints safe to stop at any moment and says, when Ctrl-C or SIGTERM stops the run, which epochs last.pt holds
-and the command that continues (atcache.errors.Interrupted, printed by the CLI)."""
+and the command that continues (atcache.errors.Interrupted, printed by the CLI). Where ultralytics writes its
+checkpoints is atcache.yolo.trainer's (`checkpoints_written_to`)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import os
 from pathlib import Path
 
 from atcache.errors import explain_interruption, signals_held
+from atcache.yolo.trainer import checkpoints_written_to
 
 COMMAND = {"plain": "train", "cache": "train-from-cache", "online": "train-online"}  # the CLI command of each mode
 
@@ -55,12 +57,9 @@ class ResumableTraining:
 
     def save_model(self):
         """ultralytics' last.pt and best.pt, written whole or not at all (`written_whole`; it writes them in place)."""
-        final = self.last, self.best
-        with written_whole(*final) as (self.last, self.best):
-            try:
+        with written_whole(self.last, self.best) as partial:
+            with checkpoints_written_to(self, *partial):
                 saved = super().save_model()
-            finally:
-                self.last, self.best = final
             if saved:
                 self._kept = (self.epoch + 1, self.last)
         return saved

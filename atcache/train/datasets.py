@@ -1,6 +1,6 @@
 """atcache's training dataset: ultralytics' YOLODataset, built with the arguments ultralytics' `build_yolo_dataset`
-passes, whose samples may carry cached targets (`targets`: a `targets.TargetSource`) and whose augmentation may be
-seeded (`aug_seed`).
+computes (atcache.yolo.datasets.dataset_arguments), whose samples may carry cached targets (`targets`: a
+`targets.TargetSource`) and whose augmentation may be seeded (`aug_seed`).
 
 Seeded augmentation (`--aug-seed S`): every training sample's augmentation is a function of (S, epoch, dataset index)
 alone, whatever the loader workers, prefetching, batch size or DDP world size. The sampler (`samplers.EpochSampler`
@@ -23,7 +23,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from atcache.yolo import YOLODataset, colorstr, get_split_fraction
+from atcache.yolo import YOLODataset
+from atcache.yolo.datasets import OTHER_DATASET_TASKS, dataset_arguments, loaded_shape
 
 from atcache.config import check_targets
 from atcache.errors import AtcacheError
@@ -32,8 +33,6 @@ from atcache.train.samplers import seeded_rng
 from atcache.train.targets import GRAD_KEY, TARGETS_KEY, VIEW_KEY, TargetSource
 from atcache.train.transforms import static_pipeline, tracked_pipeline, unbuffered
 from atcache.train.views import Source
-
-OTHER_DATASETS = ("depth", "semantic")  # tasks for which build_yolo_dataset makes another class than YOLODataset
 
 
 class AtcacheDataset(YOLODataset):
@@ -103,7 +102,7 @@ class AtcacheDataset(YOLODataset):
     def get_image_and_label(self, index):
         label = super().get_image_and_label(index)
         if self.at_cache is not None:
-            label[VIEW_KEY] = Source(int(self.at_rows[index]), tuple(int(x) for x in label["resized_shape"]))
+            label[VIEW_KEY] = Source(int(self.at_rows[index]), loaded_shape(label))
         return label
 
     def __getitem__(self, key):
@@ -153,25 +152,17 @@ def build_dataset(cfg, img_path, data: dict, mode: str = "train", batch: int | N
     AtcacheDataset: with `targets` in `target_mode` (rows joined by path relative to `root`, default data["path"];
     `pieces`: see AtcacheDataset) and/or seeded by `aug_seed` (close_mosaic from epoch `epochs - cfg.close_mosaic`,
     `epochs` default cfg.epochs, as ultralytics' trainer switches)."""
-    if cfg.task in OTHER_DATASETS:
+    if cfg.task in OTHER_DATASET_TASKS:
         if targets is not None:
             raise AtcacheError(f"cached targets need a plain detection dataset, not task={cfg.task}; use task=detect")
         raise TypeError(f"atcache's dataset is a detection dataset; task={cfg.task} builds another")
-    rect = cfg.rect or rect
+    kwargs = dataset_arguments(cfg, img_path, batch, data, mode, rect, stride)
     if targets is not None:
-        check_targets(target_mode, rect)
+        check_targets(target_mode, kwargs["rect"])
         if target_mode not in targets.modes:
             raise AtcacheError(f"--targets {target_mode} cannot be read from {type(targets).__name__} (it serves "
                                f"{', '.join(targets.modes)})")
-    if data.get("complete"):
-        fraction = 1.0  # already limited during dataset download
-    else:
-        fraction = get_split_fraction(cfg.fraction, "train" if mode == "train" else cfg.split)
     return AtcacheDataset(
-        img_path=img_path, imgsz=cfg.imgsz, batch_size=batch, augment=mode == "train", hyp=cfg, rect=rect,
-        cache=cfg.cache or None, single_cls=cfg.single_cls or False, stride=stride,
-        pad=0.0 if mode == "train" else 0.5, prefix=colorstr(f"{mode}: "), task=cfg.task, classes=cfg.classes,
-        data=data, fraction=fraction,
-        targets=targets, target_mode=target_mode, root=data.get("path") if root is None else root, pieces=pieces,
-        aug_seed=aug_seed, epochs=epochs,
+        **kwargs, targets=targets, target_mode=target_mode, root=data.get("path") if root is None else root,
+        pieces=pieces, aug_seed=aug_seed, epochs=epochs,
     )

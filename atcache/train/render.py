@@ -1,13 +1,16 @@
-"""Warp targets of a whole batch rendered in torch on the training device, from the cache held as tensors.
+"""The warp renderer: warp targets of a whole batch rendered in torch on the training device, from the cache held as
+tensors or from the rows each batch ships. Training, the streamed cache and `atcache fidelity` all render with it.
 
 Loader workers only flatten each sample's view tree (`views.py`) into pieces: per source reached, its cache row,
 the 3x3 matrix from output pixels to that source's pixels, the clip regions on the way, its blend group and weight
 (`flatten`); a cache streamed from disk also ships those rows' maps as stored (`Pieces.maps`), since the device
 cannot hold them all. After collation the trainer renders every layer of the batch at once (`BatchRenderer.render`,
-from the maps it holds or the ones the batch brings) with the rules of the numpy reference (`TargetRendering.warped`):
-the last covering piece of a blend group wins, uncovered cells borrow from the first piece whose cached grid reaches
-them, then the layer's grey energy; blend groups are mixed by weight and each map renormalised. The two agree within
-1e-4 per cell (tests/test_render.py).
+from the maps it holds or the ones the batch brings). The rules: a cell's centre is carried through the piece's
+matrix into its source's resized image and sampled bilinearly (edges extended) from the cached energy a = A * ||a||
+at that layer's stride, through the source's letterbox pad; the last covering piece of a blend group wins, uncovered
+cells borrow from the first piece whose cached grid reaches them, then the layer's grey energy; blend groups are
+mixed by weight and each map renormalised (tests/train/test_render.py checks each rule). `render_views` renders
+single views the same way.
 """
 
 from __future__ import annotations
@@ -136,6 +139,14 @@ def collate_pieces(samples: Sequence[Pieces]) -> dict[str, torch.Tensor]:
             for layer in getattr(samples[0], name) or {}:
                 out[f"{name}/{layer}"] = torch.from_numpy(np.concatenate([getattr(p, name)[layer] for p in samples]))
     return out
+
+
+def render_views(source, views: Sequence[View], device="cpu") -> list[list[np.ndarray]]:
+    """Per view, per layer the (h // s, w // s) float32 warp target, rendered as training renders it: the views
+    flattened by `source.pieces` (a target source that renders batches), collated, and rendered together by
+    `source.batch_renderer(device)`. The views must share one output shape, as a training batch does."""
+    rendered = source.batch_renderer(device).render(collate_pieces([source.pieces(v) for v in views]))
+    return [[layer[k].cpu().numpy() for layer in rendered] for k in range(len(views))]
 
 
 def _project(matrix: torch.Tensor, pts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

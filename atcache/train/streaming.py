@@ -3,9 +3,10 @@
 The sampler visits the store's row-chunks in a random order and shuffles samples only within a window of W
 consecutive chunks of that order, so each loader process decodes every chunk about once per epoch and keeps a few
 decoded chunks in a small LRU (the window, plus the rows ultralytics' Mosaic reaches through `dataset.buffer`, its
-recently loaded images). Warp targets are rendered per batch on the training device like the in-RAM cache's: the
-loader ships each sample's flattened view with its source rows' maps as stored (`render.Pieces.maps`). The samplers
-live in `samplers.py` (re-exported here for older scripts). No ultralytics import.
+recently loaded images). Warp targets are rendered by the one warp renderer (`render.BatchRenderer`), per batch on
+the training device like the in-RAM cache's: the loader ships each sample's flattened view with its source rows' maps
+as stored (`render.Pieces.maps`); a single view (`warped`) is rendered the same way. The samplers live in
+`samplers.py` (re-exported here for older scripts). No ultralytics import.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from atcache.config import DEFAULT_WINDOW
 from atcache.errors import AtcacheError
 from atcache.cache.format import CacheSpec, LetterboxTable, decode_maps
 from atcache.cache.store import CacheStore
-from atcache.train.render import BatchRenderer, Pieces, flatten
+from atcache.train.render import BatchRenderer, Pieces, flatten, render_views
 from atcache.train.samplers import BlockShuffleSampler, epoch_order, lru_chunks
 from atcache.yolo import with_sampler
 from atcache.train.targets import ChunkReader, TargetRendering, padding_energy
@@ -61,7 +62,8 @@ def _decode_chunk(store: CacheStore, k: int, layers: Sequence[int], done: np.nda
 class StreamingCacheTargets(ChunkReader, TargetRendering):
     """The cache's targets read from the store on demand: letterbox, files and done in RAM, maps and norms decoded a
     chunk at a time into an LRU of `capacity` chunks (`ChunkReader`: each process opens its own handle). Warp targets
-    of a batch are rendered on the training device from the rows its pieces ship (`pieces`, `batch_renderer`)."""
+    are rendered by `render.BatchRenderer` from the rows the pieces ship: a batch's on the training device (`pieces`,
+    `batch_renderer`), a single view's on the CPU (`warped`)."""
 
     renders_batches: ClassVar[bool] = True
 
@@ -128,3 +130,7 @@ class StreamingCacheTargets(ChunkReader, TargetRendering):
         """A renderer on `device` holding no maps: each batch's collated pieces bring them (`collate_pieces`)."""
         return BatchRenderer(None, None, None, {i: self.stride(i) for i in self.layers}, self.grey, self.spec.eps,
                              device)
+
+    def warped(self, view: View) -> list[np.ndarray]:
+        """Per layer: the view's warp target, rendered by the training renderer on the CPU from the rows it reaches."""
+        return render_views(self, [view])[0]

@@ -3,7 +3,8 @@
 `--targets warp`: ultralytics' own Mosaic / RandomPerspective / MixUp / RandomFlip / LetterBox, built by ultralytics
 (defaults, close_mosaic and all), are copied into Tracked* subclasses with the same state and randomness and one extra
 step: they record, next to the image, the view tree of `views.py` (which source rows, which matrices, which blend
-ratio). The images stay exactly what plain ultralytics produces.
+ratio). The images stay exactly what plain ultralytics produces. What ultralytics hands `apply_image` (its params,
+the mix partners) is read through atcache.yolo.transforms.
 `--targets static`: only letterbox + photometric augmentation, so the cached maps are exact targets.
 ultralytics names come through atcache.yolo.
 """
@@ -13,6 +14,10 @@ from __future__ import annotations
 from atcache.yolo import (
     Albumentations, Compose, CopyPaste, CutMix, Format, LetterBox, MixUp, Mosaic, RandomFlip, RandomHSV,
     RandomPerspective,
+)
+from atcache.yolo.transforms import (
+    affine_matrix, copy_transform, disable_mosaic_buffer, flip_direction, letterbox_placement, mix_partner,
+    mixup_ratio, mosaic_tiles, pre_transform, set_pre_transform,
 )
 
 from atcache.errors import AtcacheError
@@ -26,20 +31,13 @@ class Tracked:
     @classmethod
     def of(cls, transform):
         """A new tracked transform with the state of `transform` (its parameters, dataset, pre_transform)."""
-        new = cls.__new__(cls)
-        new.__dict__.update(transform.__dict__)
-        return new
+        return copy_transform(transform, cls)
 
 
 class TrackedMosaic(Tracked, Mosaic):
     def apply_image(self, labels, params=None):
         labels = super().apply_image(labels, params)
-        if self.n == 4:
-            placed = [(item["labels_patch"], item["padw"], item["padh"]) for item in params["layout"]]
-        else:  # 9 tiles on a 3s canvas, then the centre 2s crop
-            placed = [(item["labels_patch"], item["padw"] + self.border[0], item["padh"] + self.border[1])
-                      for item in params["layout"]]
-        tiles = tuple(Placed(patch[VIEW_KEY], translation(dx, dy)) for patch, dx, dy in placed)
+        tiles = tuple(Placed(patch[VIEW_KEY], translation(dx, dy)) for patch, dx, dy in mosaic_tiles(self, params))
         labels[VIEW_KEY] = Canvas(tuple(labels["img"].shape[:2]), tiles, "mosaic")
         return labels
 
@@ -48,16 +46,16 @@ class TrackedRandomPerspective(Tracked, RandomPerspective):
     def apply_image(self, labels, params=None):
         view = labels[VIEW_KEY]
         labels = super().apply_image(labels, params)
-        labels[VIEW_KEY] = warp(view, params["M"], labels["img"].shape[:2], "affine")
+        labels[VIEW_KEY] = warp(view, affine_matrix(params), labels["img"].shape[:2], "affine")
         return labels
 
 
 class TrackedMixUp(Tracked, MixUp):
     def apply_image(self, labels, params=None):
-        view, other = labels[VIEW_KEY], labels["mix_labels"][0][VIEW_KEY]
+        view, other = labels[VIEW_KEY], mix_partner(labels)[VIEW_KEY]
         labels = super().apply_image(labels, params)
-        r = float(params["r"])
-        labels[VIEW_KEY] = Blend(tuple(labels["img"].shape[:2]), ((view, r), (other, 1.0 - r)))
+        ratio = mixup_ratio(params)
+        labels[VIEW_KEY] = Blend(tuple(labels["img"].shape[:2]), ((view, ratio), (other, 1.0 - ratio)))
         return labels
 
 
@@ -65,9 +63,10 @@ class TrackedRandomFlip(Tracked, RandomFlip):
     def apply_image(self, labels, params):
         view = labels[VIEW_KEY]
         labels = super().apply_image(labels, params)
-        if params["flip"]:
+        direction = flip_direction(params)
+        if direction is not None:
             shape = tuple(labels["img"].shape[:2])
-            labels[VIEW_KEY] = warp(view, flip_matrix(shape, params["direction"]), shape, "flip")
+            labels[VIEW_KEY] = warp(view, flip_matrix(shape, direction), shape, "flip")
         return labels
 
 
@@ -75,8 +74,8 @@ class TrackedLetterBox(Tracked, LetterBox):
     def apply_image(self, labels, params):
         view, src = labels[VIEW_KEY], tuple(labels["img"].shape[:2])
         labels = super().apply_image(labels, params)
-        w, h = params["new_unpad"]
-        m = translation(params["left"], params["top"]) @ resize_matrix(src, (h, w))
+        (w, h), dx, dy = letterbox_placement(params)
+        m = translation(dx, dy) @ resize_matrix(src, (h, w))
         labels[VIEW_KEY] = warp(view, m, labels["img"].shape[:2], "letterbox")
         return labels
 
@@ -126,13 +125,12 @@ def tracked_pipeline(transforms):
         else:
             if not isinstance(t, Compose):
                 _check_trackable(t)
-            new = type(t).__new__(type(t))
-            new.__dict__.update(t.__dict__)
+            new = copy_transform(t)
         copies[id(t)] = new
         if isinstance(t, Compose):
             new.transforms = [copy_of(child) for child in t.transforms]
-        elif getattr(t, "pre_transform", None) is not None:
-            new.pre_transform = copy_of(t.pre_transform)
+        elif pre_transform(t) is not None:
+            set_pre_transform(new, copy_of(pre_transform(t)))
         return new
 
     return copy_of(transforms)
@@ -150,6 +148,6 @@ def unbuffered(transforms) -> None:
     """Mosaic partners from the whole dataset (seeded), not from the worker's buffer of recently loaded images."""
     for t in transforms.transforms if isinstance(transforms, Compose) else [transforms]:
         if isinstance(t, Mosaic):
-            t.buffer_enabled = False
+            disable_mosaic_buffer(t)
         if isinstance(t, Compose):
             unbuffered(t)

@@ -3,7 +3,9 @@
 Before the first ultralytics import this sets YOLO_OFFLINE (unless the user set it), YOLO_CONFIG_DIR when a run asked
 for its own (`prepare(config_dir)`), and a local copy of the font ultralytics would otherwise download. Names load on
 first use (PEP 562), so `import atcache.yolo` itself imports neither torch nor ultralytics; `prepare()` imports it. Also here: loading a model
-(the teacher, or a student for visualize) from a checkpoint or a model YAML.
+(the teacher, or a student for visualize) from a checkpoint or a model YAML. `atcache.yolo.trainer`: DetectionTrainer's
+private steps and the trainer fields atcache rewrites (AdaptedDetectionTrainer and its hooks). `atcache.yolo.images`:
+the teacher's input by ultralytics' own code (split listing, load_image, LetterBox, Format, check_image on a copy).
 """
 
 from __future__ import annotations

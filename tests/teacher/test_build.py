@@ -171,9 +171,8 @@ def test_several_devices_run_one_shard_process_each(built_cache, voc_yaml, tmp_p
 def test_yaml_teacher_rows_equal_a_seeded_ultralytics_model(voc_yaml, tmp_path):
     """`--teacher yolo11n.yaml` is ultralytics' stock init under seed 0 (nc from the data): recompute it independently.
     Layers 6 and 16 are used because deeper stock-init layers are eps-dominated (see the vanishing test)."""
+    from ultralytics.data.augment import LetterBox
     from ultralytics.nn.tasks import DetectionModel, yaml_model_load
-
-    from atcache.data.splits import letterbox_image, read_image, split_files, to_tensor
 
     out = tmp_path / "yaml.zarr"
     build_cache(build_config(voc_yaml, out, teacher="yolo11n.yaml", layers=(6, 16)))
@@ -181,8 +180,10 @@ def test_yaml_teacher_rows_equal_a_seeded_ultralytics_model(voc_yaml, tmp_path):
     cfg = yaml_model_load("yolo11n.yaml")
     cfg["nc"] = 20
     model = DetectionModel(cfg, verbose=False).eval()
-    sf = split_files(voc_yaml, "train")
-    x = torch.stack([to_tensor(letterbox_image(read_image(sf.absolute(r)), TEST_IMGSZ)[0]) for r in (0, 7)]).float() / 255
+    ds = yolo_dataset(voc_yaml)  # rows 0 and 7 are its images 0 and 7 (test_rows_equal_an_independent_recomputation)
+    letterbox = LetterBox(new_shape=(TEST_IMGSZ, TEST_IMGSZ), scaleup=False, center=True)
+    images = [letterbox(image=ds.load_image(r)[0]) for r in (0, 7)]
+    x = torch.stack([torch.from_numpy(np.ascontiguousarray(im.transpose(2, 0, 1)[::-1])) for im in images]).float() / 255
     feats = {}
     for i in (6, 16):
         model.model[i].register_forward_hook(lambda m, inp, o, i=i: feats.__setitem__(i, o))

@@ -32,12 +32,25 @@ def test_static_targets_without_augmentation_are_the_teachers_maps(built_cache, 
         assert s["at_distance_mean"] < 0.03
 
 
-def test_warp_targets_without_augmentation_are_close(built_cache, teacher_pt, voc_yaml, tmp_path):
+def test_warp_targets_without_augmentation_are_close(built_cache, teacher_pt, voc_yaml, tmp_path, monkeypatch):
     """Warp mode keeps ultralytics' RandomPerspective, which re-centres the image (half-pixel offsets resample it);
-    the padding borrows the cached response around the image: close to the teacher, not bit-equal."""
+    the padding borrows the cached response around the image: close to the teacher, not bit-equal. The targets
+    measured are the ones training feeds: each batch rendered by the trainer's renderer (render.BatchRenderer),
+    none per sample."""
+    from atcache.train.render import BatchRenderer
+    from atcache.train.targets import TargetRendering
+
+    rendered, render = [], BatchRenderer.render
+    monkeypatch.setattr(BatchRenderer, "render", lambda self, p: rendered.append(len(p["rows"])) or render(self, p))
+
+    def per_sample(*args, **kwargs):
+        raise AssertionError("a warp target was rendered per sample, not as training renders it")
+
+    monkeypatch.setattr(TargetRendering, "targets", per_sample)
     out = tmp_path / "f.json"
     result = fidelity(built_cache, teacher_pt, voc_yaml, "--json", out, *NO_AUG)
-    assert result.exit_code == 0, result.output
+    assert result.exit_code == 0, (result.output, result.exception)
+    assert rendered == [4, 4]  # --batches 2 --batch 4
     report = json.loads(out.read_text())
     assert report["combinations"] == {"none": 8}
     assert all(report["layers"][str(i)]["none"]["cosine_mean"] > 0.99 for i in TEST_LAYERS), report["layers"]

@@ -120,9 +120,8 @@ def _worker() -> None:
     prepare()
     from ultralytics.utils.torch_utils import unwrap_model
 
-    from ultralytics.models.yolo.detect import DetectionTrainer as DdpBase
-
     from atcache.train.trainer import AtcacheTrainer
+    from atcache.yolo.trainer import AdaptedDetectionTrainer
 
     class CpuDDP(DistributedDataParallel):
         def __init__(self, module, device_ids=None, **kwargs):  # ultralytics passes [device.index], [None] on a CPU
@@ -144,18 +143,14 @@ def _worker() -> None:
             super().__init__(*args, **kwargs)
             self.world_size = int(os.environ["WORLD_SIZE"])  # ultralytics counts CUDA devices: 0 for 'cpu'
 
-        def _join_world(self, world, rank, local_world):  # atcache's torchrun check (CUDA only), skipped on the CPU
-            self.world_size = world
+        def join_world(self, world, rank, local_world):  # atcache's torchrun check (CUDA only), skipped on the CPU
+            AdaptedDetectionTrainer.join_world(self, world, rank, local_world)
 
-        def _setup_ddp(self):
+        def _setup_ddp(self):  # ultralytics' part is the CUDA one replaced here; then the adapter's torchrun part
             dist.init_process_group("gloo", rank=int(os.environ["RANK"]), world_size=self.world_size,
                                     timeout=timedelta(seconds=120))
-            if hasattr(self, "_share_run_folder"):  # atcache's torchrun patch: the rest of its _setup_ddp
-                DdpBase._setup_ddp = lambda trainer: None  # ultralytics' part is the CUDA one just replaced
-                try:
-                    AtcacheTrainer._setup_ddp(self)
-                finally:
-                    del DdpBase._setup_ddp
+            if self.shares_run_folder:
+                self.take_rank0_run_folder()
 
         def preprocess_batch(self, batch):
             self.seen += list(batch["im_file"])

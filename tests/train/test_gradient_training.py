@@ -14,7 +14,8 @@ from atcache.attention.gradient import flip_loss, gradient_at_loss, input_gradie
 from atcache.config import DistillSettings
 from helpers import COMMON, assert_one_line_error, build_config, invoke, lively_model, results
 from atcache.train.gradients import OnlineGradients
-from atcache.train.trainer import FLIP_LOSS, GRAD_LOSS, AtcacheTrainer, AttentionTransferLoss
+from atcache.train.loss import FLIP_LOSS, GRAD_LOSS, AttentionTransferLoss, TeacherTargets
+from atcache.train.trainer import AtcacheTrainer
 
 
 def lively(seed: int):
@@ -34,21 +35,25 @@ def fixed_batch(n: int = 2, size: int = 64) -> dict:
 
 
 def test_wrapper_adds_half_beta_times_the_gradient_and_flip_terms():
+    from atcache.train.checks import RunPlan
+
     student, teacher = lively(0).train(), lively(1).eval()
     settings = DistillSettings(mode="online", at_weight=0.0, gradient_weight=3.0, flip_weight=5.0)
-    trainer = AtcacheTrainer.__new__(AtcacheTrainer)  # only what the wrapper reads
-    trainer.settings, trainer.model, trainer.teacher, trainer._armed = settings, student, teacher, True
-    trainer.gradients = OnlineGradients(teacher, stride=1)
-    trainer.at_on, trainer.grad_on, trainer.flip_on = False, True, True
-    trainer.scaler = torch.amp.GradScaler("cpu", enabled=False)
-    student.criterion = AttentionTransferLoss(student.init_criterion(), trainer)
-    frozen = copy.deepcopy(student)  # the student as it was before the step (a copy's criterion is the plain one)
+    plan = RunPlan(settings.p, settings.kind, 1e-8)
+    gradients = OnlineGradients(teacher, stride=1)
+    targets = TeacherTargets(settings, plan, "cpu", gradients=gradients)  # the teacher's side: J_T into the batch
+    student.criterion = AttentionTransferLoss(student.init_criterion(), student, settings, plan, pool=gradients,
+                                              scaler=torch.amp.GradScaler("cpu", enabled=False))
+    frozen = copy.deepcopy(student)  # the student as it was before the step (a copy's criterion is unarmed: plain)
     one_forward = copy.deepcopy(student)  # BN's running statistics after the training forward alone
     batch = fixed_batch()
     labels = {k: batch[k] for k in ("batch_idx", "cls", "bboxes")}
 
-    x = batch["img"].clone().requires_grad_(True)
-    loss, items = student.criterion(student(x), {**batch, "img": x})
+    step = targets.fill({**batch, "img": batch["img"].clone()})  # what the trainer's preprocess_batch does
+    student.criterion.arm(step)  # the step's input now requires grad (J_S), the student's next forward is watched
+    x = step["img"]
+    assert x.requires_grad
+    loss, items = student.criterion(student(x), step)
     base_loss, base_items = frozen.criterion(frozen(batch["img"]), batch)
     one_forward(batch["img"])
 
@@ -67,11 +72,50 @@ def test_wrapper_adds_half_beta_times_the_gradient_and_flip_terms():
         if isinstance(bn, nn.BatchNorm2d):
             torch.testing.assert_close(bn.running_mean, ref.running_mean)
             torch.testing.assert_close(bn.running_var, ref.running_var)
-    # differentiable w.r.t. the weights (double backprop), and the wrapper disarmed after its one call
+    # differentiable w.r.t. the weights (double backprop), and the loss disarmed after its one call
     loss.sum().backward()
     assert all(torch.isfinite(p.grad).all() for p in student.parameters() if p.grad is not None)
     again, again_items = student.criterion(student(batch["img"]), batch)
     assert GRAD_LOSS not in again_items and again.shape == base_loss.shape
+
+
+def test_the_loss_adds_terms_only_after_the_students_armed_train_mode_forward():
+    """The loss knows a training step by its taps alone: armed (the trainer's preprocess_batch) and then a forward of
+    its student in train mode. An eval forward (validation), an unarmed call, a second call, or a copy of the student
+    (EMA, checkpoints: cheap, no teacher, unarmed, picklable) gets the plain criterion's loss."""
+    import pickle
+
+    from atcache.train.checks import RunPlan
+
+    student = lively(0).train()
+    settings = DistillSettings(mode="plain", flip_weight=1.0)
+    plan = RunPlan(settings.p, settings.kind, 1e-8)
+    loss = AttentionTransferLoss(student.init_criterion(), student, settings, plan)
+    student.criterion = loss
+    batch = fixed_batch()
+    plain = set(loss.base(student(batch["img"]), batch)[1])
+    assert set(loss(student(batch["img"]), batch)[1]) == plain  # never armed
+
+    loss.arm(batch)
+    student.eval()
+    with torch.no_grad():
+        preds = student(batch["img"])
+    student.train()
+    assert set(loss(preds, batch)[1]) == plain  # armed, but the forward was an eval one (validation)
+    loss.arm(batch)
+    assert set(loss(student(batch["img"]), batch)[1]) == plain | {FLIP_LOSS}  # the training step
+    assert not student._forward_pre_hooks and not any(m._forward_hooks for m in student.modules())  # disarmed
+
+    copy_ = copy.deepcopy(student)  # a copy (EMA, checkpoints) carries its own unarmed loss and no hook
+    assert isinstance(copy_.criterion, AttentionTransferLoss) and copy_.criterion.model is copy_
+    assert not copy_._forward_pre_hooks and not any(m._forward_hooks for m in copy_.modules())
+    assert set(copy_.criterion(copy_(batch["img"]), batch)[1]) == plain
+    restored = pickle.loads(pickle.dumps(student))
+    assert restored.criterion.model is restored and set(restored.criterion(restored(batch["img"]), batch)[1]) == plain
+    loss.arm(batch)
+    armed = copy.deepcopy(student)  # made while armed (ultralytics makes none then): its own taps, not the original's
+    assert set(armed.criterion(armed(batch["img"]), batch)[1]) == plain | {FLIP_LOSS}
+    assert set(loss(student(batch["img"]), batch)[1]) == plain | {FLIP_LOSS}  # the original's step is still to come
 
 
 def test_train_with_flip_weight_logs_flip_loss_and_saves_a_plain_checkpoint(voc_yaml, tmp_path):

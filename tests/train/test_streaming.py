@@ -1,6 +1,6 @@
-"""Streaming a cache from disk: the block-shuffled sampler, chunk-by-chunk targets equal to the in-RAM ones (numpy, and
-rendered per batch on the device from shipped rows), one decode per chunk and epoch, a training run that streams, and
-corrupted chunks stopping training with one line."""
+"""Streaming a cache from disk: the block-shuffled sampler, chunk-by-chunk targets equal to the in-RAM ones (rendered by
+the one warp renderer, per view and per batch on the device from shipped rows), one decode per chunk and epoch, a
+training run that streams, and corrupted chunks stopping training with one line."""
 
 import math
 import random
@@ -99,6 +99,9 @@ def test_ddp_shares_are_disjoint_covering_and_chunk_grouped(world_size):
 
 # ---------------------------------------------------------------------- the streaming reader
 def test_streamed_targets_equal_the_in_ram_targets(voc_yaml, built_cache):
+    """A streamed view's warp target (the training renderer, from the rows its pieces ship) is the in-RAM cache's
+    (the same renderer holding every row), bit for bit; static targets are the stored rows."""
+    from atcache.train.render import render_views
     from atcache.train.streaming import StreamingCacheTargets
 
     random.seed(0)
@@ -109,7 +112,8 @@ def test_streamed_targets_equal_the_in_ram_targets(voc_yaml, built_cache):
     assert streamed.grey == ram.grey  # a cache this small is sampled whole for the padding energy
     np.testing.assert_array_equal(streamed.rows_for(ds.im_files, split_root(voc_yaml)), ds.at_rows)
     for _, view in traced_views(ds, 12):
-        for a, b in zip(streamed.warped(view), ram.warped(view)):
+        (in_ram,) = render_views(ram, [view])
+        for a, b in zip(streamed.warped(view), in_ram):
             np.testing.assert_array_equal(a, b)
     for row in (0, 9, 17, 30):
         for a, b in zip(streamed.static(row), ram.static(row)):

@@ -13,9 +13,9 @@ from typer.testing import CliRunner
 
 from atcache.cli import app
 from helpers import (COMMON, TEST_IMGSZ, TEST_LAYERS, assert_one_line_error, build_config, results,
+                     target_dataset)
 
 pytestmark = pytest.mark.release_range  # also run on the oldest ultralytics of the range (CI)
-                             target_dataset)
 
 runner = CliRunner()
 
@@ -170,7 +170,8 @@ def test_settings_are_checked_once_before_the_first_batch(voc_yaml, built_cache,
 
     monkeypatch.setattr(CacheStore, "open", classmethod(counting_open))
     monkeypatch.setattr(atcache.train.checks, "split_files", counting_split)
-    monkeypatch.setattr(atcache.train.trainer.AtcacheTrainer, "_setup_train", _stop_after(atcache.train.trainer.AtcacheTrainer._setup_train))
+    monkeypatch.setattr(atcache.train.trainer.AtcacheTrainer, "on_train_setup",
+                        _stop_after(atcache.train.trainer.AtcacheTrainer.on_train_setup))
     settings = DistillSettings(mode="cache", cache=str(built_cache), layers=tuple((i, i) for i in TEST_LAYERS))
     overrides = {"model": "yolo11n.yaml", "data": str(voc_yaml), "epochs": 1, "imgsz": TEST_IMGSZ, "batch": 4,
                  "device": "cpu", "plots": False, "workers": 0, "project": str(tmp_path), "name": "once"}
@@ -180,7 +181,8 @@ def test_settings_are_checked_once_before_the_first_batch(voc_yaml, built_cache,
 
 
 def _stop_after(setup):
-    """_setup_train, then stop: the loaders, the cached targets and the criterion are all made by then."""
+    """on_train_setup (after ultralytics' _setup_train), then stop: the loaders, the cached targets and the criterion
+    are all made by then."""
     def wrapped(self):
         setup(self)
         assert self.cache_targets is not None
