@@ -27,14 +27,17 @@ RESULTS = Path("pipelines/results/streaming_cpu.json")
 
 
 def training_dataset(data_yaml: Path, imgsz: int, cache, batch: int):
-    """The warp-mode training dataset ultralytics builds with the demo's hyperparameters, targets from `cache`."""
+    """The warp-mode training dataset ultralytics builds with the demo's hyperparameters, targets from `cache`: as the
+    trainer builds it, each sample ships its flattened view (and a streamed cache its rows' maps) for the batch to be
+    rendered on the training device (`pieces`)."""
     from atcache.tools.demo import DEMO_HYP
     from atcache.train.datasets import build_dataset
     from atcache.yolo import check_det_dataset, get_cfg
 
     args = get_cfg(overrides={"imgsz": imgsz, "data": str(data_yaml), **DEMO_HYP})
     data = check_det_dataset(str(data_yaml))
-    return build_dataset(args, data["train"], data, batch=batch, targets=cache, target_mode=None if cache is None else "warp")
+    return build_dataset(args, data["train"], data, batch=batch, targets=cache, target_mode=None if cache is None else "warp",
+                         pieces=True)
 
 
 def loader_rate(dataset, workers: int, batch: int, samples: int, streaming: bool, window: int) -> dict:

@@ -122,6 +122,71 @@ def traced_views(ds, n):
     return out
 
 
+# ---------------------------------------------------------------------- the warp renderer's rules, stated cell by cell
+def bilinear_at(grid: np.ndarray, u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """Bilinear samples of grid (H, W) at (u, v), edges extended."""
+    h, w = grid.shape
+    u, v = np.clip(u, 0, w - 1), np.clip(v, 0, h - 1)
+    u0, v0 = np.minimum(np.floor(u).astype(int), max(w - 2, 0)), np.minimum(np.floor(v).astype(int), max(h - 2, 0))
+    u1, v1 = np.minimum(u0 + 1, w - 1), np.minimum(v0 + 1, h - 1)
+    fu, fv = u - u0, v - v0
+    return ((1 - fu) * (1 - fv) * grid[v0, u0] + fu * (1 - fv) * grid[v0, u1] + (1 - fu) * fv * grid[v1, u0]
+            + fu * fv * grid[v1, u1])
+
+
+def inside_image(x, y, shape) -> np.ndarray:
+    """Points whose nearest pixel lies in an image of `shape` (h, w)."""
+    return (x >= -0.5) & (x < shape[1] - 0.5) & (y >= -0.5) & (y < shape[0] - 0.5)
+
+
+def through_piece(p, k: int, pts: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(held by every clip of piece k, x, y in its source) of output points pts (3, P) (homogeneous) of pieces `p`."""
+    from atcache.train.render import NO_CLIP
+
+    def through(matrix):
+        q = matrix @ pts
+        return q[0] / q[2], q[1] / q[2]
+
+    clipped = np.ones(pts.shape[1], bool)
+    for m, shape in zip(p.clips[k], p.clip_shape[k]):
+        if shape[0] != NO_CLIP:
+            clipped &= inside_image(*through(m), shape)
+    return (clipped, *through(p.to_source[k]))
+
+
+def spec_targets(targets, p) -> list[np.ndarray]:
+    """Per layer, one view's target by the rules, cell by cell (`targets` a cache in RAM, `p` the view's pieces): each
+    cell centre ((s - 1) / 2 + s * index) goes through a piece's clips (all must hold it) and matrix into its source;
+    in each blend group the last piece covering the cell gives the energy sampled bilinearly at the source point
+    (through the row's pad, at the layer's stride), weighted by the group's weight; a cell no piece covers takes the
+    first piece whose cached grid reaches it, else the layer's grey energy; the map is renormalised."""
+    h, w = p.shape
+    out = []
+    for layer in targets.layers:
+        s, c = targets.stride(layer), (targets.stride(layer) - 1) / 2.0
+        ys, xs = np.mgrid[0:h // s, 0:w // s].astype(np.float64) * s + c
+        pts = np.stack([xs.ravel(), ys.ravel(), np.ones(xs.size)])
+        painted, borrowed = {}, {}  # blend group -> weighted value per cell (nan: none yet)
+        for k, row in enumerate(p.rows):
+            clipped, x, y = through_piece(p, k, pts)
+            energy = targets.energy(layer, int(row)).astype(np.float64)
+            u, v = (x + p.pad[k][1] - c) / s, (y + p.pad[k][0] - c) / s
+            reaches = clipped & (u >= -0.5) & (u <= energy.shape[1] - 0.5) & (v >= -0.5) & (v <= energy.shape[0] - 0.5)
+            value = p.weight[k] * bilinear_at(energy, u, v)
+            g = int(p.group[k])
+            painted.setdefault(g, np.full(xs.size, np.nan))
+            borrowed.setdefault(g, np.full(xs.size, np.nan))
+            painted[g] = np.where(clipped & inside_image(x, y, p.source_shape[k]), value, painted[g])  # the last wins
+            borrowed[g] = np.where(np.isnan(borrowed[g]) & reaches, value, borrowed[g])  # the first stays
+        covered = np.any([~np.isnan(a) for a in painted.values()], axis=0)
+        got = np.any([~np.isnan(a) for a in borrowed.values()], axis=0)
+        e = np.where(covered, np.nansum(list(painted.values()), axis=0),
+                     np.where(got, np.nansum(list(borrowed.values()), axis=0), targets.grey[layer]))
+        e = e.reshape(xs.shape)
+        out.append(e / (np.linalg.norm(e) + targets.spec.eps))
+    return out
+
+
 def race_claims(store, starts, size: int = 100) -> list:
     """Claims of units [s, s + size) for each start, acquired at the same moment from one thread each: those that
     proceeded (the others were refused)."""

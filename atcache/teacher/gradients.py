@@ -15,6 +15,7 @@ import torch
 from atcache.attention.gradient import criterion, input_gradient, pool_gradient, split as split_gradient
 from atcache.cache.format import CacheSpec
 from atcache.errors import AtcacheError
+from atcache.yolo.loss import set_loss_gains
 
 GAIN_KEYS = ("box", "cls", "dfl")
 
@@ -38,8 +39,7 @@ def gradient_teacher(teacher: str, nc: int, spec: CacheSpec, device: torch.devic
         raise AtcacheError(f"teacher {teacher} holds other weights than the cache was built with ({spec.teacher_name}); "
                            "pass the teacher the cache was built with")
     model = loaded.model
-    crit = criterion(model)
-    crit.hyp = type(crit.hyp)(**{**vars(crit.hyp), **spec.gradient_gains})
+    set_loss_gains(criterion(model), spec.gradient_gains)
     return model
 
 

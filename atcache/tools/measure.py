@@ -76,7 +76,8 @@ def _peak_rss_gb() -> float:
 
 def _time_loader(dataset, samples: int, device, batch: int) -> dict:
     """Samples/s of the training dataset (image, augmentation, targets or the views they render from) and the cached
-    targets alone: targets/s of the numpy renderer, and of the batched renderer on the training device."""
+    targets alone, both by the one warp renderer: targets/s one view at a time on the CPU (`warped`, what a dataset
+    built without `pieces` renders in its loader), and of whole batches on the training device."""
     import numpy as np
     import torch
 

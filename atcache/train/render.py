@@ -1,5 +1,6 @@
-"""The warp renderer: warp targets of a whole batch rendered in torch on the training device, from the cache held as
-tensors or from the rows each batch ships. Training, the streamed cache and `atcache fidelity` all render with it.
+"""The warp renderer, the only one: warp targets of a whole batch rendered in torch on the training device, from the
+cache held as tensors or from the rows each batch ships. Training, the streamed cache and `atcache fidelity` all render
+with it.
 
 Loader workers only flatten each sample's view tree (`views.py`) into pieces: per source reached, its cache row,
 the 3x3 matrix from output pixels to that source's pixels, the clip regions on the way, its blend group and weight
@@ -10,7 +11,7 @@ matrix into its source's resized image and sampled bilinearly (edges extended) f
 at that layer's stride, through the source's letterbox pad; the last covering piece of a blend group wins, uncovered
 cells borrow from the first piece whose cached grid reaches them, then the layer's grey energy; blend groups are
 mixed by weight and each map renormalised (tests/train/test_render.py checks each rule). `render_views` renders
-single views the same way.
+single views the same way (`TargetRendering.warped`: a dataset built without `pieces`).
 """
 
 from __future__ import annotations
@@ -159,7 +160,7 @@ def _project(matrix: torch.Tensor, pts: torch.Tensor) -> tuple[torch.Tensor, tor
 
 
 def _inside(x: torch.Tensor, y: torch.Tensor, shape: torch.Tensor) -> torch.Tensor:
-    """geometry.inside for points (..., P) and shapes (..., 2)."""
+    """Whether points (..., P) lie in images of shapes (..., 2): their nearest pixel does."""
     h, w = shape[..., 0:1], shape[..., 1:2]
     return (x >= -0.5) & (x < w - 0.5) & (y >= -0.5) & (y < h - 0.5)
 
@@ -255,7 +256,7 @@ def _energy(maps: torch.Tensor, norms: torch.Tensor, scales: torch.Tensor | None
 
 
 def _bilinear_taps(u: torch.Tensor, v: torch.Tensor, h: int, w: int):
-    """geometry.bilinear's four flat indices and weights at (u, v) (M, P) on (H, W) maps: edges extended."""
+    """The four flat indices and weights of bilinear samples at (u, v) (M, P) on (H, W) maps: edges extended."""
     u, v = u.clamp(0.0, w - 1.0), v.clamp(0.0, h - 1.0)
     u0 = torch.clamp(u.long(), max=max(w - 2, 0))  # u, v >= 0 here: truncation is floor
     v0 = torch.clamp(v.long(), max=max(h - 2, 0))

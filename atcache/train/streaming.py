@@ -22,7 +22,7 @@ from atcache.config import DEFAULT_WINDOW
 from atcache.errors import AtcacheError
 from atcache.cache.format import CacheSpec, LetterboxTable, decode_maps
 from atcache.cache.store import CacheStore
-from atcache.train.render import BatchRenderer, Pieces, flatten, render_views
+from atcache.train.render import BatchRenderer, Pieces, flatten
 from atcache.train.samplers import BlockShuffleSampler, epoch_order, lru_chunks
 from atcache.yolo import with_sampler
 from atcache.train.targets import ChunkReader, TargetRendering, padding_energy
@@ -130,7 +130,3 @@ class StreamingCacheTargets(ChunkReader, TargetRendering):
         """A renderer on `device` holding no maps: each batch's collated pieces bring them (`collate_pieces`)."""
         return BatchRenderer(None, None, None, {i: self.stride(i) for i in self.layers}, self.grey, self.spec.eps,
                              device)
-
-    def warped(self, view: View) -> list[np.ndarray]:
-        """Per layer: the view's warp target, rendered by the training renderer on the CPU from the rows it reaches."""
-        return render_views(self, [view])[0]

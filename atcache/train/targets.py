@@ -21,9 +21,9 @@ import numpy as np
 import torch
 
 from atcache.errors import AtcacheError
-from atcache.train.views import Source, View, bilinear, render_grids
+from atcache.train.views import View
 from atcache.data.splits import relative_to_root
-from atcache.train.render import BatchRenderer, Pieces, flatten
+from atcache.train.render import BatchRenderer, Pieces, flatten, render_views
 from atcache.cache.format import CacheSpec, LetterboxTable
 from atcache.cache.format import decode_maps
 from atcache.cache.store import CacheStore
@@ -144,38 +144,10 @@ class TargetRendering(TargetSource):
         """The un-normalised map a = A * ||a|| of one row, (H, W) float32."""
         return self.map_row(layer, row).astype(np.float32) * self.norm(layer, row)
 
-    def leaf(self, layer: int):
-        """Sampler of the cached energy at points given in a source's resized-image pixel coordinates."""
-        s = self.stride(layer)
-        pad_top, pad_left = self.letterbox["pad_top"], self.letterbox["pad_left"]
-        centre = (s - 1) / 2.0
-
-        def sample(source: Source, xy: np.ndarray) -> np.ndarray:
-            top, left = pad_top[source.row], pad_left[source.row]
-            u = (xy[:, 0] + left - centre) / s
-            v = (xy[:, 1] + top - centre) / s
-            energy = self.energy(layer, source.row)
-            out = bilinear(energy, u, v)
-            gh, gw = energy.shape  # beyond the letterboxed square the cache knows nothing: NaN (see render_grids)
-            out[(u < -0.5) | (u > gw - 0.5) | (v < -0.5) | (v > gh - 0.5)] = np.nan
-            return out
-
-        return sample
-
     def warped(self, view: View) -> list[np.ndarray]:
-        """Per layer: the view rendered from cached energy at the layer's stride, renormalised, float32."""
-        leaves = [self.leaf(layer) for layer in self.layers]
-
-        def sample(source: Source, xy: np.ndarray, grid: np.ndarray) -> np.ndarray:
-            out = np.empty(len(xy), dtype=np.float64)
-            for k in np.unique(grid):
-                mask = grid == k
-                out[mask] = leaves[k](source, xy[mask])
-            return out
-
-        energies = render_grids(view, [self.stride(layer) for layer in self.layers], sample,
-                                fill=[self.grey.get(layer, 0.0) for layer in self.layers])
-        return [(e / (np.linalg.norm(e) + self.spec.eps)).astype(np.float32) for e in energies]
+        """Per layer: the view's warp target, rendered on the CPU by the warp renderer (`render.render_views`), as a
+        training batch renders it."""
+        return render_views(self, [view])[0]
 
     def static(self, row: int) -> list[np.ndarray]:
         """Per layer: the stored map A of `row` (the exact target for the un-augmented letterboxed image)."""

@@ -1,20 +1,20 @@
 """The warp renderer (render.BatchRenderer: training's, the streamed cache's and fidelity's), checked rule by rule:
 a letterboxed row renders its stored map, cells sample the cached energy bilinearly through the view's matrices, the
 last covering piece wins and uncovered cells borrow or take the grey energy, blends mix by weight, flips mirror, and a
-view renders the same alone as in any batch. `spec_targets` states the rules cell by cell (the specification the
-renderer is held to within 1e-5, on random views and on views recorded through ultralytics' own transforms)."""
+view renders the same alone as in any batch. `helpers.spec_targets` states the rules cell by cell (the specification
+the renderer is held to within 1e-5, on random views and on views recorded through ultralytics' own transforms)."""
 
 import numpy as np
 import pytest
 import torch
 
 from atcache.train.views import Blend, Canvas, Placed, Source, flip_matrix, translation, warp
-from atcache.train.render import NO_CLIP, BatchRenderer, Pieces, collate_pieces, flatten, render_views
+from atcache.train.render import BatchRenderer, collate_pieces, flatten, render_views
 from atcache.cache.format import LETTERBOX_COLUMNS, LetterboxTable
 from helpers import fake_spec, random_chunk, seed_layers
 from atcache.train.targets import CacheTargets
 
-from helpers import TEST_LAYERS, target_dataset, traced_views
+from helpers import spec_targets, target_dataset, traced_views
 
 IMGSZ = 128
 TOLERANCE = 1e-5  # per cell of a unit-norm target: float32 output of a float64 computation
@@ -96,64 +96,6 @@ def render(targets, views) -> list[np.ndarray]:
     """Per layer (B, h/s, w/s): the views rendered together, as a training batch."""
     pieces = collate_pieces([flatten(v, targets.pad_of) for v in views])
     return [t.numpy() for t in renderer_for(targets).render(pieces)]
-
-
-# ---------------------------------------------------------------------- the rules, cell by cell
-def _bilinear(grid: np.ndarray, u: np.ndarray, v: np.ndarray) -> np.ndarray:
-    """Bilinear samples of grid (H, W) at (u, v), edges extended."""
-    h, w = grid.shape
-    u, v = np.clip(u, 0, w - 1), np.clip(v, 0, h - 1)
-    u0, v0 = np.minimum(np.floor(u).astype(int), max(w - 2, 0)), np.minimum(np.floor(v).astype(int), max(h - 2, 0))
-    u1, v1 = np.minimum(u0 + 1, w - 1), np.minimum(v0 + 1, h - 1)
-    fu, fv = u - u0, v - v0
-    return ((1 - fu) * (1 - fv) * grid[v0, u0] + fu * (1 - fv) * grid[v0, u1] + (1 - fu) * fv * grid[v1, u0]
-            + fu * fv * grid[v1, u1])
-
-
-def _through(matrix: np.ndarray, pts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    q = matrix @ pts
-    return q[0] / q[2], q[1] / q[2]
-
-
-def _inside(x, y, shape) -> np.ndarray:
-    return (x >= -0.5) & (x < shape[1] - 0.5) & (y >= -0.5) & (y < shape[0] - 0.5)
-
-
-def spec_targets(targets: CacheTargets, p: Pieces) -> list[np.ndarray]:
-    """Per layer, one view's target by the rules, cell by cell: each cell centre ((s - 1) / 2 + s * index) goes through
-    a piece's clips (all must hold it) and matrix into its source; in each blend group the last piece covering the
-    cell gives the energy sampled bilinearly at the source point (through the row's pad, at the layer's stride),
-    weighted by the group's weight; a cell no piece covers takes the first piece whose cached grid reaches it, else
-    the layer's grey energy; the map is renormalised."""
-    h, w = p.shape
-    out = []
-    for layer in targets.layers:
-        s, c = targets.stride(layer), (targets.stride(layer) - 1) / 2.0
-        ys, xs = np.mgrid[0:h // s, 0:w // s].astype(np.float64) * s + c
-        pts = np.stack([xs.ravel(), ys.ravel(), np.ones(xs.size)])
-        painted, borrowed = {}, {}  # blend group -> weighted value per cell (nan: none yet)
-        for k, row in enumerate(p.rows):
-            clipped = np.ones(xs.size, bool)
-            for m, shape in zip(p.clips[k], p.clip_shape[k]):
-                if shape[0] != NO_CLIP:
-                    clipped &= _inside(*_through(m, pts), shape)
-            x, y = _through(p.to_source[k], pts)
-            energy = targets.energy(layer, int(row)).astype(np.float64)
-            u, v = (x + p.pad[k][1] - c) / s, (y + p.pad[k][0] - c) / s
-            reaches = clipped & (u >= -0.5) & (u <= energy.shape[1] - 0.5) & (v >= -0.5) & (v <= energy.shape[0] - 0.5)
-            value = p.weight[k] * _bilinear(energy, u, v)
-            g = int(p.group[k])
-            painted.setdefault(g, np.full(xs.size, np.nan))
-            borrowed.setdefault(g, np.full(xs.size, np.nan))
-            painted[g] = np.where(clipped & _inside(x, y, p.source_shape[k]), value, painted[g])  # the last wins
-            borrowed[g] = np.where(np.isnan(borrowed[g]) & reaches, value, borrowed[g])  # the first stays
-        covered = np.any([~np.isnan(a) for a in painted.values()], axis=0)
-        got = np.any([~np.isnan(a) for a in borrowed.values()], axis=0)
-        e = np.where(covered, np.nansum(list(painted.values()), axis=0),
-                     np.where(got, np.nansum(list(borrowed.values()), axis=0), targets.grey[layer]))
-        e = e.reshape(xs.shape)
-        out.append(e / (np.linalg.norm(e) + targets.spec.eps))
-    return out
 
 
 def assert_spec(targets, views, rendered=None, tolerance=TOLERANCE) -> None:

@@ -10,16 +10,35 @@ import zarr
 
 from atcache.data.splits import letterbox_image, read_image, resize_long_side, split_files
 from atcache.errors import AtcacheError
-from atcache.train.views import Canvas, Placed, Source, bilinear, evaluate, flip_matrix, translation, warp
-from helpers import TEST_IMGSZ, TEST_LAYERS, build_config, target_dataset, traced_views
+from atcache.train.views import Canvas, Placed, Source, flip_matrix, translation, warp
+from helpers import (TEST_IMGSZ, TEST_LAYERS, bilinear_at, build_config, inside_image, target_dataset, through_piece,
+                     traced_views)
 
 pytestmark = pytest.mark.release_range  # also run on the oldest ultralytics of the range (CI)
 
 
+def image_through(pieces, image_of) -> np.ndarray:
+    """An augmented image by the rules the warp renderer follows, pixel by pixel: each pixel centre goes through a
+    piece's clips and matrix into its source image (`image_of(row)`, (h, w, 3)); in each blend group the last piece
+    covering the pixel gives the bilinear sample there, weighted by the group's weight; no piece covering it: 0."""
+    h, w = pieces.shape
+    ys, xs = np.mgrid[0:h, 0:w].astype(np.float64)
+    pts = np.stack([xs.ravel(), ys.ravel(), np.ones(xs.size)])
+    painted = {}
+    for k, row in enumerate(pieces.rows):
+        clipped, x, y = through_piece(pieces, k, pts)
+        image = image_of(int(row))
+        value = pieces.weight[k] * np.stack([bilinear_at(image[..., c], x, y) for c in range(3)], -1)
+        covers = clipped & inside_image(x, y, pieces.source_shape[k])
+        g = int(pieces.group[k])
+        painted[g] = np.where(covers[:, None], value, painted.get(g, 0.0))  # the last covering piece wins
+    return sum(painted.values()).reshape(h, w, 3)
+
+
 def test_recorded_views_reproduce_the_augmented_images(voc_yaml, built_cache):
-    """Resampling the source images through the recorded view gives the image ultralytics produced: mosaic, affine
-    (rotation, shear, scale, translation), flips and MixUp all tracked. Pixels are taken relative to the grey fill
-    (114), which the view leaves at 0 outside every source."""
+    """Resampling the source images through the recorded view, flattened into the pieces the renderer renders from,
+    gives the image ultralytics produced: mosaic, affine (rotation, shear, scale, translation), flips and MixUp all
+    tracked. Pixels are taken relative to the grey fill (114), which no source covers (0 there)."""
     random.seed(0)
     np.random.seed(0)
     ds = target_dataset(voc_yaml, built_cache, mosaic=1.0, mixup=0.5, degrees=10, shear=5, translate=0.1, scale=0.5,
@@ -28,21 +47,18 @@ def test_recorded_views_reproduce_the_augmented_images(voc_yaml, built_cache):
     files = ds.at_cache.files
     resized = {}
 
-    def channel_leaf(c):
-        def leaf(source, xy):
-            if source.row not in resized:
-                im = resize_long_side(read_image(split.root / files[source.row]), TEST_IMGSZ)
-                resized[source.row] = im.astype(np.float64) - 114
-            return bilinear(resized[source.row][..., c], xy[:, 0], xy[:, 1])
-        return leaf
+    def image_of(row):
+        if row not in resized:
+            im = resize_long_side(read_image(split.root / files[row]), TEST_IMGSZ)
+            resized[row] = im.astype(np.float64) - 114
+        return resized[row]
 
     kinds = set()
     for img, view in traced_views(ds, 24):
         kinds.add(type(view).__name__)
-        h, w = img.shape[:2]
-        ys, xs = np.mgrid[0:h, 0:w]
-        xy = np.stack([xs.ravel(), ys.ravel()], 1).astype(np.float64)
-        rendered = np.stack([evaluate(view, xy, channel_leaf(c))[0] for c in range(3)], -1).reshape(h, w, 3) + 114
+        pieces = ds.at_cache.pieces(view)
+        assert pieces.shape == img.shape[:2]
+        rendered = image_through(pieces, image_of) + 114
         diff = np.abs(rendered - img)  # bilinear vs OpenCV's fixed-point warp; edges of warped tiles blend with grey
         assert np.median(diff) <= 1.0 and np.percentile(diff, 95) < 12, (np.median(diff), np.percentile(diff, 95))
     assert {"Canvas", "Blend"} <= kinds  # both plain and MixUp samples were checked

@@ -12,7 +12,7 @@ import torch
 from typer.testing import CliRunner
 
 from atcache.cli import app
-from helpers import (COMMON, TEST_IMGSZ, TEST_LAYERS, assert_one_line_error, build_config, results,
+from helpers import (COMMON, TEST_IMGSZ, TEST_LAYERS, assert_one_line_error, build_config, results, spec_targets,
                      target_dataset)
 
 pytestmark = pytest.mark.release_range  # also run on the oldest ultralytics of the range (CI)
@@ -240,7 +240,8 @@ def test_interrupted_run_resumes_with_ultralytics_resume(runs, built_cache, voc_
 
 
 def test_warp_training_ships_views_and_renders_whole_batches(voc_yaml, built_cache, tmp_path):
-    """A cache in RAM: loader samples carry flattened views, the batch renders to the numpy reference's targets."""
+    """A cache in RAM: loader samples carry flattened views, and the batch renders to the targets the rules give for
+    each sample's recorded view (`helpers.spec_targets`, stated cell by cell)."""
     import numpy as np
 
     from atcache.config import DistillSettings
@@ -256,6 +257,7 @@ def test_warp_training_ships_views_and_renders_whole_batches(voc_yaml, built_cac
     batch = ds.collate_fn([s for s, _ in samples])
     assert PIECES_KEY in batch and "at_targets" not in batch
     rendered = trainer.cache_targets.batch_renderer("cpu").render(batch[PIECES_KEY])
+    specs = [spec_targets(ds.at_cache, ds.at_cache.pieces(view)) for _, view in samples]
     for k in range(len(TEST_LAYERS)):
-        want = np.stack([ds.at_cache.warped(view)[k] for _, view in samples])
+        want = np.stack([spec[k] for spec in specs])
         np.testing.assert_allclose(rendered[k].numpy(), want, atol=1e-4)
